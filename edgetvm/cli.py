@@ -1,0 +1,230 @@
+"""The `edgetvm` command line. Bad input ends in one line on stderr and exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from edgetvm.errors import UserError
+
+
+def _shape_arg(text: str) -> tuple[str, tuple[int, ...]]:
+    name, sep, dims = text.rpartition(":")
+    try:
+        shape = tuple(int(d) for d in dims.split(","))
+        if not sep or not name or any(d <= 0 for d in shape):
+            raise ValueError
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not NAME:D1,D2,...; write it like data:1,3,224,224") from None
+    return name, shape
+
+
+def _print_table(rows: list[list[str]], header: list[str]) -> None:
+    widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
+    for r in [header] + rows:
+        print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
+
+
+def cmd_targets(args) -> None:
+    from edgetvm.targets import list_boards
+
+    rows = [[b.name, b.arch, str(b.cores), f"{b.memory_mib} MiB", f"{b.peak_gflops:.0f}",
+             f"{b.mem_bandwidth_gbs:g}", b.description] for b in list_boards()]
+    _print_table(rows, ["board", "arch", "cores", "memory", "GFLOP/s", "GB/s", "description"])
+
+
+def cmd_compile(args) -> None:
+    from edgetvm.compiler import compile_model
+    from edgetvm.targets import load_board
+
+    board = load_board(args.target)
+    shapes = dict(args.input_shape or [])
+    db = None
+    if args.tuning_db:
+        from edgetvm.runtime.tuning import open_database
+
+        db = open_database(args.tuning_db, board, args.model)
+    res = compile_model(args.model, board, args.output, shapes, tuning_db=db)
+    m = res.manifest
+    print(f"compiled {Path(args.model).name} for {board.name} ({m['board']['arch']}) in "
+          f"{res.seconds['total']:.1f} s -> {res.path}")
+    for kind in ("inputs", "outputs"):
+        for t in m[kind]:
+            print(f"  {kind[:-1]:6s} {t['name']}: {t['dtype']}[{','.join(map(str, t['shape']))}]")
+    print(f"  weights {len(m['weights'])} tensors, {m['weight_bytes'] / 2**20:.2f} MiB")
+
+
+def _load_inputs(specs: list[str], infos) -> dict:
+    import numpy as np
+
+    inputs = {}
+    for spec in specs or []:
+        name, sep, path = spec.partition("=")
+        if not sep:
+            if len(infos) != 1:
+                raise UserError(f"--input {spec}: name the input, like --input {infos[0].name}=x.npy "
+                                f"(inputs: {', '.join(i.name for i in infos)})")
+            name, path = infos[0].name, spec
+        try:
+            inputs[name] = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise UserError(f"--input {spec}: cannot read {path} as a .npy array ({e}); "
+                            f"save it with numpy.save") from None
+    return inputs
+
+
+def cmd_run(args) -> None:
+    import numpy as np
+
+    from edgetvm.compiler import random_inputs
+    from edgetvm.runtime.artifact import open_artifact
+    from edgetvm.runtime.session import Runner, connect
+
+    if args.repeat < 1:
+        raise UserError(f"--repeat {args.repeat}: give a positive number of timed runs")
+    art = open_artifact(args.artifact)
+    if args.output:
+        out = Path(args.output)
+        if not out.resolve().parent.is_dir() or not os.access(out.resolve().parent, os.W_OK):
+            raise UserError(f"--output {out}: directory {out.resolve().parent} is missing or not writable; "
+                            f"choose another path")
+    inputs = _load_inputs(args.input, art.inputs)
+    if not inputs:
+        inputs = random_inputs(art.inputs, args.seed)
+        print(f"no --input given: using random inputs (seed {args.seed})")
+    remote = connect(args.rpc, args.tracker, args.key)
+    where = args.rpc or (f"tracker {args.tracker} key {args.key}" if args.tracker else "this machine")
+    runner = Runner(art, remote)
+    outputs = runner.run(inputs)
+    timing = runner.time(inputs, repeat=args.repeat)
+    print(f"ran {art.path} ({art.board['name']}) on {where}")
+    for name, y in outputs.items():
+        flat = y.reshape(-1)
+        preview = ", ".join(f"{v:.4g}" for v in flat[:4]) + (", ..." if flat.size > 4 else "")
+        print(f"  output {name}: {y.dtype}[{','.join(map(str, y.shape))}] = [{preview}]")
+    print(f"  latency over {args.repeat} runs: min {timing.min_ms:.3f} ms, median {timing.median_ms:.3f} ms, "
+          f"max {timing.max_ms:.3f} ms")
+    if args.output:
+        out = Path(args.output)
+        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.resolve().parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, **outputs)
+            os.replace(tmp, out)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+        print(f"  outputs written to {out}")
+
+
+def cmd_board_emulate(args) -> None:
+    from edgetvm.runtime import emulated_board
+
+    argv = []
+    if args.port:
+        argv += ["--port", str(args.port)]
+    if args.tracker:
+        argv += ["--tracker", args.tracker, "--key", args.key or ""]
+    if args.build_only:
+        argv.append("--build-only")
+    emulated_board.main(argv)
+
+
+def cmd_zoo(args) -> None:
+    from edgetvm import zoo
+
+    if args.zoo_cmd == "list":
+        _print_table([[n, d] for n, d in zoo.list_models()], ["model", "description"])
+        return
+    src = zoo.path(args.name)
+    out = Path(args.output)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.resolve().parent)
+    os.close(fd)
+    import shutil
+
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, out)
+    shapes = zoo.default_input_shapes(args.name)
+    print(f"wrote {out}; compile it with: edgetvm compile {out} --target host "
+          + " ".join(f"--input-shape {k}:{','.join(map(str, v))}" for k, v in shapes.items()) + " -o OUT")
+
+
+def cmd_demo(args) -> None:
+    from edgetvm.demo import demo
+
+    demo(args.model, args.board, keep=args.keep)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="edgetvm", description="Compile, run and tune ONNX models for edge boards "
+                                "with Apache TVM.")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("targets", help="list the boards edgetvm knows")
+    s.set_defaults(func=cmd_targets)
+
+    s = sub.add_parser("compile", help="compile an ONNX model for a board")
+    s.add_argument("model", help="the .onnx file")
+    s.add_argument("--target", "-t", default="host", help="board name (see `edgetvm targets`); default host")
+    s.add_argument("--input-shape", action="append", type=_shape_arg, metavar="NAME:D1,D2,...",
+                   help="static shape for an input with dynamic dims; repeat for several inputs")
+    s.add_argument("--tuning-db", metavar="DB", help="apply schedules found by `edgetvm tune`")
+    s.add_argument("-o", "--output", required=True, help="artifact directory to write")
+    s.set_defaults(func=cmd_compile)
+
+    s = sub.add_parser("run", help="run a compiled model here or on a board over RPC")
+    s.add_argument("artifact", help="directory written by `edgetvm compile`")
+    s.add_argument("--input", "-i", action="append", metavar="NAME=FILE.npy",
+                   help="input array; repeat for several inputs; random inputs if none")
+    s.add_argument("--output", metavar="FILE.npz", help="write the outputs here")
+    s.add_argument("--repeat", type=int, default=10, help="timed runs (default 10)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
+    s.add_argument("--rpc", metavar="HOST:PORT", help="run on the board serving TVM RPC here")
+    s.add_argument("--tracker", metavar="HOST:PORT", help="run on a board registered with this RPC tracker")
+    s.add_argument("--key", help="the board's key at the tracker")
+    s.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("board", help="emulated boards for testing")
+    bsub = s.add_subparsers(dest="board_cmd", required=True, metavar="ACTION")
+    b = bsub.add_parser("emulate", help="serve TVM RPC from an emulated aarch64 board (qemu-user, needs root)")
+    b.add_argument("--port", type=int, help="port on 127.0.0.1 (default: a free one)")
+    b.add_argument("--tracker", metavar="HOST:PORT", help="register with this RPC tracker")
+    b.add_argument("--key", help="key to register under (with --tracker)")
+    b.add_argument("--build-only", action="store_true", help="build the cached root filesystem and exit")
+    b.set_defaults(func=cmd_board_emulate)
+
+    s = sub.add_parser("zoo", help="the models edgetvm tests and benchmarks with")
+    zsub = s.add_subparsers(dest="zoo_cmd", required=True, metavar="ACTION")
+    z = zsub.add_parser("list", help="list the models")
+    z.set_defaults(func=cmd_zoo)
+    z = zsub.add_parser("export", help="write a model as an .onnx file")
+    z.add_argument("name")
+    z.add_argument("-o", "--output", required=True)
+    z.set_defaults(func=cmd_zoo)
+
+    s = sub.add_parser("demo", help="compile a real model for the host and an aarch64 board, run both, compare")
+    s.add_argument("--model", default="mobilenetv3", help="zoo model (default: the pretrained MobileNetV3)")
+    s.add_argument("--board", default="rpi4", help="aarch64 board to cross-compile for (default rpi4)")
+    s.add_argument("--keep", metavar="DIR", help="keep the artifacts in DIR")
+    s.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except UserError as e:
+        print(f"edgetvm: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("edgetvm: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

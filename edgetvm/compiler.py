@@ -1,0 +1,110 @@
+"""`edgetvm compile`: an ONNX file and a board in, an artifact directory out (all or nothing)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+import edgetvm
+from edgetvm.errors import UserError
+from edgetvm.passes import onnx_import, pipeline
+from edgetvm.passes.onnx_fold import fold_shapes
+from edgetvm.runtime import artifact
+from edgetvm.targets import Board
+
+LIBRARY = "model.so"
+WEIGHTS = "weights.bin"
+
+
+@dataclass
+class CompileResult:
+    path: Path
+    manifest: dict
+    seconds: dict = field(default_factory=dict)
+
+
+def output_infos(deploy, names: list[str]) -> list[onnx_import.TensorInfo]:
+    """Outputs of `main`, named after the ONNX graph outputs, with their static shapes."""
+    from tvm import relax
+
+    ret = deploy["main"].ret_ty
+    fields = list(ret.fields) if isinstance(ret, relax.TupleType) else [ret]
+    if len(fields) != len(names):
+        names = [f"output{i}" for i in range(len(fields))]
+    infos = []
+    for name, t in zip(names, fields):
+        if not isinstance(t, relax.TensorType) or t.shape is None or t.shape.values is None:
+            raise UserError(f"output '{name}' has no static shape after import; give static input shapes "
+                            f"with --input-shape")
+        infos.append(onnx_import.TensorInfo(name, tuple(int(s) for s in t.shape.values), str(t.dtype)))
+    return infos
+
+
+def compile_model(model_path: str | Path, board: Board, out: str | Path,
+                  input_shapes: dict[str, tuple[int, ...]] | None = None,
+                  tuning_db=None, log=lambda *a: None) -> CompileResult:
+    model_path, out = Path(model_path), Path(out)
+    t0 = time.perf_counter()
+    seconds = {}
+    model = onnx_import.load_onnx(model_path)
+    inputs = onnx_import.resolve_inputs(model, input_shapes)
+    model = fold_shapes(model, {i.name: i.shape for i in inputs})
+    onnx_import.check_supported(model)
+    mod, weights = onnx_import.import_onnx(model, inputs)
+    seconds["import"] = time.perf_counter() - t0
+
+    # Fail on the output directory before minutes of compilation, not after.
+    with artifact.staging_dir(out) as stage:
+        t = time.perf_counter()
+        transform, deploy = pipeline.lift_weight_transforms(mod)
+        deployed_weights = pipeline.transform_weights(transform, weights)
+        names = pipeline.weight_names(deploy)
+        outputs = output_infos(deploy, [o.name for o in model.graph.output])
+        seconds["weights"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        target = board.target()
+        ex = pipeline.build(deploy, target, database=tuning_db)
+        pipeline.export(ex, str(stage / LIBRARY), board.cross_compiler)
+        seconds["build"] = time.perf_counter() - t
+
+        index = artifact.write_weights(stage / WEIGHTS, list(zip(names, deployed_weights)))
+        import tvm
+
+        manifest = {
+            "model": {"source": model_path.name, "sha256": artifact.sha256_file(model_path)},
+            "board": {"name": board.name, "arch": board.arch, "target": board.tvm_target},
+            "tvm_version": tvm.__version__,
+            "edgetvm_version": edgetvm.__version__,
+            "tuning_db": str(tuning_db.path) if getattr(tuning_db, "path", None) else None,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "entry": "main",
+            "library": LIBRARY,
+            "weights_file": WEIGHTS,
+            "inputs": [i.to_json() for i in inputs],
+            "outputs": [o.to_json() for o in outputs],
+            "weights": index,
+            "weight_bytes": int(sum(w["nbytes"] for w in index)),
+        }
+        artifact.write_manifest(stage, manifest)
+    seconds["total"] = time.perf_counter() - t0
+    log(f"compiled {model_path.name} for {board.name} in {seconds['total']:.1f} s -> {out}")
+    return CompileResult(out, artifact.open_artifact(out, verify=False).manifest, seconds)
+
+
+def random_inputs(infos, seed: int = 0) -> dict[str, np.ndarray]:
+    """Inputs for a smoke run: uniform in [0, 1) for floats, small non-negative values for integers."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for i in infos:
+        dt = np.dtype(i.dtype)
+        if dt.kind == "f":
+            out[i.name] = rng.random(i.shape, dtype=np.float32).astype(dt)
+        elif dt.kind == "b":
+            out[i.name] = rng.integers(0, 2, i.shape).astype(dt)
+        else:
+            out[i.name] = rng.integers(0, 8, i.shape).astype(dt)
+    return out

@@ -1,0 +1,74 @@
+"""The build pipeline: imported Relax module -> weights transformed once on the host + a library for the board."""
+
+from __future__ import annotations
+
+import numpy as np
+import tvm
+from tvm import relax
+from tvm.relax.backend.cpu_generic import pipeline as cpu
+
+
+def lift_weight_transforms(mod: tvm.IRModule) -> tuple[tvm.IRModule, tvm.IRModule]:
+    """Split `main` into `main_transform_params` (weight-only work: transposes, reshapes, folds) and the rest.
+
+    The first runs once, at compile time on the host; the board only ever runs the second, so an ONNX
+    Gemm(transB=1) no longer transposes its weight on every call.
+    """
+    lifted = relax.transform.LiftTransformParams()(mod)
+    transform = tvm.IRModule({"main_transform_params": lifted["main_transform_params"]})
+    deploy = tvm.IRModule({"main": lifted["main"]})
+    return transform, deploy
+
+
+def transform_weights(transform: tvm.IRModule, weights: list[np.ndarray]) -> list[np.ndarray]:
+    """Run `main_transform_params` on the host and return the weights `main` takes, in its order."""
+    ex = tvm.compile(transform, target=tvm.target.Target({"kind": "llvm"}))
+    vm = relax.VirtualMachine(ex, tvm.cpu())
+    out = vm["main_transform_params"]([tvm.runtime.tensor(w) for w in weights])
+    return [t.numpy() for t in out]
+
+
+def weight_names(deploy: tvm.IRModule) -> list[str]:
+    """Names of `main`'s weight parameters (those after its `num_input` data inputs), made unique."""
+    main = deploy["main"]
+    num_input = int(main.attrs["num_input"])
+    names, seen = [], set()
+    for i, p in enumerate(main.params[num_input:]):
+        name = p.name if p.name not in seen else f"{p.name}.{i}"
+        seen.add(name)
+        names.append(name)
+    return names
+
+
+def lowering_passes(target: tvm.target.Target, database=None) -> list[tvm.transform.Pass]:
+    """The CPU pipeline, with batch norm decomposed first so that FuseOps folds it into the conv."""
+    passes = [relax.transform.DecomposeOpsForInference(), relax.transform.CanonicalizeBindings()]
+    passes += cpu.library_dispatch_passes(target) + cpu.legalize_passes(target)
+    if database is not None:
+        passes.append(relax.transform.MetaScheduleApplyDatabase(enable_warning=False))
+    return passes + cpu.dataflow_lower_passes(target) + cpu.finalize_passes(target)
+
+
+def build(deploy: tvm.IRModule, target: tvm.target.Target, database=None):
+    """Compile `main` for the target; with a MetaSchedule database, its tuned schedules replace the defaults."""
+    seq = tvm.transform.Sequential(lowering_passes(target, database))
+
+    @tvm.transform.module_pass(opt_level=0)
+    def _pipeline(mod, _ctx):
+        with target:
+            if database is not None:
+                with database:
+                    return seq(mod)
+            return seq(mod)
+
+    return tvm.compile(deploy, target=target, relax_pipeline=_pipeline)
+
+
+def export(ex, path: str, cross_compiler: str = "") -> None:
+    """Write the executable as a shared library, linked by the board's cross compiler."""
+    if cross_compiler:
+        from tvm.support import cc
+
+        ex.export_library(path, fcompile=cc.cross_compiler(cross_compiler))
+    else:
+        ex.export_library(path)

@@ -1,0 +1,136 @@
+"""Run a compiled model on this machine or on a board over TVM RPC (direct or through a tracker)."""
+
+from __future__ import annotations
+
+import platform
+import socket
+import statistics
+from dataclasses import dataclass
+
+import numpy as np
+import tvm
+from tvm import relax, rpc
+
+from edgetvm.errors import UserError
+from edgetvm.runtime.artifact import Artifact
+
+CONNECT_TIMEOUT_S = 5.0
+
+
+def parse_address(text: str, flag: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise UserError(f"{flag} '{text}' is not HOST:PORT; write it like {flag} 127.0.0.1:9090")
+    return host, int(port)
+
+
+def _reachable(host: str, port: int, what: str, hint: str) -> None:
+    """Fail in seconds, with the address, where TVM would hang or fail with a C++ backtrace."""
+    try:
+        socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as e:
+        reason = "timed out" if isinstance(e, TimeoutError) else (e.strerror or str(e))
+        raise UserError(f"cannot reach the {what} at {host}:{port} ({reason}); {hint}") from None
+
+
+def connect(rpc_addr: str | None = None, tracker_addr: str | None = None, key: str | None = None,
+            session_timeout: int = 0):
+    """An RPC session to a board, or None for this machine."""
+    if rpc_addr and tracker_addr:
+        raise UserError("give either --rpc or --tracker, not both")
+    if rpc_addr:
+        host, port = parse_address(rpc_addr, "--rpc")
+        _reachable(host, port, "RPC server", "start one on the board with "
+                   "`python -m tvm.exec.rpc_server --host 0.0.0.0 --port PORT` (or `edgetvm board emulate`)")
+        return rpc.connect(host, port, session_timeout=session_timeout)
+    if tracker_addr:
+        if not key:
+            raise UserError("--tracker needs --key, the key the board registered under")
+        host, port = parse_address(tracker_addr, "--tracker")
+        _reachable(host, port, "RPC tracker", "start one with `python -m tvm.exec.rpc_tracker --port PORT`")
+        tracker = rpc.connect_tracker(host, port)
+        keys = _tracker_keys(tracker)
+        if key not in keys:
+            # The tracker would queue the request until such a server appears: forever, if none does.
+            raise UserError(f"no board is registered under key '{key}' at tracker {host}:{port} "
+                            f"(keys there: {', '.join(sorted(keys)) or 'none'}); start the board's server "
+                            f"with --tracker {host}:{port} --key {key}")
+        return tracker.request(key, priority=1, session_timeout=session_timeout)
+    if key:
+        raise UserError("--key only makes sense with --tracker HOST:PORT")
+    return None
+
+
+def _tracker_keys(tracker) -> set[str]:
+    keys = set()
+    for info in tracker.summary().get("server_info", []):
+        # Servers register as "server:KEY".
+        keys.add(info["key"].split(":", 1)[-1])
+    return keys
+
+
+@dataclass
+class Timing:
+    seconds: list[float]
+
+    @property
+    def min_ms(self): return min(self.seconds) * 1e3
+
+    @property
+    def median_ms(self): return statistics.median(self.seconds) * 1e3
+
+    @property
+    def max_ms(self): return max(self.seconds) * 1e3
+
+
+class Runner:
+    """The artifact's `main`, loaded on a device with its weights in place, called with numpy inputs."""
+
+    def __init__(self, art: Artifact, remote=None):
+        self.art, self.remote = art, remote
+        arch = art.board["arch"]
+        if remote is None:
+            if arch != platform.machine():
+                raise UserError(f"{art.path} was compiled for board '{art.board['name']}' ({arch}) and cannot "
+                                f"run on this {platform.machine()} machine; run it on the board with "
+                                f"--rpc HOST:PORT or --tracker HOST:PORT --key KEY")
+            self.dev = tvm.cpu()
+            lib = tvm.runtime.load_module(str(art.library))
+            # Zero-copy: TVM reads the weights straight from the mapped file.
+            self.weights = [tvm.runtime.from_dlpack(w) for w in art.weights()]
+        else:
+            self.dev = remote.cpu()
+            remote.upload(str(art.library))
+            lib = remote.load_module(art.library.name)
+            self.weights = [tvm.runtime.tensor(np.asarray(w), self.dev) for w in art.weights()]
+        self.vm = relax.VirtualMachine(lib, self.dev)
+
+    def _args(self, inputs: dict[str, np.ndarray]):
+        args = []
+        for info in self.art.inputs:
+            if info.name not in inputs:
+                raise UserError(f"input '{info.name}' is missing; pass it with --input {info.name}=FILE.npy "
+                                f"(shape {','.join(map(str, info.shape))}, {info.dtype})")
+            x = np.asarray(inputs[info.name])
+            if tuple(x.shape) != tuple(info.shape) or x.dtype.name != info.dtype:
+                raise UserError(f"input '{info.name}' is {x.dtype.name}{list(x.shape)} but the model was compiled "
+                                f"for {info.dtype}{list(info.shape)}; pass an array of that shape and dtype "
+                                f"or recompile with --input-shape")
+            args.append(tvm.runtime.tensor(np.ascontiguousarray(x), self.dev))
+        unknown = set(inputs) - {i.name for i in self.art.inputs}
+        if unknown:
+            raise UserError(f"the model has no input named {', '.join(sorted(unknown))}; its inputs are "
+                            f"{', '.join(i.name for i in self.art.inputs)}")
+        return args + self.weights
+
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out = self.vm["main"](*self._args(inputs))
+        outs = list(out) if not isinstance(out, tvm.runtime.Tensor) else [out]
+        return {info.name: o.numpy() for info, o in zip(self.art.outputs, outs)}
+
+    def time(self, inputs: dict[str, np.ndarray], repeat: int = 10, min_repeat_ms: int = 0) -> Timing:
+        """Per-call latency measured on the device itself (over RPC: no network time included)."""
+        args = self._args(inputs)
+        self.vm["main"](*args)  # warm-up: first-touch of the weights, thread pool start
+        f = self.vm.time_evaluator("main", self.dev, number=1, repeat=repeat, min_repeat_ms=min_repeat_ms)
+        return Timing(list(f(*args).results))
