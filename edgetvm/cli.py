@@ -206,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     z.set_defaults(func=cmd_zoo)
 
     s = sub.add_parser("demo", help="compile a real model for the host and an aarch64 board, run both, compare")
-    s.add_argument("--model", default="mobilenetv3", help="zoo model (default: the pretrained MobileNetV3)")
+    s.add_argument("--model", default="ocr_cls", help="zoo model (default ocr_cls, a pretrained MobileNetV3)")
     s.add_argument("--board", default="rpi4", help="aarch64 board to cross-compile for (default rpi4)")
     s.add_argument("--keep", metavar="DIR", help="keep the artifacts in DIR")
     s.set_defaults(func=cmd_demo)

@@ -15,9 +15,13 @@ def lift_weight_transforms(mod: tvm.IRModule) -> tuple[tvm.IRModule, tvm.IRModul
     Gemm(transB=1) no longer transposes its weight on every call.
     """
     lifted = relax.transform.LiftTransformParams()(mod)
-    transform = tvm.IRModule({"main_transform_params": lifted["main_transform_params"]})
-    deploy = tvm.IRModule({"main": lifted["main"]})
-    return transform, deploy
+
+    def keep(entry: str, drop: str) -> tvm.IRModule:
+        # The importer emits some operators as PrimFuncs beside main: keep those each side still calls.
+        part = tvm.IRModule({gv: f for gv, f in lifted.functions.items() if gv.name_hint != drop})
+        return relax.transform.DeadCodeElimination(entry_functions=[entry])(part)
+
+    return keep("main_transform_params", "main"), keep("main", "main_transform_params")
 
 
 def transform_weights(transform: tvm.IRModule, weights: list[np.ndarray]) -> list[np.ndarray]:

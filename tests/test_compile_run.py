@@ -1,0 +1,143 @@
+"""`edgetvm compile` + `edgetvm run`: outputs match onnxruntime, artifacts are complete and self-describing."""
+
+import json
+import struct
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from edgetvm import zoo
+from edgetvm.cli import main
+from edgetvm.compiler import compile_model, random_inputs
+from edgetvm.runtime.artifact import ALIGN, open_artifact, sha256_file
+from edgetvm.runtime.session import Runner
+from edgetvm.targets import load_board
+
+# Real pretrained CNNs and generated models with a residual graph, attention and Gemm(transB=1).
+MODELS = ["ocr_cls", "ocr_rec", "mlp", "cnn", "resnet", "transformer"]
+
+
+def ort_reference(name, inputs):
+    sess = ort.InferenceSession(str(zoo.path(name)), providers=["CPUExecutionProvider"])
+    return sess.run(None, inputs)
+
+
+@pytest.fixture(scope="module")
+def host_builds(tmp_path_factory):
+    built = {}
+
+    def get(name):
+        if name not in built:
+            out = tmp_path_factory.mktemp("host") / name
+            compile_model(zoo.path(name), load_board("host"), out, zoo.default_input_shapes(name))
+            built[name] = out
+        return built[name]
+
+    return get
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_host_build_matches_onnxruntime(name, host_builds):
+    art = open_artifact(host_builds(name))
+    x = random_inputs(art.inputs, seed=1)
+    got = Runner(art).run(x)
+    want = ort_reference(name, x)
+    assert len(got) == len(want)
+    for (out_name, y), ref in zip(got.items(), want):
+        # fp32 with a different summation order: relative error grows with reduction length, ~1e-5 here.
+        np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4 * max(1.0, float(np.abs(ref).max())),
+                                   err_msg=f"{name}: output {out_name}")
+
+
+def test_manifest_describes_the_artifact(host_builds):
+    path = host_builds("cnn")
+    m = json.loads((path / "manifest.json").read_text())
+    assert m["board"]["name"] == "host" and m["board"]["arch"] == "x86_64"
+    assert m["inputs"] == [{"name": "x", "shape": [1, 3, 32, 32], "dtype": "float32"}]
+    assert m["outputs"][0]["shape"] == [1, 10] and m["outputs"][0]["dtype"] == "float32"
+    import tvm
+
+    assert m["tvm_version"] == tvm.__version__
+    assert m["model"]["sha256"] == sha256_file(zoo.path("cnn"))
+    assert set(m["files"]) == {"model.so", "weights.bin"}
+    for f, digest in m["files"].items():
+        assert sha256_file(path / f) == digest
+    assert all(w["offset"] % ALIGN == 0 for w in m["weights"])
+    assert m["weight_bytes"] == sum(w["nbytes"] for w in m["weights"])
+
+
+def test_weights_are_used_zero_copy_from_the_mapped_file(host_builds):
+    art = open_artifact(host_builds("mlp"))
+    runner = Runner(art)
+    weights_file = str(art.weights_path.resolve())
+    regions = []
+    for line in open("/proc/self/maps"):
+        fields = line.split()
+        if len(fields) >= 6 and fields[5] == weights_file:
+            lo, hi = (int(v, 16) for v in fields[0].split("-"))
+            regions.append((lo, hi))
+    assert regions, "weights.bin should be memory-mapped"
+    for t in runner.weights:
+        ptr = np.from_dlpack(t).__array_interface__["data"][0]
+        assert any(lo <= ptr < hi for lo, hi in regions), "a weight was copied out of the mapping"
+
+
+def test_gemm_transpose_runs_at_compile_time_not_per_call():
+    """ONNX Gemm(transB=1) is stored pre-transposed; the deployed main never transposes a weight."""
+    from edgetvm.passes import onnx_import, pipeline
+
+    model = zoo.load("mlp")
+    inputs = onnx_import.resolve_inputs(model, None)
+    mod, weights = onnx_import.import_onnx(model, inputs)
+    assert "permute_dims" in mod["main"].script()
+    transform, deploy = pipeline.lift_weight_transforms(mod)
+    assert "permute_dims" not in deploy["main"].script()
+    lifted = pipeline.transform_weights(transform, weights)
+    transposed = [w for w in weights if w.ndim == 2 and any(
+        l.shape == w.T.shape and np.array_equal(l, w.T) for l in lifted)]
+    assert transposed, "the transB=1 weight should appear transposed among the deployed weights"
+
+
+def test_cli_run_writes_outputs_and_latency(host_builds, tmp_path, capsys):
+    art = host_builds("resnet")
+    x = random_inputs(open_artifact(art).inputs, seed=3)
+    np.save(tmp_path / "x.npy", x["x"])
+    rc = main(["run", str(art), "--input", f"x={tmp_path / 'x.npy'}", "--output", str(tmp_path / "y.npz"),
+               "--repeat", "3"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "latency over 3 runs: min" in out and "median" in out and "max" in out
+    y = np.load(tmp_path / "y.npz")
+    want = Runner(open_artifact(art)).run(x)
+    for k, v in want.items():
+        np.testing.assert_array_equal(y[k], v)
+
+
+def _elf(path):
+    head = path.read_bytes()[:64]
+    assert head[:4] == b"\x7fELF"
+    bits = {1: 32, 2: 64}[head[4]]
+    machine = struct.unpack_from("<H", head, 18)[0]
+    flags = struct.unpack_from("<I", head, 48 if bits == 64 else 36)[0]
+    return bits, machine, flags
+
+
+@pytest.mark.parametrize("board,bits,machine", [("rpi4", 64, 0xB7), ("rpi3", 64, 0xB7),
+                                                 ("jetson-nano-cpu", 64, 0xB7), ("rpi2", 32, 0x28)])
+def test_cross_compiled_library_is_for_the_board(board, bits, machine, tmp_path):
+    out = tmp_path / board
+    compile_model(zoo.path("cnn"), load_board(board), out, zoo.default_input_shapes("cnn"))
+    got_bits, got_machine, flags = _elf(out / "model.so")
+    assert (got_bits, got_machine) == (bits, machine)
+    if board == "rpi2":
+        assert flags & 0x400, "armv7 boards run hard-float: EF_ARM_ABI_FLOAT_HARD must be set"
+    assert json.loads((out / "manifest.json").read_text())["board"]["name"] == board
+
+
+def test_recompiling_replaces_the_artifact(tmp_path):
+    out = tmp_path / "a"
+    compile_model(zoo.path("mlp"), load_board("host"), out)
+    compile_model(zoo.path("cnn"), load_board("host"), out)
+    assert open_artifact(out).inputs[0].shape == (1, 3, 32, 32)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
