@@ -44,9 +44,9 @@ def cmd_compile(args) -> None:
     shapes = dict(args.input_shape or [])
     db = None
     if args.tuning_db:
-        from edgetvm.runtime.tuning import open_database
+        from edgetvm.tuning import open_database
 
-        db = open_database(args.tuning_db, board, args.model)
+        db = open_database(args.tuning_db, board, args.model, shapes)
     res = compile_model(args.model, board, args.output, shapes, tuning_db=db)
     m = res.manifest
     print(f"compiled {Path(args.model).name} for {board.name} ({m['board']['arch']}) in "

@@ -1,0 +1,83 @@
+"""Latency of the edgetvm host build / onnxruntime, same input, measured side by side in one process.
+
+    python bench/compile_vs_ort.py [--models ocr_cls,resnet,transformer] [--rounds 5] [--repeat 20]
+
+Both use every core of this machine. Rounds alternate between the two engines so that drift
+(other load, frequency) hits both alike; each engine's figure is its median over all calls.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from edgetvm import zoo
+from edgetvm.compiler import compile_model, random_inputs
+from edgetvm.runtime.artifact import open_artifact
+from edgetvm.runtime.session import Runner
+from edgetvm.targets import load_board
+
+
+def measure(name: str, workdir: Path, rounds: int, repeat: int) -> dict:
+    board = load_board("host")
+    out = workdir / name
+    t = time.perf_counter()
+    compile_model(zoo.path(name), board, out, zoo.default_input_shapes(name))
+    compile_s = time.perf_counter() - t
+    art = open_artifact(out)
+    x = random_inputs(art.inputs, seed=0)
+    runner = Runner(art)
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = board.cores
+    sess = ort.InferenceSession(str(zoo.path(name)), opts, providers=["CPUExecutionProvider"])
+    ref = sess.run(None, x)
+    got = runner.run(x)
+    diff = max(float(np.abs(g - r).max()) for g, r in zip(got.values(), ref))
+
+    tvm_s, ort_s = [], []
+    for _ in range(rounds):
+        tvm_s += runner.time(x, repeat=repeat).seconds
+        for _ in range(repeat):
+            t = time.perf_counter()
+            sess.run(None, x)
+            ort_s.append(time.perf_counter() - t)
+    tvm_ms, ort_ms = statistics.median(tvm_s) * 1e3, statistics.median(ort_s) * 1e3
+    return {"model": name, "compile_s": compile_s, "edgetvm_ms": tvm_ms, "ort_ms": ort_ms,
+            "ratio": tvm_ms / ort_ms, "max_diff": diff}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", default="ocr_cls,resnet,transformer",
+                   help="zoo models, comma-separated (default: the real MobileNetV3 and two generated models)")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--repeat", type=int, default=20)
+    args = p.parse_args(argv)
+    names = args.models.split(",")
+    print(f"edgetvm (untuned TVM {__import__('tvm').__version__}) vs onnxruntime {ort.__version__} on "
+          f"{os.cpu_count()} cores, {args.rounds} rounds x {args.repeat} calls each, alternating", flush=True)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-") as d:
+        for name in names:
+            r = measure(name, Path(d), args.rounds, args.repeat)
+            rows.append(r)
+            print(f"  {name}: done", file=sys.stderr, flush=True)
+    header = f"{'model':<12} {'edgetvm ms':>10} {'ort ms':>9} {'edgetvm/ort':>11} {'max |diff|':>10} {'compile s':>9}"
+    print(header)
+    for r in rows:
+        print(f"{r['model']:<12} {r['edgetvm_ms']:>10.3f} {r['ort_ms']:>9.3f} {r['ratio']:>10.2f}x "
+              f"{r['max_diff']:>10.1e} {r['compile_s']:>9.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

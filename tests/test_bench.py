@@ -1,0 +1,25 @@
+"""The benchmarks run end to end on demand (--runslow); their figures are read by people, not asserted."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+def load(name):
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.slow
+def test_compile_vs_ort_prints_a_ratio_table(capsys):
+    assert load("compile_vs_ort").main(["--models", "cnn,mlp", "--rounds", "1", "--repeat", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "edgetvm/ort" in out
+    for name in ("cnn", "mlp"):
+        row = next(l for l in out.splitlines() if l.startswith(name))
+        assert float(row.split()[3].rstrip("x")) > 0
