@@ -55,6 +55,9 @@ def cmd_compile(args) -> None:
         for t in m[kind]:
             print(f"  {kind[:-1]:6s} {t['name']}: {t['dtype']}[{','.join(map(str, t['shape']))}]")
     print(f"  weights {len(m['weights'])} tensors, {m['weight_bytes'] / 2**20:.2f} MiB")
+    r = m["roofline"]
+    print(f"  {r['kernels']} kernels, {r['flops'] / 1e9:.3f} GFLOP, {r['bytes'] / 2**20:.1f} MiB moved: "
+          f"at least {r['bound_ms']:.3f} ms on {board.name} (roofline over its nominal figures)")
 
 
 def _load_inputs(specs: list[str], infos) -> dict:

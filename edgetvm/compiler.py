@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 import edgetvm
+from edgetvm.costmodels import roofline
 from edgetvm.errors import UserError
 from edgetvm.passes import onnx_import, pipeline
 from edgetvm.passes.onnx_fold import fold_shapes
@@ -67,7 +68,9 @@ def compile_model(model_path: str | Path, board: Board, out: str | Path,
 
         t = time.perf_counter()
         target = board.target()
-        ex = pipeline.build(deploy, target, database=tuning_db)
+        fused = pipeline.fuse(deploy, target, database=tuning_db)
+        costs = roofline.kernel_costs(fused)
+        ex = pipeline.finish(fused, target)
         pipeline.export(ex, str(stage / LIBRARY), board.cross_compiler)
         seconds["build"] = time.perf_counter() - t
 
@@ -88,6 +91,9 @@ def compile_model(model_path: str | Path, board: Board, out: str | Path,
             "outputs": [o.to_json() for o in outputs],
             "weights": index,
             "weight_bytes": int(sum(w["nbytes"] for w in index)),
+            "roofline": {"kernels": len(costs), "flops": sum(c.flops for c in costs),
+                         "bytes": sum(c.bytes for c in costs),
+                         "bound_ms": roofline.bound_seconds(costs, board) * 1e3},
         }
         artifact.write_manifest(stage, manifest)
     seconds["total"] = time.perf_counter() - t0

@@ -44,28 +44,44 @@ def weight_names(deploy: tvm.IRModule) -> list[str]:
     return names
 
 
-def lowering_passes(target: tvm.target.Target, database=None) -> list[tvm.transform.Pass]:
-    """The CPU pipeline, with batch norm decomposed first so that FuseOps folds it into the conv."""
+def fusion_passes(target: tvm.target.Target, database=None) -> list[tvm.transform.Pass]:
+    """Legalize and fuse, with batch norm decomposed first so that FuseOps folds it into the conv."""
     passes = [relax.transform.DecomposeOpsForInference(), relax.transform.CanonicalizeBindings()]
     passes += cpu.library_dispatch_passes(target) + cpu.legalize_passes(target)
     if database is not None:
         passes.append(relax.transform.MetaScheduleApplyDatabase(enable_warning=False))
-    return passes + cpu.dataflow_lower_passes(target) + cpu.finalize_passes(target)
+    return passes
 
 
-def build(deploy: tvm.IRModule, target: tvm.target.Target, database=None):
-    """Compile `main` for the target; with a MetaSchedule database, its tuned schedules replace the defaults."""
-    seq = tvm.transform.Sequential(lowering_passes(target, database))
+def lowering_passes(target: tvm.target.Target, database=None) -> list[tvm.transform.Pass]:
+    """The whole CPU pipeline: fusion, then lowering to VM code with static memory planning."""
+    return fusion_passes(target, database) + cpu.dataflow_lower_passes(target) + cpu.finalize_passes(target)
+
+
+def fuse(deploy: tvm.IRModule, target: tvm.target.Target, database=None) -> tvm.IRModule:
+    """`main` as fused kernels (with a MetaSchedule database, its tuned schedules replace the defaults)."""
+    with target:
+        if database is None:
+            return tvm.transform.Sequential(fusion_passes(target))(deploy)
+        with database:
+            return tvm.transform.Sequential(fusion_passes(target, database))(deploy)
+
+
+def finish(fused: tvm.IRModule, target: tvm.target.Target):
+    """Lower a fused module to VM code and compile it for the target."""
+    seq = tvm.transform.Sequential(cpu.dataflow_lower_passes(target) + cpu.finalize_passes(target))
 
     @tvm.transform.module_pass(opt_level=0)
     def _pipeline(mod, _ctx):
         with target:
-            if database is not None:
-                with database:
-                    return seq(mod)
             return seq(mod)
 
-    return tvm.compile(deploy, target=target, relax_pipeline=_pipeline)
+    return tvm.compile(fused, target=target, relax_pipeline=_pipeline)
+
+
+def build(deploy: tvm.IRModule, target: tvm.target.Target, database=None):
+    """Compile `main` for the target."""
+    return finish(fuse(deploy, target, database), target)
 
 
 def export(ex, path: str, cross_compiler: str = "") -> None:

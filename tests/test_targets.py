@@ -64,3 +64,31 @@ def test_targets_command_lists_every_board(capsys):
     out = capsys.readouterr().out
     for name in REQUIRED:
         assert name in out
+
+
+def test_roofline_counts_a_gemm_and_scales_with_the_board():
+    """2*M*N*K flops for a matmul; a board with half the compute gets twice the compute-bound time."""
+    from dataclasses import replace
+
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+    import numpy as np
+
+    from edgetvm.costmodels import roofline
+    from edgetvm.passes import onnx_import, pipeline
+
+    m, k, n = 64, 512, 256
+    w = numpy_helper.from_array(np.ones((k, n), np.float32), "w")
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [m, k])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [m, n])], [w])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    mod, _ = onnx_import.import_onnx(model, onnx_import.resolve_inputs(model, None))
+    _, deploy = pipeline.lift_weight_transforms(mod)
+    rpi4 = load_board("rpi4")
+    costs = roofline.kernel_costs(pipeline.fuse(deploy, rpi4.target()))
+    assert len(costs) == 1
+    assert costs[0].flops == 2 * m * n * k
+    assert costs[0].bytes == 4 * (m * k + k * n + m * n)
+    slow = replace(rpi4, peak_gflops_per_core=rpi4.peak_gflops_per_core / 2)
+    assert roofline.bound_seconds(costs, slow) == pytest.approx(2 * roofline.bound_seconds(costs, rpi4))
