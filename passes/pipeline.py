@@ -7,6 +7,8 @@ import tvm
 from tvm import relax
 from tvm.relax.backend.cpu_generic import pipeline as cpu
 
+from edgetvm.passes import schedule
+
 
 def lift_weight_transforms(mod: tvm.IRModule) -> tuple[tvm.IRModule, tvm.IRModule]:
     """Split `main` into `main_transform_params` (weight-only work: transposes, reshapes, folds) and the rest.
@@ -54,17 +56,19 @@ def fusion_passes(target: tvm.target.Target, database=None) -> list[tvm.transfor
 
 
 def lowering_passes(target: tvm.target.Target, database=None) -> list[tvm.transform.Pass]:
-    """The whole CPU pipeline: fusion, then lowering to VM code with static memory planning."""
-    return fusion_passes(target, database) + cpu.dataflow_lower_passes(target) + cpu.finalize_passes(target)
+    """The whole CPU pipeline: fusion, schedules, then lowering to VM code with static memory planning."""
+    return (fusion_passes(target, database) + [schedule.default_schedule()]
+            + cpu.dataflow_lower_passes(target) + cpu.finalize_passes(target))
 
 
 def fuse(deploy: tvm.IRModule, target: tvm.target.Target, database=None) -> tvm.IRModule:
-    """`main` as fused kernels (with a MetaSchedule database, its tuned schedules replace the defaults)."""
+    """`main` as fused, scheduled kernels: tuned schedules from the database, the CPU default for the rest."""
+    seq = tvm.transform.Sequential(fusion_passes(target, database) + [schedule.default_schedule()])
     with target:
         if database is None:
-            return tvm.transform.Sequential(fusion_passes(target))(deploy)
+            return seq(deploy)
         with database:
-            return tvm.transform.Sequential(fusion_passes(target, database))(deploy)
+            return seq(deploy)
 
 
 def finish(fused: tvm.IRModule, target: tvm.target.Target):

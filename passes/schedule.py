@@ -1,0 +1,219 @@
+"""A default CPU schedule for fused kernels that no tuning database covers.
+
+LegalizeOps leaves every fused kernel as plain loop nests that materialise each elementwise
+intermediate at full size, run on one core and vectorise nothing. This rule inlines the
+elementwise chain, moves reductions outside a vectorised innermost output axis (with a small
+register tile on the next axis), parallelises the outer loops, and computes the epilogue per
+tile. Any kernel the rule cannot handle keeps its unscheduled form, so correctness never
+depends on it.
+"""
+
+from __future__ import annotations
+
+import os
+
+import tvm
+from tvm import s_tir, tirx
+from tvm.s_tir import dlight
+
+VECTOR_BYTES = {"x86_64": 32, "aarch64": 16, "arm": 16}
+
+
+def _lanes(target: tvm.target.Target, dtype_bits: int = 32) -> int:
+    triple = str(target.attrs.get("mtriple", "")) or "x86_64"
+    arch = "aarch64" if triple.startswith("aarch64") else "arm" if triple.startswith("arm") else "x86_64"
+    return max(1, VECTOR_BYTES[arch] * 8 // dtype_bits)
+
+
+def _iter_kinds(sch, block):
+    return [iv.iter_type for iv in sch.get(block).iter_vars]
+
+
+def _is_spatial(sch, block) -> bool:
+    return all(k == tirx.IterVar.DataPar for k in _iter_kinds(sch, block))
+
+
+def _output_blocks(sch, blocks):
+    outs = []
+    for b in blocks:
+        if not sch.get_consumers(b):
+            outs.append(b)
+    return outs
+
+
+def _pads_a_reduction(sch, block) -> bool:
+    """Padding inlined into a conv puts a bounds check in its innermost loop: materialise it instead."""
+    return "if_then_else" in str(sch.get(block).body) and any(
+        not _is_spatial(sch, c) for c in sch.get_consumers(block))
+
+
+def _inline_elementwise(sch, root) -> None:
+    """Inline injective producers into consumers (and consumers into spatial producers) until stable."""
+    changed = True
+    while changed:
+        changed = False
+        blocks = sch.get_child_blocks(root)
+        outputs = {sch.get(b).name_hint for b in _output_blocks(sch, blocks)}
+        for b in blocks:
+            if sch.get(b).name_hint in outputs or not _is_spatial(sch, b):
+                continue
+            if _pads_a_reduction(sch, b):
+                continue
+            try:
+                sch.compute_inline(b)
+                changed = True
+                break
+            except Exception:  # not inlinable (e.g. read twice with different indices): keep it
+                pass
+        if changed:
+            continue
+        for b in sch.get_child_blocks(root):
+            if not _is_spatial(sch, b) or not sch.get_producers(b):
+                continue
+            if not all(_is_spatial(sch, p) for p in sch.get_producers(b)):
+                continue
+            try:
+                sch.reverse_compute_inline(b)
+                changed = True
+                break
+            except Exception:
+                pass
+
+
+def _parallel(sch, loops, cores: int) -> None:
+    """Fuse leading loops until there is enough work for every core, then run them in parallel."""
+    take, extent = [], 1
+    for loop in loops:
+        take.append(loop)
+        extent *= int(sch.get(loop).extent) if isinstance(sch.get(loop).extent, tirx.IntImm) else 1
+        if extent >= 4 * cores:
+            break
+    if extent > 1:
+        sch.parallel(sch.fuse(*take) if len(take) > 1 else take[0])
+
+
+def _schedule_spatial(sch, block, lanes: int, cores: int) -> None:
+    loops = sch.get_loops(block)
+    if not loops:
+        return
+    inner = sch.get(loops[-1]).extent
+    if isinstance(inner, tirx.IntImm) and int(inner) >= lanes and int(inner) % lanes == 0:
+        outer_i, vec = sch.split(loops[-1], [None, lanes])
+        sch.vectorize(vec)
+        loops = sch.get_loops(block)[:-1]
+    _parallel(sch, loops, cores)
+
+
+def _contiguous_in_spatial(sch, block, var) -> bool:
+    """Does some read walk memory contiguously as `var` (the innermost spatial iterator) grows?"""
+    stmt = sch.get(block)
+    for region in stmt.reads:
+        last = region.region[-1].min if region.region else None
+        if last is not None and any(v.same_as(var) for v in _vars_in(last)):
+            return True
+    return False
+
+
+def _vars_in(expr):
+    return tirx.analysis.undefined_vars(expr, [])
+
+
+def _schedule_reduction(sch, block, epilogue, lanes: int, cores: int) -> bool:
+    stmt = sch.get(block)
+    loops = sch.get_loops(block)
+    kinds = _iter_kinds(sch, block)
+    if len(loops) != len(kinds):
+        return False
+    spatial = [l for l, k in zip(loops, kinds) if k == tirx.IterVar.DataPar]
+    reduce = [l for l, k in zip(loops, kinds) if k == tirx.IterVar.CommReduce]
+    if not spatial or not reduce or len(spatial) + len(reduce) != len(loops):
+        return False
+    last_var = [iv.var for iv, k in zip(stmt.iter_vars, kinds) if k == tirx.IterVar.DataPar][-1]
+    extent = sch.get(spatial[-1]).extent
+    if not isinstance(extent, tirx.IntImm) or int(extent) < lanes or not _contiguous_in_spatial(sch, block, last_var):
+        # A reduction along the contiguous axis (softmax, norms, pooling windows): parallel rows only.
+        _parallel(sch, spatial, cores)
+        return True
+    vec_factor = lanes * 2 if int(extent) % (lanes * 2) == 0 else lanes
+    so, si = sch.split(spatial[-1], [None, vec_factor])
+    tile = []
+    if len(spatial) >= 2:
+        e2 = sch.get(spatial[-2]).extent
+        if isinstance(e2, tirx.IntImm) and int(e2) >= 4 and int(e2) % 4 == 0:
+            ro, ri = sch.split(spatial[-2], [None, 4])
+            tile = [ri]
+            outer = spatial[:-2] + [ro]
+        else:
+            outer = spatial[:-1]
+    else:
+        outer = []
+    sch.reorder(*outer, so, *reduce, *tile, si)
+    if epilogue is not None:
+        sch.reverse_compute_at(epilogue, so)
+    # Loop kinds first: after decompose_reduction the update block no longer counts as a reduction.
+    sch.vectorize(si)
+    for t in tile:
+        sch.unroll(t)
+    # A batch-1 matmul has no outer loop: then the vector chunks are the parallel work.
+    _parallel(sch, outer + [so], cores)
+    sch.decompose_reduction(block, reduce[0])
+    if epilogue is not None:
+        eloops = sch.get_loops(epilogue)
+        depth = len(sch.get_loops(block)) - len(reduce) - len(tile) - 1  # loops shared with `so`
+        mine = eloops[depth:] if depth >= 0 else []
+        if mine:
+            inner = sch.get(mine[-1]).extent
+            if isinstance(inner, tirx.IntImm) and int(inner) % lanes == 0:
+                _, v = sch.split(mine[-1], [None, lanes])
+                sch.vectorize(v)
+    return True
+
+
+class CPUDefault(dlight.ScheduleRule):
+    """Schedule any fused CPU kernel: inline, tile + vectorise the main reduction, parallelise."""
+
+    def apply(self, func, target, _tunable):
+        if not isinstance(func, tirx.PrimFunc) or not any(k in target.keys for k in ("cpu", "arm_cpu")):
+            return None
+        cores = int(target.attrs.get("num-cores", 1))
+        lanes = _lanes(target)
+        try:
+            sch = s_tir.Schedule(func)
+            root = sch.get_sblock("root")
+            _inline_elementwise(sch, root)
+            blocks = sch.get_child_blocks(root)
+            reductions = [b for b in blocks if not _is_spatial(sch, b)]
+            if len(reductions) == 1:
+                (red,) = reductions
+                consumers = sch.get_consumers(red)
+                epilogue = consumers[0] if len(consumers) == 1 and _is_spatial(sch, consumers[0]) \
+                    and len(sch.get_consumers(consumers[0])) == 0 else None
+                skip = [sch.get(red)] + ([sch.get(epilogue)] if epilogue is not None else [])
+                for b in blocks:
+                    if not any(sch.get(b).same_as(k) for k in skip):
+                        _schedule_spatial(sch, b, lanes, cores)
+                return sch if _schedule_reduction(sch, red, epilogue, lanes, cores) else None
+            if not reductions:
+                for b in blocks:
+                    _schedule_spatial(sch, b, lanes, cores)
+                return sch
+            for b in blocks:  # several reductions (softmax, layer norm): rows in parallel
+                loops = sch.get_loops(b)
+                kinds = _iter_kinds(sch, b)
+                lead = []
+                for l, k in zip(loops, kinds):
+                    if k != tirx.IterVar.DataPar:
+                        break
+                    lead.append(l)
+                if lead and len(loops) == len(kinds):
+                    _parallel(sch, lead, cores)
+            return sch
+        except Exception:  # an unusual kernel: keep the unscheduled, correct form
+            if os.environ.get("EDGETVM_SCHEDULE_DEBUG"):
+                raise
+            return None
+
+
+def default_schedule() -> tvm.transform.Pass:
+    """Give every PrimFunc not already scheduled (by a tuning database) the CPU default schedule."""
+    return dlight.ApplyDefaultSchedule(CPUDefault())
