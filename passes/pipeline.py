@@ -8,6 +8,7 @@ from tvm import relax
 from tvm.relax.backend.cpu_generic import pipeline as cpu
 
 from edgetvm.passes import schedule
+from edgetvm.passes.fold_bn import fold_batchnorm_into_conv
 
 
 def lift_weight_transforms(mod: tvm.IRModule) -> tuple[tvm.IRModule, tvm.IRModule]:
@@ -16,7 +17,14 @@ def lift_weight_transforms(mod: tvm.IRModule) -> tuple[tvm.IRModule, tvm.IRModul
     The first runs once, at compile time on the host; the board only ever runs the second, so an ONNX
     Gemm(transB=1) no longer transposes its weight on every call.
     """
-    lifted = relax.transform.LiftTransformParams()(mod)
+    lifted = tvm.transform.Sequential([
+        fold_batchnorm_into_conv,
+        # Batch norm that did not fold (not after a conv) becomes elementwise math, whose
+        # weight-only half (sqrt(var + eps), the divide) is then lifted too.
+        relax.transform.DecomposeOpsForInference(),
+        relax.transform.CanonicalizeBindings(),
+        relax.transform.LiftTransformParams(),
+    ])(mod)
 
     def keep(entry: str, drop: str) -> tvm.IRModule:
         # The importer emits some operators as PrimFuncs beside main: keep those each side still calls.

@@ -141,3 +141,15 @@ def test_recompiling_replaces_the_artifact(tmp_path):
     compile_model(zoo.path("cnn"), load_board("host"), out)
     assert open_artifact(out).inputs[0].shape == (1, 3, 32, 32)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
+
+
+def test_batch_norm_folds_into_conv_weights_at_compile_time():
+    """Inference batch norm after a conv costs nothing per call: no batch_norm, sqrt or divide remains."""
+    from edgetvm.passes import onnx_import, pipeline
+
+    model = zoo.load("resnet")
+    mod, _ = onnx_import.import_onnx(model, onnx_import.resolve_inputs(model, None))
+    assert "batch_norm" in mod["main"].script()
+    _, deploy = pipeline.lift_weight_transforms(mod)
+    text = deploy["main"].script()
+    assert "batch_norm" not in text and "sqrt" not in text and "divide" not in text
