@@ -46,7 +46,7 @@ def output_infos(deploy, names: list[str]) -> list[onnx_import.TensorInfo]:
 
 def compile_model(model_path: str | Path, board: Board, out: str | Path,
                   input_shapes: dict[str, tuple[int, ...]] | None = None,
-                  tuning_db=None, log=lambda *a: None) -> CompileResult:
+                  tuning_db=None, memory_budget: int | None = None, log=lambda *a: None) -> CompileResult:
     model_path, out = Path(model_path), Path(out)
     t0 = time.perf_counter()
     seconds = {}
@@ -68,13 +68,21 @@ def compile_model(model_path: str | Path, board: Board, out: str | Path,
 
         t = time.perf_counter()
         target = board.target()
-        fused = pipeline.fuse(deploy, target, database=tuning_db)
-        costs = roofline.kernel_costs(fused)
-        ex = pipeline.finish(fused, target)
+        swap_plan = None
+        if memory_budget is None:
+            fused = pipeline.fuse(deploy, target, database=tuning_db)
+            costs = roofline.kernel_costs(fused)
+            ex = pipeline.finish(fused, target)
+            named = list(zip(names, deployed_weights))
+        else:
+            fused, blocks_mod, swap_plan, named = plan_swap(deploy, deployed_weights, names, board,
+                                                            memory_budget, tuning_db)
+            costs = roofline.kernel_costs(fused)
+            ex = pipeline.finish(blocks_mod, target)
         pipeline.export(ex, str(stage / LIBRARY), board.cross_compiler)
         seconds["build"] = time.perf_counter() - t
 
-        index = artifact.write_weights(stage / WEIGHTS, list(zip(names, deployed_weights)))
+        index = artifact.write_weights(stage / WEIGHTS, named)
         import tvm
 
         manifest = {
@@ -95,10 +103,73 @@ def compile_model(model_path: str | Path, board: Board, out: str | Path,
                          "bytes": sum(c.bytes for c in costs),
                          "bound_ms": roofline.bound_seconds(costs, board) * 1e3},
         }
+        if swap_plan is not None:
+            manifest["swap"] = swap_plan.finish(index)
         artifact.write_manifest(stage, manifest)
     seconds["total"] = time.perf_counter() - t0
     log(f"compiled {model_path.name} for {board.name} in {seconds['total']:.1f} s -> {out}")
     return CompileResult(out, artifact.open_artifact(out, verify=False).manifest, seconds)
+
+
+MIN_PIECE = 64 << 10
+
+
+@dataclass
+class SwapPlan:
+    """A block plan and the weight order that makes each block's weights one contiguous range."""
+    plan: object
+    signatures: list
+    data_inputs: list[str]
+    outputs: list[str]
+    order: list[int]  # new position -> old weight index
+
+    def finish(self, index: list[dict]) -> dict:
+        position = {old: new for new, old in enumerate(self.order)}
+        placed, blocks = set(), []
+        for sig, bk in zip(self.signatures, self.plan.blocks):
+            mine = [position[w] for w in sig.weights if position[w] not in placed]
+            placed.update(mine)
+            lo = min((index[w]["offset"] for w in mine), default=0)
+            hi = max((index[w]["offset"] + index[w]["nbytes"] for w in mine), default=0)
+            blocks.append({"function": sig.function, "inputs": sig.inputs, "outputs": sig.outputs,
+                           "weights": [position[w] for w in sig.weights], "range": [lo, hi - lo],
+                           "weight_bytes": bk.weight_bytes, "act_bytes": bk.act_bytes,
+                           "planned_bytes": bk.planned_bytes, "predicted_ms": bk.compute_s * 1e3})
+        return {"budget": self.plan.budget, "prefetch": self.plan.prefetch,
+                "predicted_peak": self.plan.predicted_peak, "predicted_ms": self.plan.predicted_s * 1e3,
+                "data_inputs": self.data_inputs, "outputs": self.outputs, "blocks": blocks}
+
+
+def plan_swap(deploy, weights, names, board, budget: int, tuning_db=None):
+    """Fuse, partition into blocks that fit `budget` (splitting layers that are too big), emit block functions."""
+    from edgetvm.passes import swap
+
+    target = board.target()
+    piece = None
+    while True:
+        if piece is None:
+            d, w, n = deploy, weights, names
+        else:
+            d, w, n = swap.split_oversized_layers(deploy, weights, names, piece)
+        fused = pipeline.fuse(d, target, database=tuning_db)
+        ops, data_inputs, outputs = swap.op_memory(fused, len(w))
+        try:
+            plan = swap.plan_blocks(ops, [x.nbytes for x in w], budget, board)
+            break
+        except UserError:
+            piece = budget // 4 if piece is None else piece // 2
+            if piece < MIN_PIECE:
+                raise
+    mod, sigs, din, outs = swap.emit_blocks(fused, ops, plan, data_inputs, outputs, len(w))
+    order, seen = [], set()
+    for sig in sigs:
+        for i in sig.weights:
+            if i not in seen:
+                seen.add(i)
+                order.append(i)
+    order += [i for i in range(len(w)) if i not in seen]
+    named = [(n[i], w[i]) for i in order]
+    return fused, mod, SwapPlan(plan, sigs, din, outs, order), named
 
 
 def random_inputs(infos, seed: int = 0) -> dict[str, np.ndarray]:

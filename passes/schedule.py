@@ -134,6 +134,23 @@ def _schedule_reduction(sch, block, epilogue, lanes: int, cores: int) -> bool:
         # A reduction along the contiguous axis (softmax, norms, pooling windows): parallel rows only.
         _parallel(sch, spatial, cores)
         return True
+    rows = 1
+    for l in spatial[:-1]:
+        e = sch.get(l).extent
+        rows *= int(e) if isinstance(e, tirx.IntImm) else 1 << 20
+    if rows <= 4:
+        # Matrix-vector: stream each weight row through a wide contiguous strip (TLB- and prefetch-
+        # friendly) instead of walking one vector's width down every row.
+        strip = next((w for w in (256, 128, 64) if int(extent) % w == 0 and int(extent) >= w), lanes)
+        if strip > lanes:
+            so, sm, si = sch.split(spatial[-1], [None, strip // lanes, lanes])
+            sch.reorder(*spatial[:-1], so, *reduce, sm, si)
+            sch.vectorize(si)
+            if epilogue is not None:
+                sch.reverse_compute_at(epilogue, so)
+            _parallel(sch, spatial[:-1] + [so], cores)
+            sch.decompose_reduction(block, reduce[0])
+            return True
     vec_factor = lanes * 2 if int(extent) % (lanes * 2) == 0 else lanes
     so, si = sch.split(spatial[-1], [None, vec_factor])
     tile = []

@@ -1,0 +1,166 @@
+"""The swap runtime: run a model block by block with each block's weights mapped in, prefetched and dropped.
+
+Weights are read zero-copy from a private (copy-on-write) mapping of the weight file; a thread
+faults the next block's pages in while the current block computes; a finished block's pages
+are unmapped (madvise DONTNEED) and, with `drop_cache`, evicted from the page cache too
+(posix_fadvise DONTNEED), because a cgroup's memory limit counts the page cache of files its
+processes read.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from edgetvm.errors import UserError
+from edgetvm.runtime.artifact import Artifact
+from edgetvm.runtime.session import Timing
+
+PAGE = mmap.PAGESIZE
+
+
+def _page_range(offset: int, nbytes: int) -> tuple[int, int]:
+    lo = offset // PAGE * PAGE
+    hi = -(-(offset + nbytes) // PAGE) * PAGE
+    return lo, hi - lo
+
+
+def vm_hwm_bytes() -> int:
+    """Peak resident set of this process (VmHWM)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def reset_hwm() -> None:
+    # Writing 5 to clear_refs resets VmHWM to the current RSS (Linux >= 4.0).
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+class SwapRunner:
+    """Runs a swapping artifact: `block_0 .. block_{k-1}` in order, weights swapped per block."""
+
+    def __init__(self, art: Artifact, prefetch: bool = True, drop_cache: bool = True):
+        if "swap" not in art.manifest:
+            raise UserError(f"{art.path} is not a swapping build; compile with --memory-budget")
+        self.art, self.prefetch, self.drop_cache = art, prefetch, drop_cache
+        self.plan = art.manifest["swap"]
+        self.index = art.manifest["weights"]
+        self.dev = tvm.cpu()
+        self.vm = relax.VirtualMachine(tvm.runtime.load_module(str(art.library)), self.dev)
+        self.fd = os.open(art.weights_path, os.O_RDONLY)
+        size = os.fstat(self.fd).st_size
+        self.mm = mmap.mmap(self.fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        self.bytes = np.frombuffer(self.mm, dtype=np.uint8)  # writable: DLPack refuses read-only memory
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="swap-prefetch") if prefetch else None
+        self.names = [i.name for i in art.inputs]
+        self.block_seconds: list[float] = [0.0] * len(self.plan["blocks"])
+
+    def close(self) -> None:
+        if self.pool:
+            self.pool.shutdown()
+        del self.bytes
+        self.mm.close()
+        os.close(self.fd)
+
+    def _view(self, w: dict) -> np.ndarray:
+        return self.bytes[w["offset"]:w["offset"] + w["nbytes"]].view(w["dtype"]).reshape(w["shape"])
+
+    def _touch(self, block: dict) -> None:
+        """Fault the block's pages in: one read per page, in numpy's C loop (the GIL is released)."""
+        off, n = block["range"]
+        if n:
+            lo, ln = _page_range(off, n)
+            self.mm.madvise(mmap.MADV_WILLNEED, lo, ln)
+            int(self.bytes[lo:lo + ln:PAGE].sum(dtype=np.uint64))
+
+    def _release(self, block: dict) -> None:
+        off, n = block["range"]
+        if not n:
+            return
+        lo, ln = _page_range(off, n)
+        self.mm.madvise(mmap.MADV_DONTNEED, lo, ln)
+        if self.drop_cache:
+            os.posix_fadvise(self.fd, lo, ln, os.POSIX_FADV_DONTNEED)
+
+    def drop_page_cache(self) -> None:
+        """Evict the whole weight file from the page cache (a cold start)."""
+        self.mm.madvise(mmap.MADV_DONTNEED, 0, len(self.mm))
+        os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_DONTNEED)
+
+    def _values(self, inputs: dict[str, np.ndarray]) -> dict:
+        values = {}
+        for name, info in zip(self.plan["data_inputs"], self.art.inputs):
+            if info.name not in inputs:
+                raise UserError(f"input '{info.name}' is missing; pass it with --input {info.name}=FILE.npy")
+            x = np.asarray(inputs[info.name])
+            if tuple(x.shape) != tuple(info.shape) or x.dtype.name != info.dtype:
+                raise UserError(f"input '{info.name}' is {x.dtype.name}{list(x.shape)} but the model was compiled "
+                                f"for {info.dtype}{list(info.shape)}; pass an array of that shape and dtype")
+            values[name] = tvm.runtime.tensor(np.ascontiguousarray(x), self.dev)
+        return values
+
+    def _forward(self, values: dict):
+        blocks = self.plan["blocks"]
+        # Each value is dropped after the last block that reads it.
+        last_use = {}
+        for k, b in enumerate(blocks):
+            for v in b["inputs"]:
+                last_use[v] = k
+        pending = None
+        if self.prefetch:
+            pending = self.pool.submit(self._touch, blocks[0])
+        for k, b in enumerate(blocks):
+            if pending is not None:
+                pending.result()
+            if self.prefetch and k + 1 < len(blocks):
+                pending = self.pool.submit(self._touch, blocks[k + 1])
+            else:
+                pending = None
+            weights = [tvm.runtime.from_dlpack(self._view(self.index[w])) for w in b["weights"]]
+            t = time.perf_counter()
+            out = self.vm[b["function"]](*[values[v] for v in b["inputs"]], *weights)
+            self.block_seconds[k] += time.perf_counter() - t
+            for name, val in zip(b["outputs"], out):
+                values[name] = val
+            del weights, out
+            for v in b["inputs"]:
+                if last_use.get(v) == k and v not in self.plan["outputs"]:
+                    values.pop(v, None)
+            self._release(b)
+        if pending is not None:
+            pending.result()
+        return values
+
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        values = self._forward(self._values(inputs))
+        outs = []
+        for name in self.plan["outputs"]:
+            v = values[name]
+            outs += [t for t in v] if not isinstance(v, tvm.runtime.Tensor) else [v]
+        return {info.name: o.numpy() for info, o in zip(self.art.outputs, outs)}
+
+    def time(self, inputs: dict[str, np.ndarray], repeat: int = 10, cold: bool = False) -> Timing:
+        values = self._values(inputs)
+        self._forward(dict(values))  # warm-up
+        seconds = []
+        for _ in range(repeat):
+            if cold:
+                self.drop_page_cache()
+            t = time.perf_counter()
+            self._forward(dict(values))
+            seconds.append(time.perf_counter() - t)
+        return Timing(seconds)
+
+    def report(self) -> list[dict]:
+        return [{"function": b["function"], "weights": b["weight_bytes"], "activations": b["act_bytes"],
+                 "planned": b["planned_bytes"]} for b in self.plan["blocks"]]
