@@ -11,6 +11,27 @@ from pathlib import Path
 from edgetvm.errors import UserError
 
 
+UNITS = {"": 1, "B": 1, "K": 1 << 10, "KB": 1000, "KIB": 1 << 10, "M": 1 << 20, "MB": 10**6, "MIB": 1 << 20,
+         "G": 1 << 30, "GB": 10**9, "GIB": 1 << 30}
+
+
+def parse_bytes(text: str, flag: str) -> int:
+    import re
+
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", text)
+    if not m or m.group(2).upper() not in UNITS or float(m.group(1)) <= 0:
+        raise UserError(f"{flag} '{text}' is not a size; write it like {flag} 64MiB (units: B, KiB, MiB, GiB, KB, MB, GB)")
+    return int(float(m.group(1)) * UNITS[m.group(2).upper()])
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line and exit code 2 like every other bad input."""
+
+    def error(self, message):
+        print(f"edgetvm: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 def _shape_arg(text: str) -> tuple[str, tuple[int, ...]]:
     name, sep, dims = text.rpartition(":")
     try:
@@ -47,7 +68,8 @@ def cmd_compile(args) -> None:
         from edgetvm.tuning import open_database
 
         db = open_database(args.tuning_db, board, args.model, shapes)
-    res = compile_model(args.model, board, args.output, shapes, tuning_db=db)
+    budget = parse_bytes(args.memory_budget, "--memory-budget") if args.memory_budget else None
+    res = compile_model(args.model, board, args.output, shapes, tuning_db=db, memory_budget=budget)
     m = res.manifest
     print(f"compiled {Path(args.model).name} for {board.name} ({m['board']['arch']}) in "
           f"{res.seconds['total']:.1f} s -> {res.path}")
@@ -58,6 +80,10 @@ def cmd_compile(args) -> None:
     r = m["roofline"]
     print(f"  {r['kernels']} kernels, {r['flops'] / 1e9:.3f} GFLOP, {r['bytes'] / 2**20:.1f} MiB moved: "
           f"at least {r['bound_ms']:.3f} ms on {board.name} (roofline over its nominal figures)")
+    if "swap" in m:
+        sw = m["swap"]
+        print(f"  swapping: {len(sw['blocks'])} blocks under a {sw['budget'] / 2**20:.1f} MiB budget, planned peak "
+              f"{sw['predicted_peak'] / 2**20:.1f} MiB ({'prefetching the next block' if sw['prefetch'] else 'no prefetch'})")
 
 
 def _load_inputs(specs: list[str], infos) -> dict:
@@ -100,7 +126,18 @@ def cmd_run(args) -> None:
         print(f"no --input given: using random inputs (seed {args.seed})")
     remote = connect(args.rpc, args.tracker, args.key)
     where = args.rpc or (f"tracker {args.tracker} key {args.key}" if args.tracker else "this machine")
-    runner = Runner(art, remote)
+    if "swap" in art.manifest:
+        if remote is not None:
+            raise UserError("a swapping build runs where its weight file is: copy the artifact to the board and "
+                            "run `edgetvm run` there (over RPC the weights would cross the network per block)")
+        from edgetvm.runtime.swap import SwapRunner, reset_hwm
+
+        runner = SwapRunner(art, drop_cache=not args.keep_page_cache)
+        reset_hwm()
+    else:
+        if args.keep_page_cache:
+            raise UserError("--keep-page-cache only applies to swapping builds (compiled with --memory-budget)")
+        runner = Runner(art, remote)
     outputs = runner.run(inputs)
     timing = runner.time(inputs, repeat=args.repeat)
     print(f"ran {art.path} ({art.board['name']}) on {where}")
@@ -110,6 +147,8 @@ def cmd_run(args) -> None:
         print(f"  output {name}: {y.dtype}[{','.join(map(str, y.shape))}] = [{preview}]")
     print(f"  latency over {args.repeat} runs: min {timing.min_ms:.3f} ms, median {timing.median_ms:.3f} ms, "
           f"max {timing.max_ms:.3f} ms")
+    if args.report:
+        _report(art, remote)
     if args.output:
         out = Path(args.output)
         fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.resolve().parent)
@@ -123,17 +162,40 @@ def cmd_run(args) -> None:
         print(f"  outputs written to {out}")
 
 
+def _report(art, remote) -> None:
+    from edgetvm.runtime.swap import vm_hwm_bytes
+
+    mib = 2**20
+    if remote is not None:
+        print("  memory report: measured peak is only available for runs on this machine")
+        return
+    sw = art.manifest.get("swap")
+    if sw:
+        print(f"  {'block':<10} {'weights MiB':>11} {'activations+scratch MiB':>24} {'planned MiB':>11}")
+        for b in sw["blocks"]:
+            print(f"  {b['function']:<10} {b['weight_bytes'] / mib:>11.2f} {b['act_bytes'] / mib:>24.2f} "
+                  f"{b['planned_bytes'] / mib:>11.2f}")
+        print(f"  budget {sw['budget'] / mib:.1f} MiB; predicted peak {sw['predicted_peak'] / mib:.1f} MiB "
+              f"(model data, with the next block prefetched)")
+    else:
+        print(f"  weights {art.manifest['weight_bytes'] / mib:.1f} MiB, all resident (not a swapping build)")
+    print(f"  measured peak resident set (VmHWM) of this process: {vm_hwm_bytes() / mib:.1f} MiB "
+          f"(runtime baseline included)")
+
+
 def cmd_board_emulate(args) -> None:
     from edgetvm.runtime import emulated_board
 
-    argv = []
-    if args.port:
-        argv += ["--port", str(args.port)]
-    if args.tracker:
-        argv += ["--tracker", args.tracker, "--key", args.key or ""]
+    argv = ["--port", str(args.port)] if args.port else []
+    if args.tracker or args.key:
+        if not (args.tracker and args.key):
+            raise UserError("give --tracker HOST:PORT and --key KEY together")
+        argv += ["--tracker", args.tracker, "--key", args.key]
     if args.build_only:
         argv.append("--build-only")
-    emulated_board.main(argv)
+    rc = emulated_board.main(argv)
+    if rc:
+        sys.exit(rc)
 
 
 def cmd_zoo(args) -> None:
@@ -162,7 +224,7 @@ def cmd_demo(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="edgetvm", description="Compile, run and tune ONNX models for edge boards "
+    p = _Parser(prog="edgetvm", description="Compile, run and tune ONNX models for edge boards "
                                 "with Apache TVM.")
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
@@ -175,8 +237,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--input-shape", action="append", type=_shape_arg, metavar="NAME:D1,D2,...",
                    help="static shape for an input with dynamic dims; repeat for several inputs")
     s.add_argument("--tuning-db", metavar="DB", help="apply schedules found by `edgetvm tune`")
+    s.add_argument("--memory-budget", metavar="SIZE",
+                   help="build for swapping: weights, activations and scratch stay under SIZE (e.g. 64MiB)")
     s.add_argument("-o", "--output", required=True, help="artifact directory to write")
     s.set_defaults(func=cmd_compile)
+
+    from edgetvm.tuning import add_tune_parser
+
+    add_tune_parser(sub)
 
     s = sub.add_parser("run", help="run a compiled model here or on a board over RPC")
     s.add_argument("artifact", help="directory written by `edgetvm compile`")
@@ -188,6 +256,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--rpc", metavar="HOST:PORT", help="run on the board serving TVM RPC here")
     s.add_argument("--tracker", metavar="HOST:PORT", help="run on a board registered with this RPC tracker")
     s.add_argument("--key", help="the board's key at the tracker")
+    s.add_argument("--report", action="store_true",
+                   help="print per-block bytes, the predicted peak and the measured peak (VmHWM)")
+    s.add_argument("--keep-page-cache", action="store_true",
+                   help="swapping builds: keep swapped-out weights in the OS page cache (faster when the "
+                        "machine has memory to spare; a cgroup limit counts that cache)")
     s.set_defaults(func=cmd_run)
 
     s = sub.add_parser("board", help="emulated boards for testing")

@@ -145,21 +145,31 @@ def plan_swap(deploy, weights, names, board, budget: int, tuning_db=None):
     from edgetvm.passes import swap
 
     target = board.target()
-    piece = None
-    while True:
-        if piece is None:
-            d, w, n = deploy, weights, names
-        else:
-            d, w, n = swap.split_oversized_layers(deploy, weights, names, piece)
-        fused = pipeline.fuse(d, target, database=tuning_db)
-        ops, data_inputs, outputs = swap.op_memory(fused, len(w))
-        try:
-            plan = swap.plan_blocks(ops, [x.nbytes for x in w], budget, board)
-            break
-        except UserError:
-            piece = budget // 4 if piece is None else piece // 2
-            if piece < MIN_PIECE:
-                raise
+    fused_for: dict = {}
+
+    def attempt(piece, prefetch):
+        if piece not in fused_for:
+            d, w, n = (deploy, weights, names) if piece is None else \
+                swap.split_oversized_layers(deploy, weights, names, piece)
+            fused = pipeline.fuse(d, target, database=tuning_db)
+            fused_for[piece] = (fused, w, n, *swap.op_memory(fused, len(w)))
+        fused, w, n, ops, _, _ = fused_for[piece]
+        return swap.plan_blocks(ops, [x.nbytes for x in w], budget, board, prefetch=prefetch)
+
+    # For each mode, the coarsest split that fits; then the mode with the lower predicted latency.
+    pieces = [None] + [budget >> k for k in range(2, 16) if budget >> k >= MIN_PIECE]
+    found, error = [], None
+    for prefetch in (True, False):
+        for piece in pieces:
+            try:
+                found.append((attempt(piece, prefetch), piece))
+                break
+            except UserError as e:
+                error = e
+    if not found:
+        raise error
+    plan, piece = min(found, key=lambda f: f[0].predicted_s)
+    fused, w, n, ops, data_inputs, outputs = fused_for[piece]
     mod, sigs, din, outs = swap.emit_blocks(fused, ops, plan, data_inputs, outputs, len(w))
     order, seen = [], set()
     for sig in sigs:

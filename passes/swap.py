@@ -267,8 +267,6 @@ def plan_blocks(ops: list[Op], weight_bytes: list[int], budget: int, board, pref
                 back[(a, b)] = arg
     finals = [(best[(a, n)] + blk(a, n).compute_s, (a, n)) for a in range(n) if (a, n) in best]
     if not finals:
-        if prefetch:
-            return plan_blocks(ops, weight_bytes, budget, board, prefetch=False)
         raise UserError(f"--memory-budget {budget / MIB:.1f} MiB cannot hold this model: "
                         f"it needs at least {min_budget(ops, weight_bytes) / MIB:.1f} MiB "
                         f"(the largest single kernel's weights, activations and scratch); raise the budget")
