@@ -137,7 +137,7 @@ def cmd_run(args) -> None:
     else:
         if args.keep_page_cache:
             raise UserError("--keep-page-cache only applies to swapping builds (compiled with --memory-budget)")
-        runner = Runner(art, remote)
+        runner = Runner(art, remote, weights=args.weights)
     outputs = runner.run(inputs)
     timing = runner.time(inputs, repeat=args.repeat)
     print(f"ran {art.path} ({art.board['name']}) on {where}")
@@ -258,6 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--key", help="the board's key at the tracker")
     s.add_argument("--report", action="store_true",
                    help="print per-block bytes, the predicted peak and the measured peak (VmHWM)")
+    s.add_argument("--weights", choices=["map", "copy"], default="map",
+                   help="in-memory builds: map the weight file zero-copy (default) or read it into memory")
     s.add_argument("--keep-page-cache", action="store_true",
                    help="swapping builds: keep swapped-out weights in the OS page cache (faster when the "
                         "machine has memory to spare; a cgroup limit counts that cache)")

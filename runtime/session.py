@@ -86,7 +86,8 @@ class Timing:
 class Runner:
     """The artifact's `main`, loaded on a device with its weights in place, called with numpy inputs."""
 
-    def __init__(self, art: Artifact, remote=None):
+    def __init__(self, art: Artifact, remote=None, weights: str = "map"):
+        """weights="map": zero-copy views of the weight file; "copy": read into memory, as most runtimes do."""
         self.art, self.remote = art, remote
         arch = art.board["arch"]
         if remote is None:
@@ -96,8 +97,11 @@ class Runner:
                                 f"--rpc HOST:PORT or --tracker HOST:PORT --key KEY")
             self.dev = tvm.cpu()
             lib = tvm.runtime.load_module(str(art.library))
-            # Zero-copy: TVM reads the weights straight from the mapped file.
-            self.weights = [tvm.runtime.from_dlpack(w) for w in art.weights()]
+            if weights == "copy":
+                self.weights = [tvm.runtime.tensor(np.array(w), self.dev) for w in art.weights()]
+            else:
+                # Zero-copy: TVM reads the weights straight from the mapped file.
+                self.weights = [tvm.runtime.from_dlpack(w) for w in art.weights()]
         else:
             self.dev = remote.cpu()
             remote.upload(str(art.library))
