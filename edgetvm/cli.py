@@ -114,7 +114,7 @@ def cmd_run(args) -> None:
 
     if args.repeat < 1:
         raise UserError(f"--repeat {args.repeat}: give a positive number of timed runs")
-    art = open_artifact(args.artifact)
+    art = open_artifact(args.artifact, keep_page_cache=args.keep_page_cache)
     if args.output:
         out = Path(args.output)
         if not out.resolve().parent.is_dir() or not os.access(out.resolve().parent, os.W_OK):

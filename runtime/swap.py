@@ -83,14 +83,18 @@ class SwapRunner:
             self.mm.madvise(mmap.MADV_WILLNEED, lo, ln)
             int(self.bytes[lo:lo + ln:PAGE].sum(dtype=np.uint64))
 
-    def _release(self, block: dict) -> None:
+    def _release(self, block: dict, pending) -> None:
         off, n = block["range"]
-        if not n:
-            return
-        lo, ln = _page_range(off, n)
-        self.mm.madvise(mmap.MADV_DONTNEED, lo, ln)
+        if n:
+            lo, ln = _page_range(off, n)
+            self.mm.madvise(mmap.MADV_DONTNEED, lo, ln)
         if self.drop_cache:
-            os.posix_fadvise(self.fd, lo, ln, os.POSIX_FADV_DONTNEED)
+            # Evict every unmapped page of the file, not just this block's: pages that were still in
+            # readahead or in a per-CPU LRU batch at an earlier release are caught now. The next
+            # block, already mapped by the prefetch, stays.
+            if pending is not None:
+                pending.result()
+            os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_DONTNEED)
 
     def drop_page_cache(self) -> None:
         """Evict the whole weight file from the page cache (a cold start)."""
@@ -136,7 +140,7 @@ class SwapRunner:
             for v in b["inputs"]:
                 if last_use.get(v) == k and v not in self.plan["outputs"]:
                     values.pop(v, None)
-            self._release(b)
+            self._release(b, pending)
         if pending is not None:
             pending.result()
         return values
