@@ -19,9 +19,10 @@ class KernelCost:
         return max(self.flops / (board.peak_gflops * 1e9), self.bytes / (board.mem_bandwidth_gbs * 1e9))
 
 
-def _nbytes(ty) -> int:
+def nbytes(ty) -> int:
+    """Bytes of a Relax tensor (or tuple of tensors) type with a static shape; 0 when unknown."""
     if isinstance(ty, relax.TupleType):
-        return sum(_nbytes(f) for f in ty.fields)
+        return sum(nbytes(f) for f in ty.fields)
     if isinstance(ty, relax.TensorType) and ty.shape is not None and ty.shape.values is not None:
         n = int(np.prod([int(v) for v in ty.shape.values]))
         return n * tvm.runtime.DataType(str(ty.dtype)).bits // 8
@@ -43,7 +44,7 @@ def kernel_costs(fused: tvm.IRModule, func: str = "main") -> list[KernelCost]:
             gv = call.args[0]
             if gv.name_hint not in flops_of:
                 flops_of[gv.name_hint] = float(estimate_tir_flops(tvm.IRModule({gv: fused[gv]})))
-            moved = sum(_nbytes(a.ty) for a in call.args[1].fields) + _nbytes(binding.var.ty)
+            moved = sum(nbytes(a.ty) for a in call.args[1].fields) + nbytes(binding.var.ty)
             costs.append(KernelCost(gv.name_hint, flops_of[gv.name_hint], moved))
     return costs
 

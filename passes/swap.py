@@ -21,19 +21,11 @@ import numpy as np
 import tvm
 from tvm import relax, s_tir, tirx
 
+from edgetvm.costmodels.roofline import nbytes
 from edgetvm.errors import UserError
 
 MIB = 1 << 20
 BLOCK_OVERHEAD_S = 50e-6  # one VM call + madvise/fadvise per block, measured order of magnitude
-
-
-def _nbytes(ty) -> int:
-    if isinstance(ty, relax.TupleType):
-        return sum(_nbytes(f) for f in ty.fields)
-    if isinstance(ty, relax.TensorType) and ty.shape is not None and ty.shape.values is not None:
-        n = int(np.prod([int(v) for v in ty.shape.values]))
-        return n * tvm.runtime.DataType(str(ty.dtype)).bits // 8
-    return 0
 
 
 # ---------------------------------------------------------------- 1. split layers bigger than the budget
@@ -102,8 +94,8 @@ def split_oversized_layers(deploy: tvm.IRModule, weights: list[np.ndarray], name
     mutated = Splitter(deploy).visit_expr(main)
     # Replace the split weights' parameters by their pieces.
     func = relax.Function(new_params, mutated.body, mutated.ret_ty, mutated.is_pure, mutated.attrs)
-    unsplit = [p for p in split_vars if relax.analysis.free_vars(func.body) and p in relax.analysis.free_vars(func.body)]
-    if unsplit:  # an op we do not know how to split uses this weight: leave the model as it was
+    still_used = set(relax.analysis.free_vars(func.body))
+    if any(p in still_used for p in split_vars):  # an op we do not know how to split uses this weight: leave the model as it was
         return deploy, weights, names
     out = tvm.IRModule(dict(deploy.functions))
     out["main"] = func
@@ -150,7 +142,7 @@ def op_memory(fused: tvm.IRModule, num_weights: int) -> tuple[list[Op], list[rel
     weight_index = {p: i for i, p in enumerate(main.params[num_input:num_input + num_weights])}
     bindings = [b for blk in main.body.blocks for b in blk.bindings]
     call_tir = tvm.ir.Op.get("relax.call_tir")
-    ops, sizes = [], {v: _nbytes(v.ty) for v in data_inputs}
+    ops, sizes = [], {v: nbytes(v.ty) for v in data_inputs}
     for i, b in enumerate(bindings):
         free = relax.analysis.free_vars(b.value)
         kernel, scratch, flops = type(b.value).__name__, 0, 0.0
@@ -161,7 +153,7 @@ def op_memory(fused: tvm.IRModule, num_weights: int) -> tuple[list[Op], list[rel
             flops = float(estimate_tir_flops(tvm.IRModule({gv: fused[gv]})))
         ws = sorted({weight_index[v] for v in free if v in weight_index})
         acts = [v for v in free if v not in weight_index]
-        sizes[b.var] = _nbytes(b.var.ty)
+        sizes[b.var] = nbytes(b.var.ty)
         ops.append(Op(i, b.var, kernel, ws, acts, sizes[b.var], scratch, flops))
     out_expr = main.body.body
     outputs = [f for f in out_expr.fields] if isinstance(out_expr, relax.Tuple) else [out_expr]
