@@ -63,16 +63,10 @@ def fusion_passes(target: tvm.target.Target, database=None) -> list[tvm.transfor
     return passes
 
 
-def lowering_passes(target: tvm.target.Target, database=None) -> list[tvm.transform.Pass]:
-    """The whole CPU pipeline: fusion, schedules, then lowering to VM code with static memory planning."""
-    return (fusion_passes(target, database) + [schedule.default_schedule()]
-            + cpu.dataflow_lower_passes(target) + cpu.finalize_passes(target))
-
-
 def fuse(deploy: tvm.IRModule, target: tvm.target.Target, database=None) -> tvm.IRModule:
     """`main` as fused, scheduled kernels: tuned schedules from the database, the CPU default for the rest."""
-    seq = tvm.transform.Sequential(fusion_passes(target, database) + [schedule.default_schedule()])
-    with target:
+    with target:  # MetaScheduleApplyDatabase reads the target when it is constructed
+        seq = tvm.transform.Sequential(fusion_passes(target, database) + [schedule.default_schedule()])
         if database is None:
             return seq(deploy)
         with database:
