@@ -133,4 +133,9 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("bench/tune.py: interrupted; the tuning databases in --work-dir are kept: run it again to continue",
+              file=sys.stderr)
+        sys.exit(130)
