@@ -1,0 +1,76 @@
+"""Numpy reference forward pass of the llama architecture: the ground truth for the TVM build.
+
+RoPE rotates adjacent pairs (2i, 2i+1): llama.cpp's GGUF converter permutes the Q/K weights.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def rope_tables(cfg, n_pos: int | None = None):
+    """cos, sin tables [n_pos, head_dim/2] (fp32) for positions 0..n_pos-1."""
+    n_pos = n_pos or cfg.max_pos
+    inv = cfg.rope_base ** (-np.arange(0, cfg.head_dim, 2, dtype=np.float64) / cfg.head_dim)
+    ang = np.arange(n_pos, dtype=np.float64)[:, None] * inv[None, :]
+    return np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
+
+
+def rope(x, pos, cos, sin):
+    """x [..., n, heads, head_dim] rotated by positions pos [n] (adjacent pairs)."""
+    c = cos[pos][:, None, :]
+    s = sin[pos][:, None, :]
+    x0, x1 = x[..., 0::2], x[..., 1::2]
+    out = np.empty_like(x)
+    out[..., 0::2] = x0 * c - x1 * s
+    out[..., 1::2] = x0 * s + x1 * c
+    return out
+
+
+def rmsnorm(x, w, eps):
+    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * w
+
+
+def attention(q, k, v, qpos=None, kpos=None, causal=True):
+    """Grouped-query attention. q [n, H, D], k/v [m, KH, D] (already rotated).
+    Query i sees key j when kpos[j] <= qpos[i] (causal). Returns (out [n, H, D], probs [n, H, m])."""
+    n, H, D = q.shape
+    m, KH, _ = k.shape
+    g = H // KH
+    kk = np.repeat(k, g, axis=1)  # [m, H, D]
+    vv = np.repeat(v, g, axis=1)
+    s = np.einsum("nhd,mhd->nhm", q, kk) / np.sqrt(D)
+    if causal:
+        qpos = np.arange(m - n, m) if qpos is None else np.asarray(qpos)
+        kpos = np.arange(m) if kpos is None else np.asarray(kpos)
+        s = np.where(kpos[None, None, :] <= qpos[:, None, None], s, -np.inf)
+    s = s - s.max(-1, keepdims=True)
+    p = np.exp(s)
+    p /= p.sum(-1, keepdims=True)
+    return np.einsum("nhm,mhd->nhd", p, vv), p
+
+
+def forward(cfg, w, ids):
+    """Logits [n, vocab] for token ids [n] with a full causal cache (no eviction)."""
+    ids = np.asarray(ids)
+    n = len(ids)
+    cos, sin = rope_tables(cfg, n)
+    pos = np.arange(n)
+    x = w["token_embd.weight"][ids]
+    H, KH, D = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    for l in range(cfg.n_layers):
+        p = f"blk.{l}."
+        h = rmsnorm(x, w[p + "attn_norm.weight"], cfg.eps)
+        q = (h @ w[p + "attn_q.weight"].T).reshape(n, H, D)
+        k = (h @ w[p + "attn_k.weight"].T).reshape(n, KH, D)
+        v = (h @ w[p + "attn_v.weight"].T).reshape(n, KH, D)
+        q, k = rope(q, pos, cos, sin), rope(k, pos, cos, sin)
+        o, _ = attention(q, k, v)
+        x = x + o.reshape(n, H * D) @ w[p + "attn_output.weight"].T
+        h = rmsnorm(x, w[p + "ffn_norm.weight"], cfg.eps)
+        gate = h @ w[p + "ffn_gate.weight"].T
+        up = h @ w[p + "ffn_up.weight"].T
+        x = x + ((gate / (1 + np.exp(-gate))) * up) @ w[p + "ffn_down.weight"].T
+    x = rmsnorm(x, w["output_norm.weight"], cfg.eps)
+    head = w.get("output.weight", w["token_embd.weight"])  # tied embeddings
+    return x @ head.T
