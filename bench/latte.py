@@ -1,0 +1,66 @@
+"""LATTE benchmark: estimator error (ours vs the FLOPs-coefficient baseline) on held-out architectures and
+devices, then federated training on Flower with LATTE, FedAvg, HeteroFL and FedRolex in one simulation,
+with each method's simulated time to a target accuracy and LATTE's speed-ups.
+
+    python bench/latte.py [--reprofile] [--rounds 40] [--clients 12] [--target 0.9]
+
+Measurements (TVM-compiled training steps timed inside each device profile's cgroup) are reused from
+`edgetvm latte profile` output when present; --reprofile measures again (about 4 minutes here).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from edgetvm.latte import fed, models
+from edgetvm.latte.cli import DEFAULT_DIR
+from edgetvm.latte.devices import list_profiles
+from edgetvm.latte.experiment import fleet_of, plot, step_tables, summary
+from edgetvm.latte.pipeline import fit_and_evaluate, format_report, load_profile_data, profile_fleet
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--profile", type=Path, default=DEFAULT_DIR / "profile.json")
+    ap.add_argument("--reprofile", action="store_true")
+    ap.add_argument("--rounds", type=int, default=40)
+    ap.add_argument("--clients", type=int, default=12)
+    ap.add_argument("--local-steps", type=int, default=20)
+    ap.add_argument("--target", type=float, default=0.90)
+    ap.add_argument("--crash-rate", type=float, default=0.05)
+    ap.add_argument("--out", type=Path, default=DEFAULT_DIR / "bench")
+    args = ap.parse_args(argv)
+
+    t0 = time.time()
+    if args.reprofile or not args.profile.exists():
+        data = profile_fleet(list_profiles(), out=args.profile)
+    else:
+        data = load_profile_data(args.profile)
+    print(f"measurements: {len(data['measurements'])} (TVM-compiled forward+backward+SGD steps, batch 32, "
+          f"timed in cgroups on {len(data['runs'])} emulated devices)")
+    model, _, report = fit_and_evaluate(data, save=args.out / "model")
+    print(format_report(report))
+    print()
+
+    fleet = fleet_of(args.clients)
+    measured, predicted = step_tables(data, model, fleet)
+    plan = fed.Plan(fleet=fleet, measured=measured, predicted=predicted, local_steps=args.local_steps,
+                    rounds=args.rounds, crash_rate=args.crash_rate)
+    print(f"Flower simulation: {args.clients} non-IID clients on digits, {args.rounds} rounds per method, "
+          f"model {models.FED_ARCH} {models.ARCHS[models.FED_ARCH]['hidden']}, local training in numpy, "
+          f"crash rate {args.crash_rate:g}")
+    hist = fed.simulate(plan)
+    text, tt = summary(hist, args.target)
+    print(text)
+    png = plot(hist, args.out / "accuracy_vs_time.png", args.target)
+    if png:
+        print(f"plot: {png}")
+    print(f"bench took {time.time() - t0:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
