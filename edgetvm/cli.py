@@ -288,6 +288,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--board", default="rpi4", help="aarch64 board to cross-compile for (default rpi4)")
     s.add_argument("--keep", metavar="DIR", help="keep the artifacts in DIR")
     s.set_defaults(func=cmd_demo)
+
+    from edgetvm.latte.cli import add_latte_parser
+    from edgetvm.llm.cli import add_llm_parsers
+
+    add_llm_parsers(sub)
+    add_latte_parser(sub)
     return p
 
 
