@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from fractions import Fraction
@@ -168,21 +167,10 @@ def add_latte_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="edgetvm")
-    add_latte_parser(parser.add_subparsers(dest="cmd", required=True))
+    from edgetvm.cli import main as edgetvm_main
+
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] != "latte":
-        argv = ["latte", *argv]
-    args = parser.parse_args(argv)
-    try:
-        args.func(args)
-    except UserError as e:
-        print(f"edgetvm: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("edgetvm: interrupted", file=sys.stderr)
-        return 130
-    return 0
+    return edgetvm_main(argv if argv[:1] == ["latte"] else ["latte", *argv])
 
 
 if __name__ == "__main__":

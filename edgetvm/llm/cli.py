@@ -113,21 +113,9 @@ def add_llm_parsers(subparsers) -> None:
 
 
 def main(argv=None) -> int:
-    class _P(argparse.ArgumentParser):
-        def error(self, message):
-            print(f"edgetvm: error: {message} (see {self.prog} --help)", file=sys.stderr)
-            sys.exit(2)
+    from edgetvm.cli import main as edgetvm_main
 
-    parser = _P(prog="edgetvm")
-    sub = parser.add_subparsers(dest="cmd", required=True, parser_class=_P)
-    add_llm_parsers(sub)
-    args = parser.parse_args(argv)
-    try:
-        args.func(args)
-    except UserError as e:
-        print(f"edgetvm: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return edgetvm_main(argv)
 
 
 if __name__ == "__main__":
