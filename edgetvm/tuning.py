@@ -297,7 +297,6 @@ def extract_tasks(deploy, target):
 
 def scheduled_functions(deploy, target, database) -> list[str]:
     """Names of the kernels that `database` gives a tuned schedule when compiling `deploy`."""
-    import tvm
     from tvm import relax, tirx
 
     mod = legalize(deploy, target)

@@ -2,9 +2,7 @@
 in-memory build, and under a real cgroup memory limit the in-memory build dies where the swapped one runs."""
 
 import itertools
-import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 

@@ -70,7 +70,6 @@ def test_roofline_counts_a_gemm_and_scales_with_the_board():
     """2*M*N*K flops for a matmul; a board with half the compute gets twice the compute-bound time."""
     from dataclasses import replace
 
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
     import numpy as np
 
