@@ -2,10 +2,11 @@
 devices, then federated training on Flower with LATTE, FedAvg, HeteroFL and FedRolex in one simulation,
 with each method's simulated time to a target accuracy and LATTE's speed-ups.
 
-    python bench/latte.py [--reprofile] [--rounds 40] [--clients 12] [--target 0.9]
+    python bench/latte.py [--reprofile [--repeats 2]] [--cv] [--rounds 40] [--clients 12] [--target 0.9]
 
 Measurements (TVM-compiled training steps timed inside each device profile's cgroup) are reused from
-`edgetvm latte profile` output when present; --reprofile measures again (about 4 minutes here).
+`edgetvm latte profile` output when present; --reprofile measures again (about 4 minutes per repeat
+here).
 """
 
 from __future__ import annotations
@@ -19,13 +20,17 @@ from edgetvm.latte import fed, models
 from edgetvm.latte.cli import DEFAULT_DIR
 from edgetvm.latte.devices import list_profiles
 from edgetvm.latte.experiment import fleet_of, plot, step_tables, summary
-from edgetvm.latte.pipeline import fit_and_evaluate, format_report, load_profile_data, profile_fleet
+from edgetvm.costmodels.latte import LatteModel, errors
+from edgetvm.latte.pipeline import (cross_validate, fit_and_evaluate, format_cv, format_report, load_profile_data,
+                                    profile_fleet)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--profile", type=Path, default=DEFAULT_DIR / "profile.json")
     ap.add_argument("--reprofile", action="store_true")
+    ap.add_argument("--repeats", type=int, default=2, help="with --reprofile: measurements per device (noise floor)")
+    ap.add_argument("--cv", action="store_true", help="also leave-one-architecture-out and leave-one-device-out")
     ap.add_argument("--rounds", type=int, default=40)
     ap.add_argument("--clients", type=int, default=12)
     ap.add_argument("--local-steps", type=int, default=20)
@@ -36,17 +41,26 @@ def main(argv=None) -> int:
 
     t0 = time.time()
     if args.reprofile or not args.profile.exists():
-        data = profile_fleet(list_profiles(), out=args.profile)
+        data = profile_fleet(list_profiles(), out=args.profile, repeats=args.repeats)
     else:
         data = load_profile_data(args.profile)
     print(f"measurements: {len(data['measurements'])} (TVM-compiled forward+backward+SGD steps, batch 32, "
           f"timed in cgroups on {len(data['runs'])} emulated devices)")
     model, _, report = fit_and_evaluate(data, save=args.out / "model")
     print(format_report(report))
+    if args.cv:
+        print(format_cv(cross_validate(data)))
     print()
 
     fleet = fleet_of(args.clients)
-    measured, predicted = step_tables(data, model, fleet)
+    # the allocator's cost model: every device, never the federated architecture
+    deployed = LatteModel.load(args.out / "model")
+    measured, predicted = step_tables(data, deployed, fleet)
+    pairs = [(predicted[k], measured[k]) for k in predicted if k in measured]
+    if pairs:
+        e = errors([p for p, _ in pairs], [t for _, t in pairs])
+        print(f"allocator's cost model on {models.FED_ARCH} (an architecture it never saw), whole steps on the fleet: "
+              f"MAPE {e['mape']:.1f}%, {e['within10']:.0f}% within +-10% ({e['n']} device x width pairs)")
     plan = fed.Plan(fleet=fleet, measured=measured, predicted=predicted, local_steps=args.local_steps,
                     rounds=args.rounds, crash_rate=args.crash_rate)
     print(f"Flower simulation: {args.clients} non-IID clients on digits, {args.rounds} rounds per method, "

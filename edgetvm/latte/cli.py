@@ -30,9 +30,16 @@ def cmd_profile(args) -> None:
 
     profs = [load_profile(n) for n in args.device] if args.device else list_profiles()
     t0 = time.time()
-    data = profile_fleet(profs, args.arch or None, args.widths, out=args.output, min_time=args.min_time)
+    data = profile_fleet(profs, args.arch or None, args.widths, out=args.output, min_time=args.min_time,
+                         repeats=args.repeats)
     print(f"{len(data['measurements'])} measurements of {len(data['metas'])} compiled training steps on "
           f"{len(data['runs'])} devices in {time.time() - t0:.0f} s -> {args.output}")
+    from edgetvm.latte.pipeline import noise_floor
+
+    nz = noise_floor(data)
+    if nz:
+        print(f"repeatability: whole steps measured {nz['repeats']}x by separate processes differ by "
+              f"{nz['pair_mape']:.1f}% on average, {nz['within10']:.0f}% within +-10%")
     fed = [m for m in data["measurements"] if m["arch_name"] == models.FED_ARCH]
     if fed:
         ws = sorted({m["width"] for m in fed}, reverse=True)
@@ -130,8 +137,11 @@ def add_latte_parser(subparsers) -> argparse.ArgumentParser:
     s.add_argument("--device", action="append", help="device profile name or TOML file (repeat; default: all)")
     s.add_argument("--arch", action="append", choices=list(models.ARCHS), help="architecture (repeat; default: all)")
     s.add_argument("--widths", type=_widths, default=list(models.WIDTHS), help="width ratios (default 1,1/2,1/4,1/8)")
-    s.add_argument("--min-time", type=float, default=0.06,
-                   help="CPU seconds of steps per measurement; throttled devices run longer (default 0.06)")
+    s.add_argument("--min-time", type=float, default=0.1,
+                   help="CPU seconds of whole steps per measurement; throttled devices run longer (default 0.1)")
+    s.add_argument("--repeats", type=int, default=2,
+                   help="measure every device this many times, each by a fresh process; times are the median "
+                        "and the spread is the noise floor (default 2)")
     s.add_argument("-o", "--output", type=Path, default=DEFAULT_DIR / "profile.json")
     s.set_defaults(func=cmd_profile)
 

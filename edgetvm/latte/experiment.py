@@ -20,11 +20,11 @@ def fleet_of(n_clients: int, profile_names: list[str] | None = None) -> dict[int
 
 
 def fed_metas(data: dict) -> dict[float, dict]:
-    out = {}
-    for m in data["measurements"]:
-        if m["arch_name"] == models.FED_ARCH:
-            out[float(m["width"])] = data["metas"][m["dir"]]
-    return out
+    from edgetvm.latte.pipeline import current_metas
+
+    fed = {m["dir"]: data["metas"][m["dir"]] for m in data["measurements"] if m["arch_name"] == models.FED_ARCH}
+    metas = current_metas({"metas": fed})
+    return {float(m["width"]): metas[m["dir"]] for m in data["measurements"] if m["arch_name"] == models.FED_ARCH}
 
 
 def step_tables(data: dict, model, fleet: dict[int, Profile]):
@@ -51,14 +51,17 @@ def allocation_table(assign: list[allocate.Assignment], measured: dict, deadline
     lines = []
     if deadline is not None:
         lines.append(f"round deadline {deadline * 1e3:.1f} ms (predicted)")
-    lines.append(f"{'client':>6} {'device':<14} {'width':>6} {'steps':>5} {'predicted':>10} {'measured':>10}")
+    lines.append("predicted: the cost model's whole-step wall time (kernels + per-step overhead) x steps; "
+                 "measured: the median uninstrumented step in the device's cgroup x steps")
+    lines.append(f"{'client':>6} {'device':<14} {'width':>6} {'steps':>5} {'predicted':>10} {'measured':>10} {'pred/meas':>9}")
     for a in assign:
         if a.width is None:
             lines.append(f"{a.client:>6} {a.profile:<14} {'-':>6} {'-':>5} {'left out: ' + a.reason}")
             continue
         meas = measured.get((a.profile, a.width))
         ms = f"{meas * a.steps * 1e3:8.1f}ms" if meas else "         ?"
-        lines.append(f"{a.client:>6} {a.profile:<14} {a.width:>6g} {a.steps:>5} {a.predicted_s * 1e3:8.1f}ms {ms}")
+        ratio = f"{a.predicted_s / (meas * a.steps):9.2f}" if meas else f"{'?':>9}"
+        lines.append(f"{a.client:>6} {a.profile:<14} {a.width:>6g} {a.steps:>5} {a.predicted_s * 1e3:8.1f}ms {ms} {ratio}")
     return "\n".join(lines)
 
 

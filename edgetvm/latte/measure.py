@@ -3,7 +3,14 @@
 The parent compiles every (architecture, width) once (training.compile_trainer), then per profile
 starts `python -m edgetvm.latte.measure SPEC OUT`: the child loads the libraries and warms up
 outside the limits, moves itself into the profile's cpu/cpuset/memory cgroups, and times each
-model's steps there: per kernel through `vm.set_instrument`, and the whole step uninstrumented.
+model's steps there:
+
+* the whole step, uninstrumented: wall time (what a round waits for) and the process's CPU time,
+  over several windows;
+* every kernel and VM builtin through `vm.set_instrument`, in *CPU time of the calling thread*
+  (`time.thread_time`): under a CFS quota a kernel that runs when the quota runs out would otherwise
+  be charged the whole throttled rest of the period (up to 9 ms at 10% of a core), which lands on
+  random kernels. The kernels are single-threaded (the default schedules have no parallel loops).
 """
 
 from __future__ import annotations
@@ -17,6 +24,12 @@ from pathlib import Path
 
 import numpy as np
 
+# The device cgroup's CPU weight against the host's other work (cgroup v1 cpu.shares, default 1024):
+# a measurement is the device's own speed, not whatever a concurrent job leaves over. The quota
+# still caps it.
+CPU_SHARES = 65536
+WINDOWS = 5
+
 
 def _digits_batch(batch: int, kind: str):
     from sklearn.datasets import load_digits
@@ -26,6 +39,16 @@ def _digits_batch(batch: int, kind: str):
     if kind == "cnn":
         x = x.reshape(batch, 1, 8, 8)
     return x, y[:batch].astype("int64")
+
+
+def step_time(windows: list[tuple[int, float, float]]) -> tuple[float, float]:
+    """(wall, cpu) seconds per step from (steps, wall, cpu) windows: the wall time is the trimmed mean
+    (fastest and slowest window dropped, so that one burst of host load or one badly placed CFS period
+    does not count), the CPU time the total."""
+    per = sorted(w / k for k, w, _ in windows)
+    keep = per[1:-1] if len(per) >= 4 else per
+    steps = sum(k for k, _, _ in windows)
+    return float(np.mean(keep)), float(sum(c for _, _, c in windows) / steps)
 
 
 def child(spec_path: str, out_path: str) -> None:
@@ -47,42 +70,45 @@ def child(spec_path: str, out_path: str) -> None:
     mem = Path(spec["cgroup"]["memory"])
     (mem / "memory.max_usage_in_bytes").write_text("0")
     results = []
+    clock = time.perf_counter
+    cpu = time.process_time
+    tcpu = time.thread_time
     for item, r in runners:
         r.step()  # settle into the quota
-        # whole steps, uninstrumented: the median of 5 windows, so that a burst of load from other
-        # processes on the host does not count as the device's speed
-        windows, n = [], 0
-        for _ in range(5):
-            k, t0 = 0, time.perf_counter()
-            while k < max(1, spec["min_steps"] // 2) or time.perf_counter() - t0 < spec["min_time"] / 5:
+        windows = []
+        for _ in range(WINDOWS):
+            k, t0, c0 = 0, clock(), cpu()
+            while k < max(1, spec["min_steps"] // 2) or clock() - t0 < spec["min_time"] / WINDOWS:
                 r.step()
                 k += 1
-            windows.append((time.perf_counter() - t0) / k)
-            n += k
-        step_s = float(np.median(windows))
-        # per kernel
+            windows.append((k, clock() - t0, cpu() - c0))
+        step_s, cpu_step_s = step_time(windows)
+        # per kernel, CPU time of this thread
         acc: dict[str, list] = {}
         stack: list[float] = []
 
         def instrument(func, symbol, before, ret, *args):
             if before:
-                stack.append(time.perf_counter())
+                stack.append(tcpu())
             else:
-                dt = time.perf_counter() - stack.pop()
+                dt = tcpu() - stack.pop()
                 a = acc.setdefault(symbol, [0, 0.0])
                 a[0] += 1
                 a[1] += dt
             return 0
 
         r.vm.set_instrument(instrument)
-        m, t1 = 0, time.perf_counter()
-        while m < spec["min_steps"] or time.perf_counter() - t1 < spec["min_time"] / 2:
+        m, t1, c1 = 0, clock(), cpu()
+        while m < spec["min_steps"] or cpu() - c1 < spec["instr_cpu_time"]:
             r.step()
             m += 1
-        instr_step_s = (time.perf_counter() - t1) / m
+        instr_step_s, instr_cpu_s = (clock() - t1) / m, (cpu() - c1) / m
         r.vm.set_instrument(None)
         results.append({**{k: item[k] for k in ("arch_name", "width")}, "dir": item["dir"],
-                        "step_s": step_s, "instrumented_step_s": instr_step_s, "steps": n,
+                        "step_s": step_s, "cpu_step_s": cpu_step_s,
+                        "window_step_s": [w / k for k, w, _ in windows],
+                        "instrumented_step_s": instr_step_s, "instrumented_cpu_s": instr_cpu_s,
+                        "steps": sum(k for k, _, _ in windows), "clock": "thread_cpu",
                         "kernels": {s: {"calls": c / m, "time_s": t / m} for s, (c, t) in acc.items()}})
     peak = int((mem / "memory.max_usage_in_bytes").read_text())
     Path(out_path).write_text(json.dumps({"results": results, "cgroup_peak_bytes": peak}))
@@ -90,15 +116,22 @@ def child(spec_path: str, out_path: str) -> None:
 
 def measure_profile(profile, models: list[dict], min_time: float = 0.25, min_steps: int = 5,
                     timeout: float = 900) -> dict:
-    """Run the models' steps as `profile` (in its cgroup); models are {"arch_name", "width", "dir"}."""
+    """Run the models' steps as `profile` (in its cgroup); models are {"arch_name", "width", "dir"}.
+
+    `min_time` is CPU seconds of whole steps per model: a device at 10% of a core takes 10x as long
+    in wall time. Per-kernel times need no long windows (CPU time is not throttled): a quarter of it."""
     import tempfile
 
     from edgetvm.latte.devices import DeviceCgroup
 
     with tempfile.TemporaryDirectory(prefix="latte-") as tmp, DeviceCgroup(profile) as cg:
-        # the same CPU time per measurement on every device: throttled devices measure longer
+        try:
+            (cg.cg.cpu / "cpu.shares").write_text(str(CPU_SHARES))
+        except OSError:
+            pass
         spec = {"models": models, "cgroup": cg.paths, "threads": len(cg.cpus),
-                "min_time": min_time / min(profile.speed, 1.0), "min_steps": min_steps}
+                "min_time": min_time / min(profile.speed, 1.0), "min_steps": min_steps,
+                "instr_cpu_time": min_time / 4}
         sp, op = Path(tmp, "spec.json"), Path(tmp, "out.json")
         sp.write_text(json.dumps(spec))
         t0 = time.time()

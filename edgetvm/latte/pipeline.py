@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -39,34 +40,47 @@ def compile_family(arch_names, widths, quiet=False) -> list[dict]:
 
 
 def profile_fleet(profiles: list[Profile], arch_names=None, widths=models.WIDTHS, out: Path | None = None,
-                  min_time: float = 0.06, quiet: bool = False) -> dict:
-    """Measure every (architecture, width) training step on every profile, each in its cgroup."""
-    from edgetvm.costmodels.latte import calibrate_overhead, kernel_targets
+                  min_time: float = 0.1, repeats: int = 2, quiet: bool = False) -> dict:
+    """Measure every (architecture, width) training step on every profile, each in its cgroup.
 
+    Every profile is measured `repeats` times, each time by a fresh process (the rounds go over the
+    whole fleet, so slow drifts of the host spread over all devices); a measurement's times are the
+    median over its repeats, and `step_s_runs` keeps each repeat's whole-step time for the noise floor."""
     reason = cgroups_unavailable()
     if reason:
         raise UserError(f"cannot emulate devices here: {reason}; run as root on a machine with cgroup v1")
+    if repeats < 1:
+        raise UserError(f"--repeats {repeats}: measure at least once")
     arch_names = list(arch_names or models.ARCHS)
     compiled = compile_family(arch_names, widths, quiet)
-    metas = {c["dir"]: json.loads(Path(c["dir"], "meta.json").read_text()) for c in compiled}
-    measurements, runs = [], {}
-    for i, p in enumerate(profiles):
-        if not quiet:
-            progress(i, len(profiles), f"measure on {p.name} (quota {p.cpu_quota:g} CPU)")
-        try:
-            res = _measure(p, compiled, min_time)
-        except RuntimeError as e:
-            print(f"\nwarning: {e}; profile {p.name} left out", file=sys.stderr)
-            continue
-        c = calibrate_overhead(res["results"])
-        runs[p.name] = {"cgroup_peak_bytes": res["cgroup_peak_bytes"], "throttled_s": res["throttled_s"],
-                        "wall_s": res["wall_s"], "instrument_overhead_s": c}
-        for r in res["results"]:
-            measurements.append({**r, "profile": p.name, "device": p.to_dict(),
-                                 "kernel_s": kernel_targets(r, c)})
+    metas = {c["dir"]: training.load_meta(Path(c["dir"])) for c in compiled}
+    per: dict[tuple, list] = {}
+    runs: dict[str, dict] = {}
+    total = len(profiles) * repeats
+    for rep in range(repeats):
+        for i, p in enumerate(profiles):
+            if not quiet:
+                progress(rep * len(profiles) + i, total,
+                         f"measure on {p.name} (quota {p.cpu_quota:g} CPU), run {rep + 1}/{repeats}")
+            if p.name in runs and runs[p.name].get("failed"):
+                continue
+            try:
+                res = _measure(p, compiled, min_time)
+            except RuntimeError as e:
+                print(f"\nwarning: {e}; profile {p.name} left out", file=sys.stderr)
+                runs[p.name] = {"failed": str(e)}
+                continue
+            r = runs.setdefault(p.name, {"cgroup_peak_bytes": 0, "throttled_s": 0.0, "wall_s": 0.0})
+            r["cgroup_peak_bytes"] = max(r["cgroup_peak_bytes"], res["cgroup_peak_bytes"])
+            r["throttled_s"] += res["throttled_s"]
+            r["wall_s"] += res["wall_s"]
+            for x in res["results"]:
+                per.setdefault((p.name, x["arch_name"], x["width"]), []).append((p, x))
     if not quiet:
-        progress(len(profiles), len(profiles), "measured")
-    data = {"measurements": measurements, "metas": metas, "runs": runs,
+        progress(total, total, "measured")
+    measurements = [combine(reps) for reps in per.values()]
+    runs = {k: v for k, v in runs.items() if "failed" not in v}
+    data = {"measurements": measurements, "metas": metas, "runs": runs, "repeats": repeats,
             "profiles": {p.name: p.to_dict() for p in profiles}}
     if out is not None:
         out = Path(out)
@@ -77,10 +91,56 @@ def profile_fleet(profiles: list[Profile], arch_names=None, widths=models.WIDTHS
     return data
 
 
+def combine(reps: list) -> dict:
+    """One measurement from its repeats: medians of the step times and of every kernel's time."""
+    import numpy as np
+
+    p, first = reps[0]
+    xs = [x for _, x in reps]
+    med = lambda key: float(np.median([x[key] for x in xs]))  # noqa: E731
+    kernels = {}
+    for s in first["kernels"]:
+        vals = [x["kernels"][s] for x in xs if s in x["kernels"]]
+        kernels[s] = {"calls": vals[0]["calls"], "time_s": float(np.median([v["time_s"] for v in vals]))}
+    m = {k: first[k] for k in ("arch_name", "width", "dir", "clock") if k in first}
+    m.update({"profile": p.name, "device": p.to_dict(), "step_s": med("step_s"), "cpu_step_s": med("cpu_step_s"),
+              "step_s_runs": [x["step_s"] for x in xs], "cpu_step_s_runs": [x["cpu_step_s"] for x in xs],
+              "window_step_s": [x["window_step_s"] for x in xs],
+              "instrumented_step_s": med("instrumented_step_s"), "steps": sum(x["steps"] for x in xs),
+              "kernels": kernels})
+    return m
+
+
 def _measure(p: Profile, compiled, min_time):
     from edgetvm.latte.measure import measure_profile
 
     return measure_profile(p, compiled, min_time=min_time)
+
+
+def noise_floor(data: dict) -> dict | None:
+    """Repeatability of the whole-step wall time: the same compiled step on the same profile, measured by
+    separate processes. `pair_mape`: mean |run1 - run2| / mean; `floor_mape`: the MAPE a perfect model
+    would still score against the median of the repeats (about half the pairwise figure for 2 runs);
+    `within10`: share of pairs within +-10% of each other."""
+    import numpy as np
+
+    rel, per_profile = [], {}
+    for m in data["measurements"]:
+        r = m.get("step_s_runs") or []
+        if len(r) < 2:
+            continue
+        a, b = r[0], r[1]
+        d = abs(a - b) / ((a + b) / 2)
+        rel.append(d)
+        per_profile.setdefault(m["profile"], []).append(d)
+    if not rel:
+        return None
+    rel = np.array(rel)
+    n = len(next(m["step_s_runs"] for m in data["measurements"] if len(m.get("step_s_runs") or []) >= 2))
+    return {"n": int(len(rel)), "repeats": n, "pair_mape": float(rel.mean() * 100),
+            "pair_median": float(np.median(rel) * 100), "within10": float((rel <= 0.10).mean() * 100),
+            "floor_mape": float(rel.mean() * 100 / 2 * math.sqrt(2 / n)),
+            "per_profile": {k: float(np.mean(v) * 100) for k, v in sorted(per_profile.items())}}
 
 
 def load_profile_data(path: Path) -> dict:
@@ -94,8 +154,13 @@ def load_profile_data(path: Path) -> dict:
 
 
 def split(data: dict, held_archs=HELD_OUT_ARCHS, held_profiles=HELD_OUT_PROFILES):
+    """(training measurements, held-out test sets). A training measurement never shares a held-out
+    architecture's compiled step (a width-sliced CNN can equal another CNN at another width) nor a
+    held-out device."""
     ms = data["measurements"]
-    train = [m for m in ms if m["arch_name"] not in held_archs and m["profile"] not in held_profiles]
+    held_dirs = {m["dir"] for m in ms if m["arch_name"] in held_archs}
+    train = [m for m in ms if m["arch_name"] not in held_archs and m["dir"] not in held_dirs
+             and m["profile"] not in held_profiles]
     sets = {
         "held-out archs": [m for m in ms if m["arch_name"] in held_archs and m["profile"] not in held_profiles],
         "held-out profiles": [m for m in ms if m["arch_name"] not in held_archs and m["profile"] in held_profiles],
@@ -104,40 +169,114 @@ def split(data: dict, held_archs=HELD_OUT_ARCHS, held_profiles=HELD_OUT_PROFILES
     return train, sets
 
 
+def current_metas(data: dict) -> dict:
+    """Static kernel features of every compiled step, recomputed where the features changed since profiling."""
+    out = {}
+    for d, meta in data["metas"].items():
+        if Path(d, "meta.json").exists():
+            out[d] = training.load_meta(Path(d))
+        elif meta.get("feature_version") == training.FEATURE_VERSION:
+            out[d] = meta
+        else:
+            raise UserError(f"compiled step {d} of the profile data is gone and its features are outdated; "
+                            f"run `edgetvm latte profile` again")
+    return out
+
+
+def _evaluate(latte, flops, ms, metas) -> dict:
+    from edgetvm.costmodels.latte import decompose, errors
+
+    true = [m["step_s"] for m in ms]
+    parts = [latte.predict_parts(metas[m["dir"]], m["device"]) for m in ms]
+    ours = [p["step_s"] for p in parts]
+    base = [flops.predict_step(metas[m["dir"]], m["device"]) for m in ms]
+    meas_ov = [decompose(m, metas[m["dir"]]) for m in ms]
+    return {"latte": errors(ours, true), "flops": errors(base, true),
+            # share of the step outside TIR kernels: predicted vs measured (CPU time)
+            "overhead_share_pred": float(sum(p["overhead_s"] / p["step_s"] for p in parts) / len(ms) * 100),
+            "overhead_share_meas": float(sum(d["overhead_s"] / d["cpu_step_s"] for d in meas_ov) / len(ms) * 100),
+            "rows": [{"profile": m["profile"], "arch": m["arch_name"], "width": m["width"], "measured_s": t,
+                      "latte_s": o, "flops_s": b} for m, t, o, b in zip(ms, true, ours, base)]}
+
+
 def fit_and_evaluate(data: dict, held_archs=HELD_OUT_ARCHS, held_profiles=HELD_OUT_PROFILES, save: Path | None = None):
-    """Fit LATTE and the FLOPs baseline on the training split; errors on each held-out set."""
-    from edgetvm.costmodels.latte import FlopsBaseline, LatteModel, errors
+    """Fit LATTE and the FLOPs baseline on the training split; whole-step wall-time errors on each held-out set."""
+    from edgetvm.costmodels.latte import FlopsBaseline, LatteModel
 
     train, sets = split(data, held_archs, held_profiles)
     if not train:
         raise UserError("no training measurements left after holding out architectures and profiles; "
                         "profile more architectures/devices")
-    metas = data["metas"]
+    metas = current_metas(data)
     latte = LatteModel().fit(train, metas)
     flops = FlopsBaseline().fit(train, metas)
     report = {"n_train": len(train), "held_out_archs": list(held_archs), "held_out_profiles": list(held_profiles),
-              "sets": {}}
+              "sets": {}, "noise": noise_floor(data), "overhead_coef": dict(zip(("one", "builtin_call", "kernel_call",
+                                                                                "param"), latte.overhead)),
+              "wall_coef": latte.wall}
     for name, ms in sets.items():
-        if not ms:
-            continue
-        true = [m["step_s"] for m in ms]
-        ours = [latte.predict_step(metas[m["dir"]], m["device"]) for m in ms]
-        base = [flops.predict_step(metas[m["dir"]], m["device"]) for m in ms]
-        report["sets"][name] = {"latte": errors(ours, true), "flops": errors(base, true)}
+        if ms:
+            report["sets"][name] = _evaluate(latte, flops, ms, metas)
     if save is not None:
         # The model the allocator uses: fitted on every profiled device (they are the fleet), still
         # never on the federated architecture, which stays an unseen architecture for it.
-        deploy = [m for m in data["measurements"] if m["arch_name"] != models.FED_ARCH]
+        fed_dirs = {m["dir"] for m in data["measurements"] if m["arch_name"] == models.FED_ARCH}
+        deploy = [m for m in data["measurements"] if m["arch_name"] != models.FED_ARCH and m["dir"] not in fed_dirs]
         LatteModel().fit(deploy, metas).save(save)
         Path(save, "report.json").write_text(json.dumps(report, indent=1))
     return latte, flops, report
 
 
 def format_report(report: dict) -> str:
-    lines = [f"estimator: per-step training time, {report['n_train']} training measurements; "
-             f"held out: archs {', '.join(report['held_out_archs'])}; profiles {', '.join(report['held_out_profiles'])}",
-             f"{'test set':<18} {'n':>4} {'LATTE MAPE':>11} {'<=10%':>7} {'FLOPs MAPE':>11} {'<=10%':>7}"]
+    lines = [f"estimator: whole-step wall time (kernels + per-step overhead), {report['n_train']} training "
+             f"measurements; held out: archs {', '.join(report['held_out_archs'])}; "
+             f"profiles {', '.join(report['held_out_profiles'])}",
+             f"{'test set':<18} {'n':>4} {'LATTE MAPE':>11} {'<=10%':>7} {'FLOPs MAPE':>11} {'<=10%':>7} "
+             f"{'overhead pred/meas':>19}"]
     for name, s in report["sets"].items():
         lines.append(f"{name:<18} {s['latte']['n']:>4} {s['latte']['mape']:>10.1f}% {s['latte']['within10']:>6.0f}% "
+                     f"{s['flops']['mape']:>10.1f}% {s['flops']['within10']:>6.0f}% "
+                     f"{s['overhead_share_pred']:>8.0f}% / {s['overhead_share_meas']:.0f}%")
+    nz = report.get("noise")
+    if nz:
+        lines.append(f"noise floor: {nz['n']} steps measured {nz['repeats']}x by separate processes differ by "
+                     f"{nz['pair_mape']:.1f}% on average (median {nz['pair_median']:.1f}%, {nz['within10']:.0f}% "
+                     f"within +-10%); a perfect model would score about {nz['floor_mape']:.1f}% MAPE")
+    else:
+        lines.append("noise floor: unknown (profile with --repeats 2 or more)")
+    return "\n".join(lines)
+
+
+def cross_validate(data: dict, quiet: bool = False) -> dict:
+    """Leave-one-architecture-out and leave-one-device-out: every measurement is predicted once by a model
+    that never saw its architecture (resp. its device); whole-step MAPE of LATTE and the FLOPs baseline."""
+    from edgetvm.costmodels.latte import FlopsBaseline, LatteModel, errors
+
+    metas = current_metas(data)
+    ms = data["measurements"]
+    out = {}
+    for what, key in (("architecture", "arch_name"), ("device", "profile")):
+        groups = sorted({m[key] for m in ms})
+        pred, base, true = [], [], []
+        for i, g in enumerate(groups):
+            if not quiet:
+                progress(i, len(groups), f"leave out {what} {g}")
+            test = [m for m in ms if m[key] == g]
+            dirs = {m["dir"] for m in test} if key == "arch_name" else set()
+            train = [m for m in ms if m[key] != g and m["dir"] not in dirs]
+            lm, fb = LatteModel().fit(train, metas), FlopsBaseline().fit(train, metas)
+            pred += [lm.predict_step(metas[m["dir"]], m["device"]) for m in test]
+            base += [fb.predict_step(metas[m["dir"]], m["device"]) for m in test]
+            true += [m["step_s"] for m in test]
+        if not quiet:
+            progress(len(groups), len(groups), f"leave-one-{what}-out done")
+        out[f"leave one {what} out"] = {"latte": errors(pred, true), "flops": errors(base, true)}
+    return out
+
+
+def format_cv(cv: dict) -> str:
+    lines = [f"{'cross-validation':<28} {'n':>4} {'LATTE MAPE':>11} {'<=10%':>7} {'FLOPs MAPE':>11} {'<=10%':>7}"]
+    for name, s in cv.items():
+        lines.append(f"{name:<28} {s['latte']['n']:>4} {s['latte']['mape']:>10.1f}% {s['latte']['within10']:>6.0f}% "
                      f"{s['flops']['mape']:>10.1f}% {s['flops']['within10']:>6.0f}%")
     return "\n".join(lines)

@@ -48,18 +48,87 @@ def train_module(arch: dict, batch: int = BATCH, lr: float = LR):
     return setup(backbone), [p.numpy() for p in params["main"]]
 
 
+FEATURE_VERSION = 2
+
+
+def cache_geometry() -> dict:
+    """L1 data and L2 cache geometry of the CPU the kernels are compiled for and run on (sysfs; typical
+    x86 figures when it cannot be read). Used for cache-conflict features of kernels."""
+    geo = {"l1": {"size": 32768, "ways": 8, "line": 64}, "l2": {"size": 524288, "ways": 8, "line": 64}}
+    base = Path("/sys/devices/system/cpu/cpu0/cache")
+    try:
+        for idx in base.glob("index*"):
+            level = int((idx / "level").read_text())
+            kind = (idx / "type").read_text().strip()
+            if level in (1, 2) and kind in ("Data", "Unified"):
+                size = (idx / "size").read_text().strip()
+                mult = {"K": 1024, "M": 1 << 20}.get(size[-1], 1)
+                geo[f"l{level}"] = {"size": int(size.rstrip("KM")) * mult,
+                                    "ways": int((idx / "ways_of_associativity").read_text()),
+                                    "line": int((idx / "coherency_line_size").read_text())}
+    except (OSError, ValueError):
+        pass
+    return geo
+
+
+def stream_overflow(extent: int, stride: int, cache: dict) -> float:
+    """How many times over an access stream of `extent` elements `stride` bytes apart overflows the cache
+    lines it can use: a stride that is a multiple of a large power of two maps every element into a few
+    sets (set-associative conflicts), so a column walk of a 256-wide fp32 matrix thrashes L1 where a
+    320-wide one does not. > 1: the stream cannot stay cached between sweeps."""
+    import math
+
+    line, ways = cache["line"], cache["ways"]
+    sets = max(1, cache["size"] // (line * ways))
+    if extent <= 1 or stride <= 0:
+        return 0.0
+    if stride < line:
+        return extent * stride / line / (sets * ways)
+    span = sets * line  # bytes after which the set index repeats
+    touched = min(extent, span // math.gcd(stride, span))
+    return extent / (ways * touched)
+
+
 def _loop_features(func) -> dict:
-    """Loop structure of a kernel's TIR: loops, nesting, blocks, spatial/reduction extents, annotations."""
+    """Loop structure of a kernel's TIR: loops, nesting, blocks, spatial/reduction extents, annotations,
+    and the access pattern of the innermost loop of its biggest block: extent, largest stride of a read
+    along it, and how far that strided stream overflows L1 and L2 (set conflicts included)."""
     import tvm
 
     feats = {"n_loops": 0, "loop_depth": 0, "n_blocks": 0, "spatial_extent": 0.0, "reduce_extent": 0.0,
-             "max_extent": 1, "n_parallel": 0, "n_vectorized": 0}
+             "max_extent": 1, "n_parallel": 0, "n_vectorized": 0,
+             "inner_extent": 0, "inner_reduce": 0, "inner_stride": 0, "inner_l1_overflow": 0.0,
+             "inner_l2_overflow": 0.0}
+    geo = cache_geometry()
+    biggest = [0.0]
 
     def ext_of(e) -> int:
         try:
             return int(e)
         except (TypeError, ValueError):
             return 1
+
+    def uses(expr, var) -> bool:
+        return any(v.same_as(var) for v in tvm.tirx.analysis.undefined_vars(expr))
+
+    def access(block, size: float) -> None:
+        ivs = list(block.iter_vars)
+        if not ivs or size < biggest[0]:
+            return
+        biggest[0] = size
+        inner = ivs[-1]  # the default schedule nests loops in the block's iter-var order
+        ext = ext_of(inner.dom.extent)
+        stride = 0
+        for region in block.reads:
+            buf = getattr(region, "buffer", None) or region.source
+            shape = [ext_of(s) for s in buf.shape]
+            item = max(1, tvm.runtime.DataType(buf.dtype).bits // 8)
+            for d, rng in enumerate(region.region):
+                if uses(rng.min, inner.var):
+                    stride = max(stride, int(np.prod(shape[d + 1:], dtype=np.int64)) * item)
+        feats.update(inner_extent=ext, inner_reduce=int(int(inner.iter_type) == 2), inner_stride=stride,
+                     inner_l1_overflow=stream_overflow(ext, stride, geo["l1"]),
+                     inner_l2_overflow=stream_overflow(ext, stride, geo["l2"]))
 
     def walk(stmt, d=0):
         cls = type(stmt).__name__
@@ -89,6 +158,7 @@ def _loop_features(func) -> dict:
                         sp *= e
                 feats["spatial_extent"] = max(feats["spatial_extent"], sp)
                 feats["reduce_extent"] = max(feats["reduce_extent"], rd if rd > 1 else 0.0)
+                access(stmt, sp * rd)
             walk(stmt.body, d)
         elif hasattr(stmt, "body") and isinstance(getattr(stmt, "body"), tvm.runtime.Object):
             walk(stmt.body, d)
@@ -186,7 +256,7 @@ def compile_trainer(arch: dict, width: float, batch: int = BATCH) -> Path:
     np.savez(tmp / "optim.npz", *[s.numpy() for s in tm.attrs["optim_state"]])
     meta = {"arch": sub, "batch": batch, "lr": LR, "n_params": len(params),
             "param_bytes": models.param_bytes(sub), "flops_per_sample": models.flops_per_sample(sub),
-            "kernels": kernel_features(lowered)}
+            "kernels": kernel_features(lowered), "feature_version": FEATURE_VERSION}
     (tmp / "meta.json").write_text(json.dumps(meta))
     meta["calls"] = count_calls(tmp)
     (tmp / "meta.json").write_text(json.dumps(meta))
@@ -197,6 +267,28 @@ def compile_trainer(arch: dict, width: float, batch: int = BATCH) -> Path:
 
         shutil.rmtree(tmp, ignore_errors=True)
     return d
+
+
+def lowered_module(arch: dict, batch: int = BATCH):
+    """The training module after the default pipeline: what compile_trainer builds, kernels named alike."""
+    from tvm import relax
+
+    tm, _ = train_module(arch, batch)
+    return relax.get_default_pipeline(host_target())(tm.without_attr("optim_state"))
+
+
+def load_meta(d: Path) -> dict:
+    """meta.json of a compiled step; kernel features written by an older version are recomputed (the
+    kernels and their names come from the same lowering, so the library itself is kept)."""
+    d = Path(d)
+    meta = json.loads((d / "meta.json").read_text())
+    if meta.get("feature_version") != FEATURE_VERSION:
+        meta["kernels"] = kernel_features(lowered_module(meta["arch"], meta["batch"]))
+        meta["feature_version"] = FEATURE_VERSION
+        tmp = d / f"meta.json.tmp{os.getpid()}"
+        tmp.write_text(json.dumps(meta))
+        tmp.rename(d / "meta.json")
+    return meta
 
 
 def count_calls(d: Path) -> dict[str, float]:
