@@ -14,11 +14,12 @@ A training step's wall time on a device is modelled as
   builtin, `vm.builtin.null_value`, in the same measurement).
 * Overhead: what a step spends outside TIR kernels: the VM interpreting the step, its builtins
   (allocation, shape checks, tuples), the Python calls of `backbone_loss_adjoint` and `optimizer` and
-  their argument lists. Target: the step's uninstrumented CPU time minus its kernels; a non-negative
-  linear model in the step's builtin calls, kernel calls and parameter tensors, fitted on the
-  training measurements.
+  their argument lists. Target: the step's uninstrumented CPU time minus its kernels; a linear model
+  in the step's builtin calls, kernel calls and parameter tensors (least relative squares over the
+  training measurements), clamped at 0.
 * Wall/CPU: a device with a CFS quota q < 1 gets q of a core, so wall = CPU / q plus the throttling
-  slack; a log-linear fit of measured wall x min(q, 1) / CPU over log q (training devices only).
+  slack; a log-linear fit of measured wall x min(q, 1) / CPU over log q and log cpus (training
+  devices only).
   TVM's default CPU schedules have no parallel loops, so more cpus do not shorten a kernel.
 
 `FlopsBaseline` is the FLOPs-coefficient model: step = a x training FLOPs / nominal GFLOP/s + b.
@@ -45,12 +46,16 @@ FEATURES = [f"kind_{k}" for k in KINDS] + STATIC + ["log_flops_per_byte", "calls
                                                      "step_log_bytes", "step_kernels", "log_quota", "cpus",
                                                      "log_gflops", "log_bw"]
 OVERHEAD = ["one", "builtin_calls", "kernel_calls", "n_params"]
-VERSION = 2
+VERSION = 3
 
 
 def norm(device: dict) -> float:
     """The share of one core a single-threaded kernel gets on the device."""
     return min(float(device["cpu_quota"]), 1.0)
+
+
+def wall_row(device: dict) -> list[float]:
+    return [1.0, math.log(norm(device)), math.log(float(device["cpus"]))]
 
 
 def is_kernel(symbol: str, meta: dict) -> bool:
@@ -133,7 +138,7 @@ class LatteModel:
     def __init__(self, booster=None, overhead: list[float] | None = None, wall: list[float] | None = None):
         self.booster = booster
         self.overhead = overhead or [0.0] * len(OVERHEAD)
-        self.wall = wall or [0.0, 0.0]
+        self.wall = wall or [0.0, 0.0, 0.0]
 
     @staticmethod
     def dataset(measurements: list[dict], metas: dict[str, dict]):
@@ -154,7 +159,6 @@ class LatteModel:
 
     def fit(self, measurements: list[dict], metas: dict[str, dict], seed: int = 0) -> "LatteModel":
         import xgboost as xgb
-        from scipy.optimize import nnls
 
         X, y, w = self.dataset(measurements, metas)
         dtrain = xgb.DMatrix(X, label=y, weight=w, base_margin=work_margin(X), feature_names=FEATURES)
@@ -171,10 +175,13 @@ class LatteModel:
             b.append(parts["overhead_s"])
             w.append(1.0 / parts["cpu_step_s"])
         A, b, w = np.array(A), np.array(b), np.array(w)
-        self.overhead = [float(v) for v in nnls(A * w[:, None], b * w)[0]]
-        # wall/CPU: log(wall x share / CPU) = a + c log(share)
+        # plain least squares: a per-call coefficient may come out negative where the instrument's cost
+        # per call is a little under-removed from the kernels; the predicted overhead is clamped at 0
+        self.overhead = [float(v) for v in np.linalg.lstsq(A * w[:, None], b * w, rcond=None)[0]]
+        # wall/CPU: log(wall x share / CPU) = a + c log(share) + d log(cpus) (a second core may run TVM's
+        # thread pool next to the kernels: CPU time, no wall time)
         r = np.array([math.log(m["step_s"] * norm(m["device"]) / cpu_step(m)) for m in measurements])
-        L = np.array([[1.0, math.log(norm(m["device"]))] for m in measurements])
+        L = np.array([wall_row(m["device"]) for m in measurements])
         self.wall = [float(v) for v in np.linalg.lstsq(L, r, rcond=None)[0]]
         return self
 
@@ -187,8 +194,7 @@ class LatteModel:
         per_call = np.exp(self.booster.predict(xgb.DMatrix(X, base_margin=work_margin(X), feature_names=FEATURES)))
         kernels_cpu = per_call * np.array([calls[s] for s in syms])
         overhead_cpu = max(float(np.dot(self.overhead, overhead_row(meta, calls))), 0.0)
-        q = norm(device)
-        factor = math.exp(self.wall[0] + self.wall[1] * math.log(q)) / q
+        factor = math.exp(float(np.dot(self.wall, wall_row(device)))) / norm(device)
         return {"step_s": (float(kernels_cpu.sum()) + overhead_cpu) * factor,
                 "kernels_s": float(kernels_cpu.sum()) * factor, "overhead_s": overhead_cpu * factor,
                 "kernel_s": {s: float(t) * factor for s, t in zip(syms, kernels_cpu)}}

@@ -82,7 +82,7 @@ def measured():
     from edgetvm.latte.pipeline import profile_fleet
 
     profs = [devices.load_profile("phone-hi"), devices.load_profile("iot-tiny")]
-    data = profile_fleet(profs, ["mlp-d", "cnn-b"], [1.0, 0.25], min_time=0.03, repeats=2, quiet=True)
+    data = profile_fleet(profs, ["mlp-d", "cnn-b"], [1.0, 0.25], min_time=0.02, repeats=2, quiet=True)
     return data
 
 
