@@ -323,6 +323,7 @@ def _cli(*argv):
     (["generate", "--kv-policy", "lru", "--kv-budget", "64", "hi"], "unknown KV policy"),
     (["generate", "--model", "llama-70b", "hi"], "unknown model"),
     (["generate", "   "], "the prompt is empty"),
+    (["generate", "--weights", "q3", "hi"], "unknown --weights"),
 ])
 def test_cli_bad_input_one_line_exit_2(argv, msg):
     r = _cli(*argv)
@@ -368,3 +369,100 @@ def test_tvm_paged_kv_cache_peer_matches_numpy():
     got = np.concatenate([m.forward(cache, ids[:3]), m.forward(cache, ids[3:])])
     ref = R.forward(m.cfg, load_weights()[1], ids)
     assert np.abs(got - ref).max() < 2e-3 * np.abs(ref).max()
+
+
+# ---------------------------------------------------------------- quantized weights (q8, q4)
+@pytest.mark.parametrize("fmt", ["q8", "q4"])
+@pytest.mark.parametrize("K,N,n", [(64, 96, 1), (96, 64, 5)])
+def test_quantized_matmul_kernel_matches_numpy(fmt, K, N, n):
+    """Our dequantizing kernel equals x @ dequant(W).T, and the packing round-trips within the step."""
+    import tvm
+
+    from edgetvm.llm import kernels, quant
+
+    rng = np.random.default_rng(K + N + n)
+    w = rng.standard_normal((N, K)).astype(np.float32)
+    w[:, :32] *= 10  # groups of very different ranges
+    x = rng.standard_normal((n, K)).astype(np.float32)
+    arrs = quant.pack(w, fmt)
+    wd = quant.unpack(arrs, fmt)
+    # per-group error bound: half a quantization step
+    g = w.reshape(N, K // 32, 32)
+    step = (np.abs(g).max(-1) / 127) if fmt == "q8" else (g.max(-1) - g.min(-1)) / 15
+    assert np.all(np.abs(wd - w).reshape(N, K // 32, 32) <= step[..., None] / 2 * 1.001 + 1e-7)
+    f = tvm.compile(tvm.IRModule({"main": quant.make_matmul(K, N, fmt)}), target=kernels.cpu_target())["main"]
+    y = tvm.runtime.tensor(np.full((n, N), 7.0, np.float32))
+    f(tvm.runtime.tensor(x), *[tvm.runtime.tensor(a) for a in arrs], y)
+    np.testing.assert_allclose(y.numpy(), x @ wd.T, rtol=1e-5, atol=1e-4)
+
+
+@needs_model
+def test_gguf_blocks_are_taken_exactly():
+    """q4 = the GGUF's Q4_1 blocks and the q8 head = its Q8_0 blocks, bit for bit after widening."""
+    from gguf.quants import dequantize
+
+    from edgetvm.llm import quant
+    from edgetvm.llm.gguf_model import load_raw
+
+    raw = load_raw()
+    for name, fmt in (("blk.3.ffn_down.weight", "q4"), ("token_embd.weight", "q8")):
+        ty, data, (N, K) = raw[name]
+        data = np.asarray(data)
+        ref = dequantize(data, getattr(__import__("gguf").GGMLQuantizationType, ty)).reshape(N, K)
+        arrs = quant.from_gguf_q4_1(data, N, K) if fmt == "q4" else quant.from_gguf_q8_0(data, N, K)
+        np.testing.assert_allclose(quant.unpack(arrs, fmt), ref, rtol=1e-6, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def model_q4():
+    from edgetvm.llm.runtime import Model
+
+    if not HAVE_MODEL:
+        pytest.skip("model package missing")
+    return Model(weights="q4")
+
+
+@needs_model
+def test_q4_model_matches_numpy_reference(model_q4):
+    """q4 computes with the very values the fp32 reference was dequantized from: same tolerance."""
+    from edgetvm.llm import reference as R
+    from edgetvm.llm.gguf_model import load_weights
+
+    ids = model_q4.tokenizer.encode("Edge devices run small language models offline.").ids
+    s = model_q4.session("full", 32)
+    got = np.concatenate([s.forward(ids[:5]), s.forward(ids[5:6]), s.forward(ids[6:])])
+    ref = R.forward(*load_weights(), ids)
+    assert np.abs(got - ref).max() < 2e-3 * np.abs(ref).max()
+    assert (got.argmax(-1) == ref.argmax(-1)).all()
+    assert model_q4.weight_bytes < 0.25 * 4 * 134.5e6  # under a quarter of fp32
+
+
+@needs_model
+def test_q4_paris(model_q4):
+    from edgetvm.llm.runtime import generate
+
+    text = "".join(generate(model_q4, "The capital of France is", max_new=3, policy="streaming", budget=16))
+    assert text.startswith(" Paris")
+
+
+@needs_model
+@pytest.mark.slow
+def test_q8_model_close_to_reference_logits_and_perplexity():
+    """q8 re-quantizes the Q4_1 layer weights to 8 bits: logits within 5% of the largest, the same
+    greedy tokens on most positions, perplexity within 1% of the fp32 reference's."""
+    from edgetvm.llm import reference as R
+    from edgetvm.llm.gguf_model import load_weights
+    from edgetvm.llm.runtime import Model, perplexity
+
+    m = Model(weights="q8")
+    text = ("The Reserve Bank left interest rates unchanged on Wednesday, saying inflation was still within "
+            "its target band and the economy was growing at a steady pace. Analysts had expected the decision.")
+    ids = m.tokenizer.encode(text).ids
+    got = m.session("full", 64).forward(ids)
+    ref = R.forward(*load_weights(), ids).astype(np.float64)
+    assert np.abs(got - ref).max() < 5e-2 * np.abs(ref).max()
+    assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.9
+    lse = ref.max(-1) + np.log(np.exp(ref - ref.max(-1, keepdims=True)).sum(-1))
+    ppl_ref = float(np.exp(np.mean((lse - ref[np.arange(len(ids)), np.r_[ids[1:], 0]])[:-1])))
+    ppl = perplexity(m, ids, "full")["ppl"]
+    assert abs(ppl / ppl_ref - 1) < 0.01, (ppl, ppl_ref)

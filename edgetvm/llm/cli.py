@@ -13,19 +13,26 @@ from edgetvm.errors import UserError
 _MODEL_CACHE: dict = {}
 
 
-def _model(name: str):
+def _model(name: str, weights: str = "fp32"):
     from edgetvm.llm.gguf_model import model_path
+    from edgetvm.llm.quant import FORMATS
     from edgetvm.llm.runtime import Model
 
+    if weights not in FORMATS:
+        raise UserError(f"unknown --weights '{weights}'; use one of: {', '.join(FORMATS)}")
     model_path(name)  # a clear error before any compiling
-    if name not in _MODEL_CACHE:
-        _MODEL_CACHE[name] = Model(name)
-    return _MODEL_CACHE[name]
+    key = name if weights == "fp32" else f"{name}:{weights}"
+    if key not in _MODEL_CACHE:
+        _MODEL_CACHE[key] = Model(name, weights=weights)
+    return _MODEL_CACHE[key]
 
 
 def _check_policy(args) -> None:
     from edgetvm.llm.kvcache import make_policy
+    from edgetvm.llm.quant import FORMATS
 
+    if args.weights not in FORMATS:
+        raise UserError(f"unknown --weights '{args.weights}'; use one of: {', '.join(FORMATS)}")
     if args.kv_budget is not None:
         make_policy(args.kv_policy, args.kv_budget, args.sinks)  # validates name and budget
 
@@ -36,7 +43,7 @@ def cmd_generate(args) -> None:
     check_text(args.prompt, "the prompt")
     _check_policy(args)
     budget = args.kv_budget or 256
-    m = _model(args.model)
+    m = _model(args.model, args.weights)
     t0 = time.perf_counter()
     n, t1 = 0, None
     for piece in generate(m, args.prompt, max_new=args.max_new, policy=args.kv_policy, budget=budget,
@@ -72,7 +79,7 @@ def cmd_ppl(args) -> None:
     if args.kv_policy == "full" and budget < len(ids):
         raise UserError(f"the full cache of {budget} tokens cannot hold the {len(ids)} tokens of '{path}'; "
                         "raise --kv-budget, lower --max-tokens or pick an evicting --kv-policy")
-    r = perplexity(_model(args.model), ids, args.kv_policy, budget, sinks=args.sinks)
+    r = perplexity(_model(args.model, args.weights), ids, args.kv_policy, budget, sinks=args.sinks)
     dec = f", decode {r['decode_tok_s']:.2f} tok/s" if r["decode_tok_s"] else ""
     print(f"perplexity {r['ppl']:.3f} over {r['tokens']} tokens, policy {args.kv_policy}, "
           f"budget {budget}, KV {r['kv_bytes'] / 2**20:.2f} MiB, {r['seconds']:.1f} s{dec}")
@@ -96,6 +103,9 @@ def _common(p) -> None:
     # No argparse `choices`: an unknown policy gets our one-line UserError naming the valid ones.
     p.add_argument("--kv-policy", default="full", help=f"eviction policy: {', '.join(POLICIES)}")
     p.add_argument("--sinks", type=_positive, default=4, help="attention-sink tokens for --kv-policy streaming")
+    p.add_argument("--weights", default="fp32",
+                   help="fp32 (dequantized once, TVM matmuls), q8 (8-bit groups) or q4 (the GGUF's Q4_1 blocks "
+                        "exactly); q8/q4 run our own dequantizing TIR kernels and decode faster")
 
 
 def add_llm_parsers(subparsers) -> None:

@@ -124,3 +124,16 @@ def load_tokenizer(name: str = "smollm2-135m"):
         tok.add_special_tokens(special)
     _TOKENIZERS[name] = tok
     return tok
+
+
+def load_raw(name: str = "smollm2-135m") -> dict:
+    """{tensor name: (GGUF type name, raw block bytes uint8 [rows, bytes per row], (rows, cols))},
+    the quantized blocks as stored (memory-mapped), for the q4/q8 kernels that take them exactly."""
+    path = model_path(name)
+    gguf = _need("gguf")
+    reader = gguf.GGUFReader(str(path))
+    out = {}
+    for t in reader.tensors:
+        shape = tuple(int(s) for s in reversed(t.shape.tolist()))
+        out[t.name] = (t.tensor_type.name, t.data, shape)
+    return out

@@ -8,6 +8,11 @@ H2O and TOVA policies score.
 
 Visibility: query t (written at slot `start + t`) sees slot j when j < n_valid and
 (j < start or j >= start + n or j <= start + t): the whole cache plus the chunk's causal prefix.
+
+Scalars are `T.bind` lets and scratch arrays use the default ("global") scope: in TVM 0.27 a
+plain `x = ...` in TVMScript is a mutable variable and a "local"-scope buffer on CPU both become
+a TVMBackendAllocWorkspace call per loop iteration (9x slower decode attention here); small
+global-scope buffers go on the stack.
 """
 
 from __future__ import annotations
@@ -42,28 +47,28 @@ def make_attention(n_heads: int = 9, n_kv_heads: int = 3, head_dim: int = 64):
         P = T.match_buffer(p_h, (n, H, cap), "float32")
         KR = T.alloc_buffer((KH, cap, D), "float32")  # keys rotated once per call, pre-scaled
         for kj in T.parallel(KH * n_valid):
-            kh = kj // n_valid
-            j = kj % n_valid
-            kp = KPOS[j]
+            kh = T.bind(kj // n_valid)
+            j = T.bind(kj % n_valid)
+            kp = T.bind(KPOS[j])
             for i in range(D2):
-                c = COS[kp, i]
-                s = SIN[kp, i]
-                k0 = K[kh, j, 2 * i]
-                k1 = K[kh, j, 2 * i + 1]
+                c = T.bind(COS[kp, i])
+                s = T.bind(SIN[kp, i])
+                k0 = T.bind(K[kh, j, 2 * i])
+                k1 = T.bind(K[kh, j, 2 * i + 1])
                 KR[kh, j, 2 * i] = (k0 * c - k1 * s) * T.float32(scale)
                 KR[kh, j, 2 * i + 1] = (k0 * s + k1 * c) * T.float32(scale)
         for th in T.parallel(n * H):
-            qr = T.alloc_buffer((D,), "float32", scope="local")
-            acc = T.alloc_buffer((D,), "float32", scope="local")
-            part = T.alloc_buffer((8,), "float32", scope="local")
-            red = T.alloc_buffer((2,), "float32", scope="local")
-            t = th // H
-            h = th % H
-            kh = h // G
-            qp = QPOS[t]
+            qr = T.alloc_buffer((D,), "float32")
+            acc = T.alloc_buffer((D,), "float32")
+            part = T.alloc_buffer((8,), "float32")
+            red = T.alloc_buffer((2,), "float32")
+            t = T.bind(th // H)
+            h = T.bind(th % H)
+            kh = T.bind(h // G)
+            qp = T.bind(QPOS[t])
             for i in range(D2):
-                c = COS[qp, i]
-                s = SIN[qp, i]
+                c = T.bind(COS[qp, i])
+                s = T.bind(SIN[qp, i])
                 qr[2 * i] = Q[t, h, 2 * i] * c - Q[t, h, 2 * i + 1] * s
                 qr[2 * i + 1] = Q[t, h, 2 * i] * s + Q[t, h, 2 * i + 1] * c
             red[0] = T.float32(-3.0e38)

@@ -1,7 +1,10 @@
 """The compiled decoder: Relax functions for the dense compute, our TIR attention kernel,
 and a fixed-capacity KV cache driven by a policy.
 
-Weights stay fp32 (dequantized from the GGUF's Q4_1/Q8_0 once, pre-transposed to [in, out]).
+Weights: `weights="fp32"` (default) dequantizes the GGUF's Q4_1/Q8_0 once to fp32, pre-transposed
+to [in, out], and the matmuls are TVM's (our CPU schedule). `weights="q8"` (8-bit groups) and
+`weights="q4"` (the GGUF's own Q4_1 blocks, exactly) keep the weights quantized and run our own
+dequantizing matmul kernels (TIR, `edgetvm.llm.quant`); see that module for the formats.
 Per layer the Relax function `pre` does RMSNorm + fused QKV projection, our `attention` kernel
 does RoPE + GQA attention over the cache (and returns the weights for H2O/TOVA), and `post`
 does the output projection, residuals, RMSNorm and the SwiGLU MLP. `head` is the final norm
@@ -20,8 +23,8 @@ import tvm
 from tvm import relax
 
 from edgetvm.errors import UserError
-from edgetvm.llm import kernels
-from edgetvm.llm.gguf_model import load_tokenizer, load_weights
+from edgetvm.llm import kernels, quant
+from edgetvm.llm.gguf_model import load_raw, load_tokenizer, load_weights
 from edgetvm.llm.kvcache import make_policy
 from edgetvm.llm.reference import rope_tables
 
@@ -43,24 +46,48 @@ def shared(arr):
 HEAD_CHUNK = 64
 
 
-def build_dense(cfg, target, use_edgetvm_pipeline: bool = True):
+def build_dense(cfg, target, use_edgetvm_pipeline: bool = True, weights: str = "fp32"):
     """Relax functions pre/post/head(/head_chunk). edgetvm's CPU pipeline (fused, vectorised,
-    parallel default schedule) decodes ~8x faster here than relax.get_default_pipeline."""
+    parallel default schedule) decodes ~8x faster here than relax.get_default_pipeline.
+    For q8/q4 every matmul is a call to our quantized kernel and each weight is several params."""
     d, H, KH, D, F, V = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff, cfg.vocab
     qkv_out = (H + 2 * KH) * D
     bb = relax.BlockBuilder()
     T = lambda shape: relax.TensorType(shape, "float32")
+    gvs: dict = {}
+
+    def weight(name, K, N, fmt=None):
+        """Params for a [K in, N out] weight: one fp32 [K, N] or the packed arrays."""
+        fmt = fmt or weights
+        if fmt == "fp32":
+            return [relax.Var(name, T((K, N)))]
+        NB, KG, TJ = N // quant.TJ, K // quant.G, quant.TJ
+        if fmt == "q8":
+            return [relax.Var(name + "_q", relax.TensorType((NB, K, TJ), "int8")),
+                    relax.Var(name + "_s", T((NB, KG, TJ)))]
+        return [relax.Var(name + "_q", relax.TensorType((NB, K // 2, TJ), "uint8")),
+                relax.Var(name + "_d", T((NB, KG, TJ))), relax.Var(name + "_m", T((NB, KG, TJ)))]
+
+    def mm(h, ws, n, K, N, fmt=None):
+        fmt = fmt or weights
+        if fmt == "fp32":
+            return relax.op.matmul(h, ws[0])
+        key = (fmt, K, N)
+        if key not in gvs:
+            name = f"matmul_{fmt}_{K}x{N}"
+            gvs[key] = bb.add_func(quant.make_matmul(K, N, fmt).with_attr("global_symbol", name), name)
+        return relax.call_tir(gvs[key], relax.Tuple([h, *ws]), out_ty=T((n, N)))
 
     # Each function twice: a symbolic number of tokens (prefill chunks) and a static single token
     # (decode; the default schedules are 2-3x faster on static shapes: the head 36 ms -> 14 ms).
     for suffix, n in (("", tvm.tirx.Var("n", "int64")), ("1", 1)):
         x = relax.Var("x", T((n, d)))
         nw = relax.Var("nw", T((d,)))
-        wqkv = relax.Var("wqkv", T((d, qkv_out)))
-        with bb.function("pre" + suffix, [x, nw, wqkv]):
+        wqkv = weight("wqkv", d, qkv_out)
+        with bb.function("pre" + suffix, [x, nw, *wqkv]):
             with bb.dataflow():
                 h = bb.emit(relax.op.nn.rms_norm(x, nw, axes=[-1], epsilon=cfg.eps))
-                y = bb.emit(relax.op.matmul(h, wqkv))
+                y = bb.emit(mm(h, wqkv, n, d, qkv_out))
                 q = bb.emit(relax.op.reshape(relax.op.strided_slice(y, [1], [0], [H * D]), (n, H, D)))
                 k = bb.emit(relax.op.reshape(relax.op.strided_slice(y, [1], [H * D], [(H + KH) * D]), (n, KH, D)))
                 v = bb.emit(relax.op.reshape(relax.op.strided_slice(y, [1], [(H + KH) * D], [qkv_out]), (n, KH, D)))
@@ -69,30 +96,32 @@ def build_dense(cfg, target, use_edgetvm_pipeline: bool = True):
 
         x = relax.Var("x", T((n, d)))
         a = relax.Var("a", T((n, H, D)))
-        wo = relax.Var("wo", T((H * D, d)))
+        wo = weight("wo", H * D, d)
         fw = relax.Var("fw", T((d,)))
-        wgu = relax.Var("wgu", T((d, 2 * F)))
-        wd = relax.Var("wd", T((F, d)))
-        with bb.function("post" + suffix, [x, a, wo, fw, wgu, wd]):
+        wgu = weight("wgu", d, 2 * F)
+        wd = weight("wd", F, d)
+        with bb.function("post" + suffix, [x, a, *wo, fw, *wgu, *wd]):
             with bb.dataflow():
-                x1 = bb.emit(relax.op.add(x, relax.op.matmul(relax.op.reshape(a, (n, H * D)), wo)))
+                ao = bb.emit(mm(bb.emit(relax.op.reshape(a, (n, H * D))), wo, n, H * D, d))
+                x1 = bb.emit(relax.op.add(x, ao))
                 h = bb.emit(relax.op.nn.rms_norm(x1, fw, axes=[-1], epsilon=cfg.eps))
-                gu = bb.emit(relax.op.matmul(h, wgu))
+                gu = bb.emit(mm(h, wgu, n, d, 2 * F))
                 g = relax.op.strided_slice(gu, [1], [0], [F])
                 u = relax.op.strided_slice(gu, [1], [F], [2 * F])
                 m = bb.emit(relax.op.multiply(relax.op.nn.silu(g), u))
-                out = bb.emit_output(relax.op.add(x1, relax.op.matmul(m, wd)))
+                out = bb.emit_output(relax.op.add(x1, bb.emit(mm(m, wd, n, F, d))))
             bb.emit_func_output(out)
 
     # The head for a symbolic n, a single token and whole prefill chunks (static shapes are faster).
     for name, n in (("head", tvm.tirx.Var("n", "int64")), ("head1", 1), ("head_chunk", HEAD_CHUNK)):
         x = relax.Var("x", T((n, d)))
         onw = relax.Var("onw", T((d,)))
-        embt = relax.Var("embt", T((d, V)))
-        with bb.function(name, [x, onw, embt]):
+        hfmt = "fp32" if weights == "fp32" else "q8"  # the GGUF's head is Q8_0
+        embt = weight("embt", d, V, hfmt)
+        with bb.function(name, [x, onw, *embt]):
             with bb.dataflow():
                 h = bb.emit(relax.op.nn.rms_norm(x, onw, axes=[-1], epsilon=cfg.eps))
-                out = bb.emit_output(relax.op.matmul(h, embt))
+                out = bb.emit_output(mm(h, embt, n, d, V, hfmt))
             bb.emit_func_output(out)
 
     mod = bb.get()
@@ -103,17 +132,25 @@ def build_dense(cfg, target, use_edgetvm_pipeline: bool = True):
     return tvm.compile(mod, target=target, relax_pipeline=relax.get_default_pipeline(target))
 
 
+def _nbytes(t) -> int:
+    return int(np.prod(t.shape)) * np.dtype(str(t.dtype)).itemsize
+
+
 class Model:
     """SmolLM2 compiled for the CPU. `session(policy, budget)` makes a KV cache to decode with."""
 
-    def __init__(self, name: str = "smollm2-135m", target=None, use_edgetvm_pipeline: bool = True):
+    def __init__(self, name: str = "smollm2-135m", target=None, use_edgetvm_pipeline: bool = True,
+                 weights: str = "fp32"):
+        if weights not in quant.FORMATS:
+            raise UserError(f"unknown weight format '{weights}'; use one of: {', '.join(quant.FORMATS)}")
         self.name = name
+        self.weights = weights
         self.cfg, w = load_weights(name)
         self.tokenizer = load_tokenizer(name)
         cfg = self.cfg
         self.target = target or kernels.cpu_target()
         t0 = time.perf_counter()
-        self.ex = build_dense(cfg, self.target, use_edgetvm_pipeline)
+        self.ex = build_dense(cfg, self.target, use_edgetvm_pipeline, weights)
         self.vm = relax.VirtualMachine(self.ex, tvm.cpu())
         self.attn = kernels.build_attention(cfg, self.target)
         self.compile_s = time.perf_counter() - t0
@@ -121,16 +158,37 @@ class Model:
         self.f_head_chunk = self.vm["head_chunk"]
         self.f_pre1, self.f_post1, self.f_head1 = self.vm["pre1"], self.vm["post1"], self.vm["head1"]
         tt = lambda a: tvm.runtime.tensor(np.ascontiguousarray(a, dtype=np.float32))
-        self.layers = []
+        raw = load_raw(name) if weights != "fp32" else None
+
+        def lin(names, fmt=weights):
+            """Weights [out, in] stacked along out -> the function's params for them."""
+            if fmt == "fp32":
+                return [tt(np.concatenate([w[k] for k in names], 0).T)]
+            types = {raw[k][0] for k in names}
+            if fmt == "q4" and types == {"Q4_1"} or fmt == "q8" and types == {"Q8_0"}:  # exact
+                K = raw[names[0]][2][1]
+                data = np.concatenate([np.asarray(raw[k][1]) for k in names], 0)
+                N = data.shape[0]
+                arrs = quant.from_gguf_q4_1(data, N, K) if fmt == "q4" else quant.from_gguf_q8_0(data, N, K)
+            else:
+                arrs = quant.pack(np.concatenate([w[k] for k in names], 0), fmt)
+            return [tvm.runtime.tensor(np.ascontiguousarray(a)) for a in arrs]
+
+        self.layers = []  # per layer: (pre's weight params, post's weight params)
         for l in range(cfg.n_layers):
             p = f"blk.{l}."
-            wqkv = np.concatenate([w[p + "attn_q.weight"], w[p + "attn_k.weight"], w[p + "attn_v.weight"]], 0).T
-            wgu = np.concatenate([w[p + "ffn_gate.weight"], w[p + "ffn_up.weight"]], 0).T
-            self.layers.append((tt(w[p + "attn_norm.weight"]), tt(wqkv), tt(w[p + "attn_output.weight"].T),
-                                tt(w[p + "ffn_norm.weight"]), tt(wgu), tt(w[p + "ffn_down.weight"].T)))
+            pre = [tt(w[p + "attn_norm.weight"]), *lin([p + "attn_q.weight", p + "attn_k.weight", p + "attn_v.weight"])]
+            post = [*lin([p + "attn_output.weight"]), tt(w[p + "ffn_norm.weight"]),
+                    *lin([p + "ffn_gate.weight", p + "ffn_up.weight"]), *lin([p + "ffn_down.weight"])]
+            self.layers.append((pre, post))
         self.emb = np.ascontiguousarray(w["token_embd.weight"])  # [V, d] for the lookup
-        self.embt = tt(w.get("output.weight", w["token_embd.weight"]).T)  # [d, V] for the tied head
+        head = "output.weight" if "output.weight" in w else "token_embd.weight"  # tied
+        self.head_w = lin([head], "fp32" if weights == "fp32" else "q8")  # [d, V] fp32 or packed
         self.onw = tt(w["output_norm.weight"])
+        # Bytes of weights each decoded token reads (the layers and the head; the embedding lookup
+        # reads one row of a separate fp32 table).
+        self.weight_bytes = sum(_nbytes(a) for pre, post in self.layers for a in (*pre, *post)) \
+            + sum(_nbytes(a) for a in self.head_w)
         cos, sin = rope_tables(cfg, cfg.max_pos)
         self.cos, self.sin = tvm.runtime.tensor(cos), tvm.runtime.tensor(sin)
         del w
@@ -180,13 +238,13 @@ class Session:
         qpos, tqpos, tout, probs, tprobs = self._buffers(n)
         positions = range(self.position, self.position + n)
         f_pre, f_post = (m.f_pre1, m.f_post1) if n == 1 else (m.f_pre, m.f_post)
-        for l, (nw, wqkv, wo, fw, wgu, wd) in enumerate(m.layers):
+        for l, (pre_w, post_w) in enumerate(m.layers):
             pol = self.policies[l]
             slots = [pol.slot_for(p) for p in positions]
             start = slots[0]
             if n > 1 and slots != list(range(start, start + n)):
                 raise RuntimeError("a prefill chunk must land in consecutive free slots")
-            q, k, v = f_pre(x, nw, wqkv)
+            q, k, v = f_pre(x, *pre_w)
             kn, vn = k.numpy(), v.numpy()
             self.K[l][:, start:start + n, :] = kn.transpose(1, 0, 2)
             self.V[l][:, start:start + n, :] = vn.transpose(1, 0, 2)
@@ -195,10 +253,10 @@ class Session:
             qpos[:] = rp[start:start + n]
             m.attn(q, self.tK[l], self.tV[l], tqpos, self.tkpos[l], m.cos, m.sin, tout, tprobs, start, pol.n_valid)
             pol.observe(probs)
-            x = f_post(x, tout, wo, fw, wgu, wd)
+            x = f_post(x, tout, *post_w)
         self.position += n
         head = m.f_head_chunk if n == HEAD_CHUNK else m.f_head1 if n == 1 else m.f_head
-        return head(x, m.onw, m.embt).numpy()
+        return head(x, m.onw, *m.head_w).numpy()
 
     def prefill(self, ids, chunk: int = 64) -> np.ndarray:
         """Logits for every token of `ids`: chunks while the cache has room, then one at a time."""
