@@ -17,7 +17,7 @@ needs_model = pytest.mark.skipif(not HAVE_MODEL, reason="pip install --no-deps l
 
 
 # ---------------------------------------------------------------- attention kernel vs numpy
-def _run_kernel(q, k, v, qpos, kpos, start, n_valid, cos, sin):
+def _run_kernel(q, k, v, qpos, kpos, start, n_valid, cos, sin, kr=None):
     import tvm
 
     from edgetvm.llm import kernels
@@ -26,9 +26,49 @@ def _run_kernel(q, k, v, qpos, kpos, start, n_valid, cos, sin):
     n, H, D = q.shape
     out = np.zeros_like(q)
     p = np.full((n, H, k.shape[1]), 7.0, np.float32)  # garbage: the kernel must overwrite all of it
-    t = [tvm.runtime.tensor(a) for a in (q, k, v, qpos, kpos, cos, sin, out, p)]
+    if kr is None:  # rotated-key cache: fresh (nothing rotated yet)
+        kr = [tvm.runtime.tensor(np.zeros(k.shape, np.float32)),
+              tvm.runtime.tensor(np.full(k.shape[:2], -1, np.int32))]
+    t = [tvm.runtime.tensor(a) for a in (q, k, v, qpos, kpos, cos, sin, out, p)] + kr
     f(*t, start, n_valid)
     return t[7].numpy(), t[8].numpy()
+
+
+def test_attention_kernel_rerotates_only_moved_keys():
+    """Rotated keys persist across calls; a slot whose position changed (StreamingLLM) or whose
+    rotated position was reset to -1 (a new key written there) is rotated again, others are reused."""
+    import tvm
+
+    from edgetvm.llm import kernels
+    from edgetvm.llm.reference import rope_tables
+
+    rng = np.random.default_rng(5)
+    cos, sin = rope_tables(Config(), 256)
+    cap = 24
+    q = rng.standard_normal((1, 9, 64), dtype=np.float32)
+    k = rng.standard_normal((3, cap, 64), dtype=np.float32)
+    v = rng.standard_normal((3, cap, 64), dtype=np.float32)
+    kpos = np.arange(cap, dtype=np.int32) + 10
+    kr = [tvm.runtime.tensor(np.zeros(k.shape, np.float32)), tvm.runtime.tensor(np.full((3, cap), -1, np.int32))]
+    _run_kernel(q, k, v, np.array([40], np.int32), kpos, cap - 1, cap, cos, sin, kr)
+    assert (kr[1].numpy() == kpos[None, :]).all()
+    kpos2 = kpos.copy()
+    kpos2[4:] -= 3  # positions re-assigned for most slots
+    k2 = k.copy()
+    k2[:, 2] = rng.standard_normal((3, 64))  # a new key in slot 2, same position
+    krpos = kr[1].numpy()
+    krpos[:, 2] = -1
+    kr[1] = tvm.runtime.tensor(krpos)
+    out, p = _run_kernel(q, k2, v, np.array([40], np.int32), kpos2, 2, cap, cos, sin, kr)
+    ro, rp = kernels.attention_ref(q, k2, v, np.array([40], np.int32), kpos2, cos, sin, 2, cap)
+    np.testing.assert_allclose(out, ro, atol=2e-5)
+    np.testing.assert_allclose(p, rp, atol=1e-6)
+    # a stale cache (krpos claims slot 0 is rotated, but with other keys) is trusted: proof of reuse
+    kr0 = kr[0].numpy()
+    kr0[:, 0] = 0
+    kr[0] = tvm.runtime.tensor(kr0)
+    _, p3 = _run_kernel(q, k2, v, np.array([40], np.int32), kpos2, 2, cap, cos, sin, kr)
+    assert not np.allclose(p3, rp, atol=1e-6)
 
 
 @pytest.mark.parametrize("n,cap,start,n_valid", [

@@ -3,7 +3,11 @@
 One kernel serves prefill (n queries) and decode (n = 1). The cache holds UN-rotated keys;
 the kernel applies RoPE (adjacent pairs) to each query with `qpos[t]` and to each key with
 `kpos[slot]`, so a policy can re-assign positions within the cache (StreamingLLM) without
-rewriting keys. It returns the attention output and the softmax weights per slot, which the
+rewriting keys. Rotated (and 1/sqrt(d)-scaled) keys are kept in `kr` [kv_heads, cap, d] across
+calls, with `krpos` [kv_heads, cap] the position each row was rotated with: a key is rotated
+again only when kpos[slot] != krpos[slot], so decoding rotates one new key per step (all of
+them when StreamingLLM re-assigns positions). Whoever writes a new key into a slot must set
+that slot's krpos to -1. It returns the attention output and the softmax weights per slot, which the
 H2O and TOVA policies score.
 
 Visibility: query t (written at slot `start + t`) sees slot j when j < n_valid and
@@ -31,7 +35,7 @@ def make_attention(n_heads: int = 9, n_kv_heads: int = 3, head_dim: int = 64):
     @T.prim_func
     def attention(q_h: T.handle, k_h: T.handle, v_h: T.handle, qpos_h: T.handle, kpos_h: T.handle,
                   cos_h: T.handle, sin_h: T.handle, out_h: T.handle, p_h: T.handle,
-                  start: T.int32, n_valid: T.int32):
+                  kr_h: T.handle, krpos_h: T.handle, start: T.int32, n_valid: T.int32):
         T.func_attr({"global_symbol": "attention", "tir.noalias": True})
         n = T.int32()
         cap = T.int32()
@@ -45,18 +49,21 @@ def make_attention(n_heads: int = 9, n_kv_heads: int = 3, head_dim: int = 64):
         SIN = T.match_buffer(sin_h, (npos, D2), "float32")
         OUT = T.match_buffer(out_h, (n, H, D), "float32")
         P = T.match_buffer(p_h, (n, H, cap), "float32")
-        KR = T.alloc_buffer((KH, cap, D), "float32")  # keys rotated once per call, pre-scaled
+        KR = T.match_buffer(kr_h, (KH, cap, D), "float32")  # rotated, pre-scaled keys (kept across calls)
+        KRPOS = T.match_buffer(krpos_h, (KH, cap), "int32")  # the position each KR row was rotated with
         for kj in T.parallel(KH * n_valid):
             kh = T.bind(kj // n_valid)
             j = T.bind(kj % n_valid)
             kp = T.bind(KPOS[j])
-            for i in range(D2):
-                c = T.bind(COS[kp, i])
-                s = T.bind(SIN[kp, i])
-                k0 = T.bind(K[kh, j, 2 * i])
-                k1 = T.bind(K[kh, j, 2 * i + 1])
-                KR[kh, j, 2 * i] = (k0 * c - k1 * s) * T.float32(scale)
-                KR[kh, j, 2 * i + 1] = (k0 * s + k1 * c) * T.float32(scale)
+            if KRPOS[kh, j] != kp:
+                for i in range(D2):
+                    c = T.bind(COS[kp, i])
+                    s = T.bind(SIN[kp, i])
+                    k0 = T.bind(K[kh, j, 2 * i])
+                    k1 = T.bind(K[kh, j, 2 * i + 1])
+                    KR[kh, j, 2 * i] = (k0 * c - k1 * s) * T.float32(scale)
+                    KR[kh, j, 2 * i + 1] = (k0 * s + k1 * c) * T.float32(scale)
+                KRPOS[kh, j] = kp
         for th in T.parallel(n * H):
             qr = T.alloc_buffer((D,), "float32")
             acc = T.alloc_buffer((D,), "float32")
@@ -110,7 +117,7 @@ _BUILT: dict = {}
 
 
 def build_attention(cfg, target=None):
-    """Compiled attention kernel: f(q, k, v, qpos, kpos, cos, sin, out, probs, start, n_valid)."""
+    """Compiled attention kernel: f(q, k, v, qpos, kpos, cos, sin, out, probs, kr, krpos, start, n_valid)."""
     key = (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim)
     if key not in _BUILT:
         target = target or cpu_target()

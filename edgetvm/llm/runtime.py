@@ -213,6 +213,13 @@ class Session:
         self.tV = [shared(a) for a in self.V]
         self.kpos = [aligned((budget,), np.int32) for _ in range(cfg.n_layers)]
         self.tkpos = [shared(a) for a in self.kpos]
+        # Rotated keys kept across steps by the attention kernel (-1: not rotated yet). Scratch for
+        # speed, not counted in kv_bytes (the cache proper is K and V).
+        self.tKR = [shared(aligned((cfg.n_kv_heads, budget, cfg.head_dim))) for _ in range(cfg.n_layers)]
+        self.krpos = [aligned((cfg.n_kv_heads, budget), np.int32) for _ in range(cfg.n_layers)]
+        for a in self.krpos:
+            a[:] = -1
+        self.tkrpos = [shared(a) for a in self.krpos]
         self.position = 0  # original position of the next token
         self._bufs: dict = {}
 
@@ -248,10 +255,12 @@ class Session:
             kn, vn = k.numpy(), v.numpy()
             self.K[l][:, start:start + n, :] = kn.transpose(1, 0, 2)
             self.V[l][:, start:start + n, :] = vn.transpose(1, 0, 2)
+            self.krpos[l][:, start:start + n] = -1  # new keys: rotate them
             rp = pol.rope_positions()
             self.kpos[l][:] = rp
             qpos[:] = rp[start:start + n]
-            m.attn(q, self.tK[l], self.tV[l], tqpos, self.tkpos[l], m.cos, m.sin, tout, tprobs, start, pol.n_valid)
+            m.attn(q, self.tK[l], self.tV[l], tqpos, self.tkpos[l], m.cos, m.sin, tout, tprobs, self.tKR[l],
+                   self.tkrpos[l], start, pol.n_valid)
             pol.observe(probs)
             x = f_post(x, tout, *post_w)
         self.position += n
