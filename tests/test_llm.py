@@ -25,13 +25,16 @@ def _run_kernel(q, k, v, qpos, kpos, start, n_valid, cos, sin, kr=None):
     f = kernels.build_attention(Config())
     n, H, D = q.shape
     out = np.zeros_like(q)
-    p = np.full((n, H, k.shape[1]), 7.0, np.float32)  # garbage: the kernel must overwrite all of it
-    if kr is None:  # rotated-key cache: fresh (nothing rotated yet)
-        kr = [tvm.runtime.tensor(np.zeros(k.shape, np.float32)),
+    cap = k.shape[1]
+    p = np.full((n, H, kernels.padded(cap)), 7.0, np.float32)  # garbage: the kernel must overwrite all of it
+    if kr is None:  # rotated-key cache: fresh (nothing rotated yet), NaN garbage in it
+        kr = [tvm.runtime.tensor(np.full((k.shape[0], D, kernels.padded(cap)), np.nan, np.float32)),
               tvm.runtime.tensor(np.full(k.shape[:2], -1, np.int32))]
     t = [tvm.runtime.tensor(a) for a in (q, k, v, qpos, kpos, cos, sin, out, p)] + kr
     f(*t, start, n_valid)
-    return t[7].numpy(), t[8].numpy()
+    pp = t[8].numpy()
+    assert np.all(pp[:, :, cap:] == 0)
+    return t[7].numpy(), pp[:, :, :cap]
 
 
 def test_attention_kernel_rerotates_only_moved_keys():
@@ -49,7 +52,8 @@ def test_attention_kernel_rerotates_only_moved_keys():
     k = rng.standard_normal((3, cap, 64), dtype=np.float32)
     v = rng.standard_normal((3, cap, 64), dtype=np.float32)
     kpos = np.arange(cap, dtype=np.int32) + 10
-    kr = [tvm.runtime.tensor(np.zeros(k.shape, np.float32)), tvm.runtime.tensor(np.full((3, cap), -1, np.int32))]
+    kr = [tvm.runtime.tensor(np.zeros((3, 64, kernels.padded(cap)), np.float32)),
+          tvm.runtime.tensor(np.full((3, cap), -1, np.int32))]
     _run_kernel(q, k, v, np.array([40], np.int32), kpos, cap - 1, cap, cos, sin, kr)
     assert (kr[1].numpy() == kpos[None, :]).all()
     kpos2 = kpos.copy()
@@ -65,7 +69,7 @@ def test_attention_kernel_rerotates_only_moved_keys():
     np.testing.assert_allclose(p, rp, atol=1e-6)
     # a stale cache (krpos claims slot 0 is rotated, but with other keys) is trusted: proof of reuse
     kr0 = kr[0].numpy()
-    kr0[:, 0] = 0
+    kr0[:, :, 0] = 0
     kr[0] = tvm.runtime.tensor(kr0)
     _, p3 = _run_kernel(q, k2, v, np.array([40], np.int32), kpos2, 2, cap, cos, sin, kr)
     assert not np.allclose(p3, rp, atol=1e-6)
@@ -93,6 +97,36 @@ def test_attention_kernel_matches_numpy(n, cap, start, n_valid):
     ro, rp = kernels.attention_ref(q, k, v, qpos, kpos, cos, sin, start, n_valid)
     np.testing.assert_allclose(out, ro, atol=2e-5)
     np.testing.assert_allclose(p, rp, atol=1e-6)
+    assert np.all(p[:, :, n_valid:] == 0)
+    np.testing.assert_allclose(p.sum(-1), 1.0, atol=1e-5)
+
+
+@pytest.mark.parametrize("n,cap,start,n_valid", [(1, 70, 69, 70), (1, 70, 12, 40), (6, 40, 10, 16)])
+def test_attention_kernel_fp16_cache_matches_numpy(n, cap, start, n_valid):
+    """The fp16 cache (K, V, rotated keys in half precision, fp32 arithmetic): the numpy reference
+    on the fp16-rounded K and V, within the rounding of the rotated keys."""
+    import tvm
+
+    from edgetvm.llm import kernels
+    from edgetvm.llm.reference import rope_tables
+
+    rng = np.random.default_rng(n + cap)
+    cos, sin = rope_tables(Config(), 1024)
+    q = rng.standard_normal((n, 9, 64), dtype=np.float32)
+    k = rng.standard_normal((3, cap, 64)).astype(np.float16)
+    v = rng.standard_normal((3, cap, 64)).astype(np.float16)
+    qpos = rng.integers(0, 1000, n).astype(np.int32)
+    kpos = rng.integers(0, 1000, cap).astype(np.int32)
+    f = kernels.build_attention(Config(), kv_dtype="float16")
+    cp = kernels.padded(cap)
+    t = [tvm.runtime.tensor(a) for a in (q, k, v, qpos, kpos, cos, sin, np.zeros_like(q),
+                                         np.full((n, 9, cp), 7, np.float32), np.zeros((3, 64, cp), np.float16),
+                                         np.full((3, cap), -1, np.int32))]
+    f(*t, start, n_valid)
+    out, p = t[7].numpy(), t[8].numpy()
+    ro, rp = kernels.attention_ref(q, k.astype(np.float32), v.astype(np.float32), qpos, kpos, cos, sin, start, n_valid)
+    np.testing.assert_allclose(out, ro, atol=5e-3)
+    np.testing.assert_allclose(p[:, :, :cap], rp, atol=2e-3)
     assert np.all(p[:, :, n_valid:] == 0)
     np.testing.assert_allclose(p.sum(-1), 1.0, atol=1e-5)
 
@@ -475,6 +509,7 @@ def test_q4_model_matches_numpy_reference(model_q4):
     assert np.abs(got - ref).max() < 2e-3 * np.abs(ref).max()
     assert (got.argmax(-1) == ref.argmax(-1)).all()
     assert model_q4.weight_bytes < 0.25 * 4 * 134.5e6  # under a quarter of fp32
+    assert s.kv_dtype == "float16" and s.kv_bytes == 2 * 30 * 3 * 32 * 64 * 2
 
 
 @needs_model

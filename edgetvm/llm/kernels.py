@@ -3,12 +3,16 @@
 One kernel serves prefill (n queries) and decode (n = 1). The cache holds UN-rotated keys;
 the kernel applies RoPE (adjacent pairs) to each query with `qpos[t]` and to each key with
 `kpos[slot]`, so a policy can re-assign positions within the cache (StreamingLLM) without
-rewriting keys. Rotated (and 1/sqrt(d)-scaled) keys are kept in `kr` [kv_heads, cap, d] across
-calls, with `krpos` [kv_heads, cap] the position each row was rotated with: a key is rotated
+rewriting keys. Rotated (and 1/sqrt(d)-scaled) keys are kept in `kr` [kv_heads, d, padded cap]
+across calls, with `krpos` [kv_heads, cap] the position each was rotated with: a key is rotated
 again only when kpos[slot] != krpos[slot], so decoding rotates one new key per step (all of
 them when StreamingLLM re-assigns positions). Whoever writes a new key into a slot must set
-that slot's krpos to -1. It returns the attention output and the softmax weights per slot, which the
-H2O and TOVA policies score.
+that slot's krpos to -1. It returns the attention output and the softmax weights per slot
+(`probs` [n, heads, padded cap], zero past n_valid), which the H2O and TOVA policies score.
+
+Schedule: scores in parallel over (query, kv head, block of 32 slots) with the 32 slots in
+vector lanes and the 3 query heads of a group sharing each key load; then softmax with a
+vectorised exp and the weighted sum of values in parallel over (query, head).
 
 Visibility: query t (written at slot `start + t`) sees slot j when j < n_valid and
 (j < start or j >= start + n or j <= start + t): the whole cache plus the chunk's causal prefix.
@@ -26,11 +30,20 @@ import tvm
 from tvm.script import tirx as T
 
 
-def make_attention(n_heads: int = 9, n_kv_heads: int = 3, head_dim: int = 64):
+JB = 32  # keys per score block; the rotated-key cache and the probabilities are padded to it
+
+
+def padded(cap: int) -> int:
+    """Capacity rounded up to whole score blocks: the width of `kr` and `probs`."""
+    return (cap + JB - 1) // JB * JB
+
+
+def make_attention(n_heads: int = 9, n_kv_heads: int = 3, head_dim: int = 64, kv_dtype: str = "float32"):
     H, KH, D = n_heads, n_kv_heads, head_dim
     G = H // KH
     D2 = D // 2
     scale = float(1.0 / np.sqrt(D))
+    LOG2E, LN2_HI, LN2_LO = 1.4426950408889634, 0.693359375, -2.12194440e-4
 
     @T.prim_func
     def attention(q_h: T.handle, k_h: T.handle, v_h: T.handle, qpos_h: T.handle, kpos_h: T.handle,
@@ -39,18 +52,21 @@ def make_attention(n_heads: int = 9, n_kv_heads: int = 3, head_dim: int = 64):
         T.func_attr({"global_symbol": "attention", "tir.noalias": True})
         n = T.int32()
         cap = T.int32()
+        capp = T.int32()
         npos = T.int32()
         Q = T.match_buffer(q_h, (n, H, D), "float32")
-        K = T.match_buffer(k_h, (KH, cap, D), "float32")
-        V = T.match_buffer(v_h, (KH, cap, D), "float32")
+        K = T.match_buffer(k_h, (KH, cap, D), kv_dtype)
+        V = T.match_buffer(v_h, (KH, cap, D), kv_dtype)
         QPOS = T.match_buffer(qpos_h, (n,), "int32")
         KPOS = T.match_buffer(kpos_h, (cap,), "int32")
         COS = T.match_buffer(cos_h, (npos, D2), "float32")
         SIN = T.match_buffer(sin_h, (npos, D2), "float32")
         OUT = T.match_buffer(out_h, (n, H, D), "float32")
-        P = T.match_buffer(p_h, (n, H, cap), "float32")
-        KR = T.match_buffer(kr_h, (KH, cap, D), "float32")  # rotated, pre-scaled keys (kept across calls)
-        KRPOS = T.match_buffer(krpos_h, (KH, cap), "int32")  # the position each KR row was rotated with
+        P = T.match_buffer(p_h, (n, H, capp), "float32")
+        KR = T.match_buffer(kr_h, (KH, D, capp), kv_dtype)  # rotated, pre-scaled keys, [dim, slot]
+        KRPOS = T.match_buffer(krpos_h, (KH, cap), "int32")  # the position each KR column was rotated with
+        nblk = T.bind((n_valid + JB - 1) // JB)
+        # 1. rotate the keys whose position changed (or that are new: krpos -1)
         for kj in T.parallel(KH * n_valid):
             kh = T.bind(kj // n_valid)
             j = T.bind(kj % n_valid)
@@ -59,54 +75,87 @@ def make_attention(n_heads: int = 9, n_kv_heads: int = 3, head_dim: int = 64):
                 for i in range(D2):
                     c = T.bind(COS[kp, i])
                     s = T.bind(SIN[kp, i])
-                    k0 = T.bind(K[kh, j, 2 * i])
-                    k1 = T.bind(K[kh, j, 2 * i + 1])
-                    KR[kh, j, 2 * i] = (k0 * c - k1 * s) * T.float32(scale)
-                    KR[kh, j, 2 * i + 1] = (k0 * s + k1 * c) * T.float32(scale)
+                    k0 = T.bind(T.Cast("float32", K[kh, j, 2 * i]))
+                    k1 = T.bind(T.Cast("float32", K[kh, j, 2 * i + 1]))
+                    KR[kh, 2 * i, j] = T.Cast(kv_dtype, (k0 * c - k1 * s) * T.float32(scale))
+                    KR[kh, 2 * i + 1, j] = T.Cast(kv_dtype, (k0 * s + k1 * c) * T.float32(scale))
                 KRPOS[kh, j] = kp
+        # 2. scores, in parallel over (query, kv head, block of JB keys), the G query heads of the
+        #    group together: JB keys in vector lanes, one FMA per (head, dim), no horizontal sums.
+        for u in T.parallel(n * KH * nblk):
+            qr = T.alloc_buffer((G, D), "float32")
+            sc = T.alloc_buffer((G, JB), "float32")
+            t = T.bind(u // (KH * nblk))
+            kh = T.bind(u // nblk % KH)
+            jb = T.bind(u % nblk)
+            qp = T.bind(QPOS[t])
+            for g in range(G):
+                for i in range(D2):
+                    c = T.bind(COS[qp, i])
+                    s = T.bind(SIN[qp, i])
+                    q0 = T.bind(Q[t, kh * G + g, 2 * i])
+                    q1 = T.bind(Q[t, kh * G + g, 2 * i + 1])
+                    qr[g, 2 * i] = q0 * c - q1 * s
+                    qr[g, 2 * i + 1] = q0 * s + q1 * c
+                for l in T.vectorized(JB):
+                    sc[g, l] = T.float32(0)
+            for d in range(D):
+                for g in T.unroll(G):
+                    for l in T.vectorized(JB):
+                        sc[g, l] = sc[g, l] + qr[g, d] * T.Cast("float32", KR[kh, d, jb * JB + l])
+            for g in range(G):
+                for l in T.vectorized(JB):
+                    P[t, kh * G + g, jb * JB + l] = T.if_then_else(
+                        jb * JB + l < n_valid and (jb * JB + l < start or jb * JB + l >= start + n
+                                                   or jb * JB + l <= start + t),
+                        sc[g, l], T.float32(-3.0e38))
+        # 3. softmax (vectorised exp: Cody-Waite reduction + degree-6 polynomial, rel. error ~1e-7)
+        #    and the weighted sum of values, in parallel over (query, head)
         for th in T.parallel(n * H):
-            qr = T.alloc_buffer((D,), "float32")
+            mx = T.alloc_buffer((JB,), "float32")
+            sm = T.alloc_buffer((JB,), "float32")
             acc = T.alloc_buffer((D,), "float32")
-            part = T.alloc_buffer((8,), "float32")
             red = T.alloc_buffer((2,), "float32")
+            xb = T.alloc_buffer((JB,), "float32")
+            fb = T.alloc_buffer((JB,), "float32")
+            rb = T.alloc_buffer((JB,), "float32")
             t = T.bind(th // H)
             h = T.bind(th % H)
             kh = T.bind(h // G)
-            qp = T.bind(QPOS[t])
-            for i in range(D2):
-                c = T.bind(COS[qp, i])
-                s = T.bind(SIN[qp, i])
-                qr[2 * i] = Q[t, h, 2 * i] * c - Q[t, h, 2 * i + 1] * s
-                qr[2 * i + 1] = Q[t, h, 2 * i] * s + Q[t, h, 2 * i + 1] * c
+            for l in T.vectorized(JB):
+                mx[l] = T.float32(-3.0e38)
+                sm[l] = T.float32(0)
+            for jb in range(nblk):
+                for l in T.vectorized(JB):
+                    mx[l] = T.max(mx[l], P[t, h, jb * JB + l])
             red[0] = T.float32(-3.0e38)
-            for j in range(n_valid):
-                if j < start or j >= start + n or j <= start + t:
-                    for l in T.vectorized(8):
-                        part[l] = T.float32(0)
-                    for i in range(D // 8):
-                        for l in T.vectorized(8):
-                            part[l] = part[l] + qr[i * 8 + l] * KR[kh, j, i * 8 + l]
-                    red[1] = part[0] + part[1] + part[2] + part[3] + part[4] + part[5] + part[6] + part[7]
-                    P[t, h, j] = red[1]
-                    red[0] = T.max(red[0], red[1])
-                else:
-                    P[t, h, j] = T.float32(-3.0e38)
+            for l in range(JB):
+                red[0] = T.max(red[0], mx[l])
+            for jb in range(nblk):
+                for l in T.vectorized(JB):  # x = s - max (clamped), fn = round(x / ln 2)
+                    xb[l] = T.max(P[t, h, jb * JB + l] - red[0], T.float32(-87.0))
+                    fb[l] = T.floor(xb[l] * T.float32(LOG2E) + T.float32(0.5))
+                for l in T.vectorized(JB):  # r = x - fn ln 2, exp(r) by polynomial, times 2^fn
+                    rb[l] = xb[l] - fb[l] * T.float32(LN2_HI) - fb[l] * T.float32(LN2_LO)
+                    xb[l] = ((((((rb[l] * T.float32(1.0 / 720) + T.float32(1.0 / 120)) * rb[l] + T.float32(1.0 / 24))
+                                * rb[l] + T.float32(1.0 / 6)) * rb[l] + T.float32(0.5)) * rb[l] + T.float32(1.0))
+                             * rb[l] + T.float32(1.0)) \
+                        * T.reinterpret("float32", T.shift_left(T.Cast("int32", fb[l]) + 127, 23))
+                    P[t, h, jb * JB + l] = T.if_then_else(P[t, h, jb * JB + l] > T.float32(-1.0e38), xb[l],
+                                                          T.float32(0))
+                    sm[l] = sm[l] + P[t, h, jb * JB + l]
             red[1] = T.float32(0)
-            for j in range(n_valid):
-                if j < start or j >= start + n or j <= start + t:
-                    P[t, h, j] = T.exp(P[t, h, j] - red[0])
-                    red[1] = red[1] + P[t, h, j]
-                else:
-                    P[t, h, j] = T.float32(0)
-            for j in range(cap - n_valid):
-                P[t, h, n_valid + j] = T.float32(0)
+            for l in range(JB):
+                red[1] = red[1] + sm[l]
+            red[1] = T.float32(1) / red[1]
+            for j in range(capp - nblk * JB):
+                P[t, h, nblk * JB + j] = T.float32(0)
             for d in T.vectorized(D):
                 acc[d] = T.float32(0)
-            red[1] = T.float32(1) / red[1]
             for j in range(n_valid):
                 P[t, h, j] = P[t, h, j] * red[1]
                 for d in T.vectorized(D):
-                    acc[d] = acc[d] + P[t, h, j] * V[kh, j, d]
+                    acc[d] = acc[d] + P[t, h, j] * T.Cast("float32", V[kh, j, d])
             for d in T.vectorized(D):
                 OUT[t, h, d] = acc[d]
 
@@ -116,9 +165,10 @@ def make_attention(n_heads: int = 9, n_kv_heads: int = 3, head_dim: int = 64):
 _BUILT: dict = {}
 
 
-def build_attention(cfg, target=None):
-    """Compiled attention kernel: f(q, k, v, qpos, kpos, cos, sin, out, probs, kr, krpos, start, n_valid)."""
-    key = (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim)
+def build_attention(cfg, target=None, kv_dtype: str = "float32"):
+    """Compiled attention kernel: f(q, k, v, qpos, kpos, cos, sin, out, probs, kr, krpos, start, n_valid).
+    probs is [n, heads, padded(cap)] and kr [kv_heads, head_dim, padded(cap)]."""
+    key = (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, kv_dtype)
     if key not in _BUILT:
         target = target or cpu_target()
         mod = tvm.IRModule({"attention": make_attention(*key)})

@@ -10,7 +10,8 @@ does RoPE + GQA attention over the cache (and returns the weights for H2O/TOVA),
 does the output projection, residuals, RMSNorm and the SwiGLU MLP. `head` is the final norm
 plus the tied embedding. All functions take a symbolic number of tokens, so prefill (chunks)
 and decode (1 token) share one compiled module. KV memory is 2 * layers * kv_heads * budget *
-head_dim * 4 bytes: O(budget), never O(sequence length).
+head_dim * 4 bytes (2 with the fp16 cache that q8/q4 use): O(budget), never O(sequence length).
+The attention kernel also keeps a rotated copy of the keys (the same size as K) across steps.
 """
 
 from __future__ import annotations
@@ -153,6 +154,7 @@ class Model:
         self.ex = build_dense(cfg, self.target, use_edgetvm_pipeline, weights)
         self.vm = relax.VirtualMachine(self.ex, tvm.cpu())
         self.attn = kernels.build_attention(cfg, self.target)
+        self.attn16 = kernels.build_attention(cfg, self.target, "float16")
         self.compile_s = time.perf_counter() - t0
         self.f_pre, self.f_post, self.f_head = self.vm["pre"], self.vm["post"], self.vm["head"]
         self.f_head_chunk = self.vm["head_chunk"]
@@ -200,22 +202,31 @@ class Model:
 class Session:
     """One sequence: per-layer K/V buffers [kv_heads, budget, head_dim] plus per-layer policies."""
 
-    def __init__(self, model: Model, policy: str, budget: int, sinks: int = 4, recent: int | None = None):
+    def __init__(self, model: Model, policy: str, budget: int, sinks: int = 4, recent: int | None = None,
+                 kv_dtype: str | None = None):
+        # fp32 weights keep an fp32 cache (the exact path, checked against numpy); q8/q4 hold the
+        # cache in fp16 like llama.cpp: half the bytes read per decoded token at long contexts.
+        self.kv_dtype = kv_dtype or ("float32" if model.weights == "fp32" else "float16")
+        if self.kv_dtype not in ("float32", "float16"):
+            raise UserError(f"unknown KV cache dtype '{self.kv_dtype}'; use float32 or float16")
         if budget > model.cfg.max_pos:
             raise UserError(f"--kv-budget {budget} exceeds the model's context {model.cfg.max_pos}; lower it")
         self.model = model
         cfg = model.cfg
         self.policies = [make_policy(policy, budget, sinks, recent) for _ in range(cfg.n_layers)]
         self.capacity = budget
-        self.K = [aligned((cfg.n_kv_heads, budget, cfg.head_dim)) for _ in range(cfg.n_layers)]
-        self.V = [aligned((cfg.n_kv_heads, budget, cfg.head_dim)) for _ in range(cfg.n_layers)]
+        kvd = np.dtype(self.kv_dtype)
+        self.attn = model.attn if self.kv_dtype == "float32" else model.attn16
+        self.K = [aligned((cfg.n_kv_heads, budget, cfg.head_dim), kvd) for _ in range(cfg.n_layers)]
+        self.V = [aligned((cfg.n_kv_heads, budget, cfg.head_dim), kvd) for _ in range(cfg.n_layers)]
         self.tK = [shared(a) for a in self.K]
         self.tV = [shared(a) for a in self.V]
         self.kpos = [aligned((budget,), np.int32) for _ in range(cfg.n_layers)]
         self.tkpos = [shared(a) for a in self.kpos]
         # Rotated keys kept across steps by the attention kernel (-1: not rotated yet). Scratch for
         # speed, not counted in kv_bytes (the cache proper is K and V).
-        self.tKR = [shared(aligned((cfg.n_kv_heads, budget, cfg.head_dim))) for _ in range(cfg.n_layers)]
+        self.tKR = [shared(aligned((cfg.n_kv_heads, cfg.head_dim, kernels.padded(budget)), kvd))
+                    for _ in range(cfg.n_layers)]
         self.krpos = [aligned((cfg.n_kv_heads, budget), np.int32) for _ in range(cfg.n_layers)]
         for a in self.krpos:
             a[:] = -1
@@ -232,8 +243,8 @@ class Session:
             cfg = self.model.cfg
             qpos = aligned((n,), np.int32)
             out = aligned((n, cfg.n_heads, cfg.head_dim))
-            probs = aligned((n, cfg.n_heads, self.capacity))
-            self._bufs[n] = (qpos, shared(qpos), shared(out), probs, shared(probs))
+            probs = aligned((n, cfg.n_heads, kernels.padded(self.capacity)))
+            self._bufs[n] = (qpos, shared(qpos), shared(out), probs[:, :, :self.capacity], shared(probs))
         return self._bufs[n]
 
     def forward(self, ids) -> np.ndarray:
@@ -259,7 +270,7 @@ class Session:
             rp = pol.rope_positions()
             self.kpos[l][:] = rp
             qpos[:] = rp[start:start + n]
-            m.attn(q, self.tK[l], self.tV[l], tqpos, self.tkpos[l], m.cos, m.sin, tout, tprobs, self.tKR[l],
+            self.attn(q, self.tK[l], self.tV[l], tqpos, self.tkpos[l], m.cos, m.sin, tout, tprobs, self.tKR[l],
                    self.tkrpos[l], start, pol.n_valid)
             pol.observe(probs)
             x = f_post(x, tout, *post_w)
