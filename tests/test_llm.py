@@ -30,11 +30,18 @@ def _run_kernel(q, k, v, qpos, kpos, start, n_valid, cos, sin, kr=None):
     if kr is None:  # rotated-key cache: fresh (nothing rotated yet), NaN garbage in it
         kr = [tvm.runtime.tensor(np.full((k.shape[0], D, kernels.padded(cap)), np.nan, np.float32)),
               tvm.runtime.tensor(np.full(k.shape[:2], -1, np.int32))]
-    t = [tvm.runtime.tensor(a) for a in (q, k, v, qpos, kpos, cos, sin, out, p)] + kr
+    # the chunk's keys/values come separately; their slots in the cache hold garbage until written
+    knew, vnew = k[:, start:start + n].transpose(1, 0, 2).copy(), v[:, start:start + n].transpose(1, 0, 2).copy()
+    kc, vc = k.copy(), v.copy()
+    kc[:, start:start + n] = np.nan
+    vc[:, start:start + n] = np.nan
+    t = [tvm.runtime.tensor(a) for a in (q, knew, vnew, kc, vc, qpos, kpos, cos, sin, out, p)] + kr
     f(*t, start, n_valid)
-    pp = t[8].numpy()
+    np.testing.assert_array_equal(t[3].numpy(), k)
+    np.testing.assert_array_equal(t[4].numpy(), v)
+    pp = t[10].numpy()
     assert np.all(pp[:, :, cap:] == 0)
-    return t[7].numpy(), pp[:, :, :cap]
+    return t[9].numpy(), pp[:, :, :cap]
 
 
 def test_attention_kernel_rerotates_only_moved_keys():
@@ -59,10 +66,7 @@ def test_attention_kernel_rerotates_only_moved_keys():
     kpos2 = kpos.copy()
     kpos2[4:] -= 3  # positions re-assigned for most slots
     k2 = k.copy()
-    k2[:, 2] = rng.standard_normal((3, 64))  # a new key in slot 2, same position
-    krpos = kr[1].numpy()
-    krpos[:, 2] = -1
-    kr[1] = tvm.runtime.tensor(krpos)
+    k2[:, 2] = rng.standard_normal((3, 64))  # a new key written into slot 2 (start), same position
     out, p = _run_kernel(q, k2, v, np.array([40], np.int32), kpos2, 2, cap, cos, sin, kr)
     ro, rp = kernels.attention_ref(q, k2, v, np.array([40], np.int32), kpos2, cos, sin, 2, cap)
     np.testing.assert_allclose(out, ro, atol=2e-5)
@@ -119,11 +123,13 @@ def test_attention_kernel_fp16_cache_matches_numpy(n, cap, start, n_valid):
     kpos = rng.integers(0, 1000, cap).astype(np.int32)
     f = kernels.build_attention(Config(), kv_dtype="float16")
     cp = kernels.padded(cap)
-    t = [tvm.runtime.tensor(a) for a in (q, k, v, qpos, kpos, cos, sin, np.zeros_like(q),
+    knew = k[:, start:start + n].transpose(1, 0, 2).astype(np.float32)
+    vnew = v[:, start:start + n].transpose(1, 0, 2).astype(np.float32)
+    t = [tvm.runtime.tensor(a) for a in (q, knew, vnew, k, v, qpos, kpos, cos, sin, np.zeros_like(q),
                                          np.full((n, 9, cp), 7, np.float32), np.zeros((3, 64, cp), np.float16),
                                          np.full((3, cap), -1, np.int32))]
     f(*t, start, n_valid)
-    out, p = t[7].numpy(), t[8].numpy()
+    out, p = t[9].numpy(), t[10].numpy()
     ro, rp = kernels.attention_ref(q, k.astype(np.float32), v.astype(np.float32), qpos, kpos, cos, sin, start, n_valid)
     np.testing.assert_allclose(out, ro, atol=5e-3)
     np.testing.assert_allclose(p[:, :, :cap], rp, atol=2e-3)

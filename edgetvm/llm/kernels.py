@@ -1,13 +1,14 @@
 """Our own attention kernel (TIR) over a fixed-capacity KV cache, plus its numpy reference.
 
-One kernel serves prefill (n queries) and decode (n = 1). The cache holds UN-rotated keys;
+One kernel serves prefill (n queries) and decode (n = 1). It first writes the chunk's new keys
+and values (knew, vnew [n, kv_heads, d]) into slots start .. start + n - 1 of the cache (k, v
+[kv_heads, cap, d]), then attends. The cache holds UN-rotated keys;
 the kernel applies RoPE (adjacent pairs) to each query with `qpos[t]` and to each key with
 `kpos[slot]`, so a policy can re-assign positions within the cache (StreamingLLM) without
 rewriting keys. Rotated (and 1/sqrt(d)-scaled) keys are kept in `kr` [kv_heads, d, padded cap]
 across calls, with `krpos` [kv_heads, cap] the position each was rotated with: a key is rotated
 again only when kpos[slot] != krpos[slot], so decoding rotates one new key per step (all of
-them when StreamingLLM re-assigns positions). Whoever writes a new key into a slot must set
-that slot's krpos to -1. It returns the attention output and the softmax weights per slot
+them when StreamingLLM re-assigns positions); the slots it writes get krpos -1. It returns the attention output and the softmax weights per slot
 (`probs` [n, heads, padded cap], zero past n_valid), which the H2O and TOVA policies score.
 
 Schedule: scores in parallel over (query, kv head, block of 32 slots) with the 32 slots in
@@ -46,7 +47,8 @@ def make_attention(n_heads: int = 9, n_kv_heads: int = 3, head_dim: int = 64, kv
     LOG2E, LN2_HI, LN2_LO = 1.4426950408889634, 0.693359375, -2.12194440e-4
 
     @T.prim_func
-    def attention(q_h: T.handle, k_h: T.handle, v_h: T.handle, qpos_h: T.handle, kpos_h: T.handle,
+    def attention(q_h: T.handle, knew_h: T.handle, vnew_h: T.handle, k_h: T.handle, v_h: T.handle,
+                  qpos_h: T.handle, kpos_h: T.handle,
                   cos_h: T.handle, sin_h: T.handle, out_h: T.handle, p_h: T.handle,
                   kr_h: T.handle, krpos_h: T.handle, start: T.int32, n_valid: T.int32):
         T.func_attr({"global_symbol": "attention", "tir.noalias": True})
@@ -55,6 +57,8 @@ def make_attention(n_heads: int = 9, n_kv_heads: int = 3, head_dim: int = 64, kv
         capp = T.int32()
         npos = T.int32()
         Q = T.match_buffer(q_h, (n, H, D), "float32")
+        KNEW = T.match_buffer(knew_h, (n, KH, D), "float32")
+        VNEW = T.match_buffer(vnew_h, (n, KH, D), "float32")
         K = T.match_buffer(k_h, (KH, cap, D), kv_dtype)
         V = T.match_buffer(v_h, (KH, cap, D), kv_dtype)
         QPOS = T.match_buffer(qpos_h, (n,), "int32")
@@ -66,6 +70,13 @@ def make_attention(n_heads: int = 9, n_kv_heads: int = 3, head_dim: int = 64, kv
         KR = T.match_buffer(kr_h, (KH, D, capp), kv_dtype)  # rotated, pre-scaled keys, [dim, slot]
         KRPOS = T.match_buffer(krpos_h, (KH, cap), "int32")  # the position each KR column was rotated with
         nblk = T.bind((n_valid + JB - 1) // JB)
+        # 0. write the chunk's keys and values into their slots (start .. start + n - 1)
+        for t in range(n):
+            for kh in range(KH):
+                for d in T.vectorized(D):
+                    K[kh, start + t, d] = T.Cast(kv_dtype, KNEW[t, kh, d])
+                    V[kh, start + t, d] = T.Cast(kv_dtype, VNEW[t, kh, d])
+                KRPOS[kh, start + t] = -1
         # 1. rotate the keys whose position changed (or that are new: krpos -1)
         for kj in T.parallel(KH * n_valid):
             kh = T.bind(kj // n_valid)
@@ -166,8 +177,8 @@ _BUILT: dict = {}
 
 
 def build_attention(cfg, target=None, kv_dtype: str = "float32"):
-    """Compiled attention kernel: f(q, k, v, qpos, kpos, cos, sin, out, probs, kr, krpos, start, n_valid).
-    probs is [n, heads, padded(cap)] and kr [kv_heads, head_dim, padded(cap)]."""
+    """Compiled attention kernel: f(q, knew, vnew, k, v, qpos, kpos, cos, sin, out, probs, kr, krpos,
+    start, n_valid); probs is [n, heads, padded(cap)] and kr [kv_heads, head_dim, padded(cap)]."""
     key = (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, kv_dtype)
     if key not in _BUILT:
         target = target or cpu_target()

@@ -262,15 +262,11 @@ class Session:
             start = slots[0]
             if n > 1 and slots != list(range(start, start + n)):
                 raise RuntimeError("a prefill chunk must land in consecutive free slots")
-            q, k, v = f_pre(x, *pre_w)
-            kn, vn = k.numpy(), v.numpy()
-            self.K[l][:, start:start + n, :] = kn.transpose(1, 0, 2)
-            self.V[l][:, start:start + n, :] = vn.transpose(1, 0, 2)
-            self.krpos[l][:, start:start + n] = -1  # new keys: rotate them
+            q, k, v = f_pre(x, *pre_w)  # the kernel writes k, v into the cache slots
             rp = pol.rope_positions()
             self.kpos[l][:] = rp
             qpos[:] = rp[start:start + n]
-            self.attn(q, self.tK[l], self.tV[l], tqpos, self.tkpos[l], m.cos, m.sin, tout, tprobs, self.tKR[l],
+            self.attn(q, k, v, self.tK[l], self.tV[l], tqpos, self.tkpos[l], m.cos, m.sin, tout, tprobs, self.tKR[l],
                    self.tkrpos[l], start, pol.n_valid)
             pol.observe(probs)
             x = f_post(x, tout, *post_w)
