@@ -8,6 +8,7 @@ against a cache of at most `budget` tokens. Decode tokens/s is measured over tho
 steps (for the full cache: over --full-decode greedy steps after the text, same cache).
 
     python bench/kv.py --tokens 4096 --fractions 0.2 --out ~/.cache/edgetvm/kv.jsonl
+    python bench/kv.py --tokens 1024 --fractions 0.2 --policies streaming --llama-cpp auto
 Results are appended to --out as JSON lines as each run ends, and printed as a table.
 """
 
@@ -66,6 +67,31 @@ def paged_peer(ids, fraction: float, sinks: int, chunk: int = 64) -> dict:
             "compile_s": m.compile_s}
 
 
+def llama_cpp_row(ids, python: str, steps: int) -> dict | None:
+    """llama.cpp on the same GGUF (its Q4_1/Q8_0 weights, f16 cache): perplexity over the same ids
+    with the full cache (logits_all), then `steps` greedy decode steps after the whole text."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from decode import BUILD_HINT, LlamaCpp, find_peer
+
+    from edgetvm.llm.gguf_model import load_weights, model_path
+
+    peer = find_peer(None if python == "auto" else python)
+    if peer is None:
+        print(f"llama.cpp row SKIPPED: no python with llama_cpp ({python}); build it with:\n    {BUILD_HINT}", flush=True)
+        return None
+    n = len(ids)
+    t0 = time.perf_counter()
+    w = LlamaCpp(peer, model_path("smollm2-135m"), os.cpu_count(), n + max(steps, 1) + 16)
+    r = w.ask(cmd="ppl", ids=list(ids))
+    d = w.ask(cmd="decode", ids=list(ids), steps=steps) if steps else {"tok_s": None}
+    w.close()
+    cfg = load_weights()[0]
+    return {"policy": "llama.cpp-full", "fraction": 1.0, "budget": n, "ppl": r["ppl"], "tokens": n - 1,
+            "seconds": time.perf_counter() - t0, "decode_tokens": steps, "decode_tok_s": d["tok_s"],
+            "kv_bytes": 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * 2 * n, "llama_cpp": w.info["version"],
+            "note": "llama.cpp computes with the GGUF's Q4_1/Q8_0 weights (ours: fp32 dequantized from them)"}
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=4096)
@@ -77,6 +103,10 @@ def main(argv=None) -> None:
     ap.add_argument("--paged", default="0.2",
                     help="budget fractions for TVM's PagedKVCache peer (sliding window + sinks) on the same "
                          "tokens; empty to skip")
+    ap.add_argument("--llama-cpp", default=None, metavar="PYTHON",
+                    help="python of a venv with llama-cpp-python (see bench/decode.py for building it): adds a "
+                         "llama.cpp full-cache row (perplexity on the same token ids, decode tok/s); 'auto' "
+                         "uses ~/.cache/edgetvm/llamacpp-venv if it is there")
     ap.add_argument("--out", default=str(Path.home() / ".cache" / "edgetvm" / "kv.jsonl"))
     args = ap.parse_args(argv)
 
@@ -106,6 +136,11 @@ def main(argv=None) -> None:
         r = paged_peer(ids, frac, args.sinks)
         rows.append(r)
         _emit(out, r)
+    if args.llama_cpp:
+        r = llama_cpp_row(ids, args.llama_cpp, args.full_decode)
+        if r is not None:
+            rows.append(r)
+            _emit(out, r)
     full = [r for r in rows if r["policy"] == "full"]
     print(f"\nlee_background.cor, {n} tokens, sinks {args.sinks}; ppl vs full cache; "
           "decode tok/s over the one-token steps")
