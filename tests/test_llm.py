@@ -28,7 +28,7 @@ def _run_kernel(q, k, v, qpos, kpos, start, n_valid, cos, sin, kr=None):
     cap = k.shape[1]
     p = np.full((n, H, kernels.padded(cap)), 7.0, np.float32)  # garbage: the kernel must overwrite all of it
     if kr is None:  # rotated-key cache: fresh (nothing rotated yet), NaN garbage in it
-        kr = [tvm.runtime.tensor(np.full((k.shape[0], D, kernels.padded(cap)), np.nan, np.float32)),
+        kr = [tvm.runtime.tensor(np.full(kernels.kr_shape(k.shape[0], D, cap), np.nan, np.float32)),
               tvm.runtime.tensor(np.full(k.shape[:2], -1, np.int32))]
     # the chunk's keys/values come separately; their slots in the cache hold garbage until written
     knew, vnew = k[:, start:start + n].transpose(1, 0, 2).copy(), v[:, start:start + n].transpose(1, 0, 2).copy()
@@ -59,7 +59,7 @@ def test_attention_kernel_rerotates_only_moved_keys():
     k = rng.standard_normal((3, cap, 64), dtype=np.float32)
     v = rng.standard_normal((3, cap, 64), dtype=np.float32)
     kpos = np.arange(cap, dtype=np.int32) + 10
-    kr = [tvm.runtime.tensor(np.zeros((3, 64, kernels.padded(cap)), np.float32)),
+    kr = [tvm.runtime.tensor(np.zeros(kernels.kr_shape(3, 64, cap), np.float32)),
           tvm.runtime.tensor(np.full((3, cap), -1, np.int32))]
     _run_kernel(q, k, v, np.array([40], np.int32), kpos, cap - 1, cap, cos, sin, kr)
     assert (kr[1].numpy() == kpos[None, :]).all()
@@ -73,7 +73,7 @@ def test_attention_kernel_rerotates_only_moved_keys():
     np.testing.assert_allclose(p, rp, atol=1e-6)
     # a stale cache (krpos claims slot 0 is rotated, but with other keys) is trusted: proof of reuse
     kr0 = kr[0].numpy()
-    kr0[:, :, 0] = 0
+    kr0[:, 0, :, 0] = 0
     kr[0] = tvm.runtime.tensor(kr0)
     _, p3 = _run_kernel(q, k2, v, np.array([40], np.int32), kpos2, 2, cap, cos, sin, kr)
     assert not np.allclose(p3, rp, atol=1e-6)
@@ -126,7 +126,7 @@ def test_attention_kernel_fp16_cache_matches_numpy(n, cap, start, n_valid):
     knew = k[:, start:start + n].transpose(1, 0, 2).astype(np.float32)
     vnew = v[:, start:start + n].transpose(1, 0, 2).astype(np.float32)
     t = [tvm.runtime.tensor(a) for a in (q, knew, vnew, k, v, qpos, kpos, cos, sin, np.zeros_like(q),
-                                         np.full((n, 9, cp), 7, np.float32), np.zeros((3, 64, cp), np.float16),
+                                         np.full((n, 9, cp), 7, np.float32), np.zeros(kernels.kr_shape(3, 64, cap), np.float16),
                                          np.full((3, cap), -1, np.int32))]
     f(*t, start, n_valid)
     out, p = t[9].numpy(), t[10].numpy()

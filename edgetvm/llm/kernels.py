@@ -5,8 +5,8 @@ and values (knew, vnew [n, kv_heads, d]) into slots start .. start + n - 1 of th
 [kv_heads, cap, d]), then attends. The cache holds UN-rotated keys;
 the kernel applies RoPE (adjacent pairs) to each query with `qpos[t]` and to each key with
 `kpos[slot]`, so a policy can re-assign positions within the cache (StreamingLLM) without
-rewriting keys. Rotated (and 1/sqrt(d)-scaled) keys are kept in `kr` [kv_heads, d, padded cap]
-across calls, with `krpos` [kv_heads, cap] the position each was rotated with: a key is rotated
+rewriting keys. Rotated (and 1/sqrt(d)-scaled) keys are kept in `kr` [kv_heads, padded cap / 32,
+d, 32] (blocks of 32 slots, each contiguous) across calls, with `krpos` [kv_heads, cap] the position each was rotated with: a key is rotated
 again only when kpos[slot] != krpos[slot], so decoding rotates one new key per step (all of
 them when StreamingLLM re-assigns positions); the slots it writes get krpos -1. It returns the attention output and the softmax weights per slot
 (`probs` [n, heads, padded cap], zero past n_valid), which the H2O and TOVA policies score.
@@ -39,6 +39,10 @@ def padded(cap: int) -> int:
     return (cap + JB - 1) // JB * JB
 
 
+def kr_shape(n_kv_heads: int, head_dim: int, cap: int) -> tuple:
+    return (n_kv_heads, padded(cap) // JB, head_dim, JB)
+
+
 def make_attention(n_heads: int = 9, n_kv_heads: int = 3, head_dim: int = 64, kv_dtype: str = "float32"):
     H, KH, D = n_heads, n_kv_heads, head_dim
     G = H // KH
@@ -67,7 +71,8 @@ def make_attention(n_heads: int = 9, n_kv_heads: int = 3, head_dim: int = 64, kv
         SIN = T.match_buffer(sin_h, (npos, D2), "float32")
         OUT = T.match_buffer(out_h, (n, H, D), "float32")
         P = T.match_buffer(p_h, (n, H, capp), "float32")
-        KR = T.match_buffer(kr_h, (KH, D, capp), kv_dtype)  # rotated, pre-scaled keys, [dim, slot]
+        # rotated, pre-scaled keys in blocks of JB slots: [kv head, slot block, dim, slot in block]
+        KR = T.match_buffer(kr_h, (KH, capp // JB, D, JB), kv_dtype)
         KRPOS = T.match_buffer(krpos_h, (KH, cap), "int32")  # the position each KR column was rotated with
         nblk = T.bind((n_valid + JB - 1) // JB)
         # 0. write the chunk's keys and values into their slots (start .. start + n - 1)
@@ -88,8 +93,8 @@ def make_attention(n_heads: int = 9, n_kv_heads: int = 3, head_dim: int = 64, kv
                     s = T.bind(SIN[kp, i])
                     k0 = T.bind(T.Cast("float32", K[kh, j, 2 * i]))
                     k1 = T.bind(T.Cast("float32", K[kh, j, 2 * i + 1]))
-                    KR[kh, 2 * i, j] = T.Cast(kv_dtype, (k0 * c - k1 * s) * T.float32(scale))
-                    KR[kh, 2 * i + 1, j] = T.Cast(kv_dtype, (k0 * s + k1 * c) * T.float32(scale))
+                    KR[kh, j // JB, 2 * i, j % JB] = T.Cast(kv_dtype, (k0 * c - k1 * s) * T.float32(scale))
+                    KR[kh, j // JB, 2 * i + 1, j % JB] = T.Cast(kv_dtype, (k0 * s + k1 * c) * T.float32(scale))
                 KRPOS[kh, j] = kp
         # 2. scores, in parallel over (query, kv head, block of JB keys), the G query heads of the
         #    group together: JB keys in vector lanes, one FMA per (head, dim), no horizontal sums.
@@ -113,7 +118,7 @@ def make_attention(n_heads: int = 9, n_kv_heads: int = 3, head_dim: int = 64, kv
             for d in range(D):
                 for g in T.unroll(G):
                     for l in T.vectorized(JB):
-                        sc[g, l] = sc[g, l] + qr[g, d] * T.Cast("float32", KR[kh, d, jb * JB + l])
+                        sc[g, l] = sc[g, l] + qr[g, d] * T.Cast("float32", KR[kh, jb, d, l])
             for g in range(G):
                 for l in T.vectorized(JB):
                     P[t, kh * G + g, jb * JB + l] = T.if_then_else(
@@ -178,7 +183,7 @@ _BUILT: dict = {}
 
 def build_attention(cfg, target=None, kv_dtype: str = "float32"):
     """Compiled attention kernel: f(q, knew, vnew, k, v, qpos, kpos, cos, sin, out, probs, kr, krpos,
-    start, n_valid); probs is [n, heads, padded(cap)] and kr [kv_heads, head_dim, padded(cap)]."""
+    start, n_valid); probs is [n, heads, padded(cap)] and kr [kv_heads, padded(cap) / JB, head_dim, JB]."""
     key = (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, kv_dtype)
     if key not in _BUILT:
         target = target or cpu_target()

@@ -158,10 +158,17 @@ def make_matmul(K: int, N: int, fmt: str):
                         for j in T.vectorized(TJ):
                             part[j] = T.float32(0)
                         for kk in T.unroll(G2):
-                            for j in T.vectorized(TJ):
-                                part[j] = (part[j]
-                                           + X[t, g * G + 2 * kk] * T.Cast("float32", W[nb, g * G2 + kk, j] & T.uint8(15))
-                                           + X[t, g * G + 2 * kk + 1] * T.Cast("float32", W[nb, g * G2 + kk, j] >> T.uint8(4)))
+                            # 8 lanes at a time: one zero-extending load of 8 bytes into int32 lanes,
+                            # then the low and high nibbles (1.6x faster here than masking 32 bytes
+                            # first, which LLVM lowered to cross-lane shuffles).
+                            for jo in T.unroll(TJ // 8):
+                                for j in T.vectorized(8):
+                                    part[jo * 8 + j] = (
+                                        part[jo * 8 + j]
+                                        + X[t, g * G + 2 * kk]
+                                        * T.Cast("float32", T.Cast("int32", W[nb, g * G2 + kk, jo * 8 + j]) & 15)
+                                        + X[t, g * G + 2 * kk + 1]
+                                        * T.Cast("float32", T.Cast("int32", W[nb, g * G2 + kk, jo * 8 + j]) >> 4))
                         for j in T.vectorized(TJ):
                             acc[j] = acc[j] + part[j] * D[nb, g, j] + M[nb, g, j] * xs[0]
                     for j in T.vectorized(TJ):

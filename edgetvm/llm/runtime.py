@@ -225,7 +225,7 @@ class Session:
         self.tkpos = [shared(a) for a in self.kpos]
         # Rotated keys kept across steps by the attention kernel (-1: not rotated yet). Scratch for
         # speed, not counted in kv_bytes (the cache proper is K and V).
-        self.tKR = [shared(aligned((cfg.n_kv_heads, cfg.head_dim, kernels.padded(budget)), kvd))
+        self.tKR = [shared(aligned(kernels.kr_shape(cfg.n_kv_heads, cfg.head_dim, budget), kvd))
                     for _ in range(cfg.n_layers)]
         self.krpos = [aligned((cfg.n_kv_heads, budget), np.int32) for _ in range(cfg.n_layers)]
         for a in self.krpos:
