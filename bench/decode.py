@@ -77,18 +77,24 @@ def find_peer(arg: str | None) -> str | None:
     return cand if ok else None
 
 
-def decode_ours(model, ids, steps: int) -> dict:
-    s = model.session("full", len(ids) + steps + 1)
-    t0 = time.perf_counter()
-    lg = s.prefill(ids)[-1]
-    prefill_s = time.perf_counter() - t0
+def greedy(forward, lg, steps: int) -> tuple[list[int], float]:
+    """`steps` greedy tokens from logits `lg`; returns them and the seconds spent in `forward` alone."""
     made, t_dec = [], 0.0
     for _ in range(steps):
         tok = int(np.argmax(lg))
         made.append(tok)
         ts = time.perf_counter()
-        lg = s.forward([tok])[-1]
+        lg = forward([tok])[-1]
         t_dec += time.perf_counter() - ts
+    return made, t_dec
+
+
+def decode_ours(model, ids, steps: int) -> dict:
+    s = model.session("full", len(ids) + steps + 1)
+    t0 = time.perf_counter()
+    lg = s.prefill(ids)[-1]
+    prefill_s = time.perf_counter() - t0
+    made, t_dec = greedy(s.forward, lg, steps)
     return {"tok_s": steps / t_dec, "tokens": made, "prefill_s": prefill_s}
 
 
@@ -98,13 +104,7 @@ def decode_paged(pm, ids, steps: int, chunk: int = 64) -> dict:
     for i in range(0, len(ids), chunk):
         lg = pm.forward(cache, ids[i:i + chunk])[-1]
     prefill_s = time.perf_counter() - t0
-    made, t_dec = [], 0.0
-    for _ in range(steps):
-        tok = int(np.argmax(lg))
-        made.append(tok)
-        ts = time.perf_counter()
-        lg = pm.forward(cache, [tok])[-1]
-        t_dec += time.perf_counter() - ts
+    made, t_dec = greedy(lambda toks: pm.forward(cache, toks), lg, steps)
     return {"tok_s": steps / t_dec, "tokens": made, "prefill_s": prefill_s}
 
 
