@@ -5,10 +5,17 @@ faults the next block's pages in while the current block computes; a finished bl
 are unmapped (madvise DONTNEED) and, with `drop_cache`, evicted from the page cache too
 (posix_fadvise DONTNEED), because a cgroup's memory limit counts the page cache of files its
 processes read.
+
+Where the plan leaves room for it, the mapping asks for huge pages (MADV_HUGEPAGE) and the thread
+maps each block with MADV_POPULATE_READ: a fault then reads the aligned 2 MiB around it into one
+folio and maps it at once. In 4 KiB folios (what POSIX_FADV_WILLNEED and random-access faults
+create) mapping 288 MiB took 37 ms and unmapping 12 ms, as long as the dense stack's compute;
+in 2 MiB folios about 1 ms each.
 """
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 import os
 import time
@@ -24,6 +31,12 @@ from edgetvm.runtime.session import Timing
 
 PAGE = mmap.PAGESIZE
 READ_PIECE = 2 << 20
+HUGE = 2 << 20            # a PMD folio: the most the page cache may hold beyond each end of a range
+MADV_HUGEPAGE = getattr(mmap, "MADV_HUGEPAGE", 14)
+MADV_POPULATE_READ = 22   # Linux >= 5.14; Python's mmap has no name for it
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 
 
 def _page_range(offset: int, nbytes: int) -> tuple[int, int]:
@@ -63,10 +76,14 @@ class SwapRunner:
         self.fd = os.open(art.weights_path, os.O_RDONLY)
         size = os.fstat(self.fd).st_size
         self.mm = mmap.mmap(self.fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-        # No readahead or fault-around on this mapping: both pull neighbouring blocks' pages in
-        # (this machine reads ahead 8 MiB), which a budget cannot afford. Prefetch reads exactly.
+        # No readahead on this mapping: it pulls neighbouring blocks' pages in (this machine reads
+        # ahead 8 MiB), which a budget cannot afford. Prefetch reads exactly.
         self.mm.madvise(mmap.MADV_RANDOM)
         self.bytes = np.frombuffer(self.mm, dtype=np.uint8)  # writable: DLPack refuses read-only memory
+        # With huge pages a fault reads (only) the aligned 2 MiB around it, even under MADV_RANDOM.
+        # Blocks k and k+1 resident together then hold up to 2 MiB more at each end of their span.
+        self.huge = self.plan["budget"] - self.plan["predicted_peak"] >= 2 * HUGE and self._madvise(
+            MADV_HUGEPAGE, 0, size) and self._madvise(MADV_POPULATE_READ, 0, 0)
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="swap-prefetch") if prefetch else None
         self.names = [i.name for i in art.inputs]
         self.block_seconds: list[float] = [0.0] * len(self.plan["blocks"])
@@ -81,12 +98,21 @@ class SwapRunner:
     def _view(self, w: dict) -> np.ndarray:
         return self.bytes[w["offset"]:w["offset"] + w["nbytes"]].view(w["dtype"]).reshape(w["shape"])
 
+    def _madvise(self, advice: int, lo: int, ln: int) -> bool:
+        """madvise through ctypes, which lets go of the GIL while a populate waits for the disk."""
+        return _libc.madvise(ctypes.c_void_p(self.bytes.ctypes.data + lo), ln, advice) == 0
+
     def _touch(self, block: dict) -> None:
         """Read the block's pages and map them, from the prefetch thread."""
         off, n = block["range"]
         if not n:
             return
         lo, ln = _page_range(off, n)
+        if self.huge:
+            # Not WILLNEED first: it would fill the page cache with 4 KiB folios.
+            if not self._madvise(MADV_POPULATE_READ, lo, ln):
+                raise OSError(ctypes.get_errno(), f"madvise(MADV_POPULATE_READ) on {self.art.weights_path}")
+            return
         # The kernel caps one WILLNEED at a readahead window: ask piece by piece.
         for start in range(lo, lo + ln, READ_PIECE):
             os.posix_fadvise(self.fd, start, min(READ_PIECE, lo + ln - start), os.POSIX_FADV_WILLNEED)
@@ -101,6 +127,10 @@ class SwapRunner:
         lo, ln = _page_range(off, n)
         self.mm.madvise(mmap.MADV_DONTNEED, lo, ln)
         if self.drop_cache:
+            if self.huge:
+                # The kernel evicts no folio that reaches outside the range: take in the 2 MiB folios
+                # this block shares with its neighbours. The next block's is still mapped, so it stays.
+                lo, ln = lo // HUGE * HUGE, -(-(lo + ln) // HUGE) * HUGE - lo // HUGE * HUGE
             os.posix_fadvise(self.fd, lo, ln, os.POSIX_FADV_DONTNEED)
 
     def drop_page_cache(self) -> None:
