@@ -170,6 +170,24 @@ def plan_swap(deploy, weights, names, board, budget: int, tuning_db=None):
         raise error
     plan, piece = min(found, key=lambda f: f[0].predicted_s)
     fused, w, n, ops, data_inputs, outputs = fused_for[piece]
+    if piece is not None:
+        # Rejoin the pieces of a layer that the plan puts in one block; the plan it was still fits.
+        # (A joined kernel may plan more scratch than its pieces did: then keep the pieces.) The new
+        # plan may cut elsewhere and put pieces together again, so repeat while that happens.
+        cuts: dict = {}
+        for _ in range(8):
+            joined = swap.merged_cuts(plan, w, n)
+            if sum(map(len, joined.values())) == sum(1 for x in n if ".part" in x):
+                break
+            cuts.update(joined)
+            d, w2, n2 = swap.split_oversized_layers(deploy, weights, names, piece, cuts)
+            fused2 = pipeline.fuse(d, target, database=tuning_db)
+            ops2, din2, outs2 = swap.op_memory(fused2, len(w2))
+            try:
+                plan = swap.plan_blocks(ops2, [x.nbytes for x in w2], budget, board, prefetch=plan.prefetch)
+            except UserError:
+                break
+            fused, w, n, ops, data_inputs, outputs = fused2, w2, n2, ops2, din2, outs2
     mod, sigs, din, outs = swap.emit_blocks(fused, ops, plan, data_inputs, outputs, len(w))
     order, seen = [], set()
     for sig in sigs:

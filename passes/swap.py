@@ -36,8 +36,12 @@ def _pieces(total: int, parts: int) -> list[tuple[int, int]]:
 
 
 def split_oversized_layers(deploy: tvm.IRModule, weights: list[np.ndarray], names: list[str],
-                           max_bytes: int):
-    """Split matmul(x, W[K, N]) by columns and conv2d(x, W[O, I, h, w]) by output channels where W > max_bytes."""
+                           max_bytes: int, cuts: dict[str, list[tuple[int, int]]] | None = None):
+    """Split matmul(x, W[K, N]) by columns and conv2d(x, W[O, I, h, w]) by output channels where W > max_bytes.
+
+    `cuts` gives some weights (by name) their own column / channel ranges instead of equal pieces.
+    """
+    cuts = cuts or {}
     main = deploy["main"]
     num_input = int(main.attrs["num_input"])
     params = list(main.params)
@@ -57,8 +61,14 @@ def split_oversized_layers(deploy: tvm.IRModule, weights: list[np.ndarray], name
         if w.nbytes > max_bytes and w.ndim in (2, 4) and uses.get(var) == 1:
             axis = 1 if w.ndim == 2 else 0
             parts = min(w.shape[axis], -(-w.nbytes // max_bytes))
+            ranges = cuts.get(names[i]) or _pieces(w.shape[axis], parts)
+            if len(ranges) == 1:
+                new_params.append(var)
+                new_weights.append(w)
+                new_names.append(names[i])
+                continue
             pieces = []
-            for k, (lo, hi) in enumerate(_pieces(w.shape[axis], parts)):
+            for k, (lo, hi) in enumerate(ranges):
                 piece = np.ascontiguousarray(w[:, lo:hi] if axis == 1 else w[lo:hi])
                 v = relax.Var(f"{var.name}_part{k}", relax.TensorType(list(piece.shape), str(w.dtype)))
                 pieces.append((v, (lo, hi)))
@@ -100,6 +110,26 @@ def split_oversized_layers(deploy: tvm.IRModule, weights: list[np.ndarray], name
     out = tvm.IRModule(dict(deploy.functions))
     out["main"] = func
     return relax.transform.Normalize()(out), new_weights, new_names
+
+
+def merged_cuts(plan: "Plan", weights: list[np.ndarray], names: list[str]) -> dict[str, list[tuple[int, int]]]:
+    """For each split weight, its pieces that landed in one block joined into one range.
+
+    Pieces of a layer computed in the same block only cost extra kernels and a concat."""
+    block_of = {w: k for k, bk in enumerate(plan.blocks) for w in bk.weights}
+    groups: dict[str, list[list]] = {}
+    for i, name in enumerate(names):
+        base, sep, part = name.rpartition(".part")
+        if not sep or not part.isdigit():
+            continue
+        axis = 1 if weights[i].ndim == 2 else 0
+        g = groups.setdefault(base, [])
+        if g and g[-1][0] == block_of.get(i):
+            g[-1][2] += weights[i].shape[axis]
+        else:
+            lo = g[-1][2] if g else 0
+            g.append([block_of.get(i), lo, lo + weights[i].shape[axis]])
+    return {base: [(lo, hi) for _, lo, hi in g] for base, g in groups.items()}
 
 
 # ---------------------------------------------------------------- 2. per-op memory

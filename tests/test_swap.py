@@ -78,6 +78,10 @@ def test_layer_bigger_than_the_budget_is_split_inside_the_layer(tmp_path):
     assert any(".part" in n for n in names)
     assert max(w["nbytes"] for w in sw.manifest["weights"]) <= 6 * MIB
     assert_plan_fits(sw.manifest["swap"])
+    # Pieces of one layer that run in the same block are one kernel, not several and a concat.
+    for b in sw.manifest["swap"]["blocks"]:
+        layers = [names[i].rpartition(".part")[0] for i in b["weights"] if ".part" in names[i]]
+        assert len(layers) == len(set(layers)), b
     x = random_inputs(mem.inputs, seed=4)
     want, got = Runner(mem).run(x), SwapRunner(sw).run(x)
     for k in want:
