@@ -70,7 +70,7 @@ class LlamaCpp:
 
 
 def find_peer(arg: str | None) -> str | None:
-    cand = arg or os.environ.get("EDGETVM_LLAMACPP_PYTHON") or str(DEFAULT_PEER)
+    cand = (arg if arg != "auto" else None) or os.environ.get("EDGETVM_LLAMACPP_PYTHON") or str(DEFAULT_PEER)
     if not Path(cand).exists():
         return None
     ok = subprocess.run([cand, "-c", "import llama_cpp"], capture_output=True).returncode == 0
