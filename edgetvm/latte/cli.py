@@ -30,8 +30,16 @@ def cmd_profile(args) -> None:
 
     profs = [load_profile(n) for n in args.device] if args.device else list_profiles()
     t0 = time.time()
+    connect = None
+    if args.rpc or args.tracker:
+        from edgetvm.runtime.session import connect as rpc_connect
+
+        session = rpc_connect(args.rpc, args.tracker, args.key)  # an unreachable address fails here, at once
+        connect = lambda: session  # noqa: E731
+        if not args.device:
+            profs = list_profiles(boards=True)
     data = profile_fleet(profs, args.arch or None, args.widths, out=args.output, min_time=args.min_time,
-                         repeats=args.repeats)
+                         repeats=args.repeats, connect=connect)
     print(f"{len(data['measurements'])} measurements of {len(data['metas'])} compiled training steps on "
           f"{len(data['runs'])} devices in {time.time() - t0:.0f} s -> {args.output}")
     from edgetvm.latte.pipeline import noise_floor
@@ -133,12 +141,16 @@ def add_latte_parser(subparsers) -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="latte_cmd", required=True, metavar="ACTION")
 
     s = sub.add_parser("profile", help="compile the model family's training steps with TVM and measure them "
-                                       "on each emulated device (cgroups; needs root)")
+                                       "on each emulated device (cgroups; needs root) or on a board over RPC")
     s.add_argument("--device", action="append", help="device profile name or TOML file (repeat; default: all)")
     s.add_argument("--arch", action="append", choices=list(models.ARCHS), help="architecture (repeat; default: all)")
     s.add_argument("--widths", type=_widths, default=list(models.WIDTHS), help="width ratios (default 1,1/2,1/4,1/8)")
     s.add_argument("--min-time", type=float, default=0.1,
                    help="CPU seconds of whole steps per measurement; throttled devices run longer (default 0.1)")
+    s.add_argument("--rpc", metavar="HOST:PORT", help="measure device profiles that name a board (e.g. rpi4-board) "
+                                                    "on the board behind this RPC server")
+    s.add_argument("--tracker", metavar="HOST:PORT", help="... or on the board registered at this RPC tracker")
+    s.add_argument("--key", help="the key the board registered under at --tracker")
     s.add_argument("--repeats", type=int, default=2,
                    help="measure every device this many times, each by a fresh process; times are the median "
                         "and the spread is the noise floor (default 2)")

@@ -34,6 +34,7 @@ class Profile:
     nominal_gflops: float
     mem_bandwidth_gbs: float
     path: Path | None = None
+    board: str = ""           # a board in targets/ measured over TVM RPC instead of an emulated cgroup
 
     @property
     def memory_bytes(self) -> int:
@@ -80,11 +81,15 @@ def load_profile_file(path: str | Path) -> Profile:
             raise UserError(f"device profile {path}: field '{key}' must be a {typ.__name__}, not {val!r}")
     if data["cpus"] < 1 or data["cpu_quota"] <= 0 or data["memory_mib"] <= 0:
         raise UserError(f"device profile {path}: cpus >= 1, cpu_quota > 0 and memory_mib > 0 are required")
-    return Profile(**{k: REQUIRED[k](data[k]) for k in REQUIRED}, path=path)
+    board = data.get("board", "")
+    if not isinstance(board, str):
+        raise UserError(f"device profile {path}: field 'board' must be a board name from `edgetvm targets`")
+    return Profile(**{k: REQUIRED[k](data[k]) for k in REQUIRED}, path=path, board=board)
 
 
-def list_profiles() -> list[Profile]:
-    return [load_profile_file(f) for f in _files().values()]
+def list_profiles(boards: bool = False) -> list[Profile]:
+    """The emulated fleet; with `boards`, also the profiles of real boards (those need an RPC address)."""
+    return [p for p in map(load_profile_file, _files().values()) if boards or not p.board]
 
 
 def load_profile(name: str) -> Profile:
