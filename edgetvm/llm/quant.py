@@ -48,11 +48,16 @@ def quantize_q8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return _strips(q.reshape(N, K)), _strips(s.astype(np.float32))
 
 
+def _unstrips(w: np.ndarray) -> np.ndarray:
+    """[N/TJ, K, TJ] (any shape that reshapes to it) -> [N, K]."""
+    NB, K = w.shape[0], w.size // (w.shape[0] * TJ)
+    return w.reshape(NB, K, TJ).transpose(0, 2, 1).reshape(NB * TJ, K)
+
+
 def dequantize_q8(q: np.ndarray, s: np.ndarray) -> np.ndarray:
     """Inverse of the packing: W [N, K] fp32."""
     NB, K, _ = q.shape
-    w = q.astype(np.float32).reshape(NB, K // G, G, TJ) * s[:, :, None, :]
-    return w.reshape(NB, K, TJ).transpose(0, 2, 1).reshape(NB * TJ, K)
+    return _unstrips(q.astype(np.float32).reshape(NB, K // G, G, TJ) * s[:, :, None, :])
 
 
 def from_gguf_q8_0(raw: np.ndarray, N: int, K: int) -> tuple[np.ndarray, np.ndarray]:
@@ -96,8 +101,7 @@ def dequantize_q4(p: np.ndarray, d: np.ndarray, m: np.ndarray) -> np.ndarray:
     q[:, 0::2, :] = p & 15
     q[:, 1::2, :] = p >> 4
     K = 2 * K2
-    w = q.reshape(NB, K // G, G, TJ) * d[:, :, None, :] + m[:, :, None, :]
-    return w.reshape(NB, K, TJ).transpose(0, 2, 1).reshape(NB * TJ, K)
+    return _unstrips(q.reshape(NB, K // G, G, TJ) * d[:, :, None, :] + m[:, :, None, :])
 
 
 # ------------------------------------------------------------------ kernels (TIR)

@@ -153,8 +153,8 @@ class Model:
         t0 = time.perf_counter()
         self.ex = build_dense(cfg, self.target, use_edgetvm_pipeline, weights)
         self.vm = relax.VirtualMachine(self.ex, tvm.cpu())
-        self.attn = kernels.build_attention(cfg, self.target)
-        self.attn16 = kernels.build_attention(cfg, self.target, "float16")
+        # The kernel for this model's default cache; another cache dtype compiles its own on first use.
+        kernels.build_attention(cfg, self.target, "float32" if weights == "fp32" else "float16")
         self.compile_s = time.perf_counter() - t0
         self.f_pre, self.f_post, self.f_head = self.vm["pre"], self.vm["post"], self.vm["head"]
         self.f_head_chunk = self.vm["head_chunk"]
@@ -216,7 +216,7 @@ class Session:
         self.policies = [make_policy(policy, budget, sinks, recent) for _ in range(cfg.n_layers)]
         self.capacity = budget
         kvd = np.dtype(self.kv_dtype)
-        self.attn = model.attn if self.kv_dtype == "float32" else model.attn16
+        self.attn = kernels.build_attention(cfg, model.target, self.kv_dtype)
         self.K = [aligned((cfg.n_kv_heads, budget, cfg.head_dim), kvd) for _ in range(cfg.n_layers)]
         self.V = [aligned((cfg.n_kv_heads, budget, cfg.head_dim), kvd) for _ in range(cfg.n_layers)]
         self.tK = [shared(a) for a in self.K]
@@ -249,7 +249,7 @@ class Session:
 
     def forward(self, ids) -> np.ndarray:
         """Feed tokens (all must fit without evicting one of them); logits [n, vocab]."""
-        m, cfg = self.model, self.model.cfg
+        m = self.model
         ids = np.asarray(ids, dtype=np.int64)
         n = len(ids)
         x = tvm.runtime.tensor(m.emb[ids])
