@@ -30,16 +30,15 @@ def cmd_profile(args) -> None:
 
     profs = [load_profile(n) for n in args.device] if args.device else list_profiles()
     t0 = time.time()
-    connect = None
+    session = None
     if args.rpc or args.tracker:
-        from edgetvm.runtime.session import connect as rpc_connect
+        from edgetvm.runtime.session import connect
 
-        session = rpc_connect(args.rpc, args.tracker, args.key)  # an unreachable address fails here, at once
-        connect = lambda: session  # noqa: E731
+        session = connect(args.rpc, args.tracker, args.key)  # an unreachable address fails here, at once
         if not args.device:
             profs = list_profiles(boards=True)
     data = profile_fleet(profs, args.arch or None, args.widths, out=args.output, min_time=args.min_time,
-                         repeats=args.repeats, connect=connect)
+                         repeats=args.repeats, session=session)
     print(f"{len(data['measurements'])} measurements of {len(data['metas'])} compiled training steps on "
           f"{len(data['runs'])} devices in {time.time() - t0:.0f} s -> {args.output}")
     from edgetvm.latte.pipeline import noise_floor

@@ -40,9 +40,9 @@ def compile_family(arch_names, widths, quiet=False) -> list[dict]:
 
 
 def profile_fleet(profiles: list[Profile], arch_names=None, widths=models.WIDTHS, out: Path | None = None,
-                  min_time: float = 0.1, repeats: int = 2, quiet: bool = False, connect=None) -> dict:
+                  min_time: float = 0.1, repeats: int = 2, quiet: bool = False, session=None) -> dict:
     """Measure every (architecture, width) training step on every profile, each in its cgroup, or on
-    its board over RPC for a profile that names one (`connect()` opens the RPC session).
+    its board over the RPC `session` for a profile that names one.
 
     Every profile is measured `repeats` times, each time by a fresh process (the rounds go over the
     whole fleet, so slow drifts of the host spread over all devices); a measurement's times are the
@@ -51,7 +51,7 @@ def profile_fleet(profiles: list[Profile], arch_names=None, widths=models.WIDTHS
     if reason:
         raise UserError(f"cannot emulate devices here: {reason}; run as root on a machine with cgroup v1")
     boards = [p.name for p in profiles if p.board]
-    if boards and connect is None:
+    if boards and session is None:
         raise UserError(f"{', '.join(boards)}: a real board is measured over TVM RPC; give --rpc HOST:PORT or "
                         f"--tracker HOST:PORT --key KEY")
     if repeats < 1:
@@ -70,7 +70,7 @@ def profile_fleet(profiles: list[Profile], arch_names=None, widths=models.WIDTHS
             if p.name in runs and runs[p.name].get("failed"):
                 continue
             try:
-                res = _measure(p, compiled, min_time, connect)
+                res = _measure(p, compiled, min_time, session)
             except RuntimeError as e:
                 print(f"\nwarning: {e}; profile {p.name} left out", file=sys.stderr)
                 runs[p.name] = {"failed": str(e)}
@@ -116,13 +116,13 @@ def combine(reps: list) -> dict:
     return m
 
 
-def _measure(p: Profile, compiled, min_time, connect=None):
+def _measure(p: Profile, compiled, min_time, session=None):
     if p.board:
         from edgetvm.latte.remote import check_board, measure_board
 
         board = check_board(p)
         try:
-            return measure_board(p, compiled, connect(), board, min_time=min_time)
+            return measure_board(p, compiled, session, board, min_time=min_time)
         except (RuntimeError, OSError) as e:  # a board that drops mid-run is left out like a failed device
             raise RuntimeError(f"measuring on board {p.name} failed: {e}") from None
     from edgetvm.latte.measure import measure_profile
