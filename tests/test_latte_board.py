@@ -51,3 +51,11 @@ def test_unreachable_board_fails_at_once_with_the_address(capsys):
     rc = main(["latte", "profile", "--device", "rpi4-board", "--rpc", "127.0.0.1:1", "-o", "/nonexistent/p.json"])
     err = capsys.readouterr().err
     assert rc == 2 and "127.0.0.1:1" in err and len(err.strip().splitlines()) == 1
+
+
+def test_profile_naming_an_unknown_board_fails_before_compiling(tmp_path):
+    src = (devices.DEVICES_DIR / "rpi4-board.toml").read_text().replace('board = "rpi4"', 'board = "nope"')
+    (tmp_path / "b.toml").write_text(src)
+    with pytest.raises(UserError, match="board 'nope'.*valid boards: .*rpi4"):
+        pipeline.profile_fleet([devices.load_profile_file(tmp_path / "b.toml")], ["no-such-arch"], [1.0],
+                               quiet=True, session=object())

@@ -54,6 +54,12 @@ def profile_fleet(profiles: list[Profile], arch_names=None, widths=models.WIDTHS
     if boards and session is None:
         raise UserError(f"{', '.join(boards)}: a real board is measured over TVM RPC; give --rpc HOST:PORT or "
                         f"--tracker HOST:PORT --key KEY")
+    if boards:
+        from edgetvm.latte.remote import check_board
+
+        for p in profiles:
+            if p.board:
+                check_board(p)  # an unknown board fails before anything is compiled
     if repeats < 1:
         raise UserError(f"--repeats {repeats}: measure at least once")
     arch_names = list(arch_names or models.ARCHS)
