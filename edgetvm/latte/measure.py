@@ -69,24 +69,28 @@ def child(spec_path: str, out_path: str) -> None:
         Path(path, "cgroup.procs").write_text(str(os.getpid()))
     mem = Path(spec["cgroup"]["memory"])
     (mem / "memory.max_usage_in_bytes").write_text("0")
-    results = []
     clock = time.perf_counter
     cpu = time.process_time
     tcpu = time.thread_time
-    for item, r in runners:
-        r.step()  # settle into the quota
-        windows = []
-        for _ in range(WINDOWS):
+    # The whole-step windows go round the models, so each model's windows are spread over the whole
+    # process: this host's speed drifts by +-25% over seconds, and one model's windows taken back to
+    # back all land in the same stretch. One unmeasured step first brings the model back into cache
+    # (a device trains one model continuously).
+    windows: list[list] = [[] for _ in runners]
+    for _ in range(WINDOWS):
+        for (item, r), ws in zip(runners, windows):
+            r.step()
             k, t0, c0 = 0, clock(), cpu()
             while k < max(1, spec["min_steps"] // 2) or clock() - t0 < spec["min_time"] / WINDOWS:
                 r.step()
                 k += 1
-            windows.append((k, clock() - t0, cpu() - c0))
-        step_s, cpu_step_s = step_time(windows)
-        # per kernel, CPU time of this thread
-        acc: dict[str, list] = {}
-        stack: list[float] = []
+            ws.append((k, clock() - t0, cpu() - c0))
+    # Per kernel, CPU time of the calling thread, also taken round the models.
+    stack: list[float] = []
+    accs: list[dict] = [{} for _ in runners]
+    instr = [[0, 0.0, 0.0] for _ in runners]  # steps, wall, cpu
 
+    def instrument_into(acc):
         def instrument(func, symbol, before, ret, *args):
             if before:
                 stack.append(tcpu())
@@ -96,19 +100,28 @@ def child(spec_path: str, out_path: str) -> None:
                 a[0] += 1
                 a[1] += dt
             return 0
+        return instrument
 
-        r.vm.set_instrument(instrument)
-        m, t1, c1 = 0, clock(), cpu()
-        while m < spec["min_steps"] or cpu() - c1 < spec["instr_cpu_time"]:
+    for _ in range(WINDOWS):
+        for (item, r), acc, tot in zip(runners, accs, instr):
             r.step()
-            m += 1
-        instr_step_s, instr_cpu_s = (clock() - t1) / m, (cpu() - c1) / m
-        r.vm.set_instrument(None)
+            r.vm.set_instrument(instrument_into(acc))
+            m, t1, c1 = 0, clock(), cpu()
+            while m < max(1, spec["min_steps"] // WINDOWS) or cpu() - c1 < spec["instr_cpu_time"] / WINDOWS:
+                r.step()
+                m += 1
+            tot[0] += m
+            tot[1] += clock() - t1
+            tot[2] += cpu() - c1
+            r.vm.set_instrument(None)
+    results = []
+    for (item, r), ws, acc, (m, wall, cpu_s) in zip(runners, windows, accs, instr):
+        step_s, cpu_step_s = step_time(ws)
         results.append({**{k: item[k] for k in ("arch_name", "width")}, "dir": item["dir"],
                         "step_s": step_s, "cpu_step_s": cpu_step_s,
-                        "window_step_s": [w / k for k, w, _ in windows],
-                        "instrumented_step_s": instr_step_s, "instrumented_cpu_s": instr_cpu_s,
-                        "steps": sum(k for k, _, _ in windows), "clock": "thread_cpu",
+                        "window_step_s": [w / k for k, w, _ in ws],
+                        "instrumented_step_s": wall / m, "instrumented_cpu_s": cpu_s / m,
+                        "steps": sum(k for k, _, _ in ws), "clock": "thread_cpu",
                         "kernels": {s: {"calls": c / m, "time_s": t / m} for s, (c, t) in acc.items()}})
     peak = int((mem / "memory.max_usage_in_bytes").read_text())
     Path(out_path).write_text(json.dumps({"results": results, "cgroup_peak_bytes": peak}))
