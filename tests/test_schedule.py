@@ -34,3 +34,30 @@ def test_conv_epilogue_is_not_materialised():
     text = conv.script()
     assert "T_subtract" not in text and "T_divide" not in text and "T_multiply" not in text
     assert "T.parallel" in text and "T.vectorized" in text
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_matrix_vector_product_streams_whole_weight_rows(rows):
+    """A few rows times W[K, N]: each core sums its own contiguous slice of W's rows, and the result is exact."""
+    import numpy as np
+    from tvm import relax
+
+    K, N = 256, 96
+    x = relax.Var("x", relax.TensorType([rows, K], "float32"))
+    w = relax.Var("w", relax.TensorType([K, N], "float32"))
+    b = relax.Var("b", relax.TensorType([N], "float32"))
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x, w, b]):
+        with bb.dataflow():
+            y = bb.emit_output(bb.emit(relax.op.nn.relu(relax.op.add(relax.op.matmul(x, w), b))))
+        bb.emit_func_output(y)
+    target = tvm.target.Target({"kind": "llvm", "num-cores": 2})
+    fused = pipeline.fuse(bb.get(), target)
+    (kernel,) = [f for f in fused.functions.values() if isinstance(f, tvm.tirx.PrimFunc)]
+    text = kernel.script()
+    assert "_rf" in text and "T.parallel(T.int64(2))" in text  # partial sums, one per core
+    rng = np.random.default_rng(0)
+    args = [rng.standard_normal(s).astype("float32") for s in ((rows, K), (K, N), (N,))]
+    vm = relax.VirtualMachine(pipeline.finish(fused, target), tvm.cpu())
+    got = vm["main"](*[tvm.runtime.tensor(a) for a in args]).numpy()
+    np.testing.assert_allclose(got, np.maximum(args[0] @ args[1] + args[2], 0), rtol=1e-4, atol=1e-4)
