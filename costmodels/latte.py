@@ -8,15 +8,21 @@ A training step's wall time on a device is modelled as
   row: what it computes (main operator, ops fused into it), its size (FLOPs, bytes in and out), the
   loop structure of the TIR schedule TVM produced (loops, nesting, blocks, spatial/reduction extents,
   parallel/vectorised loops, the innermost loop's extent and stride and how far that strided stream
-  overflows L1/L2 including set conflicts), the step around it, and the device's figures. XGBoost
-  predicts log(CPU seconds per call). Measured per-kernel times are thread CPU time
+  overflows L1/L2 including set conflicts), the step around it, and the speed of one core of the
+  device. XGBoost predicts log(CPU seconds per call). Measured per-kernel times are thread CPU time
   (measure.py), minus the instrument's own cost per call (the per-call time of the cheapest VM
   builtin, `vm.builtin.null_value`, in the same measurement).
+* Device share: a device that gets a small share of a core also runs each kernel slower in CPU time
+  (throttled every period, it comes back to cold caches: +12% at 0.1 of a core here). That effect
+  is a linear term in log(share) and log(cpus), fitted within each kernel across the devices that
+  ran it, and added to the trees' margin: trees would give a device between two profiled shares
+  the kernels of one of them.
 * Overhead: what a step spends outside TIR kernels: the VM interpreting the step, its builtins
   (allocation, shape checks, tuples), the Python calls of `backbone_loss_adjoint` and `optimizer` and
-  their argument lists. Target: the step's uninstrumented CPU time minus its kernels; a linear model
-  in the step's builtin calls, kernel calls and parameter tensors (least relative squares over the
-  training measurements), clamped at 0.
+  their argument lists, and CPU time that grows with the kernels' (the step uninstrumented is not the
+  sum of instrumented kernels). Target: the step's uninstrumented CPU time minus its kernels; linear
+  in the step's builtin calls, kernel calls and parameter tensors (scaled like the kernels by the
+  device share) and in its kernels' CPU time, least relative squares over the training measurements.
 * Wall/CPU: a device with a CFS quota q < 1 gets q of a core, so wall = CPU / q plus the throttling
   slack; a log-linear fit of measured wall x min(q, 1) / CPU over log q and log cpus (training
   devices only).
@@ -43,15 +49,21 @@ STATIC = ["n_fused", "flops", "bytes", "out_bytes", "n_args", "n_loops", "loop_d
 LOGGED = {"flops", "bytes", "out_bytes", "spatial_extent", "reduce_extent", "max_extent", "inner_extent",
           "inner_stride", "inner_l1_overflow", "inner_l2_overflow"}
 FEATURES = [f"kind_{k}" for k in KINDS] + STATIC + ["log_flops_per_byte", "calls", "step_log_flops",
-                                                     "step_log_bytes", "step_kernels", "log_quota", "cpus",
-                                                     "log_gflops", "log_bw"]
-OVERHEAD = ["one", "builtin_calls", "kernel_calls", "n_params"]
-VERSION = 3
+                                                     "step_log_bytes", "step_kernels", "log_core_gflops",
+                                                     "log_core_bw"]
+DEVICE = ["log_share", "log_cpus"]
+OVERHEAD = ["one", "builtin_calls", "kernel_calls", "n_params", "kernels_cpu"]
+VERSION = 4
 
 
 def norm(device: dict) -> float:
     """The share of one core a single-threaded kernel gets on the device."""
     return min(float(device["cpu_quota"]), 1.0)
+
+
+def device_row(device: dict) -> list[float]:
+    """What the device's share of the host changes in every kernel's per-call CPU time, smoothly."""
+    return [math.log(norm(device)), math.log(float(device["cpus"]))]
 
 
 def wall_row(device: dict) -> list[float]:
@@ -72,8 +84,11 @@ def _kernel_row(static: dict, calls: float, device: dict, context: list[float]) 
     row.append(math.log1p(static.get("flops", 0.0)) - math.log1p(static.get("bytes", 0.0)))
     row.append(calls)
     row += context
-    row += [math.log(device["cpu_quota"]), float(device["cpus"]), math.log(device["nominal_gflops"]),
-            math.log(device["mem_bandwidth_gbs"])]
+    # The trees see the speed of one core of the device (the kind of CPU), not its share of it: a
+    # share is a number between the profiled ones, where trees can only pick a side (a device at
+    # 0.15 of a core got the kernels of the 0.1 device, 8% slower); the share is the linear term.
+    per_core = min(float(device["cpu_quota"]), float(device["cpus"]))
+    row += [math.log(device["nominal_gflops"] / per_core), math.log(device["mem_bandwidth_gbs"] / per_core)]
     return row
 
 
@@ -135,16 +150,18 @@ def decompose(result: dict, meta: dict) -> dict:
 class LatteModel:
     """Per-kernel XGBoost + overhead + wall/CPU calibration; `predict_step` is the whole step's wall time."""
 
-    def __init__(self, booster=None, overhead: list[float] | None = None, wall: list[float] | None = None):
+    def __init__(self, booster=None, overhead: list[float] | None = None, wall: list[float] | None = None,
+                 device: list[float] | None = None):
         self.booster = booster
         self.overhead = overhead or [0.0] * len(OVERHEAD)
         self.wall = wall or [0.0, 0.0, 0.0]
+        self.device = device or [0.0] * len(DEVICE)
 
     @staticmethod
     def dataset(measurements: list[dict], metas: dict[str, dict]):
-        """(X, y, weight): one row per TIR kernel, y = log CPU seconds per call, weighted by the kernel's share
-        of its step (the big kernels decide a step's time) plus a floor."""
-        Xs, ys, ws = [], [], []
+        """(X, y, weight, device rows, kernel ids): one row per TIR kernel, y = log CPU seconds per call,
+        weighted by the kernel's share of its step (the big kernels decide a step's time) plus a floor."""
+        Xs, ys, ws, ds, ks = [], [], [], [], []
         for m in measurements:
             meta = metas[m["dir"]]
             parts = decompose(m, meta)
@@ -155,13 +172,37 @@ class LatteModel:
             Xs.append(X)
             ys.append(np.log(t))
             ws.append(0.2 / len(syms) + t * c / max(parts["kernels_s"], 1e-12))
-        return np.vstack(Xs), np.concatenate(ys), np.concatenate(ws)
+            ds += [device_row(m["device"])] * len(syms)
+            ks += [(m["dir"], s) for s in syms]
+        return np.vstack(Xs), np.concatenate(ys), np.concatenate(ws), np.array(ds), ks
+
+    @staticmethod
+    def device_effect(y: np.ndarray, w: np.ndarray, D: np.ndarray, kernels: list) -> list[float]:
+        """Coefficients of the device rows on log per-call time, within each kernel (one compiled kernel
+        measured on several devices: its own size and schedule cancel out)."""
+        groups: dict = {}
+        for i, k in enumerate(kernels):
+            groups.setdefault(k, []).append(i)
+        yc, Dc, wc = [], [], []
+        for idx in groups.values():
+            if len(idx) < 2:
+                continue
+            sw = w[idx].sum()
+            yc.append(y[idx] - np.dot(w[idx], y[idx]) / sw)
+            Dc.append(D[idx] - w[idx] @ D[idx] / sw)
+            wc.append(w[idx])
+        if not yc:
+            return [0.0] * D.shape[1]
+        yc, Dc, wc = np.concatenate(yc), np.vstack(Dc), np.sqrt(np.concatenate(wc))
+        return [float(v) for v in np.linalg.lstsq(Dc * wc[:, None], yc * wc, rcond=None)[0]]
 
     def fit(self, measurements: list[dict], metas: dict[str, dict], seed: int = 0) -> "LatteModel":
         import xgboost as xgb
 
-        X, y, w = self.dataset(measurements, metas)
-        dtrain = xgb.DMatrix(X, label=y, weight=w, base_margin=work_margin(X), feature_names=FEATURES)
+        X, y, w, D, kernels = self.dataset(measurements, metas)
+        self.device = self.device_effect(y, w, D, kernels)
+        dtrain = xgb.DMatrix(X, label=y, weight=w, base_margin=work_margin(X) + D @ np.array(self.device),
+                             feature_names=FEATURES)
         params = {"max_depth": 6, "eta": 0.05, "subsample": 0.8, "colsample_bytree": 0.8,
                   "min_child_weight": 2, "objective": "reg:squarederror", "seed": seed, "nthread": 2}
         self.booster = xgb.train(params, dtrain, num_boost_round=600)
@@ -171,12 +212,13 @@ class LatteModel:
             meta = metas[m["dir"]]
             parts = decompose(m, meta)
             calls = {s: k["calls"] for s, k in m["kernels"].items()}
-            A.append(overhead_row(meta, calls))
+            # the device's share slows the code around the kernels as it slows them
+            A.append(list(np.array(overhead_row(meta, calls)) * self._device_scale(m["device"])) + [parts["kernels_s"]])
             b.append(parts["overhead_s"])
             w.append(1.0 / parts["cpu_step_s"])
         A, b, w = np.array(A), np.array(b), np.array(w)
         # plain least squares: a per-call coefficient may come out negative where the instrument's cost
-        # per call is a little under-removed from the kernels; the predicted overhead is clamped at 0
+        # per call is a little under-removed from the kernels
         self.overhead = [float(v) for v in np.linalg.lstsq(A * w[:, None], b * w, rcond=None)[0]]
         # wall/CPU: log(wall x share / CPU) = a + c log(share) + d log(cpus) (a second core may run TVM's
         # thread pool next to the kernels: CPU time, no wall time)
@@ -185,15 +227,22 @@ class LatteModel:
         self.wall = [float(v) for v in np.linalg.lstsq(L, r, rcond=None)[0]]
         return self
 
+    def _device_scale(self, device: dict) -> float:
+        return math.exp(float(np.dot(self.device, device_row(device))))
+
     def predict_parts(self, meta: dict, device: dict, calls: dict[str, float] | None = None) -> dict:
         """Predicted wall seconds of one step on `device`, with its kernels and overhead separately."""
         import xgboost as xgb
 
         calls = dict(meta["calls"]) if calls is None else calls
         syms, X = rows_for_model(meta, calls, device)
-        per_call = np.exp(self.booster.predict(xgb.DMatrix(X, base_margin=work_margin(X), feature_names=FEATURES)))
+        margin = work_margin(X) + float(np.dot(self.device, device_row(device)))
+        per_call = np.exp(self.booster.predict(xgb.DMatrix(X, base_margin=margin, feature_names=FEATURES)))
         kernels_cpu = per_call * np.array([calls[s] for s in syms])
-        overhead_cpu = max(float(np.dot(self.overhead, overhead_row(meta, calls))), 0.0)
+        kernels = float(kernels_cpu.sum())
+        overhead_cpu = float(np.dot(self.overhead[:-1], overhead_row(meta, calls))) * self._device_scale(device) \
+            + self.overhead[-1] * kernels
+        overhead_cpu = max(overhead_cpu, -0.5 * kernels)
         factor = math.exp(float(np.dot(self.wall, wall_row(device)))) / norm(device)
         return {"step_s": (float(kernels_cpu.sum()) + overhead_cpu) * factor,
                 "kernels_s": float(kernels_cpu.sum()) * factor, "overhead_s": overhead_cpu * factor,
@@ -209,7 +258,7 @@ class LatteModel:
         self.booster.save_model(str(path / "latte.xgb.json"))
         (path / "features.json").write_text(json.dumps({"version": VERSION, "features": FEATURES,
                                                         "overhead": dict(zip(OVERHEAD, self.overhead)),
-                                                        "wall": self.wall}))
+                                                        "wall": self.wall, "device": self.device}))
 
     @classmethod
     def load(cls, path: str | Path) -> "LatteModel":
@@ -226,7 +275,7 @@ class LatteModel:
             raise UserError(f"{path} was fitted by another version of the model; refit with `edgetvm latte fit`")
         b = xgb.Booster()
         b.load_model(str(f))
-        return cls(b, [saved["overhead"][k] for k in OVERHEAD], saved["wall"])
+        return cls(b, [saved["overhead"][k] for k in OVERHEAD], saved["wall"], saved["device"])
 
 
 class FlopsBaseline:
