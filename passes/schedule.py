@@ -136,28 +136,42 @@ def _schedule_gemv(sch, block, epilogue, lanes: int, cores: int) -> bool:
         return False  # not rows..., columns, one reduction in that order
     *rows, j, k = loops
     n, K = _int(sch, j), _int(sch, k)
-    if n is None or K is None or n % lanes:
+    if n is None or K is None:
         return False
+    # Columns in vector lanes where they divide evenly; otherwise plain (LLVM may still vectorise).
+    # Either way every column sums its products in the same order, so a layer split into pieces of
+    # any width for swapping computes bit-identically to the whole layer.
+    vec = n % lanes == 0
+
+    def lanes_inner(loop):
+        if not vec:
+            return loop, []
+        o, i = sch.split(loop, [None, lanes])
+        return o, [i]
+
     parts = cores if cores > 1 and K % cores == 0 and K // cores >= 16 else 1
     if parts > 1:
         ko, _ = sch.split(k, [parts, None])
         rf = sch.rfactor(ko, 0)
         *rrows, rj, rko, rki = sch.get_loops(rf)
-        jo, ji = sch.split(rj, [None, lanes])
-        sch.reorder(rko, rki, *rrows, jo, ji)
-        sch.vectorize(ji)
+        jo, ji = lanes_inner(rj)
+        sch.reorder(rko, rki, *rrows, jo, *ji)
+        for v in ji:
+            sch.vectorize(v)
         sch.parallel(rko)
         sch.decompose_reduction(rf, rki)
         # the write-back block adds the cores' partial rows
         *wrows, wj, wko = sch.get_loops(block)
-        wjo, wji = sch.split(wj, [None, lanes])
-        sch.reorder(*wrows, wjo, wko, wji)
-        sch.vectorize(wji)
+        wjo, wji = lanes_inner(wj)
+        sch.reorder(*wrows, wjo, wko, *wji)
+        for v in wji:
+            sch.vectorize(v)
         outer, first_reduce = wjo, wko
     else:
-        jo, ji = sch.split(j, [None, lanes])
-        sch.reorder(k, *rows, jo, ji)
-        sch.vectorize(ji)
+        jo, ji = lanes_inner(j)
+        sch.reorder(k, *rows, jo, *ji)
+        for v in ji:
+            sch.vectorize(v)
         outer, first_reduce = None, k
     if epilogue is not None:
         if outer is not None:
