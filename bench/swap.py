@@ -4,8 +4,11 @@
 
 For every model: one in-memory build and one swapping build per oversubscription k, where
 budget = (total weight bytes) / k. Every configuration is timed in every round, rounds alternate
-between them so that drift (other load, frequency) hits all alike; each figure is a median over
-all its calls.
+between them so that drift (other load, frequency) hits all alike. Times are medians over all
+calls; each swapped configuration's calls follow a group of in-memory calls of their own, and its
+ratio is the median over rounds of (its median / that group's median): this host's speed drifts
+by +-25% over seconds, and a ratio of whole-run medians carries that drift between configurations
+timed seconds apart.
 
   in-memory   Runner, weights mapped zero-copy and resident (the page cache is warm).
   warm        SwapRunner(drop_cache=False): swapped-out weights stay in the OS page cache.
@@ -359,22 +362,26 @@ def measure(name: str, kw: dict, ratios: list[int], workdir: Path, rounds: int, 
         r["blocks"] = len(r["art"].manifest["swap"]["blocks"])
         r["prefetch"] = prefetch
 
+    # Every list holds one list of call times per round. Each swapped configuration is timed right
+    # after a group of in-memory calls of its own (its base), so a ratio compares calls a second apart.
     mem_warm, mem_cold = [], []
     for r in ok:
-        r["warm"], r["cold"], r["naive"] = [], [], []
+        r["warm"], r["cold"], r["naive"], r["warm_base"], r["cold_base"] = [], [], [], [], []
     for rnd in range(rounds):
-        mem_warm += mem.warm(x, repeat)
         for r in ok:
-            r["warm"] += r["warm_runner"].time(x, repeat=repeat).seconds
-            r["naive"] += r["naive_runner"].time(x, repeat)
+            r["warm_base"].append(mem.warm(x, repeat))
+            r["warm"].append(r["warm_runner"].time(x, repeat=repeat).seconds)
+            r["naive"].append(r["naive_runner"].time(x, repeat))
             # Fault-around leaves a few pages next to each block's range mapped in the warm runner;
             # mapped pages cannot be evicted, so unmap them before the cold runs.
             r["warm_runner"].drop_page_cache()
+            mem_warm.append(r["warm_base"][-1])
         if rnd == 0:
             check_cold(name, mem, ok, log)
-        mem_cold += mem.cold(x, repeat)
         for r in ok:
-            r["cold"] += r["cold_runner"].time(x, repeat=repeat, cold=True).seconds
+            r["cold_base"].append(mem.cold(x, repeat))
+            r["cold"].append(r["cold_runner"].time(x, repeat=repeat, cold=True).seconds)
+            mem_cold.append(r["cold_base"][-1])
         log(f"  {name}: round {rnd + 1}/{rounds}")
     mem.close()
     for r in ok:
@@ -383,7 +390,12 @@ def measure(name: str, kw: dict, ratios: list[int], workdir: Path, rounds: int, 
         r["naive_runner"].close()
         del r["warm_runner"], r["cold_runner"], r["naive_runner"]
 
-    med = lambda s: statistics.median(s) * 1e3  # noqa: E731
+    med = lambda rounds: statistics.median([t for rnd in rounds for t in rnd]) * 1e3  # noqa: E731
+
+    def paired(rounds, base):
+        """Median over rounds of (this round's median / its in-memory base's median)."""
+        return statistics.median(statistics.median(a) / statistics.median(b) for a, b in zip(rounds, base))
+
     mem_rss, mem_cg = peak_above_baseline(mem_art.path)
     summary = {"model": name, "weights": weight_bytes, "mem_rss": mem_rss, "mem_cg": mem_cg,
                "compile_s": compile_s}
@@ -392,9 +404,10 @@ def measure(name: str, kw: dict, ratios: list[int], workdir: Path, rounds: int, 
         if "art" not in r:
             continue
         r["rss"], r["cg"] = peak_above_baseline(r["art"].path)
-        for key in ("warm", "cold", "naive"):
+        for key, base in (("warm", "warm_base"), ("cold", "cold_base"), ("naive", "warm_base")):
             r[f"{key}_ms"] = med(r[key])
-        for key in ("art", "warm", "cold", "naive"):
+            r[f"{key}_x"] = paired(r[key], r[base])
+        for key in ("art", "warm", "cold", "naive", "warm_base", "cold_base"):
             del r[key]
     return [summary] + rows
 
@@ -412,9 +425,9 @@ def print_table(results: list[list[dict]], floor_note: bool) -> None:
                 continue
             cg = f"{r['cg'] / MIB:>7.1f}" if r["cg"] is not None else f"{'-':>7}"
             print(f"{label}{r['blocks']:>6}{' ' if r['prefetch'] else 'n'}{r['mem_ms']:>9.2f} "
-                  f"{r['warm_ms']:>8.2f} ({r['warm_ms'] / r['mem_ms']:>5.2f}x) "
-                  f"{r['cold_ms']:>9.2f} ({r['cold_ms'] / r['mem_cold_ms']:>5.2f}x) {r['mem_cold_ms']:>11.2f} "
-                  f"{r['naive_ms']:>8.2f} ({r['naive_ms'] / r['mem_ms']:>5.2f}x) "
+                  f"{r['warm_ms']:>8.2f} ({r['warm_x']:>5.2f}x) "
+                  f"{r['cold_ms']:>9.2f} ({r['cold_x']:>5.2f}x) {r['mem_cold_ms']:>11.2f} "
+                  f"{r['naive_ms']:>8.2f} ({r['naive_x']:>5.2f}x) "
                   f"{r['rss'] / MIB:>7.1f}/{r['budget'] / MIB:<7.1f} {cg} {r['diff']:>9.1e}")
     print("in-memory builds, peak RSS above baseline (cgroup charge): " + "; ".join(
         f"{s['model']} {s['mem_rss'] / MIB:.1f} MiB"
@@ -422,7 +435,8 @@ def print_table(results: list[list[dict]], floor_note: bool) -> None:
         + f" for {s['weights'] / MIB:.1f} MiB of weights" for s, *_ in results))
     print("k: budget = weights / k. warm: page cache kept; cold: page cache dropped before each call and per "
           "block, ratio vs in-memory cold; naive: read each block into fresh memory, no prefetch, ratio vs "
-          "in-memory warm. blocks marked n: planned without prefetch.")
+          "in-memory warm. ms: median of all calls; (x): median over rounds of the ratio of the round's "
+          "medians (this host's speed drifts between rounds). blocks marked n: planned without prefetch.")
     if floor_note:
         print("*: weights / k cannot hold the activations; budget = activation working set + weights / k.")
 

@@ -26,6 +26,10 @@ ARCHS: dict[str, dict] = {
     "mlp-c": {"kind": "mlp", "hidden": [384, 384, 192]},
     "mlp-d": {"kind": "mlp", "hidden": [192, 96]},
     "mlp-e": {"kind": "mlp", "hidden": [640, 320]},
+    # wide power-of-two layers: column walks of 512- and 1024-wide matrices thrash the cache's sets,
+    # which only mlp-b showed (held out, its 512-wide kernel ran 2.2x slower than predicted)
+    "mlp-f": {"kind": "mlp", "hidden": [512, 320]},
+    "mlp-g": {"kind": "mlp", "hidden": [1024, 96]},
     "cnn-a": {"kind": "cnn", "channels": [16, 32], "hidden": 128},
     "cnn-b": {"kind": "cnn", "channels": [8, 16], "hidden": 64},
     "cnn-c": {"kind": "cnn", "channels": [24, 32], "hidden": 96},
