@@ -22,7 +22,8 @@ A training step's wall time on a device is modelled as
   their argument lists, and CPU time that grows with the kernels' (the step uninstrumented is not the
   sum of instrumented kernels). Target: the step's uninstrumented CPU time minus its kernels; linear
   in the step's builtin calls, kernel calls and parameter tensors (scaled like the kernels by the
-  device share) and in its kernels' CPU time, least relative squares over the training measurements.
+  device share) and in its kernels' CPU time; non-negative least relative squares over the training
+  measurements.
 * Wall/CPU: a device with a CFS quota q < 1 gets q of a core, so wall = CPU / q plus the throttling
   slack; a log-linear fit of measured wall x min(q, 1) / CPU over log q and log cpus (training
   devices only).
@@ -217,9 +218,12 @@ class LatteModel:
             b.append(parts["overhead_s"])
             w.append(1.0 / parts["cpu_step_s"])
         A, b, w = np.array(A), np.array(b), np.array(w)
-        # plain least squares: a per-call coefficient may come out negative where the instrument's cost
-        # per call is a little under-removed from the kernels
-        self.overhead = [float(v) for v in np.linalg.lstsq(A * w[:, None], b * w, rcond=None)[0]]
+        # Non-negative least squares: every call, parameter and kernel second adds time. Plain least
+        # squares gave these collinear columns a negative intercept that made a one-layer MLP (fewer
+        # calls than any training step) a negative overhead: -0.53 ms of a 1.31 ms step.
+        from scipy.optimize import nnls
+
+        self.overhead = [float(v) for v in nnls(A * w[:, None], b * w)[0]]
         # wall/CPU: log(wall x share / CPU) = a + c log(share) + d log(cpus) (a second core may run TVM's
         # thread pool next to the kernels: CPU time, no wall time)
         r = np.array([math.log(m["step_s"] * norm(m["device"]) / cpu_step(m)) for m in measurements])
@@ -242,7 +246,6 @@ class LatteModel:
         kernels = float(kernels_cpu.sum())
         overhead_cpu = float(np.dot(self.overhead[:-1], overhead_row(meta, calls))) * self._device_scale(device) \
             + self.overhead[-1] * kernels
-        overhead_cpu = max(overhead_cpu, -0.5 * kernels)
         factor = math.exp(float(np.dot(self.wall, wall_row(device)))) / norm(device)
         return {"step_s": (float(kernels_cpu.sum()) + overhead_cpu) * factor,
                 "kernels_s": float(kernels_cpu.sum()) * factor, "overhead_s": overhead_cpu * factor,
