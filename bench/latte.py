@@ -5,8 +5,8 @@ with each method's simulated time to a target accuracy and LATTE's speed-ups.
     python bench/latte.py [--reprofile [--repeats 2]] [--cv] [--rounds 40] [--clients 12] [--target 0.9]
 
 Measurements (TVM-compiled training steps timed inside each device profile's cgroup) are reused from
-`edgetvm latte profile` output when present; --reprofile measures again (about 4 minutes per repeat
-here).
+`edgetvm latte profile` output when present; --reprofile measures again (about 8 minutes per repeat
+here: 11 architectures x 4 widths on 9 devices).
 """
 
 from __future__ import annotations
