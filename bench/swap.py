@@ -16,7 +16,8 @@ timed seconds apart.
               call and every block's pages after use (a strict budget, as on a small board). Its
               ratio is against the in-memory build run cold: the same Runner, its weights mapped
               privately by this script so that before each call they can be unmapped (MADV_DONTNEED)
-              and evicted (POSIX_FADV_DONTNEED), exactly as SwapRunner.drop_page_cache does.
+              and evicted (POSIX_FADV_DONTNEED), exactly as SwapRunner.drop_page_cache does. Cold
+              runs read a copy of each artifact, so evicting it leaves the warm runs' cache warm.
   naive       the swapping build run the simple way: each block's weights read (pread) from the
               file into freshly allocated TVM tensors, the block called, the tensors freed; no
               prefetch. Page cache warm; its ratio is against in-memory warm.
@@ -296,13 +297,25 @@ def activation_floor(src: Path, shapes, board) -> int:
     return max(op.live + op.scratch for op in ops)
 
 
+def cold_copy(art):
+    """A copy of an artifact for the cold runs: evicting its file leaves the warm runs' page cache alone
+    (one shared file was evicted every round and read back from disk just before the warm calls)."""
+    import shutil
+
+    dst = art.path.with_name(art.path.name + "-cold")
+    shutil.rmtree(dst, ignore_errors=True)
+    shutil.copytree(art.path, dst)
+    settle(dst / art.manifest["weights_file"])
+    return open_artifact(dst, verify=False)
+
+
 def check_cold(name: str, mem: "InMemory", rows: list[dict], log) -> None:
     """Warn when a drop leaves much of a weight file in the page cache (dirty or still mapped pages)."""
     mem.drop_page_cache()
     left = {"in-memory": cached_fraction(mem.art.weights_path)}
     for r in rows:
         r["cold_runner"].drop_page_cache()
-        left[f"x{r['k']}"] = cached_fraction(r["art"].weights_path)
+        left[f"x{r['k']}"] = cached_fraction(r["cold_runner"].art.weights_path)
     for what, frac in left.items():
         if not frac < 0.02:
             log(f"  warning: {name} {what}: {frac:.0%} of the weight file still cached after a drop; "
@@ -349,12 +362,12 @@ def measure(name: str, kw: dict, ratios: list[int], workdir: Path, rounds: int, 
         settle(art.weights_path)
 
     x = random_inputs(mem_art.inputs, seed=0)
-    mem = InMemory(mem_art)
+    mem, mem_c = InMemory(mem_art), InMemory(cold_copy(mem_art))
     ref = list(mem.run(x).values())
     for r in ok:
         prefetch = r["art"].manifest["swap"]["prefetch"]
         r["warm_runner"] = SwapRunner(r["art"], prefetch=prefetch, drop_cache=False)
-        r["cold_runner"] = SwapRunner(r["art"], prefetch=prefetch, drop_cache=True)
+        r["cold_runner"] = SwapRunner(cold_copy(r["art"]), prefetch=prefetch, drop_cache=True)
         r["naive_runner"] = NaiveSwap(r["warm_runner"])
         r["diff"] = max(max_diff(ref, list(r["warm_runner"].run(x).values())),
                         max_diff(ref, list(r["cold_runner"].run(x).values())),
@@ -372,22 +385,21 @@ def measure(name: str, kw: dict, ratios: list[int], workdir: Path, rounds: int, 
             r["warm_base"].append(mem.warm(x, repeat))
             r["warm"].append(r["warm_runner"].time(x, repeat=repeat).seconds)
             r["naive"].append(r["naive_runner"].time(x, repeat))
-            # Fault-around leaves a few pages next to each block's range mapped in the warm runner;
-            # mapped pages cannot be evicted, so unmap them before the cold runs.
-            r["warm_runner"].drop_page_cache()
             mem_warm.append(r["warm_base"][-1])
         if rnd == 0:
-            check_cold(name, mem, ok, log)
+            check_cold(name, mem_c, ok, log)
         for r in ok:
-            r["cold_base"].append(mem.cold(x, repeat))
+            r["cold_base"].append(mem_c.cold(x, repeat))
             r["cold"].append(r["cold_runner"].time(x, repeat=repeat, cold=True).seconds)
             mem_cold.append(r["cold_base"][-1])
         log(f"  {name}: round {rnd + 1}/{rounds}")
-    mem.close()
+    import shutil
+
+    for runner in [mem, mem_c] + [r[k] for r in ok for k in ("warm_runner", "cold_runner", "naive_runner")]:
+        runner.close()
+    for art in [mem_c.art] + [r["cold_runner"].art for r in ok]:
+        shutil.rmtree(art.path, ignore_errors=True)
     for r in ok:
-        r["warm_runner"].close()
-        r["cold_runner"].close()
-        r["naive_runner"].close()
         del r["warm_runner"], r["cold_runner"], r["naive_runner"]
 
     med = lambda rounds: statistics.median([t for rnd in rounds for t in rnd]) * 1e3  # noqa: E731
@@ -435,8 +447,8 @@ def print_table(results: list[list[dict]], floor_note: bool) -> None:
         + f" for {s['weights'] / MIB:.1f} MiB of weights" for s, *_ in results))
     print("k: budget = weights / k. warm: page cache kept; cold: page cache dropped before each call and per "
           "block, ratio vs in-memory cold; naive: read each block into fresh memory, no prefetch, ratio vs "
-          "in-memory warm. ms: median of all calls; (x): median over rounds of the ratio of the round's "
-          "medians (this host's speed drifts between rounds). blocks marked n: planned without prefetch.")
+          "in-memory warm. ms: median of all calls; (x): median over rounds of its median over the median of the in-memory calls timed just before it "
+          "(this host's speed drifts). blocks marked n: planned without prefetch.")
     if floor_note:
         print("*: weights / k cannot hold the activations; budget = activation working set + weights / k.")
 
