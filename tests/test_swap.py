@@ -140,6 +140,7 @@ def _brute_force(ops, wbytes, budget, board):
             continue
         load = [b.weight_bytes / load_bw + swap.BLOCK_OVERHEAD_S for b in blocks]
         t = load[0] + sum(max(blocks[i].compute_s, load[i + 1]) for i in range(len(blocks) - 1)) + blocks[-1].compute_s
+        t += swap.BLOCK_CALL_S * len(blocks)
         best = t if best is None else min(best, t)
     return best
 
