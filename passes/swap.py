@@ -293,8 +293,9 @@ def plan_blocks(ops: list[Op], weight_bytes: list[int], budget: int, board, pref
                 back[(a, b)] = arg
     finals = [(best[(a, n)] + blk(a, n).compute_s, (a, n)) for a in range(n) if (a, n) in best]
     if not finals:
-        raise UserError(f"--memory-budget {budget / MIB:.1f} MiB cannot hold this model: "
-                        f"it needs at least {min_budget(ops, weight_bytes) / MIB:.1f} MiB "
+        need = -(-min_budget(ops, weight_bytes) * 100 // MIB) / 100  # rounded up: that figure compiles
+        raise UserError(f"--memory-budget {budget / MIB:.2f} MiB cannot hold this model: "
+                        f"it needs at least {need:.2f} MiB "
                         f"(the largest single kernel's weights, activations and scratch); raise the budget")
     total, key = min(finals)
     blocks = []

@@ -55,9 +55,9 @@ def test_dense_stack_at_4x_oversubscription_is_bit_identical(tmp_path):
 
 
 def test_residual_network_keeps_skip_values_alive_across_blocks(tmp_path):
-    mem, sw = build_pair(tmp_path, "resnet", int(1.6 * MIB))
+    mem, sw = build_pair(tmp_path, "resnet", int(1.2 * MIB))
     plan = sw.manifest["swap"]
-    assert len(plan["blocks"]) > 2
+    assert len(plan["blocks"]) > 1
     assert_plan_fits(plan)
     produced = set(plan["data_inputs"])
     for b in plan["blocks"]:
@@ -96,7 +96,7 @@ def test_infeasible_budget_names_the_minimum_and_that_minimum_compiles(tmp_path,
     assert rc == 2 and len(err.splitlines()) == 1 and "at least" in err
     assert not (tmp_path / "o").exists()
     need = float(err.split("at least ")[1].split(" MiB")[0])
-    assert main(["compile", str(path), "--memory-budget", f"{need + 0.1:.1f}MiB", "-o", str(tmp_path / "o")]) == 0
+    assert main(["compile", str(path), "--memory-budget", f"{need:.2f}MiB", "-o", str(tmp_path / "o")]) == 0
 
 
 def test_budget_that_does_not_parse(tmp_path, capsys):
