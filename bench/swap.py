@@ -40,6 +40,7 @@ import gc
 import json
 import mmap
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -300,8 +301,6 @@ def activation_floor(src: Path, shapes, board) -> int:
 def cold_copy(art):
     """A copy of an artifact for the cold runs: evicting its file leaves the warm runs' page cache alone
     (one shared file was evicted every round and read back from disk just before the warm calls)."""
-    import shutil
-
     dst = art.path.with_name(art.path.name + "-cold")
     shutil.rmtree(dst, ignore_errors=True)
     shutil.copytree(art.path, dst)
@@ -393,8 +392,6 @@ def measure(name: str, kw: dict, ratios: list[int], workdir: Path, rounds: int, 
             r["cold"].append(r["cold_runner"].time(x, repeat=repeat, cold=True).seconds)
             mem_cold.append(r["cold_base"][-1])
         log(f"  {name}: round {rnd + 1}/{rounds}")
-    import shutil
-
     for runner in [mem, mem_c] + [r[k] for r in ok for k in ("warm_runner", "cold_runner", "naive_runner")]:
         runner.close()
     for art in [mem_c.art] + [r["cold_runner"].art for r in ok]:

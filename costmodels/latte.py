@@ -231,8 +231,11 @@ class LatteModel:
         self.wall = [float(v) for v in np.linalg.lstsq(L, r, rcond=None)[0]]
         return self
 
+    def _device_log(self, device: dict) -> float:
+        return float(np.dot(self.device, device_row(device)))
+
     def _device_scale(self, device: dict) -> float:
-        return math.exp(float(np.dot(self.device, device_row(device))))
+        return math.exp(self._device_log(device))
 
     def predict_parts(self, meta: dict, device: dict, calls: dict[str, float] | None = None) -> dict:
         """Predicted wall seconds of one step on `device`, with its kernels and overhead separately."""
@@ -240,15 +243,15 @@ class LatteModel:
 
         calls = dict(meta["calls"]) if calls is None else calls
         syms, X = rows_for_model(meta, calls, device)
-        margin = work_margin(X) + float(np.dot(self.device, device_row(device)))
+        margin = work_margin(X) + self._device_log(device)
         per_call = np.exp(self.booster.predict(xgb.DMatrix(X, base_margin=margin, feature_names=FEATURES)))
         kernels_cpu = per_call * np.array([calls[s] for s in syms])
         kernels = float(kernels_cpu.sum())
         overhead_cpu = float(np.dot(self.overhead[:-1], overhead_row(meta, calls))) * self._device_scale(device) \
             + self.overhead[-1] * kernels
         factor = math.exp(float(np.dot(self.wall, wall_row(device)))) / norm(device)
-        return {"step_s": (float(kernels_cpu.sum()) + overhead_cpu) * factor,
-                "kernels_s": float(kernels_cpu.sum()) * factor, "overhead_s": overhead_cpu * factor,
+        return {"step_s": (kernels + overhead_cpu) * factor,
+                "kernels_s": kernels * factor, "overhead_s": overhead_cpu * factor,
                 "kernel_s": {s: float(t) * factor for s, t in zip(syms, kernels_cpu)}}
 
     def predict_step(self, meta: dict, device: dict, calls: dict[str, float] | None = None) -> float:

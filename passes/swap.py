@@ -25,10 +25,10 @@ from edgetvm.costmodels.roofline import nbytes
 from edgetvm.errors import UserError
 
 MIB = 1 << 20
-BLOCK_OVERHEAD_S = 50e-6  # one VM call + madvise/fadvise per block, measured order of magnitude
+BLOCK_OVERHEAD_S = 50e-6  # fixed part of loading a block (its syscalls): overlaps compute under prefetch
 # What every block adds to the critical path whatever overlaps: its VM call, waiting for and handing
-# work to the prefetch thread, unmapping. Measured on a MobileNet cut into 9 blocks (0.1 MiB each):
-# ~100 us a block (33 us of it with the weights kept resident).
+# work to the prefetch thread. Measured on a MobileNet cut into 9 blocks (0.1 MiB each): ~100 us a
+# block (33 us of it with the weights kept resident).
 BLOCK_CALL_S = 100e-6
 
 
