@@ -8,10 +8,11 @@ between them so that drift (other load, frequency) hits all alike. Times are med
 calls; each swapped configuration's calls follow a group of in-memory calls of their own, and its
 ratio is the median over rounds of (its median / that group's median): this host's speed drifts
 by +-25% over seconds, and a ratio of whole-run medians carries that drift between configurations
-timed seconds apart.
+timed seconds apart. The warm rounds all run before the cold ones.
 
   in-memory   Runner, weights mapped zero-copy and resident (the page cache is warm).
-  warm        SwapRunner(drop_cache=False): swapped-out weights stay in the OS page cache.
+  warm        SwapRunner(drop_cache=False): swapped-out weights stay in the OS page cache, as the
+              runner's own first call after a drop filled it.
   cold        SwapRunner(drop_cache=True), time(cold=True): the weight file is evicted before each
               call and every block's pages after use (a strict budget, as on a small board). Its
               ratio is against the in-memory build run cold: the same Runner, its weights mapped
@@ -379,19 +380,30 @@ def measure(name: str, kw: dict, ratios: list[int], workdir: Path, rounds: int, 
     mem_warm, mem_cold = [], []
     for r in ok:
         r["warm"], r["cold"], r["naive"], r["warm_base"], r["cold_base"] = [], [], [], [], []
+    # Warm means: the page cache as the runner's own first call left it after a drop. Which folios
+    # hold a file (4 KiB from a write or a scattered read, 2 MiB from a huge-page fault) decides what
+    # mapping it costs, and depends on what last read it (a compile, an earlier run) otherwise.
+    mem.drop_page_cache()
+    mem.run(x)
+    for r in ok:
+        r["warm_runner"].drop_page_cache()
+        r["warm_runner"].run(x)
+    # All warm rounds, then all cold ones: the cold calls' disk reads and evictions leave the kernel
+    # work to do (writeback, reclaim) that would land in the next round's warm calls.
     for rnd in range(rounds):
         for r in ok:
             r["warm_base"].append(mem.warm(x, repeat))
             r["warm"].append(r["warm_runner"].time(x, repeat=repeat).seconds)
             r["naive"].append(r["naive_runner"].time(x, repeat))
             mem_warm.append(r["warm_base"][-1])
-        if rnd == 0:
-            check_cold(name, mem_c, ok, log)
+        log(f"  {name}: warm round {rnd + 1}/{rounds}")
+    check_cold(name, mem_c, ok, log)
+    for rnd in range(rounds):
         for r in ok:
             r["cold_base"].append(mem_c.cold(x, repeat))
             r["cold"].append(r["cold_runner"].time(x, repeat=repeat, cold=True).seconds)
             mem_cold.append(r["cold_base"][-1])
-        log(f"  {name}: round {rnd + 1}/{rounds}")
+        log(f"  {name}: cold round {rnd + 1}/{rounds}")
     for runner in [mem, mem_c] + [r[k] for r in ok for k in ("warm_runner", "cold_runner", "naive_runner")]:
         runner.close()
     for art in [mem_c.art] + [r["cold_runner"].art for r in ok]:

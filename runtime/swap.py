@@ -11,6 +11,12 @@ maps each block with MADV_POPULATE_READ: a fault then reads the aligned 2 MiB ar
 folio and maps it at once. In 4 KiB folios (what POSIX_FADV_WILLNEED and random-access faults
 create) mapping 288 MiB took 37 ms and unmapping 12 ms, as long as the dense stack's compute;
 in 2 MiB folios about 1 ms each.
+
+A model whose blocks are all small (below COPY_BELOW) is not mapped at all: each block is read
+(pread) into one resident staging buffer that its weights' views point into. Mapping costs page-table
+work per 4 KiB page (a fault maps 16 at a time, ~0.6 us a page, and unmapping shoots down the other
+core's TLB), which for a 120 KiB block is 3x a copy of it: a MobileNet's four 0.12 MiB blocks
+cost 165 us per 2.5 ms inference mapped, ~30 us copied.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ READ_PIECE = 2 << 20
 HUGE = 2 << 20            # a PMD folio: the most the page cache may hold beyond each end of a range
 MADV_HUGEPAGE = getattr(mmap, "MADV_HUGEPAGE", 14)
 THREAD_MIN = 1 << 20      # bytes of weights worth prefetching from the thread
+COPY_BELOW = 1 << 20      # a model whose blocks are all smaller is copied in, not mapped
 MADV_POPULATE_READ = 22   # Linux >= 5.14; Python's mmap has no name for it
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -92,24 +99,39 @@ class SwapRunner:
         big = max((b["range"][1] for b in self.plan["blocks"]), default=0) >= HUGE
         self.huge = (room or not drop_cache) and big and self._madvise(
             MADV_HUGEPAGE, 0, size) and self._madvise(MADV_POPULATE_READ, 0, 0)
+        # Copying needs the staging buffer besides the page cache a cold read fills (dropped right
+        # after): with drop_cache, only where the plan has a block's worth to spare.
+        spans = [b["range"][1] for b in self.plan["blocks"]]
+        slack = self.plan["budget"] - self.plan["predicted_peak"]
+        self.copy = max(spans, default=0) < COPY_BELOW and (not drop_cache or slack >= max(spans, default=0))
+        if self.copy:
+            raw = np.empty(max(spans, default=0) + PAGE, dtype=np.uint8)
+            start = -raw.ctypes.data % PAGE  # page-aligned, so every weight keeps the file's 64-byte alignment
+            self.staging = raw[start:start + max(spans, default=0)]
+            # Reads get no readahead either: it would leave the next blocks' pages in the page cache.
+            os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_RANDOM)
+            prefetch = False  # every block is below THREAD_MIN: none would be handed to the thread
+        self.prefetch = prefetch
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="swap-prefetch") if prefetch else None
-        # Views of the mapping stay valid while pages come and go: make them once (a MobileNet has
-        # ~100 weights; wrapping them per call cost 0.9 ms of a 3 ms inference).
-        self.block_weights = [[tvm.runtime.from_dlpack(self._view(self.index[w])) for w in b["weights"]]
+        # Views of the mapping (or of the staging buffer) stay valid while pages come and go: make them
+        # once (a MobileNet has ~100 weights; wrapping them per call cost 0.9 ms of a 3 ms inference).
+        self.block_weights = [[tvm.runtime.from_dlpack(self._view(self.index[w], b)) for w in b["weights"]]
                               for b in self.plan["blocks"]]
         self.names = [i.name for i in art.inputs]
         self.block_seconds: list[float] = [0.0] * len(self.plan["blocks"])
+        self.steps = self._schedule()
 
     def close(self) -> None:
         if self.pool:
             self.pool.shutdown()
-        self.block_weights = []  # they export the mapping's buffer, which must be released to close it
+        self.block_weights, self.staging, self.steps = [], None, []  # they export the mapping's buffer, which must be released to close it
         del self.bytes
         self.mm.close()
         os.close(self.fd)
 
-    def _view(self, w: dict) -> np.ndarray:
-        return self.bytes[w["offset"]:w["offset"] + w["nbytes"]].view(w["dtype"]).reshape(w["shape"])
+    def _view(self, w: dict, block: dict) -> np.ndarray:
+        buf, off = (self.staging, w["offset"] - block["range"][0]) if self.copy else (self.bytes, w["offset"])
+        return buf[off:off + w["nbytes"]].view(w["dtype"]).reshape(w["shape"])
 
     def _madvise(self, advice: int, lo: int, ln: int) -> bool:
         """madvise through ctypes, which lets go of the GIL while a populate waits for the disk."""
@@ -119,6 +141,9 @@ class SwapRunner:
         """Read the block's pages and map them, from the prefetch thread."""
         off, n = block["range"]
         if not n:
+            return
+        if self.copy:
+            self._read(off, n)
             return
         lo, ln = _page_range(off, n)
         if self.huge:
@@ -133,6 +158,18 @@ class SwapRunner:
         # slower here: 3.1x vs 2.3x in-memory latency, interleaved in one process, /tmp/probe/ab.py.)
         int(self.bytes[lo:lo + ln:PAGE].sum(dtype=np.uint64))
 
+    def _read(self, off: int, n: int) -> None:
+        view, done = memoryview(self.staging[:n]), 0
+        while done < n:
+            got = os.preadv(self.fd, [view[done:]], off + done)
+            if got <= 0:
+                raise UserError(f"{self.art.weights_path} ends before its block at {off + done}; recompile the "
+                                f"artifact")
+            done += got
+        if self.drop_cache:
+            lo, ln = _page_range(off, n)
+            os.posix_fadvise(self.fd, lo, ln, os.POSIX_FADV_DONTNEED)
+
     def _swap(self, done: dict | None, nxt: dict) -> None:
         """Unmap a finished block, then map the next one."""
         if done is not None:
@@ -141,7 +178,7 @@ class SwapRunner:
 
     def _release(self, block: dict) -> None:
         off, n = block["range"]
-        if not n:
+        if not n or self.copy:  # the next block's read overwrites the staging buffer
             return
         lo, ln = _page_range(off, n)
         self.mm.madvise(mmap.MADV_DONTNEED, lo, ln)
@@ -169,19 +206,27 @@ class SwapRunner:
             values[name] = tvm.runtime.tensor(np.ascontiguousarray(x), self.dev)
         return values
 
-    def _forward(self, values: dict):
+    def _schedule(self) -> list[tuple]:
+        """Per block, once: its function, which values it reads, writes and is the last to read, and
+        whether the thread maps it."""
         blocks = self.plan["blocks"]
-        # Each value is dropped after the last block that reads it.
         last_use = {}
         for k, b in enumerate(blocks):
             for v in b["inputs"]:
                 last_use[v] = k
         # A block below THREAD_MIN is mapped just before it runs: handing it to the thread and back
         # costs more than mapping it (a MobileNet's blocks: 1.38x vs 1.58x in-memory latency).
-        threaded = [self.prefetch and b["range"][1] >= THREAD_MIN for b in blocks]
-        pending = self.pool.submit(self._swap, None, blocks[0]) if threaded[0] else None
+        return [(self.vm[b["function"]], b["inputs"], b["outputs"],
+                 [v for v in b["inputs"] if last_use[v] == k and v not in self.plan["outputs"]],
+                 self.prefetch and b["range"][1] >= THREAD_MIN) for k, b in enumerate(blocks)]
+
+    def _forward(self, values: dict):
+        blocks = self.plan["blocks"]
+        steps = self.steps
+        pending = self.pool.submit(self._swap, None, blocks[0]) if steps[0][4] else None
         stale = None  # the block that finished last, still mapped
-        for k, b in enumerate(blocks):
+        for k, (fn, ins, outs, dead, _) in enumerate(steps):
+            b = blocks[k]
             if pending is not None:
                 pending.result()
             else:
@@ -190,7 +235,7 @@ class SwapRunner:
             # blocks are resident at most; unmapping there keeps its TLB shootdown off this thread
             # (dense stack at 4x under the old strip GEMV schedule: 1.16x -> 1.13x in-memory latency;
             # under the current one the two orders measured alike).
-            if k + 1 < len(blocks) and threaded[k + 1]:
+            if k + 1 < len(blocks) and steps[k + 1][4]:
                 pending, stale = self.pool.submit(self._swap, stale, blocks[k + 1]), None
             else:
                 pending = None
@@ -198,14 +243,13 @@ class SwapRunner:
                     self._release(stale)
                     stale = None
             t = time.perf_counter()
-            out = self.vm[b["function"]](*[values[v] for v in b["inputs"]], *self.block_weights[k])
+            out = fn(*[values[v] for v in ins], *self.block_weights[k])
             self.block_seconds[k] += time.perf_counter() - t
-            for name, val in zip(b["outputs"], out):
+            for name, val in zip(outs, out):
                 values[name] = val
             del out
-            for v in b["inputs"]:
-                if last_use.get(v) == k and v not in self.plan["outputs"]:
-                    values.pop(v, None)
+            for v in dead:  # each value is dropped after the last block that reads it
+                values.pop(v, None)
             if self.prefetch:
                 stale = b
             else:

@@ -71,6 +71,32 @@ def test_residual_network_keeps_skip_values_alive_across_blocks(tmp_path):
         np.testing.assert_array_equal(got[k], want[k])
 
 
+def test_small_blocks_are_read_into_one_staging_buffer_not_mapped(tmp_path):
+    # The ResNet's blocks are all below COPY_BELOW: with the page cache kept, each is copied into one
+    # buffer the size of the largest block, which its weights' tensors point into.
+    mem, sw = build_pair(tmp_path, "resnet", int(1.2 * MIB))
+    blocks = sw.manifest["swap"]["blocks"]
+    runner = SwapRunner(sw, drop_cache=False)
+    assert runner.copy and len(blocks) > 1
+    assert runner.staging.nbytes == max(b["range"][1] for b in blocks)
+    x = random_inputs(mem.inputs, seed=6)
+    want = Runner(mem).run(x)
+    for _ in range(2):  # the second call overwrites the buffer the first left behind
+        got = runner.run(x)
+        for k in want:
+            np.testing.assert_array_equal(got[k], want[k])
+    off, n = blocks[-1]["range"]
+    with open(sw.weights_path, "rb") as f:
+        f.seek(off)
+        assert runner.staging[:n].tobytes() == f.read(n)
+    # Where the budget has no block's worth to spare for the buffer, a strict run maps instead.
+    strict = SwapRunner(sw, drop_cache=True)
+    assert not strict.copy
+    got = strict.run(x)
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k])
+
+
 def test_layer_bigger_than_the_budget_is_split_inside_the_layer(tmp_path):
     # One 2048x2048 layer holds 16 MiB; the budget is 6 MiB.
     mem, sw = build_pair(tmp_path, "dense_stack", 6 * MIB, n=2, d=2048)
