@@ -13,17 +13,17 @@ A training step's wall time on a device is modelled as
   (measure.py), minus the instrument's own cost per call (the per-call time of the cheapest VM
   builtin, `vm.builtin.null_value`, in the same measurement).
 * Device share: a device that gets a small share of a core also runs each kernel slower in CPU time
-  (throttled every period, it comes back to cold caches: +12% at 0.1 of a core here). That effect
-  is a linear term in log(share) and log(cpus), fitted within each kernel across the devices that
-  ran it, and added to the trees' margin: trees would give a device between two profiled shares
-  the kernels of one of them.
+  (throttled every period, it comes back to cold caches), and short kernels most: at 0.1 of a core
+  +42% for the width-1/8 models' kernels, +12% for the width-1 models'. That effect is linear in
+  log(share), log(cpus) and log(share) x log(the kernel's work), fitted within each kernel across the
+  devices that ran it, and added to the trees' margin: trees would give a device between two
+  profiled shares the kernels of one of them.
 * Overhead: what a step spends outside TIR kernels: the VM interpreting the step, its builtins
   (allocation, shape checks, tuples), the Python calls of `backbone_loss_adjoint` and `optimizer` and
   their argument lists, and CPU time that grows with the kernels' (the step uninstrumented is not the
   sum of instrumented kernels). Target: the step's uninstrumented CPU time minus its kernels; linear
-  in the step's builtin calls, kernel calls and parameter tensors (scaled like the kernels by the
-  device share) and in its kernels' CPU time; non-negative least relative squares over the training
-  measurements.
+  in the step's builtin calls, kernel calls and parameter tensors and in its kernels' CPU time, times
+  a power of the device's cores; non-negative least relative squares over the training measurements.
 * Wall/CPU: a device with a CFS quota q < 1 gets q of a core, so wall = CPU / q plus the throttling
   slack; a log-linear fit of measured wall x min(q, 1) / CPU over log q and log cpus (training
   devices only).
@@ -53,8 +53,9 @@ FEATURES = [f"kind_{k}" for k in KINDS] + STATIC + ["log_flops_per_byte", "calls
                                                      "step_log_bytes", "step_kernels", "log_core_gflops",
                                                      "log_core_bw"]
 DEVICE = ["log_share", "log_cpus"]
+KERNEL_DEVICE = DEVICE + ["log_share_x_log_work"]
 OVERHEAD = ["one", "builtin_calls", "kernel_calls", "n_params", "kernels_cpu"]
-VERSION = 4
+VERSION = 5
 
 
 def norm(device: dict) -> float:
@@ -65,6 +66,16 @@ def norm(device: dict) -> float:
 def device_row(device: dict) -> list[float]:
     """What the device's share of the host changes in every kernel's per-call CPU time, smoothly."""
     return [math.log(norm(device)), math.log(float(device["cpus"]))]
+
+
+def kernel_device_rows(device: dict, X: np.ndarray) -> np.ndarray:
+    """Per kernel row: the device rows and log(share) x the kernel's log work. A small share slows short
+    kernels most: at 0.1 of a core the width-1/8 models' kernels took 1.42x their CPU time on a full
+    core, the width-1 models' 1.12x (a throttled period comes back to cold caches, which a long
+    kernel refills once over more work)."""
+    ls, lc = device_row(device)
+    z = work_margin(X) - WORK_CENTER
+    return np.stack([np.full(len(X), ls), np.full(len(X), lc), ls * z], 1)
 
 
 def wall_row(device: dict) -> list[float]:
@@ -99,6 +110,9 @@ def work_margin(X: np.ndarray) -> np.ndarray:
     fl = np.expm1(X[:, FEATURES.index("flops")])
     by = np.expm1(X[:, FEATURES.index("bytes")])
     return np.log(fl + by / 4 + 2000.0) - math.log(1e9)
+
+
+WORK_CENTER = math.log(1e5) - math.log(1e9)  # a mid-sized kernel's work, so log(share) alone means its effect
 
 
 def rows_for_model(meta: dict, calls: dict[str, float], device: dict) -> tuple[list[str], np.ndarray]:
@@ -152,11 +166,12 @@ class LatteModel:
     """Per-kernel XGBoost + overhead + wall/CPU calibration; `predict_step` is the whole step's wall time."""
 
     def __init__(self, booster=None, overhead: list[float] | None = None, wall: list[float] | None = None,
-                 device: list[float] | None = None):
+                 device: list[float] | None = None, overhead_cpus: float = 0.0):
         self.booster = booster
         self.overhead = overhead or [0.0] * len(OVERHEAD)
         self.wall = wall or [0.0, 0.0, 0.0]
-        self.device = device or [0.0] * len(DEVICE)
+        self.device = device or [0.0] * len(KERNEL_DEVICE)
+        self.overhead_cpus = overhead_cpus
 
     @staticmethod
     def dataset(measurements: list[dict], metas: dict[str, dict]):
@@ -173,9 +188,9 @@ class LatteModel:
             Xs.append(X)
             ys.append(np.log(t))
             ws.append(0.2 / len(syms) + t * c / max(parts["kernels_s"], 1e-12))
-            ds += [device_row(m["device"])] * len(syms)
+            ds.append(kernel_device_rows(m["device"], X))
             ks += [(m["dir"], s) for s in syms]
-        return np.vstack(Xs), np.concatenate(ys), np.concatenate(ws), np.array(ds), ks
+        return np.vstack(Xs), np.concatenate(ys), np.concatenate(ws), np.vstack(ds), ks
 
     @staticmethod
     def device_effect(y: np.ndarray, w: np.ndarray, D: np.ndarray, kernels: list) -> list[float]:
@@ -208,22 +223,16 @@ class LatteModel:
                   "min_child_weight": 2, "objective": "reg:squarederror", "seed": seed, "nthread": 2}
         self.booster = xgb.train(params, dtrain, num_boost_round=600)
         # overhead: CPU seconds outside kernels, relative errors weighted alike across step sizes
-        A, b, w = [], [], []
+        A, b, w, cpus = [], [], [], []
         for m in measurements:
             meta = metas[m["dir"]]
             parts = decompose(m, meta)
             calls = {s: k["calls"] for s, k in m["kernels"].items()}
-            # the device's share slows the code around the kernels as it slows them
-            A.append(list(np.array(overhead_row(meta, calls)) * self._device_scale(m["device"])) + [parts["kernels_s"]])
+            A.append(overhead_row(meta, calls) + [parts["kernels_s"]])
             b.append(parts["overhead_s"])
             w.append(1.0 / parts["cpu_step_s"])
-        A, b, w = np.array(A), np.array(b), np.array(w)
-        # Non-negative least squares: every call, parameter and kernel second adds time. Plain least
-        # squares gave these collinear columns a negative intercept that made a one-layer MLP (fewer
-        # calls than any training step) a negative overhead: -0.53 ms of a 1.31 ms step.
-        from scipy.optimize import nnls
-
-        self.overhead = [float(v) for v in nnls(A * w[:, None], b * w)[0]]
+            cpus.append(float(m["device"]["cpus"]))
+        self.overhead, self.overhead_cpus = self.overhead_fit(np.array(A), np.array(b), np.array(w), np.array(cpus))
         # wall/CPU: log(wall x share / CPU) = a + c log(share) + d log(cpus) (a second core may run TVM's
         # thread pool next to the kernels: CPU time, no wall time)
         r = np.array([math.log(m["step_s"] * norm(m["device"]) / cpu_step(m)) for m in measurements])
@@ -231,11 +240,27 @@ class LatteModel:
         self.wall = [float(v) for v in np.linalg.lstsq(L, r, rcond=None)[0]]
         return self
 
-    def _device_log(self, device: dict) -> float:
-        return float(np.dot(self.device, device_row(device)))
+    @staticmethod
+    def overhead_fit(A: np.ndarray, b: np.ndarray, w: np.ndarray, cpus: np.ndarray) -> tuple[list[float], float]:
+        """overhead = (A @ coef) x cpus^e: coef >= 0 by non-negative least squares for each e, e by
+        minimising what is left.
 
-    def _device_scale(self, device: dict) -> float:
-        return math.exp(self._device_log(device))
+        The code around the kernels does not slow down with the device's share of a core as the
+        kernels do (its share of the step, training architectures: 14.5% at 0.1 of a core, 14.3% on
+        a full one), but it halves with a second core (6.7%); one factor for kernels and overhead put
+        13% everywhere. Where every training device has one core, e stays 0 (it is not identified).
+        Non-negative: plain least squares gave these collinear columns a negative intercept that made
+        a one-layer MLP (fewer calls than any training step) a negative overhead: -0.53 ms of a 1.31 ms
+        step."""
+        from scipy.optimize import minimize_scalar, nnls
+
+        lc = np.log(cpus)
+
+        def solve(e):
+            return nnls(A * (np.exp(lc * e) * w)[:, None], b * w)
+
+        e = minimize_scalar(lambda e: solve(e)[1], bounds=(-3.0, 3.0), method="bounded").x if lc.std() > 0 else 0.0
+        return [float(v) for v in solve(e)[0]], float(e)
 
     def predict_parts(self, meta: dict, device: dict, calls: dict[str, float] | None = None) -> dict:
         """Predicted wall seconds of one step on `device`, with its kernels and overhead separately."""
@@ -243,12 +268,12 @@ class LatteModel:
 
         calls = dict(meta["calls"]) if calls is None else calls
         syms, X = rows_for_model(meta, calls, device)
-        margin = work_margin(X) + self._device_log(device)
+        margin = work_margin(X) + kernel_device_rows(device, X) @ np.array(self.device)
         per_call = np.exp(self.booster.predict(xgb.DMatrix(X, base_margin=margin, feature_names=FEATURES)))
         kernels_cpu = per_call * np.array([calls[s] for s in syms])
         kernels = float(kernels_cpu.sum())
-        overhead_cpu = float(np.dot(self.overhead[:-1], overhead_row(meta, calls))) * self._device_scale(device) \
-            + self.overhead[-1] * kernels
+        overhead_cpu = float(np.dot(self.overhead, overhead_row(meta, calls) + [kernels])) \
+            * float(device["cpus"]) ** self.overhead_cpus
         factor = math.exp(float(np.dot(self.wall, wall_row(device)))) / norm(device)
         return {"step_s": (kernels + overhead_cpu) * factor,
                 "kernels_s": kernels * factor, "overhead_s": overhead_cpu * factor,
@@ -264,7 +289,8 @@ class LatteModel:
         self.booster.save_model(str(path / "latte.xgb.json"))
         (path / "features.json").write_text(json.dumps({"version": VERSION, "features": FEATURES,
                                                         "overhead": dict(zip(OVERHEAD, self.overhead)),
-                                                        "wall": self.wall, "device": self.device}))
+                                                        "wall": self.wall, "device": self.device,
+                                                        "overhead_cpus": self.overhead_cpus}))
 
     @classmethod
     def load(cls, path: str | Path) -> "LatteModel":
@@ -281,7 +307,8 @@ class LatteModel:
             raise UserError(f"{path} was fitted by another version of the model; refit with `edgetvm latte fit`")
         b = xgb.Booster()
         b.load_model(str(f))
-        return cls(b, [saved["overhead"][k] for k in OVERHEAD], saved["wall"], saved["device"])
+        return cls(b, [saved["overhead"][k] for k in OVERHEAD], saved["wall"], saved["device"],
+                   saved["overhead_cpus"])
 
 
 class FlopsBaseline:

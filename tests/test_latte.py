@@ -131,9 +131,10 @@ def test_cost_model_fits_and_predicts(measured, tmp_path):
         LatteModel.load(tmp_path / "nothing")
 
 
-def _synthetic(n_kernels_per_step=(3, 5, 8, 12), overhead=300e-6, quotas=(1.0, 0.5, 0.25)):
-    """Steps whose kernels cost 1 ns per FLOP and which spend a fixed `overhead` of CPU outside kernels,
-    measured on devices where wall = CPU / quota."""
+def _synthetic(n_kernels_per_step=(3, 5, 8, 12), overhead=300e-6, quotas=(1.0, 0.5, 0.25), devices=None,
+               slowdown=lambda q, flops: 1.0, overhead_per_cpu=lambda cpus: 1.0):
+    """Steps whose kernels cost 1 ns per FLOP (x `slowdown`) and which spend a fixed `overhead` of CPU
+    outside kernels (x `overhead_per_cpu`), measured on devices where wall = CPU / quota."""
     metas, ms = {}, []
     for n in n_kernels_per_step:
         for scale in (1, 4, 16):
@@ -144,18 +145,19 @@ def _synthetic(n_kernels_per_step=(3, 5, 8, 12), overhead=300e-6, quotas=(1.0, 0
             calls = {**{k: 1.0 for k in ks}, "vm.builtin.null_value": 10.0, "vm.builtin.alloc_tensor": 2.0 * n}
             metas[d] = {"kernels": ks, "calls": calls, "n_params": 2 * n, "flops_per_sample": 3e3 * scale * n,
                         "batch": 32}
-            kern = sum(v["flops"] * 1e-9 for v in ks.values())
-            for q in quotas:
-                dev = {"name": f"q{q}", "cpu_quota": q, "cpus": 1, "nominal_gflops": 32 * q,
-                       "mem_bandwidth_gbs": 8 * q, "memory_mib": 512, "description": ""}
+            for q, cpus in devices or [(q, 1) for q in quotas]:
+                dev = {"name": f"q{q}c{cpus}", "cpu_quota": q, "cpus": cpus, "nominal_gflops": 32 * min(q, 1) * cpus,
+                       "mem_bandwidth_gbs": 8 * min(q, 1) * cpus, "memory_mib": 512, "description": ""}
                 c_in = 1e-6
-                kernels = {k: {"calls": 1.0, "time_s": v["flops"] * 1e-9 + c_in} for k, v in ks.items()}
+                kernels = {k: {"calls": 1.0, "time_s": v["flops"] * 1e-9 * slowdown(min(q, 1), v["flops"]) + c_in}
+                           for k, v in ks.items()}
                 kernels["vm.builtin.null_value"] = {"calls": 10.0, "time_s": 10 * c_in}
                 kernels["vm.builtin.alloc_tensor"] = {"calls": 2.0 * n, "time_s": 2 * n * 3 * c_in}
-                cpu = kern + overhead
+                kern = sum(v["time_s"] - c_in for k, v in kernels.items() if k in ks)
+                cpu = kern + overhead * overhead_per_cpu(cpus)
                 ms.append({"arch_name": f"a{n}", "width": 1.0 / scale, "dir": d, "profile": dev["name"],
                            "device": dev, "clock": "thread_cpu", "kernels": kernels, "cpu_step_s": cpu,
-                           "step_s": cpu / q})
+                           "step_s": cpu / min(q, 1)})
     return metas, ms
 
 
@@ -172,6 +174,41 @@ def test_step_is_kernels_plus_overhead_on_synthetic_steps():
         p = model.predict_parts(metas[m["dir"]], m["device"])
         assert abs(p["step_s"] / m["step_s"] - 1) < 0.08, (m["arch_name"], m["width"], p["step_s"], m["step_s"])
         assert abs(p["overhead_s"] * m["device"]["cpu_quota"] / 300e-6 - 1) < 0.2
+
+
+def test_small_share_slows_short_kernels_more_and_a_share_between_profiled_ones_interpolates():
+    """Throttled to a small share, a short kernel loses more of its CPU time to cold caches than a long
+    one: a device at a share no profiled device had gets both right."""
+    from edgetvm.costmodels.latte import LatteModel
+
+    def slowdown(q, flops):  # 1.4x for the shortest kernels at 0.1 of a core, 1.1x for the longest
+        return q ** (-0.15 + 0.1 * math.log10(flops / 1e4) / math.log10(192))
+
+    metas, ms = _synthetic(quotas=(1.0, 0.5, 0.25, 0.1), slowdown=slowdown)
+    model = LatteModel().fit(ms, metas)
+    _, held = _synthetic(quotas=(0.15,), slowdown=slowdown)
+    for m in held:
+        p = model.predict_parts(metas[m["dir"]], m["device"])
+        kern = sum(v["time_s"] - 1e-6 for k, v in m["kernels"].items() if not k.startswith("vm.builtin"))
+        assert abs(p["kernels_s"] * 0.15 / kern - 1) < 0.01, (m["arch_name"], m["width"])
+
+
+def test_overhead_shrinks_with_a_second_core_but_not_with_the_share():
+    """The code around the kernels runs at the device's per-core speed whatever its share (it is not
+    throttled more than the kernels are), and takes half the time with two cores: the fit learns the
+    core count's power, and a one-core device keeps the whole overhead."""
+    from edgetvm.costmodels.latte import LatteModel
+
+    devices = [(1.0, 1), (0.5, 1), (0.25, 1), (2.0, 2)]
+    metas, ms = _synthetic(devices=devices, overhead_per_cpu=lambda c: 1.0 / c)
+    model = LatteModel().fit(ms, metas)
+    assert -1.2 < model.overhead_cpus < -0.8
+    for m in ms:
+        p = model.predict_parts(metas[m["dir"]], m["device"])
+        want = 300e-6 / m["device"]["cpus"]
+        assert abs(p["overhead_s"] * min(m["device"]["cpu_quota"], 1) / want - 1) < 0.15, m["profile"]
+    # With no two-core device to learn from, the power is not guessed.
+    assert LatteModel().fit([m for m in ms if m["device"]["cpus"] == 1], metas).overhead_cpus == 0.0
 
 
 def test_split_never_trains_on_a_held_out_compiled_step():
