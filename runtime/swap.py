@@ -16,7 +16,7 @@ A model whose blocks are all small (below COPY_BELOW) is not mapped at all: each
 (pread) into one resident staging buffer that its weights' views point into. Mapping costs page-table
 work per 4 KiB page (a fault maps 16 at a time, ~0.6 us a page, and unmapping shoots down the other
 core's TLB), which for a 120 KiB block is 3x a copy of it: a MobileNet's four 0.12 MiB blocks
-cost 165 us per 2.5 ms inference mapped, ~30 us copied.
+cost 165 us per 2.5 ms inference mapped, ~50 us copied.
 """
 
 from __future__ import annotations
@@ -124,7 +124,8 @@ class SwapRunner:
     def close(self) -> None:
         if self.pool:
             self.pool.shutdown()
-        self.block_weights, self.staging, self.steps = [], None, []  # they export the mapping's buffer, which must be released to close it
+        # The views export the mapping's buffer, which must be released to close it.
+        self.block_weights, self.staging, self.steps = [], None, []
         del self.bytes
         self.mm.close()
         os.close(self.fd)
