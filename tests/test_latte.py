@@ -132,9 +132,10 @@ def test_cost_model_fits_and_predicts(measured, tmp_path):
 
 
 def _synthetic(n_kernels_per_step=(3, 5, 8, 12), overhead=300e-6, quotas=(1.0, 0.5, 0.25), devices=None,
-               slowdown=lambda q, flops: 1.0, overhead_per_cpu=lambda cpus: 1.0):
+               slowdown=lambda q, flops: 1.0, overhead_per_cpu=lambda cpus: 1.0, host_leaves=1.0):
     """Steps whose kernels cost 1 ns per FLOP (x `slowdown`) and which spend a fixed `overhead` of CPU
-    outside kernels (x `overhead_per_cpu`), measured on devices where wall = CPU / quota."""
+    outside kernels (x `overhead_per_cpu`), measured on devices where wall = CPU / min(quota, what the
+    host leaves of a core)."""
     metas, ms = {}, []
     for n in n_kernels_per_step:
         for scale in (1, 4, 16):
@@ -157,7 +158,7 @@ def _synthetic(n_kernels_per_step=(3, 5, 8, 12), overhead=300e-6, quotas=(1.0, 0
                 cpu = kern + overhead * overhead_per_cpu(cpus)
                 ms.append({"arch_name": f"a{n}", "width": 1.0 / scale, "dir": d, "profile": dev["name"],
                            "device": dev, "clock": "thread_cpu", "kernels": kernels, "cpu_step_s": cpu,
-                           "step_s": cpu / min(q, 1)})
+                           "step_s": cpu / min(q, 1, host_leaves)})
     return metas, ms
 
 
@@ -209,6 +210,19 @@ def test_overhead_shrinks_with_a_second_core_but_not_with_the_share():
         assert abs(p["overhead_s"] * min(m["device"]["cpu_quota"], 1) / want - 1) < 0.15, m["profile"]
     # With no two-core device to learn from, the power is not guessed.
     assert LatteModel().fit([m for m in ms if m["device"]["cpus"] == 1], metas).overhead_cpus == 0.0
+
+
+def test_a_device_gets_its_quota_but_no_more_of_a_core_than_the_host_leaves():
+    """Other work on the host takes 8% of a core: a full-core device runs at 0.92 of one, a throttled
+    device still gets its whole quota. Wall time follows min(quota, 0.92), not a trend in log(quota)."""
+    from edgetvm.costmodels.latte import LatteModel
+
+    metas, ms = _synthetic(quotas=(1.0, 0.6, 0.25, 0.1), host_leaves=0.92)
+    model = LatteModel().fit(ms, metas)
+    _, held = _synthetic(quotas=(0.95, 0.4), host_leaves=0.92)
+    for m in ms + held:
+        p = model.predict_step(metas[m["dir"]], m["device"])
+        assert abs(p / m["step_s"] - 1) < 0.02, (m["profile"], p, m["step_s"])
 
 
 def test_split_never_trains_on_a_held_out_compiled_step():
