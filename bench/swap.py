@@ -99,6 +99,29 @@ def cached_fraction(path: Path) -> float:
             mm.close()
 
 
+def pmd_mapped(runner: SwapRunner) -> float | None:
+    """Share of a (warm) runner's weight bytes that its blocks map in 2 MiB pages (smaps FilePmdMapped /
+    Rss, block by block): where the page cache holds some of the file in small folios (memory too
+    fragmented when it was read), mapping those blocks costs page-table work per 4 KiB page."""
+    if not runner.huge:
+        return None
+    rss = pmd = 0
+    for b in runner.plan["blocks"]:
+        runner._touch(b)
+        inside = False
+        with open("/proc/self/smaps") as f:
+            for line in f:
+                head = line.split(maxsplit=1)[0]
+                if "-" in head and not head.endswith(":"):
+                    inside = line.rstrip().endswith(str(runner.art.weights_path))
+                elif inside and head == "Rss:":
+                    rss += int(line.split()[1])
+                elif inside and head == "FilePmdMapped:":
+                    pmd += int(line.split()[1])
+        runner._release(b)
+    return pmd / rss if rss else None
+
+
 def evict(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -388,6 +411,7 @@ def measure(name: str, kw: dict, ratios: list[int], workdir: Path, rounds: int, 
     for r in ok:
         r["warm_runner"].drop_page_cache()
         r["warm_runner"].run(x)
+        r["pmd"] = pmd_mapped(r["warm_runner"])
     # All warm rounds, then all cold ones: the cold calls' disk reads and evictions leave the kernel
     # work to do (writeback, reclaim) that would land in the next round's warm calls.
     for rnd in range(rounds):
@@ -454,6 +478,9 @@ def print_table(results: list[list[dict]], floor_note: bool) -> None:
         f"{s['model']} {s['mem_rss'] / MIB:.1f} MiB"
         + (f" ({s['mem_cg'] / MIB:.1f})" if s["mem_cg"] is not None else "")
         + f" for {s['weights'] / MIB:.1f} MiB of weights" for s, *_ in results))
+    pmd = [f"{r['model']} {r['k']}x {r['pmd']:.0%}" for _, *rows in results for r in rows if r.get("pmd") is not None]
+    if pmd:
+        print("warm runs, weights mapped in 2 MiB pages (the rest costs page-table work per 4 KiB): " + ", ".join(pmd))
     print("k: budget = weights / k. warm: page cache kept; cold: page cache dropped before each call and per "
           "block, ratio vs in-memory cold; naive: read each block into fresh memory, no prefetch, ratio vs "
           "in-memory warm. ms: median of all calls; (x): median over rounds of its median over the median of the in-memory calls timed just before it "

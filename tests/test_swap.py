@@ -97,6 +97,23 @@ def test_small_blocks_are_read_into_one_staging_buffer_not_mapped(tmp_path):
         np.testing.assert_array_equal(got[k], want[k])
 
 
+def test_blocks_read_from_disk_in_pieces_by_several_threads_are_bit_identical(tmp_path):
+    # 13 MiB leaves the 4 MiB a strict run needs for 2 MiB folios; the 8 MiB blocks are then read
+    # from disk by several threads at once, every call (the page cache is dropped before each).
+    mem, sw = build_pair(tmp_path, "dense_stack", 13 * MIB, n=4, d=1024)
+    runner = SwapRunner(sw, drop_cache=True)
+    assert runner.huge and runner.readers is not None
+    assert max(b["range"][1] for b in sw.manifest["swap"]["blocks"]) > 2 * (2 << 20)
+    x = random_inputs(mem.inputs, seed=7)
+    want = Runner(mem).run(x)
+    for _ in range(2):
+        runner.drop_page_cache()
+        got = runner.run(x)
+        for k in want:
+            np.testing.assert_array_equal(got[k], want[k])
+    runner.close()
+
+
 def test_layer_bigger_than_the_budget_is_split_inside_the_layer(tmp_path):
     # One 2048x2048 layer holds 16 MiB; the budget is 6 MiB.
     mem, sw = build_pair(tmp_path, "dense_stack", 6 * MIB, n=2, d=2048)
