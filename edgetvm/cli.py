@@ -148,7 +148,7 @@ def cmd_run(args) -> None:
     print(f"  latency over {args.repeat} runs: min {timing.min_ms:.3f} ms, median {timing.median_ms:.3f} ms, "
           f"max {timing.max_ms:.3f} ms")
     if args.report:
-        _report(art, remote)
+        _report(art, remote, runner)
     if args.output:
         out = Path(args.output)
         fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.resolve().parent)
@@ -162,7 +162,7 @@ def cmd_run(args) -> None:
         print(f"  outputs written to {out}")
 
 
-def _report(art, remote) -> None:
+def _report(art, remote, runner) -> None:
     from edgetvm.runtime.swap import vm_hwm_bytes
 
     mib = 2**20
@@ -177,6 +177,7 @@ def _report(art, remote) -> None:
                   f"{b['planned_bytes'] / mib:>11.2f}")
         print(f"  budget {sw['budget'] / mib:.1f} MiB; predicted peak {sw['predicted_peak'] / mib:.1f} MiB "
               f"(model data, with the next block prefetched)")
+        print(f"  weights: {runner.describe()}")
     else:
         print(f"  weights {art.manifest['weight_bytes'] / mib:.1f} MiB, all resident (not a swapping build)")
     print(f"  measured peak resident set (VmHWM) of this process: {vm_hwm_bytes() / mib:.1f} MiB "

@@ -299,6 +299,17 @@ class SwapRunner:
             seconds.append(time.perf_counter() - t)
         return Timing(seconds)
 
+    def describe(self) -> str:
+        """How this runner brings weights in, in words (for `edgetvm run --report`)."""
+        if self.copy:
+            return f"read (pread) into one {self.staging.nbytes / 2**20:.2f} MiB staging buffer, block by block"
+        how = "mapped in 2 MiB pages" if self.huge else "mapped in 4 KiB pages"
+        if self.prefetch:
+            how += f", the next block (from {THREAD_MIN >> 20} MiB) by a thread while one computes"
+        if self.readers is not None:
+            how += f", read from disk by {READERS} threads"
+        return how + (", page cache dropped per block" if self.drop_cache else ", page cache kept")
+
     def report(self) -> list[dict]:
         return [{"function": b["function"], "weights": b["weight_bytes"], "activations": b["act_bytes"],
                  "planned": b["planned_bytes"]} for b in self.plan["blocks"]]

@@ -162,6 +162,7 @@ def test_run_report_prints_blocks_and_peaks(tmp_path, capsys):
     assert main(["run", str(sw.path), "--report", "--repeat", "2"]) == 0
     out = capsys.readouterr().out
     assert "block_0" in out and "predicted peak" in out and "VmHWM" in out
+    assert "weights: mapped" in out and "page cache dropped per block" in out
 
 
 def _synthetic_ops(rng, n):
