@@ -185,16 +185,11 @@ class InMemory:
 
 
 class NaiveSwap:
-    """A swapping build run without SwapRunner's machinery: read each block into fresh memory, call, free."""
+    """A swapping build run without SwapRunner's weight handling: read each block into fresh memory, call, free."""
 
     def __init__(self, sr: SwapRunner):
         self.sr = sr
         self.fd = os.open(sr.art.weights_path, os.O_RDONLY)
-        blocks = sr.plan["blocks"]
-        self.last_use = {}
-        for k, b in enumerate(blocks):
-            for v in b["inputs"]:
-                self.last_use[v] = k
 
     def _read(self, w: dict):
         t = tvm.runtime.empty(w["shape"], w["dtype"], self.sr.dev)  # fresh (64-byte aligned) memory
@@ -208,16 +203,15 @@ class NaiveSwap:
         return t
 
     def forward(self, values: dict) -> dict:
-        plan, index = self.sr.plan, self.sr.index
-        for k, b in enumerate(plan["blocks"]):
-            weights = [self._read(index[w]) for w in b["weights"]]
-            out = self.sr.vm[b["function"]](*[values[v] for v in b["inputs"]], *weights)
-            for name, val in zip(b["outputs"], out):
+        # The same functions and value bookkeeping as SwapRunner: only how weights come in differs.
+        for b, step in zip(self.sr.plan["blocks"], self.sr.steps):
+            weights = [self._read(self.sr.index[w]) for w in b["weights"]]
+            out = step.fn(*[values[v] for v in step.inputs], *weights)
+            for name, val in zip(step.outputs, out):
                 values[name] = val
             del weights, out
-            for v in b["inputs"]:
-                if self.last_use.get(v) == k and v not in plan["outputs"]:
-                    values.pop(v, None)
+            for v in step.dead:
+                values.pop(v, None)
         return values
 
     def time(self, x, repeat: int) -> list[float]:

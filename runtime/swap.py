@@ -26,6 +26,7 @@ import mmap
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
 
 import numpy as np
 import tvm
@@ -52,6 +53,16 @@ def _page_range(offset: int, nbytes: int) -> tuple[int, int]:
     lo = offset // PAGE * PAGE
     hi = -(-(offset + nbytes) // PAGE) * PAGE
     return lo, hi - lo
+
+
+class Step(NamedTuple):
+    """One block of a run, resolved once: its function, the values it reads and writes, those it is the
+    last to read, and whether the prefetch thread maps it."""
+    fn: object
+    inputs: list
+    outputs: list
+    dead: list
+    threaded: bool
 
 
 def vm_hwm_bytes() -> int:
@@ -96,19 +107,17 @@ class SwapRunner:
         # 0.1 MiB of slack, page cache kept: 1.07x in-memory latency in 2 MiB folios, 1.16x in 4 KiB.)
         # Blocks smaller than a folio gain nothing from it: mapping them by touch, 16 pages a fault,
         # is cheaper (a MobileNet's 0.1 MiB blocks: 1.49x vs 1.35x).
-        room = self.plan["budget"] - self.plan["predicted_peak"] >= 2 * HUGE
-        big = max((b["range"][1] for b in self.plan["blocks"]), default=0) >= HUGE
-        self.huge = (room or not drop_cache) and big and self._madvise(
+        slack = self.plan["budget"] - self.plan["predicted_peak"]
+        largest = max((b["range"][1] for b in self.plan["blocks"]), default=0)
+        self.huge = (slack >= 2 * HUGE or not drop_cache) and largest >= HUGE and self._madvise(
             MADV_HUGEPAGE, 0, size) and self._madvise(MADV_POPULATE_READ, 0, 0)
         # Copying needs the staging buffer besides the page cache a cold read fills (dropped right
         # after): with drop_cache, only where the plan has a block's worth to spare.
-        spans = [b["range"][1] for b in self.plan["blocks"]]
-        slack = self.plan["budget"] - self.plan["predicted_peak"]
-        self.copy = max(spans, default=0) < COPY_BELOW and (not drop_cache or slack >= max(spans, default=0))
+        self.copy = largest < COPY_BELOW and (not drop_cache or slack >= largest)
         if self.copy:
-            raw = np.empty(max(spans, default=0) + PAGE, dtype=np.uint8)
+            raw = np.empty(largest + PAGE, dtype=np.uint8)
             start = -raw.ctypes.data % PAGE  # page-aligned, so every weight keeps the file's 64-byte alignment
-            self.staging = raw[start:start + max(spans, default=0)]
+            self.staging = raw[start:start + largest]
             # Reads get no readahead either: it would leave the next blocks' pages in the page cache.
             os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_RANDOM)
             prefetch = False  # every block is below THREAD_MIN: none would be handed to the thread
@@ -222,9 +231,7 @@ class SwapRunner:
             values[name] = tvm.runtime.tensor(np.ascontiguousarray(x), self.dev)
         return values
 
-    def _schedule(self) -> list[tuple]:
-        """Per block, once: its function, which values it reads, writes and is the last to read, and
-        whether the thread maps it."""
+    def _schedule(self) -> list[Step]:
         blocks = self.plan["blocks"]
         last_use = {}
         for k, b in enumerate(blocks):
@@ -232,14 +239,14 @@ class SwapRunner:
                 last_use[v] = k
         # A block below THREAD_MIN is mapped just before it runs: handing it to the thread and back
         # costs more than mapping it (a MobileNet's blocks: 1.38x vs 1.58x in-memory latency).
-        return [(self.vm[b["function"]], b["inputs"], b["outputs"],
-                 [v for v in b["inputs"] if last_use[v] == k and v not in self.plan["outputs"]],
-                 self.prefetch and b["range"][1] >= THREAD_MIN) for k, b in enumerate(blocks)]
+        return [Step(self.vm[b["function"]], b["inputs"], b["outputs"],
+                     [v for v in b["inputs"] if last_use[v] == k and v not in self.plan["outputs"]],
+                     self.prefetch and b["range"][1] >= THREAD_MIN) for k, b in enumerate(blocks)]
 
     def _forward(self, values: dict):
         blocks = self.plan["blocks"]
         steps = self.steps
-        pending = self.pool.submit(self._swap, None, blocks[0]) if steps[0][4] else None
+        pending = self.pool.submit(self._swap, None, blocks[0]) if steps[0].threaded else None
         stale = None  # the block that finished last, still mapped
         for k, (fn, ins, outs, dead, _) in enumerate(steps):
             b = blocks[k]
@@ -251,7 +258,7 @@ class SwapRunner:
             # blocks are resident at most; unmapping there keeps its TLB shootdown off this thread
             # (dense stack at 4x under the old strip GEMV schedule: 1.16x -> 1.13x in-memory latency;
             # under the current one the two orders measured alike).
-            if k + 1 < len(blocks) and steps[k + 1][4]:
+            if k + 1 < len(blocks) and steps[k + 1].threaded:
                 pending, stale = self.pool.submit(self._swap, stale, blocks[k + 1]), None
             else:
                 pending = None
