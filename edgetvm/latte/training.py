@@ -1,8 +1,13 @@
 """Training steps compiled by TVM: ONNX model -> SetupTrainer (cross-entropy + SGD) -> one library.
 
-`compile_trainer` writes, per (architecture, width), a shared library and `meta.json`: parameter
-shapes, the optimizer state and the static features of every TIR kernel of the step (op kind, FLOPs,
-bytes, loop structure), which costmodels/latte.py joins with measured per-kernel times.
+`compile_trainer` writes, per (architecture, width, schedule), a shared library and `meta.json`:
+parameter shapes, the optimizer state and the static features of every TIR kernel of the step (op kind,
+FLOPs, bytes, loop structure, default or tuned schedule), which costmodels/latte.py joins with measured
+per-kernel times.
+
+Two schedules: "default" is TVM's default CPU pipeline (kernels lowered as legalized, no schedule);
+"tuned" tunes the step's matmul and conv kernels with MetaSchedule on this host first (the database is
+kept beside the library) and applies the best schedules found, the rest as in "default".
 """
 
 from __future__ import annotations
@@ -19,13 +24,23 @@ from edgetvm.latte import models
 
 BATCH = 32
 LR = 0.05
+SCHEDULES = ("default", "tuned")
+# Trials per tuned kernel. 8 trials of the evolutionary search already take mlp-a's training matmuls
+# to 30-80 GFLOP/s (its whole step 3.5 -> 0.3 ms, this host); more trials change which tuned schedule
+# wins, not that the kernel is tuned, and cost about 3 s per batch of 8 per kernel.
+TUNE_TRIALS = 8
+TUNED_KINDS = ("matmul", "conv2d", "conv2d_transpose")
 CACHE = Path(os.environ.get("EDGETVM_CACHE", Path.home() / ".cache" / "edgetvm")) / "latte"
 
 
-def host_target():
+def host_target(cores: int | None = None):
+    """The host CPU; `cores` is what MetaSchedule sizes parallel loops for (the fleet's devices have one)."""
     import tvm
 
-    return tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu()})
+    t = {"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu()}
+    if cores:
+        t["num-cores"] = cores
+    return tvm.target.Target(t)
 
 
 def train_module(arch: dict, batch: int = BATCH, lr: float = LR):
@@ -48,7 +63,7 @@ def train_module(arch: dict, batch: int = BATCH, lr: float = LR):
     return setup(backbone), [p.numpy() for p in params["main"]]
 
 
-FEATURE_VERSION = 2
+FEATURE_VERSION = 5
 
 
 def cache_geometry() -> dict:
@@ -90,13 +105,15 @@ def stream_overflow(extent: int, stride: int, cache: dict) -> float:
 
 
 def _loop_features(func) -> dict:
-    """Loop structure of a kernel's TIR: loops, nesting, blocks, spatial/reduction extents, annotations,
-    and the access pattern of the innermost loop of its biggest block: extent, largest stride of a read
-    along it, and how far that strided stream overflows L1 and L2 (set conflicts included)."""
+    """Loop structure of a kernel's TIR: loops, nesting, blocks, spatial/reduction extents, parallel /
+    vectorized / unrolled loops, auto-unroll depth, buffers staged inside the kernel (cache stages), and
+    the access pattern of the innermost loop of its biggest block: extent, largest stride of a read along
+    it, and how far that strided stream overflows L1 and L2 (set conflicts included)."""
     import tvm
 
     feats = {"n_loops": 0, "loop_depth": 0, "n_blocks": 0, "spatial_extent": 0.0, "reduce_extent": 0.0,
-             "max_extent": 1, "n_parallel": 0, "n_vectorized": 0,
+             "max_extent": 1, "n_parallel": 0, "n_vectorized": 0, "n_unrolled": 0, "auto_unroll": 0,
+             "n_cache_stages": 0,
              "inner_extent": 0, "inner_reduce": 0, "inner_stride": 0, "inner_l1_overflow": 0.0,
              "inner_l2_overflow": 0.0}
     geo = cache_geometry()
@@ -136,9 +153,12 @@ def _loop_features(func) -> dict:
             feats["n_loops"] += 1
             ext = ext_of(stmt.extent)
             feats["max_extent"] = max(feats["max_extent"], ext)
-            kind = str(stmt.kind)
-            feats["n_parallel"] += "parallel" in kind.lower()
-            feats["n_vectorized"] += "vectori" in kind.lower()
+            kind = int(stmt.kind)  # a plain int in 0.27, not an enum with a name
+            feats["n_parallel"] += kind == int(tvm.tirx.ForKind.PARALLEL)
+            feats["n_vectorized"] += kind == int(tvm.tirx.ForKind.VECTORIZED)
+            feats["n_unrolled"] += kind == int(tvm.tirx.ForKind.UNROLLED)
+            step = (stmt.annotations or {}).get("pragma_auto_unroll_max_step")
+            feats["auto_unroll"] = max(feats["auto_unroll"], ext_of(step) if step is not None else 0)
             feats["loop_depth"] = max(feats["loop_depth"], d + 1)
             walk(stmt.body, d + 1)
         elif cls == "SeqStmt":
@@ -147,6 +167,7 @@ def _loop_features(func) -> dict:
         elif cls == "SBlockRealize":
             walk(stmt.block, d)
         elif cls == "SBlock":
+            feats["n_cache_stages"] += len(stmt.alloc_buffers)  # e.g. a tuned matmul's local accumulator
             if stmt.name_hint != "root":
                 feats["n_blocks"] += 1
                 sp, rd = 1.0, 1.0
@@ -207,8 +228,10 @@ def op_kind(symbol: str) -> tuple[str, int]:
     return ops[0], len(ops)
 
 
-def kernel_features(lowered) -> dict[str, dict]:
-    """Static features of every TIR kernel in a lowered module."""
+def kernel_features(lowered, tuned_s: dict[str, float] | None = None) -> dict[str, dict]:
+    """Static features of every TIR kernel in a lowered module; `tuned` is 1 where MetaSchedule's
+    database gave the kernel its schedule, `tune_s` the latency tuning measured for that schedule
+    (`tuned_latencies`; 0 where there is none)."""
     import tvm
     from tvm.s_tir.analysis import estimate_tir_flops
 
@@ -223,40 +246,149 @@ def kernel_features(lowered) -> dict[str, dict]:
             flops = 0.0
         total, outb, shapes = _buffer_bytes(func)
         kind, nfused = op_kind(name)
+        tuned = int(bool(func.attrs is not None and func.attrs.get("tirx.is_scheduled", False)))
         out[name] = {"kind": kind, "n_fused": nfused, "flops": flops, "bytes": total, "out_bytes": outb,
-                     "n_args": len(shapes), "shapes": shapes, **_loop_features(func)}
+                     "n_args": len(shapes), "shapes": shapes, "tuned": tuned,
+                     "tune_s": float((tuned_s or {}).get(name, 0.0)) if tuned else 0.0, **_loop_features(func)}
     return out
 
 
-def cache_dir(arch: dict, width: float, batch: int = BATCH) -> Path:
+def tuned_latencies(fused, target, database) -> dict[str, float]:
+    """Kernel name -> the latency MetaSchedule measured for the schedule the database applies to it
+    (median of its runs, this host, one thread): what the tuner already knows about the kernel it
+    picked, the way LATTE profiles each kernel algorithm once."""
+    out = {}
+    for task in tuning_tasks(fused, target):
+        with target:
+            rec = database.query_tuning_record(task.dispatched[0], target, "main")
+        if rec is not None and rec.run_secs:
+            out[task.task_name] = float(np.median([float(x) for x in rec.run_secs]))
+    return out
+
+
+def cache_dir(arch: dict, width: float, batch: int = BATCH, schedule: str = "default") -> Path:
     import tvm
 
-    key = json.dumps({"arch": models.sub_arch(arch, width), "batch": batch, "lr": LR, "tvm": tvm.__version__,
-                      "cpu": tvm.target.codegen.llvm_get_system_cpu(), "v": 3}, sort_keys=True)
-    return CACHE / hashlib.sha256(key.encode()).hexdigest()[:16]
+    key = {"arch": models.sub_arch(arch, width), "batch": batch, "lr": LR, "tvm": tvm.__version__,
+           "cpu": tvm.target.codegen.llvm_get_system_cpu(), "v": 3}
+    if schedule != "default":
+        key.update(schedule=schedule, trials=TUNE_TRIALS)
+    return CACHE / hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def compile_trainer(arch: dict, width: float, batch: int = BATCH) -> Path:
-    """Compile (or reuse) the training step of `arch` at `width`; returns the directory."""
+def _fuse(mod, target):
+    """Legalized and fused, unscheduled: where MetaSchedule's tasks are and its database applies."""
+    import tvm
+    from tvm.relax.backend.cpu_generic import pipeline as cpu
+
+    with target:
+        return tvm.transform.Sequential(cpu.library_dispatch_passes(target) + cpu.legalize_passes(target))(mod)
+
+
+def _lower(fused, target, database=None):
+    """The rest of TVM's default CPU pipeline, with the database's schedules applied first."""
     import tvm
     from tvm import relax
+    from tvm.relax.backend.cpu_generic import pipeline as cpu
 
-    d = cache_dir(arch, width, batch)
+    with target:
+        if database is not None:
+            with database:
+                fused = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(fused)
+        return tvm.transform.Sequential(cpu.dataflow_lower_passes(target) + cpu.finalize_passes(target))(fused)
+
+
+def tuning_tasks(fused, target) -> list:
+    """MetaSchedule's tasks for the step's matmul and conv kernels: where a schedule decides the time."""
+    from tvm.s_tir import meta_schedule as ms
+
+    return [t for t in ms.relax_integration.extract_tasks(fused, target) if op_kind(t.task_name)[0] in TUNED_KINDS]
+
+
+def tune_step(fused, target, db_dir: Path, trials: int | None = None, seed: int = 0):
+    """Tune the step's matmul and conv kernels on this host (one thread, as the fleet's single-core
+    devices run them) into a JSON database in `db_dir`; returns the database."""
+    import tempfile
+    import threading
+
+    from tvm.s_tir import meta_schedule as ms
+
+    from edgetvm import tuning
+
+    trials = trials or TUNE_TRIALS
+    tasks = tuning_tasks(fused, target)
+    db = ms.database.JSONDatabase(work_dir=str(db_dir))
+    if not tasks:
+        return db
+    tuning._check_environment()
+    tuning.load_tensor_intrinsics("x86_64")
+    import logging
+
+    ms_logger = logging.getLogger("tvm.s_tir.meta_schedule")
+    for h in list(ms_logger.handlers):  # an earlier tune in this process: its log files
+        ms_logger.removeHandler(h)
+        h.close()
+    ms_logger.setLevel(logging.WARNING)  # the progress bar is the console's; logs go to files
+    old = os.environ.get("TVM_NUM_THREADS")
+    os.environ["TVM_NUM_THREADS"] = "1"  # inherited by the runner's worker processes
+    try:
+        with tempfile.TemporaryDirectory(prefix="latte-tune-") as work:
+            builder = tuning._make_builder("", Path(work), threading.Event())
+            runner = tuning._make_runner(None, None, None, 60)
+            # A small population: MetaSchedule's 512 is sized for thousands of trials.
+            strategy = ms.search_strategy.EvolutionarySearch(population_size=64, init_measured_ratio=0.1)
+            ctxs, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
+                tasks, work, strategy=strategy, num_threads=2, seed=seed)
+            tuning._quiet_metaschedule_console()
+            ms.tune_tasks(tasks=ctxs, task_weights=weights, work_dir=work, max_trials_global=trials * len(tasks),
+                          max_trials_per_task=trials, num_trials_per_iter=8, builder=builder, runner=runner,
+                          database=db)
+            pool = getattr(runner, "pool", None)
+            if pool is not None:
+                pool.shutdown(wait=True)
+    finally:
+        if old is None:
+            os.environ.pop("TVM_NUM_THREADS", None)
+        else:
+            os.environ["TVM_NUM_THREADS"] = old
+    return db
+
+
+def _target_for(schedule: str):
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {schedule!r}; known: {', '.join(SCHEDULES)}")
+    return host_target(cores=1) if schedule == "tuned" else host_target()
+
+
+def compile_trainer(arch: dict, width: float, batch: int = BATCH, schedule: str = "default") -> Path:
+    """Compile (or reuse) the training step of `arch` at `width` with `schedule`; returns the directory."""
+    import tvm
+    from tvm.s_tir import meta_schedule as ms
+
+    target = _target_for(schedule)
+    d = cache_dir(arch, width, batch, schedule)
     if (d / "meta.json").exists():
         return d
     sub = models.sub_arch(arch, width)
     tm, params = train_module(sub, batch)
-    target = host_target()
-    lowered = relax.get_default_pipeline(target)(tm.without_attr("optim_state"))
-    ex = tvm.compile(lowered, target, relax_pipeline=None)
     tmp = d.with_name(d.name + f".tmp{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)
+    fused = _fuse(tm.without_attr("optim_state"), target)
+    database = None
+    if schedule == "tuned":
+        (tmp / "tuning").mkdir(exist_ok=True)
+        tune_step(fused, target, tmp / "tuning")
+        # reopened from its files, as load_meta and a later lowering will see it
+        database = ms.database.JSONDatabase(work_dir=str(tmp / "tuning"))
+    lowered = _lower(fused, target, database)
+    tuned_s = tuned_latencies(fused, target, database) if database is not None else None
+    ex = tvm.compile(lowered, target, relax_pipeline=None)
     ex.export_library(str(tmp / "train.so"))
     np.savez(tmp / "init.npz", *params)
     np.savez(tmp / "optim.npz", *[s.numpy() for s in tm.attrs["optim_state"]])
-    meta = {"arch": sub, "batch": batch, "lr": LR, "n_params": len(params),
+    meta = {"arch": sub, "batch": batch, "lr": LR, "n_params": len(params), "schedule": schedule,
             "param_bytes": models.param_bytes(sub), "flops_per_sample": models.flops_per_sample(sub),
-            "kernels": kernel_features(lowered), "feature_version": FEATURE_VERSION}
+            "kernels": kernel_features(lowered, tuned_s), "feature_version": FEATURE_VERSION}
     (tmp / "meta.json").write_text(json.dumps(meta))
     meta["calls"] = count_calls(tmp)
     (tmp / "meta.json").write_text(json.dumps(meta))
@@ -269,12 +401,27 @@ def compile_trainer(arch: dict, width: float, batch: int = BATCH) -> Path:
     return d
 
 
-def lowered_module(arch: dict, batch: int = BATCH):
-    """The training module after the default pipeline: what compile_trainer builds, kernels named alike."""
-    from tvm import relax
+def lowered_module(arch: dict, batch: int = BATCH, schedule: str = "default", d: Path | None = None):
+    """The training module as compile_trainer lowers it, kernels named alike; a tuned step's schedules
+    come from the database in its directory `d`."""
+    return _lowered_and_latencies(arch, batch, schedule, d)[0]
 
+
+def step_kernel_features(arch: dict, batch: int = BATCH, schedule: str = "default", d: Path | None = None) -> dict:
+    """Kernel features of a compiled step, from its lowering again (and a tuned step's database in `d`)."""
+    return kernel_features(*_lowered_and_latencies(arch, batch, schedule, d))
+
+
+def _lowered_and_latencies(arch: dict, batch: int, schedule: str, d: Path | None):
+    from tvm.s_tir import meta_schedule as ms
+
+    target = _target_for(schedule)
     tm, _ = train_module(arch, batch)
-    return relax.get_default_pipeline(host_target())(tm.without_attr("optim_state"))
+    fused = _fuse(tm.without_attr("optim_state"), target)
+    if schedule != "tuned":
+        return _lower(fused, target), None
+    database = ms.database.JSONDatabase(work_dir=str(Path(d) / "tuning"))
+    return _lower(fused, target, database), tuned_latencies(fused, target, database)
 
 
 def load_meta(d: Path) -> dict:
@@ -282,8 +429,9 @@ def load_meta(d: Path) -> dict:
     kernels and their names come from the same lowering, so the library itself is kept)."""
     d = Path(d)
     meta = json.loads((d / "meta.json").read_text())
+    meta.setdefault("schedule", "default")  # steps compiled before there were tuned ones
     if meta.get("feature_version") != FEATURE_VERSION:
-        meta["kernels"] = kernel_features(lowered_module(meta["arch"], meta["batch"]))
+        meta["kernels"] = step_kernel_features(meta["arch"], meta["batch"], meta["schedule"], d)
         meta["feature_version"] = FEATURE_VERSION
         tmp = d / f"meta.json.tmp{os.getpid()}"
         tmp.write_text(json.dumps(meta))
