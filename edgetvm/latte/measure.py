@@ -1,16 +1,22 @@
 """Measure compiled training steps inside a device profile's cgroup.
 
-The parent compiles every (architecture, width) once (training.compile_trainer), then per profile
+The parent compiles every (architecture, width, schedule) once (training.compile_trainer), then per profile
 starts `python -m edgetvm.latte.measure SPEC OUT`: the child loads the libraries and warms up
 outside the limits, moves itself into the profile's cpu/cpuset/memory cgroups, and times each
 model's steps there:
 
-* the whole step, uninstrumented: wall time (what a round waits for) and the process's CPU time,
-  over several windows;
+* the whole step, uninstrumented: wall time (what a round waits for) and the CPU time of the thread
+  that runs it, over several windows;
 * every kernel and VM builtin through `vm.set_instrument`, in *CPU time of the calling thread*
   (`time.thread_time`): under a CFS quota a kernel that runs when the quota runs out would otherwise
   be charged the whole throttled rest of the period (up to 9 ms at 10% of a core), which lands on
-  random kernels. The kernels are single-threaded (the default schedules have no parallel loops).
+  random kernels.
+
+Default-schedule kernels are single-threaded. Tuned ones have parallel loops, which a device with
+two cores runs on TVM's thread pool: the calling thread does its share and then spins until the
+workers are done, so its CPU time is the kernel's elapsed time on an unthrottled core (mlp-a tuned
+on 2 threads: kernels 318.7 us thread CPU, 323.0 us wall, 651.9 us process CPU, whose other half
+is the worker's work and spinning). The process's CPU time is kept as well (`process_cpu_step_s`).
 """
 
 from __future__ import annotations
@@ -70,21 +76,23 @@ def child(spec_path: str, out_path: str) -> None:
     mem = Path(spec["cgroup"]["memory"])
     (mem / "memory.max_usage_in_bytes").write_text("0")
     clock = time.perf_counter
-    cpu = time.process_time
-    tcpu = time.thread_time
+    cpu = tcpu = time.thread_time
+    pcpu = time.process_time
     # The whole-step windows go round the models, so each model's windows are spread over the whole
     # process: this host's speed drifts by +-25% over seconds, and one model's windows taken back to
     # back all land in the same stretch. One unmeasured step first brings the model back into cache
     # (a device trains one model continuously).
     windows: list[list] = [[] for _ in runners]
+    process: list[float] = [0.0 for _ in runners]
     for _ in range(WINDOWS):
-        for (item, r), ws in zip(runners, windows):
+        for i, ((item, r), ws) in enumerate(zip(runners, windows)):
             r.step()
-            k, t0, c0 = 0, clock(), cpu()
+            k, t0, c0, p0 = 0, clock(), cpu(), pcpu()
             while k < max(1, spec["min_steps"] // 2) or clock() - t0 < spec["min_time"] / WINDOWS:
                 r.step()
                 k += 1
             ws.append((k, clock() - t0, cpu() - c0))
+            process[i] += pcpu() - p0
     # Per kernel, CPU time of the calling thread, also taken round the models.
     stack: list[float] = []
     accs: list[dict] = [{} for _ in runners]
@@ -115,10 +123,12 @@ def child(spec_path: str, out_path: str) -> None:
             tot[2] += cpu() - c1
             r.vm.set_instrument(None)
     results = []
-    for (item, r), ws, acc, (m, wall, cpu_s) in zip(runners, windows, accs, instr):
+    for (item, r), ws, acc, (m, wall, cpu_s), proc_s in zip(runners, windows, accs, instr, process):
         step_s, cpu_step_s = step_time(ws)
-        results.append({**{k: item[k] for k in ("arch_name", "width")}, "dir": item["dir"],
+        results.append({"arch_name": item["arch_name"], "width": item["width"],
+                        "schedule": item.get("schedule", "default"), "dir": item["dir"],
                         "step_s": step_s, "cpu_step_s": cpu_step_s,
+                        "process_cpu_step_s": proc_s / sum(k for k, _, _ in ws),
                         "window_step_s": [w / k for k, w, _ in ws],
                         "instrumented_step_s": wall / m, "instrumented_cpu_s": cpu_s / m,
                         "steps": sum(k for k, _, _ in ws), "clock": "thread_cpu",
@@ -129,7 +139,7 @@ def child(spec_path: str, out_path: str) -> None:
 
 def measure_profile(profile, models: list[dict], min_time: float = 0.25, min_steps: int = 5,
                     timeout: float = 900) -> dict:
-    """Run the models' steps as `profile` (in its cgroup); models are {"arch_name", "width", "dir"}.
+    """Run the models' steps as `profile` (in its cgroup); models are {"arch_name", "width", "schedule", "dir"}.
 
     `min_time` is CPU seconds of whole steps per model: a device at 10% of a core takes 10x as long
     in wall time. Per-kernel times need no long windows (CPU time is not throttled): a quarter of it."""
