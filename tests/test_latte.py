@@ -1,5 +1,6 @@
 """LATTE: device profiles, TVM-compiled training measured in cgroups, the cost model, allocation, Flower."""
 
+import itertools
 import json
 import math
 import subprocess
@@ -73,6 +74,51 @@ def test_setup_trainer_step_learns_digits():
     assert np.mean(losses[-20:]) < 0.5 * np.mean(losses[:5])
 
 
+def test_tuned_step_computes_the_same_step_with_metaschedule_kernels():
+    """A tuned build gives the step's matmuls MetaSchedule's schedules (flagged, with their own loop
+    structure), leaves the other kernels as the default build has them, and trains identically."""
+    d_def = training.compile_trainer(models.ARCHS["mlp-d"], 0.25)
+    d_tun = training.compile_trainer(models.ARCHS["mlp-d"], 0.25, schedule="tuned")
+    assert d_def != d_tun and (d_tun / "tuning" / "database_tuning_record.json").stat().st_size > 0
+    m_def, m_tun = training.load_meta(d_def), training.load_meta(d_tun)
+    assert m_tun["schedule"] == "tuned" and m_def["schedule"] == "default"
+    assert set(m_def["kernels"]) == set(m_tun["kernels"])          # same kernels, same names
+    assert not any(k["tuned"] for k in m_def["kernels"].values())
+    for name, k in m_tun["kernels"].items():
+        assert k["tuned"] == (k["kind"] == "matmul"), name
+        if k["tuned"]:
+            plain = m_def["kernels"][name]
+            # tiled: deeper nests, a parallel outer loop, an unroll pragma; the default lowering has none
+            assert k["loop_depth"] > plain["loop_depth"] and k["n_parallel"] >= 1 and k["auto_unroll"] >= 0
+            assert plain["n_parallel"] == plain["n_vectorized"] == plain["auto_unroll"] == 0
+            assert k["flops"] == plain["flops"] and k["shapes"] == plain["shapes"]
+            assert 0 < k["tune_s"] < 1e-2                                 # what tuning measured for it
+        else:
+            assert k["tune_s"] == 0
+    # the features come back from the library's database alone (as after a feature-version change)
+    assert training.step_kernel_features(m_tun["arch"], m_tun["batch"], "tuned", d_tun) == m_tun["kernels"]
+    from sklearn.datasets import load_digits
+
+    X, y = load_digits(return_X_y=True)
+    X = (X / 16).astype("float32")
+    losses = []
+    for d in (d_def, d_tun):
+        r = training.StepRunner(d)
+        out = []
+        for i in range(0, 320, 32):
+            r.set_batch(X[i:i + 32], y[i:i + 32])
+            out.append(r.step())
+        losses.append(out)
+    np.testing.assert_allclose(losses[0], losses[1], rtol=1e-4)
+
+
+def test_unknown_architecture_to_tune_is_refused_before_anything_compiles():
+    from edgetvm.latte.pipeline import compile_family
+
+    with pytest.raises(UserError, match="unknown architecture 'mlp-z'"):
+        compile_family(["mlp-a"], [1.0], quiet=True, tuned_archs=["mlp-z"])
+
+
 @pytest.fixture(scope="module")
 def measured():
     reason = devices.cgroups_unavailable()
@@ -82,7 +128,8 @@ def measured():
     from edgetvm.latte.pipeline import profile_fleet
 
     profs = [devices.load_profile("phone-hi"), devices.load_profile("iot-tiny")]
-    data = profile_fleet(profs, ["mlp-d", "cnn-b"], [1.0, 0.25], min_time=0.02, repeats=2, quiet=True)
+    data = profile_fleet(profs, ["mlp-d", "cnn-b"], [1.0, 0.25], min_time=0.02, repeats=2, quiet=True,
+                         tuned_archs=["mlp-d"])
     return data
 
 
@@ -90,8 +137,8 @@ def test_measured_in_cgroup_kernels_plus_overhead(measured):
     from edgetvm.costmodels.latte import decompose
     from edgetvm.latte.pipeline import noise_floor
 
-    by = {(m["profile"], m["arch_name"], m["width"]): m for m in measured["measurements"]}
-    assert len(by) == 8
+    by = {(m["profile"], m["arch_name"], m["width"], m["schedule"]): m for m in measured["measurements"]}
+    assert len(by) == 12 and len(measured["measurements"]) == 12
     for m in measured["measurements"]:
         assert m["step_s"] > 0 and m["cpu_step_s"] > 0 and len(m["step_s_runs"]) == 2
         parts = decompose(m, measured["metas"][m["dir"]])
@@ -100,13 +147,19 @@ def test_measured_in_cgroup_kernels_plus_overhead(measured):
         assert 0.3 < parts["kernels_s"] / m["cpu_step_s"] < 1.1, (m["arch_name"], parts)
         assert any(not s.startswith("vm.builtin") for s in m["kernels"])
     # 10% of one core is several times slower in wall time, not in CPU time
-    slow, fast = by[("iot-tiny", "mlp-d", 1.0)], by[("phone-hi", "mlp-d", 1.0)]
+    slow, fast = by[("iot-tiny", "mlp-d", 1.0, "default")], by[("phone-hi", "mlp-d", 1.0, "default")]
     assert slow["step_s"] > 4 * fast["step_s"], (slow["step_s"], fast["step_s"])
     assert 0.5 < slow["cpu_step_s"] / fast["cpu_step_s"] < 2.0
     assert 0.5 < slow["step_s"] * 0.1 / slow["cpu_step_s"] < 1.5   # wall ~ CPU / quota
     assert measured["runs"]["iot-tiny"]["throttled_s"] > 0
+    # MetaSchedule's matmuls: the same step's kernels take a fraction of the default lowering's time
+    for p in ("phone-hi", "iot-tiny"):
+        plain, tuned = by[(p, "mlp-d", 1.0, "default")], by[(p, "mlp-d", 1.0, "tuned")]
+        kp = decompose(plain, measured["metas"][plain["dir"]])["kernels_s"]
+        kt = decompose(tuned, measured["metas"][tuned["dir"]])["kernels_s"]
+        assert kt < 0.5 * kp and tuned["step_s"] < plain["step_s"], (p, kt, kp)
     nz = noise_floor(measured)
-    assert nz["n"] == 8 and nz["repeats"] == 2 and nz["pair_mape"] >= 0
+    assert nz["n"] == 12 and nz["repeats"] == 2 and nz["pair_mape"] >= 0
 
 
 def test_cost_model_fits_and_predicts(measured, tmp_path):
@@ -132,33 +185,37 @@ def test_cost_model_fits_and_predicts(measured, tmp_path):
 
 
 def _synthetic(n_kernels_per_step=(3, 5, 8, 12), overhead=300e-6, quotas=(1.0, 0.5, 0.25), devices=None,
-               slowdown=lambda q, flops: 1.0, overhead_per_cpu=lambda cpus: 1.0, host_leaves=1.0):
+               slowdown=lambda q, flops: 1.0, overhead_per_cpu=lambda cpus: 1.0, host_leaves=1.0,
+               schedules=("default",)):
     """Steps whose kernels cost 1 ns per FLOP (x `slowdown`) and which spend a fixed `overhead` of CPU
     outside kernels (x `overhead_per_cpu`), measured on devices where wall = CPU / min(quota, what the
-    host leaves of a core)."""
+    host leaves of a core). A "tuned" step's kernels have a parallel loop and cost 0.1 ns per FLOP on
+    one core, half that on two."""
     metas, ms = {}, []
-    for n in n_kernels_per_step:
-        for scale in (1, 4, 16):
-            d = f"/nonexistent/{n}-{scale}"
-            ks = {f"fused_matmul{i}_add": {"kind": "matmul", "n_fused": 2, "flops": 1e4 * scale * (i + 1),
-                                            "bytes": 4e3 * scale, "out_bytes": 1e3, "n_args": 3}
-                  for i in range(n)}
-            calls = {**{k: 1.0 for k in ks}, "vm.builtin.null_value": 10.0, "vm.builtin.alloc_tensor": 2.0 * n}
-            metas[d] = {"kernels": ks, "calls": calls, "n_params": 2 * n, "flops_per_sample": 3e3 * scale * n,
-                        "batch": 32}
-            for q, cpus in devices or [(q, 1) for q in quotas]:
-                dev = {"name": f"q{q}c{cpus}", "cpu_quota": q, "cpus": cpus, "nominal_gflops": 32 * min(q, 1) * cpus,
-                       "mem_bandwidth_gbs": 8 * min(q, 1) * cpus, "memory_mib": 512, "description": ""}
-                c_in = 1e-6
-                kernels = {k: {"calls": 1.0, "time_s": v["flops"] * 1e-9 * slowdown(min(q, 1), v["flops"]) + c_in}
-                           for k, v in ks.items()}
-                kernels["vm.builtin.null_value"] = {"calls": 10.0, "time_s": 10 * c_in}
-                kernels["vm.builtin.alloc_tensor"] = {"calls": 2.0 * n, "time_s": 2 * n * 3 * c_in}
-                kern = sum(v["time_s"] - c_in for k, v in kernels.items() if k in ks)
-                cpu = kern + overhead * overhead_per_cpu(cpus)
-                ms.append({"arch_name": f"a{n}", "width": 1.0 / scale, "dir": d, "profile": dev["name"],
-                           "device": dev, "clock": "thread_cpu", "kernels": kernels, "cpu_step_s": cpu,
-                           "step_s": cpu / min(q, 1, host_leaves)})
+    for n, scale, sched in itertools.product(n_kernels_per_step, (1, 4, 16), schedules):
+        d = f"/nonexistent/{n}-{scale}-{sched}"
+        tuned = sched == "tuned"
+        ks = {f"fused_matmul{i}_add": {"kind": "matmul", "n_fused": 2, "flops": 1e4 * scale * (i + 1),
+                                        "bytes": 4e3 * scale, "out_bytes": 1e3, "n_args": 3,
+                                        "tuned": int(tuned), "n_parallel": int(tuned), "loop_depth": 3 + 4 * tuned}
+              for i in range(n)}
+        calls = {**{k: 1.0 for k in ks}, "vm.builtin.null_value": 10.0, "vm.builtin.alloc_tensor": 2.0 * n}
+        metas[d] = {"kernels": ks, "calls": calls, "n_params": 2 * n, "flops_per_sample": 3e3 * scale * n,
+                    "batch": 32}
+        for q, cpus in devices or [(q, 1) for q in quotas]:
+            dev = {"name": f"q{q}c{cpus}", "cpu_quota": q, "cpus": cpus, "nominal_gflops": 32 * min(q, 1) * cpus,
+                   "mem_bandwidth_gbs": 8 * min(q, 1) * cpus, "memory_mib": 512, "description": ""}
+            c_in = 1e-6
+            per_flop = 1e-10 / cpus if tuned else 1e-9
+            kernels = {k: {"calls": 1.0, "time_s": v["flops"] * per_flop * slowdown(min(q, 1), v["flops"]) + c_in}
+                       for k, v in ks.items()}
+            kernels["vm.builtin.null_value"] = {"calls": 10.0, "time_s": 10 * c_in}
+            kernels["vm.builtin.alloc_tensor"] = {"calls": 2.0 * n, "time_s": 2 * n * 3 * c_in}
+            kern = sum(v["time_s"] - c_in for k, v in kernels.items() if k in ks)
+            cpu = kern + overhead * overhead_per_cpu(cpus)
+            ms.append({"arch_name": f"a{n}", "width": 1.0 / scale, "schedule": sched, "dir": d, "profile": dev["name"],
+                       "device": dev, "clock": "thread_cpu", "kernels": kernels, "cpu_step_s": cpu,
+                       "step_s": cpu / min(q, 1, host_leaves)})
     return metas, ms
 
 
@@ -210,6 +267,26 @@ def test_overhead_shrinks_with_a_second_core_but_not_with_the_share():
         assert abs(p["overhead_s"] * min(m["device"]["cpu_quota"], 1) / want - 1) < 0.15, m["profile"]
     # With no two-core device to learn from, the power is not guessed.
     assert LatteModel().fit([m for m in ms if m["device"]["cpus"] == 1], metas).overhead_cpus == 0.0
+
+
+def test_tuned_parallel_kernels_get_faster_with_a_second_core_default_ones_do_not():
+    """Tuned kernels (a parallel loop) run on both cores of a two-core device, default ones on one: the
+    fit tells them apart by the kernel's loop structure, not by a device-wide factor, and predicts
+    both schedules of a step it never saw."""
+    from edgetvm.costmodels.latte import KERNEL_DEVICE, LatteModel
+
+    devices = [(1.0, 1), (0.5, 1), (0.25, 1), (2.0, 2)]
+    metas, ms = _synthetic(devices=devices, schedules=("default", "tuned"))
+    train = [m for m in ms if m["arch_name"] != "a8"]
+    model = LatteModel().fit(train, metas)
+    coef = dict(zip(KERNEL_DEVICE, model.device))
+    assert abs(coef["log_cpus_x_parallel"] + 1) < 0.1, coef   # halved by a second core
+    assert abs(coef["log_cpus"]) < 0.1, coef
+    for m in ms:
+        p = model.predict_parts(metas[m["dir"]], m["device"])
+        kern = sum(v["time_s"] - 1e-6 for k, v in m["kernels"].items() if not k.startswith("vm.builtin"))
+        assert abs(p["kernels_s"] * min(m["device"]["cpu_quota"], 1) / kern - 1) < 0.1, \
+            (m["arch_name"], m["schedule"], m["profile"])
 
 
 def test_a_device_gets_its_quota_but_no_more_of_a_core_than_the_host_leaves():

@@ -37,8 +37,12 @@ def cmd_profile(args) -> None:
         session = connect(args.rpc, args.tracker, args.key)  # an unreachable address fails here, at once
         if not args.device:
             profs = list_profiles(boards=True)
-    data = profile_fleet(profs, args.arch or None, args.widths, out=args.output, min_time=args.min_time,
-                         repeats=args.repeats, session=session)
+    from edgetvm.latte.pipeline import TUNED_ARCHS
+
+    archs = args.arch or list(models.ARCHS)
+    tuned = [] if args.no_tuned else (args.tuned or [a for a in TUNED_ARCHS if a in archs])
+    data = profile_fleet(profs, archs, args.widths, out=args.output, min_time=args.min_time,
+                         repeats=args.repeats, session=session, tuned_archs=tuned)
     print(f"{len(data['measurements'])} measurements of {len(data['metas'])} compiled training steps on "
           f"{len(data['runs'])} devices in {time.time() - t0:.0f} s -> {args.output}")
     from edgetvm.latte.pipeline import noise_floor
@@ -47,7 +51,7 @@ def cmd_profile(args) -> None:
     if nz:
         print(f"repeatability: whole steps measured {nz['repeats']}x by separate processes differ by "
               f"{nz['pair_mape']:.1f}% on average, {nz['within10']:.0f}% within +-10%")
-    fed = [m for m in data["measurements"] if m["arch_name"] == models.FED_ARCH]
+    fed = [m for m in data["measurements"] if models.is_fed(m)]
     if fed:
         ws = sorted({m["width"] for m in fed}, reverse=True)
         print(f"measured ms per training step of {models.FED_ARCH} (batch 32, forward+backward+SGD, TVM):")
@@ -143,6 +147,10 @@ def add_latte_parser(subparsers) -> argparse.ArgumentParser:
                                        "on each emulated device (cgroups; needs root) or on a board over RPC")
     s.add_argument("--device", action="append", help="device profile name or TOML file (repeat; default: all)")
     s.add_argument("--arch", action="append", choices=list(models.ARCHS), help="architecture (repeat; default: all)")
+    s.add_argument("--tuned", action="append", choices=list(models.ARCHS),
+                   help="also profile this architecture with MetaSchedule-tuned kernels (repeat; default: "
+                        "mlp-a, cnn-a, mlp-d, cnn-c among the profiled ones)")
+    s.add_argument("--no-tuned", action="store_true", help="default TVM schedules only")
     s.add_argument("--widths", type=_widths, default=list(models.WIDTHS), help="width ratios (default 1,1/2,1/4,1/8)")
     s.add_argument("--min-time", type=float, default=0.1,
                    help="CPU seconds of whole steps per measurement; throttled devices run longer (default 0.1)")

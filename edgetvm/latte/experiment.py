@@ -22,15 +22,15 @@ def fleet_of(n_clients: int, profile_names: list[str] | None = None) -> dict[int
 def fed_metas(data: dict) -> dict[float, dict]:
     from edgetvm.latte.pipeline import current_metas
 
-    fed = {m["dir"]: data["metas"][m["dir"]] for m in data["measurements"] if m["arch_name"] == models.FED_ARCH}
+    fed = {m["dir"]: data["metas"][m["dir"]] for m in data["measurements"] if models.is_fed(m)}
     metas = current_metas({"metas": fed})
-    return {float(m["width"]): metas[m["dir"]] for m in data["measurements"] if m["arch_name"] == models.FED_ARCH}
+    return {float(m["width"]): metas[m["dir"]] for m in data["measurements"] if models.is_fed(m)}
 
 
 def step_tables(data: dict, model, fleet: dict[int, Profile]):
     """(measured, predicted) seconds per step of the federated model per (profile, width)."""
     measured = {(m["profile"], float(m["width"])): m["step_s"] for m in data["measurements"]
-                if m["arch_name"] == models.FED_ARCH}
+                if models.is_fed(m)}
     metas = fed_metas(data)
     if not metas:
         raise UserError(f"the profile data has no measurements of the federated model {models.FED_ARCH}; "

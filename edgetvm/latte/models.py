@@ -38,6 +38,11 @@ ARCHS: dict[str, dict] = {
 FED_ARCH = "fedmlp"
 
 
+def is_fed(measurement: dict) -> bool:
+    """A measurement of the federated model as the clients train it (TVM's default schedules)."""
+    return measurement["arch_name"] == FED_ARCH and measurement.get("schedule", "default") == "default"
+
+
 def scaled(n: int, ratio: float) -> int:
     return max(1, int(math.ceil(n * ratio)))
 

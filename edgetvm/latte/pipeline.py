@@ -14,6 +14,9 @@ from edgetvm.latte.devices import Profile, cgroups_unavailable
 DEFAULT_DIR = training.CACHE / "run"
 HELD_OUT_ARCHS = ("mlp-d", "cnn-c", "fedmlp")
 HELD_OUT_PROFILES = ("tablet-old", "iot-gw")
+# Architectures also compiled with MetaSchedule-tuned kernels: two the model trains on, and the two
+# held-out ones (whose tuned steps it then predicts without having seen them either).
+TUNED_ARCHS = ("mlp-a", "cnn-a", "mlp-d", "cnn-c")
 
 
 def progress(done: int, total: int, what: str, stream=sys.stderr) -> None:
@@ -25,24 +28,31 @@ def progress(done: int, total: int, what: str, stream=sys.stderr) -> None:
     stream.flush()
 
 
-def compile_family(arch_names, widths, quiet=False) -> list[dict]:
-    items = [(a, w) for a in arch_names for w in widths]
-    out = []
-    for i, (a, w) in enumerate(items):
+def compile_family(arch_names, widths, quiet=False, tuned_archs=()) -> list[dict]:
+    """Compile every (architecture, width) with the default schedule, and those of `tuned_archs` tuned too
+    (MetaSchedule on this host: about 40 s per MLP step, longer for a CNN; cached like the rest)."""
+    for a in [*arch_names, *tuned_archs]:
         if a not in models.ARCHS:
             raise UserError(f"unknown architecture '{a}'; known: {', '.join(models.ARCHS)}")
+    items = [(a, w, "default") for a in arch_names for w in widths]
+    items += [(a, w, "tuned") for a in tuned_archs for w in widths]
+    out = []
+    for i, (a, w, sched) in enumerate(items):
         if not quiet:
-            progress(i, len(items), f"compile {models.arch_key(a, w)}")
-        out.append({"arch_name": a, "width": w, "dir": str(training.compile_trainer(models.ARCHS[a], w))})
+            progress(i, len(items), f"{'tune and ' if sched == 'tuned' else ''}compile {models.arch_key(a, w)}")
+        out.append({"arch_name": a, "width": w, "schedule": sched,
+                    "dir": str(training.compile_trainer(models.ARCHS[a], w, schedule=sched))})
     if not quiet:
         progress(len(items), len(items), "compiled")
     return out
 
 
 def profile_fleet(profiles: list[Profile], arch_names=None, widths=models.WIDTHS, out: Path | None = None,
-                  min_time: float = 0.1, repeats: int = 2, quiet: bool = False, session=None) -> dict:
-    """Measure every (architecture, width) training step on every profile, each in its cgroup, or on
-    its board over the RPC `session` for a profile that names one.
+                  min_time: float = 0.1, repeats: int = 2, quiet: bool = False, session=None,
+                  tuned_archs=TUNED_ARCHS) -> dict:
+    """Measure every (architecture, width, schedule) training step on every profile, each in its cgroup,
+    or on its board over the RPC `session` for a profile that names one (default schedules only: the
+    tuned ones are tuned on this host's CPU).
 
     Every profile is measured `repeats` times, each time by a fresh process (the rounds go over the
     whole fleet, so slow drifts of the host spread over all devices); a measurement's times are the
@@ -63,7 +73,7 @@ def profile_fleet(profiles: list[Profile], arch_names=None, widths=models.WIDTHS
     if repeats < 1:
         raise UserError(f"--repeats {repeats}: measure at least once")
     arch_names = list(arch_names or models.ARCHS)
-    compiled = compile_family(arch_names, widths, quiet)
+    compiled = compile_family(arch_names, widths, quiet, tuned_archs)
     metas = {c["dir"]: training.load_meta(Path(c["dir"])) for c in compiled}
     per: dict[tuple, list] = {}
     runs: dict[str, dict] = {}
@@ -86,7 +96,7 @@ def profile_fleet(profiles: list[Profile], arch_names=None, widths=models.WIDTHS
             r["throttled_s"] += res["throttled_s"]
             r["wall_s"] += res["wall_s"]
             for x in res["results"]:
-                per.setdefault((p.name, x["arch_name"], x["width"]), []).append((p, x))
+                per.setdefault((p.name, x["arch_name"], x["width"], x.get("schedule", "default")), []).append((p, x))
     if not quiet:
         progress(total, total, "measured")
     measurements = [combine(reps) for reps in per.values()]
@@ -114,10 +124,12 @@ def combine(reps: list) -> dict:
         vals = [x["kernels"][s] for x in xs if s in x["kernels"]]
         kernels[s] = {"calls": vals[0]["calls"], "time_s": float(np.median([v["time_s"] for v in vals]))}
     m = {k: first[k] for k in ("arch_name", "width", "dir", "clock") if k in first}
+    m["schedule"] = first.get("schedule", "default")
     m.update({"profile": p.name, "device": p.to_dict(), "step_s": med("step_s"), "cpu_step_s": med("cpu_step_s"),
               "step_s_runs": [x["step_s"] for x in xs], "cpu_step_s_runs": [x["cpu_step_s"] for x in xs],
               "window_step_s": [x["window_step_s"] for x in xs],
-              "instrumented_step_s": med("instrumented_step_s"), "steps": sum(x["steps"] for x in xs),
+              "instrumented_step_s": med("instrumented_step_s"),
+              **({"process_cpu_step_s": med("process_cpu_step_s")} if all("process_cpu_step_s" in x for x in xs) else {}), "steps": sum(x["steps"] for x in xs),
               "kernels": kernels})
     return m
 
@@ -128,7 +140,8 @@ def _measure(p: Profile, compiled, min_time, session=None):
 
         board = check_board(p)
         try:
-            return measure_board(p, compiled, session, board, min_time=min_time)
+            default = [c for c in compiled if c.get("schedule", "default") == "default"]
+            return measure_board(p, default, session, board, min_time=min_time)
         except (RuntimeError, OSError) as e:  # a board that drops mid-run is left out like a failed device
             raise RuntimeError(f"measuring on board {p.name} failed: {e}") from None
     from edgetvm.latte.measure import measure_profile
@@ -160,6 +173,14 @@ def noise_floor(data: dict) -> dict | None:
             "pair_median": float(np.median(rel) * 100), "within10": float((rel <= 0.10).mean() * 100),
             "floor_mape": float(rel.mean() * 100 / 2 * math.sqrt(2 / n)),
             "per_profile": {k: float(np.mean(v) * 100) for k, v in sorted(per_profile.items())}}
+
+
+def tuned_speedups(data: dict) -> list[float]:
+    """Measured default / tuned wall time of the same step (architecture, width) on the same device."""
+    steps = {(m["profile"], m["arch_name"], m["width"], m.get("schedule", "default")): m["step_s"]
+             for m in data["measurements"]}
+    return [steps[(p, a, w, "default")] / t for (p, a, w, sched), t in steps.items()
+            if sched == "tuned" and (p, a, w, "default") in steps]
 
 
 def load_profile_data(path: Path) -> dict:
@@ -210,11 +231,17 @@ def _evaluate(latte, flops, ms, metas) -> dict:
     ours = [p["step_s"] for p in parts]
     base = [flops.predict_step(metas[m["dir"]], m["device"]) for m in ms]
     meas_ov = [decompose(m, metas[m["dir"]]) for m in ms]
-    return {"latte": errors(ours, true), "flops": errors(base, true),
+    by_schedule = {}
+    for sched in sorted({m.get("schedule", "default") for m in ms}):
+        idx = [i for i, m in enumerate(ms) if m.get("schedule", "default") == sched]
+        by_schedule[sched] = {"latte": errors([ours[i] for i in idx], [true[i] for i in idx]),
+                              "flops": errors([base[i] for i in idx], [true[i] for i in idx])}
+    return {"latte": errors(ours, true), "flops": errors(base, true), "by_schedule": by_schedule,
             # share of the step outside TIR kernels: predicted vs measured (CPU time)
             "overhead_share_pred": float(sum(p["overhead_s"] / p["step_s"] for p in parts) / len(ms) * 100),
             "overhead_share_meas": float(sum(d["overhead_s"] / d["cpu_step_s"] for d in meas_ov) / len(ms) * 100),
-            "rows": [{"profile": m["profile"], "arch": m["arch_name"], "width": m["width"], "measured_s": t,
+            "rows": [{"profile": m["profile"], "arch": m["arch_name"], "width": m["width"],
+                      "schedule": m.get("schedule", "default"), "measured_s": t,
                       "latte_s": o, "flops_s": b} for m, t, o, b in zip(ms, true, ours, base)]}
 
 
@@ -256,6 +283,10 @@ def format_report(report: dict) -> str:
         lines.append(f"{name:<18} {s['latte']['n']:>4} {s['latte']['mape']:>10.1f}% {s['latte']['within10']:>6.0f}% "
                      f"{s['flops']['mape']:>10.1f}% {s['flops']['within10']:>6.0f}% "
                      f"{s['overhead_share_pred']:>8.0f}% / {s['overhead_share_meas']:.0f}%")
+        if len(s.get("by_schedule", {})) > 1:  # the same set split by which kernels TVM ran
+            for sched, e in s["by_schedule"].items():
+                lines.append(f"{'  ' + sched + ' schedule':<18} {e['latte']['n']:>4} {e['latte']['mape']:>10.1f}% "
+                             f"{e['latte']['within10']:>6.0f}% {e['flops']['mape']:>10.1f}% {e['flops']['within10']:>6.0f}%")
     nz = report.get("noise")
     if nz:
         lines.append(f"noise floor: {nz['n']} steps measured {nz['repeats']}x by separate processes differ by "
