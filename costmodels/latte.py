@@ -29,9 +29,9 @@ A training step's wall time on a device is modelled as
   measured wall x min(q, 1) / CPU (training devices only).
 * Schedules: a kernel is TVM's default lowering or MetaSchedule's tuned schedule (the `tuned` flag;
   tuned kernels also differ in loop structure: tiled nests, parallel, vectorized and unrolled loops, a
-  local accumulator) and carry the latency tuning measured for their schedule, per unit of work (8
-  trials leave alike matmuls 30-80 GFLOP/s apart, which loop structure alone did not tell apart:
-  held-out tuned steps 8.1% MAPE without it, 5.9% with it). Default kernels are serial; a tuned
+  local accumulator) and carry the latency tuning measured for their schedule: a feature per unit
+  of work and the trees' starting point (8 trials leave alike matmuls 30-80 GFLOP/s apart, which
+  loop structure alone did not tell apart: held-out tuned steps 8.1% MAPE without it, 5.5% with it). Default kernels are serial; a tuned
   kernel's parallel loops run on every core of the device, so log(cpus) x (the kernel has a parallel
   loop) is one more device row. Kernel times are the calling thread's CPU time, which for a parallel
   kernel is its elapsed time (the thread spins until the pool is done), so wall = CPU / share holds
@@ -132,6 +132,12 @@ def work_margin(X: np.ndarray) -> np.ndarray:
     """log of a kernel's work (FLOPs + 4-byte elements moved, plus a fixed cost): the trees learn seconds
     per unit of work, which carries over to sizes the training set lacks better than seconds."""
     return _log_work(np.expm1(X[:, FEATURES.index("flops")]), np.expm1(X[:, FEATURES.index("bytes")]))
+
+
+def prior_margin(X: np.ndarray) -> np.ndarray:
+    """Where the trees start from, log seconds per call: the kernel's log work, or for a tuned kernel the
+    latency tuning measured for its schedule (the trees then learn what a device does to it)."""
+    return work_margin(X) + np.nan_to_num(X[:, FEATURES.index("log_tune_per_work")], nan=0.0)
 
 
 WORK_CENTER = math.log(1e5) - math.log(1e9)  # a mid-sized kernel's work, so log(share) alone means its effect
@@ -239,7 +245,7 @@ class LatteModel:
 
         X, y, w, D, kernels = self.dataset(measurements, metas)
         self.device = self.device_effect(y, w, D, kernels)
-        dtrain = xgb.DMatrix(X, label=y, weight=w, base_margin=work_margin(X) + D @ np.array(self.device),
+        dtrain = xgb.DMatrix(X, label=y, weight=w, base_margin=prior_margin(X) + D @ np.array(self.device),
                              feature_names=FEATURES)
         params = {"max_depth": 6, "eta": 0.05, "subsample": 0.8, "colsample_bytree": 0.8,
                   "min_child_weight": 2, "objective": "reg:squarederror", "seed": seed, "nthread": 2}
@@ -298,7 +304,7 @@ class LatteModel:
 
         calls = dict(meta["calls"]) if calls is None else calls
         syms, X = rows_for_model(meta, calls, device)
-        margin = work_margin(X) + kernel_device_rows(device, X) @ np.array(self.device)
+        margin = prior_margin(X) + kernel_device_rows(device, X) @ np.array(self.device)
         per_call = np.exp(self.booster.predict(xgb.DMatrix(X, base_margin=margin, feature_names=FEATURES)))
         kernels_cpu = per_call * np.array([calls[s] for s in syms])
         kernels = float(kernels_cpu.sum())

@@ -189,15 +189,16 @@ def _synthetic(n_kernels_per_step=(3, 5, 8, 12), overhead=300e-6, quotas=(1.0, 0
                schedules=("default",)):
     """Steps whose kernels cost 1 ns per FLOP (x `slowdown`) and which spend a fixed `overhead` of CPU
     outside kernels (x `overhead_per_cpu`), measured on devices where wall = CPU / min(quota, what the
-    host leaves of a core). A "tuned" step's kernels have a parallel loop and cost 0.1 ns per FLOP on
-    one core, half that on two."""
+    host leaves of a core). A "tuned" step's kernels have a parallel loop and cost 0.05, 0.1 or 0.2 ns
+    per FLOP on one core (the schedule tuning found, which it measured: `tune_s`), half that on two."""
     metas, ms = {}, []
     for n, scale, sched in itertools.product(n_kernels_per_step, (1, 4, 16), schedules):
         d = f"/nonexistent/{n}-{scale}-{sched}"
         tuned = sched == "tuned"
         ks = {f"fused_matmul{i}_add": {"kind": "matmul", "n_fused": 2, "flops": 1e4 * scale * (i + 1),
                                         "bytes": 4e3 * scale, "out_bytes": 1e3, "n_args": 3,
-                                        "tuned": int(tuned), "n_parallel": int(tuned), "loop_depth": 3 + 4 * tuned}
+                                        "tuned": int(tuned), "n_parallel": int(tuned), "loop_depth": 3 + 4 * tuned,
+                                        "tune_s": 1e4 * scale * (i + 1) * 1e-10 * 2.0 ** (i % 3 - 1) * tuned}
               for i in range(n)}
         calls = {**{k: 1.0 for k in ks}, "vm.builtin.null_value": 10.0, "vm.builtin.alloc_tensor": 2.0 * n}
         metas[d] = {"kernels": ks, "calls": calls, "n_params": 2 * n, "flops_per_sample": 3e3 * scale * n,
@@ -206,9 +207,8 @@ def _synthetic(n_kernels_per_step=(3, 5, 8, 12), overhead=300e-6, quotas=(1.0, 0
             dev = {"name": f"q{q}c{cpus}", "cpu_quota": q, "cpus": cpus, "nominal_gflops": 32 * min(q, 1) * cpus,
                    "mem_bandwidth_gbs": 8 * min(q, 1) * cpus, "memory_mib": 512, "description": ""}
             c_in = 1e-6
-            per_flop = 1e-10 / cpus if tuned else 1e-9
-            kernels = {k: {"calls": 1.0, "time_s": v["flops"] * per_flop * slowdown(min(q, 1), v["flops"]) + c_in}
-                       for k, v in ks.items()}
+            kernels = {k: {"calls": 1.0, "time_s": (v["tune_s"] / cpus if tuned else v["flops"] * 1e-9)
+                           * slowdown(min(q, 1), v["flops"]) + c_in} for k, v in ks.items()}
             kernels["vm.builtin.null_value"] = {"calls": 10.0, "time_s": 10 * c_in}
             kernels["vm.builtin.alloc_tensor"] = {"calls": 2.0 * n, "time_s": 2 * n * 3 * c_in}
             kern = sum(v["time_s"] - c_in for k, v in kernels.items() if k in ks)
@@ -287,6 +287,21 @@ def test_tuned_parallel_kernels_get_faster_with_a_second_core_default_ones_do_no
         kern = sum(v["time_s"] - 1e-6 for k, v in m["kernels"].items() if not k.startswith("vm.builtin"))
         assert abs(p["kernels_s"] * min(m["device"]["cpu_quota"], 1) / kern - 1) < 0.1, \
             (m["arch_name"], m["schedule"], m["profile"])
+
+
+def test_a_tuned_kernel_costs_what_tuning_measured_for_its_schedule_not_what_its_flops_say():
+    """Alike tuned kernels differ 4x in speed by the schedule the search happened to find; the latency
+    tuning measured for it carries that to an architecture the model never saw."""
+    from edgetvm.costmodels.latte import LatteModel
+
+    metas, ms = _synthetic(schedules=("default", "tuned"))
+    model = LatteModel().fit([m for m in ms if m["arch_name"] != "a8"], metas)
+    for m in ms:
+        if m["arch_name"] == "a8" and m["schedule"] == "tuned":
+            p = model.predict_parts(metas[m["dir"]], m["device"])
+            for k, t in p["kernel_s"].items():
+                want = m["kernels"][k]["time_s"] - 1e-6
+                assert abs(t * m["device"]["cpu_quota"] / want - 1) < 0.1, (k, m["profile"], m["width"])
 
 
 def test_a_device_gets_its_quota_but_no_more_of_a_core_than_the_host_leaves():
