@@ -64,7 +64,7 @@ FEATURES = [f"kind_{k}" for k in KINDS] + STATIC + ["log_flops_per_byte", "log_t
 DEVICE = ["log_share", "log_cpus"]
 KERNEL_DEVICE = DEVICE + ["log_share_x_log_work", "log_cpus_x_parallel"]
 OVERHEAD = ["one", "builtin_calls", "kernel_calls", "n_params", "kernels_cpu"]
-VERSION = 6
+VERSION = 7
 
 
 def norm(device: dict) -> float:
