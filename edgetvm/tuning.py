@@ -346,7 +346,7 @@ def _direct_session(host: str, port: int, timeout: int, _rpc_config=None):
     return rpc.connect(host, port, session_timeout=timeout)
 
 
-def _make_builder(cross_compiler: str, root: Path, stop: threading.Event):
+def make_builder(cross_compiler: str, root: Path, stop: threading.Event):
     """Builds in this process: LocalBuilder's fresh worker pool per batch spends ~30 s per worker
     importing tvm.s_tir.tensor_intrin on 2 cores, past its 30 s timeout. Writes a .so (through the
     board's cross compiler) that RPC servers load without a compiler of their own."""
@@ -384,7 +384,7 @@ def _make_builder(cross_compiler: str, root: Path, stop: threading.Event):
     return InProcessBuilder()
 
 
-def _make_runner(rpc: str | None, tracker: str | None, key: str | None, session_timeout: int):
+def make_runner(rpc: str | None, tracker: str | None, key: str | None, session_timeout: int):
     from tvm.s_tir.meta_schedule.runner import EvaluatorConfig, LocalRunner, RPCConfig, RPCRunner
 
     from edgetvm.runtime.session import parse_address
@@ -585,7 +585,7 @@ class _Progress:
 # ------------------------------------------------------------------------------- tuning
 
 
-def _check_environment() -> None:
+def check_environment() -> None:
     from importlib import metadata
 
     try:
@@ -602,7 +602,18 @@ def _check_environment() -> None:
                         "(or pip install 'edgetvm[tune]')") from None
 
 
-def _quiet_metaschedule_console() -> None:
+def reset_metaschedule_logging() -> None:
+    """Before MetaSchedule sets up its loggers: drop an earlier tune's log files, and log warnings up."""
+    import logging
+
+    ms_logger = logging.getLogger("tvm.s_tir.meta_schedule")
+    for h in list(ms_logger.handlers):
+        ms_logger.removeHandler(h)
+        h.close()
+    ms_logger.setLevel(logging.WARNING)  # becomes the level of its console handler (quiet_metaschedule_console)
+
+
+def quiet_metaschedule_console() -> None:
     """MetaSchedule logs to files in DB/logs; its console handler would tear the progress line."""
     import logging
 
@@ -654,7 +665,7 @@ def tune(model_path: str | Path, board, db_path: str | Path, input_shapes=None, 
         raise UserError(f"--trials-per-batch {trials_per_batch}: give a positive number")
     if population is not None and population < 2:
         raise UserError(f"--population {population}: give at least 2 (MetaSchedule's default is 512)")
-    _check_environment()
+    check_environment()
     remote = rpc or tracker
     where = (rpc if rpc else f"tracker {tracker} key {key}") if remote else "this machine"
     # Unreachable servers, trackers and unknown keys fail here, in seconds, naming the address.
@@ -749,8 +760,8 @@ def _tune_tasks(db, board, target, extracted, trials, trials_per_batch, remote, 
     def measuring():
         """The builder and runner, made on first use (a runner starts worker processes)."""
         if not tools:
-            tools["builder"] = _make_builder(board.cross_compiler, build_root, stop)
-            tools["runner"] = runner = _make_runner(rpc, tracker, key, session_timeout)
+            tools["builder"] = make_builder(board.cross_compiler, build_root, stop)
+            tools["runner"] = runner = make_runner(rpc, tracker, key, session_timeout)
             # Its worker processes go with this run, not whenever the garbage collector gets to them.
             stack.callback(lambda: getattr(runner, "pool", None) and runner.pool.shutdown(wait=True))
         return tools["builder"], tools["runner"]
@@ -798,18 +809,12 @@ def _tune_tasks(db, board, target, extracted, trials, trials_per_batch, remote, 
 
     # Search contexts, the cost model seeded with every record so far.
     load_tensor_intrinsics(board.arch)
-    import logging
-
-    ms_logger = logging.getLogger("tvm.s_tir.meta_schedule")
-    for h in list(ms_logger.handlers):  # an earlier tune in this process: its log files
-        ms_logger.removeHandler(h)
-        h.close()
-    ms_logger.setLevel(logging.WARNING)  # becomes the level of its console handler, removed below
+    reset_metaschedule_logging()
     contexts, _weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
         extracted, work_dir=str(path), space="post-order-apply",
         strategy=ms.search_strategy.EvolutionarySearch(population_size=population), num_threads=n_threads,
         seed=seed)
-    _quiet_metaschedule_console()
+    quiet_metaschedule_console()
     cost_model = ms.cost_model.XGBModel(num_tuning_cores=n_threads, adaptive_training=True)
     search_cost_model = _stoppable(cost_model, stop)
     # Its data: every record so far. Training is put off (a retrain per task would take minutes)

@@ -320,26 +320,20 @@ def tune_step(fused, target, db_dir: Path, trials: int | None = None, seed: int 
     db = ms.database.JSONDatabase(work_dir=str(db_dir))
     if not tasks:
         return db
-    tuning._check_environment()
+    tuning.check_environment()
     tuning.load_tensor_intrinsics("x86_64")
-    import logging
-
-    ms_logger = logging.getLogger("tvm.s_tir.meta_schedule")
-    for h in list(ms_logger.handlers):  # an earlier tune in this process: its log files
-        ms_logger.removeHandler(h)
-        h.close()
-    ms_logger.setLevel(logging.WARNING)  # the progress bar is the console's; logs go to files
+    tuning.reset_metaschedule_logging()  # the progress bar is the console's; logs go to the temp dir
     old = os.environ.get("TVM_NUM_THREADS")
     os.environ["TVM_NUM_THREADS"] = "1"  # inherited by the runner's worker processes
     try:
         with tempfile.TemporaryDirectory(prefix="latte-tune-") as work:
-            builder = tuning._make_builder("", Path(work), threading.Event())
-            runner = tuning._make_runner(None, None, None, 60)
+            builder = tuning.make_builder("", Path(work), threading.Event())
+            runner = tuning.make_runner(None, None, None, 60)
             # A small population: MetaSchedule's 512 is sized for thousands of trials.
             strategy = ms.search_strategy.EvolutionarySearch(population_size=64, init_measured_ratio=0.1)
             ctxs, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
                 tasks, work, strategy=strategy, num_threads=2, seed=seed)
-            tuning._quiet_metaschedule_console()
+            tuning.quiet_metaschedule_console()
             ms.tune_tasks(tasks=ctxs, task_weights=weights, work_dir=work, max_trials_global=trials * len(tasks),
                           max_trials_per_task=trials, num_trials_per_iter=8, builder=builder, runner=runner,
                           database=db)
