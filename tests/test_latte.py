@@ -186,11 +186,12 @@ def test_cost_model_fits_and_predicts(measured, tmp_path):
 
 def _synthetic(n_kernels_per_step=(3, 5, 8, 12), overhead=300e-6, quotas=(1.0, 0.5, 0.25), devices=None,
                slowdown=lambda q, flops: 1.0, overhead_per_cpu=lambda cpus: 1.0, host_leaves=1.0,
-               schedules=("default",)):
+               schedules=("default",), refill_per_byte=0.0):
     """Steps whose kernels cost 1 ns per FLOP (x `slowdown`) and which spend a fixed `overhead` of CPU
     outside kernels (x `overhead_per_cpu`), measured on devices where wall = CPU / min(quota, what the
     host leaves of a core). A "tuned" step's kernels have a parallel loop and cost 0.05, 0.1 or 0.2 ns
-    per FLOP on one core (the schedule tuning found, which it measured: `tune_s`), half that on two."""
+    per FLOP on one core (the schedule tuning found, which it measured: `tune_s`), half that on two.
+    The instrument adds `refill_per_byte` x the kernel's bytes to each timed kernel, not to the step."""
     metas, ms = {}, []
     for n, scale, sched in itertools.product(n_kernels_per_step, (1, 4, 16), schedules):
         d = f"/nonexistent/{n}-{scale}-{sched}"
@@ -213,6 +214,8 @@ def _synthetic(n_kernels_per_step=(3, 5, 8, 12), overhead=300e-6, quotas=(1.0, 0
             kernels["vm.builtin.alloc_tensor"] = {"calls": 2.0 * n, "time_s": 2 * n * 3 * c_in}
             kern = sum(v["time_s"] - c_in for k, v in kernels.items() if k in ks)
             cpu = kern + overhead * overhead_per_cpu(cpus)
+            for k, v in ks.items():
+                kernels[k]["time_s"] += refill_per_byte * v["bytes"]
             ms.append({"arch_name": f"a{n}", "width": 1.0 / scale, "schedule": sched, "dir": d, "profile": dev["name"],
                        "device": dev, "clock": "thread_cpu", "kernels": kernels, "cpu_step_s": cpu,
                        "step_s": cpu / min(q, 1, host_leaves)})
@@ -302,6 +305,22 @@ def test_a_tuned_kernel_costs_what_tuning_measured_for_its_schedule_not_what_its
             for k, t in p["kernel_s"].items():
                 want = m["kernels"][k]["time_s"] - 1e-6
                 assert abs(t * m["device"]["cpu_quota"] / want - 1) < 0.1, (k, m["profile"], m["width"])
+
+
+def test_kernels_timed_one_by_one_overstate_the_step_by_refilling_their_operands():
+    """Each instrument callback evicts some of the next kernel's operands, so timed kernels add up to
+    more than they take in the uninstrumented step, by an amount that grows with the bytes they touch
+    (tuned mlp-a at width 1: 21.4 us outside kernels against 31.7 us for its default build, the same
+    VM calls). The overhead fit learns that negative share, and whole steps come out right for an
+    architecture it never saw."""
+    from edgetvm.costmodels.latte import LatteModel
+
+    metas, ms = _synthetic(schedules=("default", "tuned"), refill_per_byte=5e-10)
+    model = LatteModel().fit([m for m in ms if m["arch_name"] != "a8"], metas)
+    for m in ms:
+        if m["arch_name"] == "a8":
+            p = model.predict_step(metas[m["dir"]], m["device"])
+            assert abs(p / m["step_s"] - 1) < 0.05, (m["schedule"], m["profile"], m["width"], p, m["step_s"])
 
 
 def test_a_device_gets_its_quota_but_no_more_of_a_core_than_the_host_leaves():
