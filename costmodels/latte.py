@@ -35,9 +35,9 @@ A training step's wall time on a device is modelled as
   tuned kernels also differ in loop structure: tiled nests, parallel, vectorized and unrolled loops, a
   local accumulator) and carry the latency tuning measured for their schedule: a feature per unit
   of work and the trees' starting point (8 trials leave alike matmuls 30-80 GFLOP/s apart, which
-  loop structure alone did not tell apart: held-out tuned steps 8.1% MAPE without it, 5.5% with it). Default kernels are serial; a tuned
-  kernel's parallel loops run on every core of the device, so log(cpus) x (the kernel has a parallel
-  loop) is one more device row. Kernel times are the calling thread's CPU time, which for a parallel
+  loop structure alone did not tell apart: held-out tuned steps 8.1% MAPE without it, 5.5% with it).
+  Default kernels are serial; a tuned kernel's parallel loops run on every core of the device, so
+  log(cpus) x (the kernel has a parallel loop) is one more device row. Kernel times are the calling thread's CPU time, which for a parallel
   kernel is its elapsed time (the thread spins until the pool is done), so wall = CPU / share holds
   for both.
 

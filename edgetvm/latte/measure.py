@@ -76,7 +76,7 @@ def child(spec_path: str, out_path: str) -> None:
     mem = Path(spec["cgroup"]["memory"])
     (mem / "memory.max_usage_in_bytes").write_text("0")
     clock = time.perf_counter
-    cpu = tcpu = time.thread_time
+    cpu = time.thread_time
     pcpu = time.process_time
     # The whole-step windows go round the models, so each model's windows are spread over the whole
     # process: this host's speed drifts by +-25% over seconds, and one model's windows taken back to
@@ -101,9 +101,9 @@ def child(spec_path: str, out_path: str) -> None:
     def instrument_into(acc):
         def instrument(func, symbol, before, ret, *args):
             if before:
-                stack.append(tcpu())
+                stack.append(cpu())
             else:
-                dt = tcpu() - stack.pop()
+                dt = cpu() - stack.pop()
                 a = acc.setdefault(symbol, [0, 0.0])
                 a[0] += 1
                 a[1] += dt

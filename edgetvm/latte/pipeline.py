@@ -125,11 +125,12 @@ def combine(reps: list) -> dict:
         kernels[s] = {"calls": vals[0]["calls"], "time_s": float(np.median([v["time_s"] for v in vals]))}
     m = {k: first[k] for k in ("arch_name", "width", "dir", "clock") if k in first}
     m["schedule"] = first.get("schedule", "default")
+    if all("process_cpu_step_s" in x for x in xs):  # older profiles and boards lack it
+        m["process_cpu_step_s"] = med("process_cpu_step_s")
     m.update({"profile": p.name, "device": p.to_dict(), "step_s": med("step_s"), "cpu_step_s": med("cpu_step_s"),
               "step_s_runs": [x["step_s"] for x in xs], "cpu_step_s_runs": [x["cpu_step_s"] for x in xs],
               "window_step_s": [x["window_step_s"] for x in xs],
-              "instrumented_step_s": med("instrumented_step_s"),
-              **({"process_cpu_step_s": med("process_cpu_step_s")} if all("process_cpu_step_s" in x for x in xs) else {}), "steps": sum(x["steps"] for x in xs),
+              "instrumented_step_s": med("instrumented_step_s"), "steps": sum(x["steps"] for x in xs),
               "kernels": kernels})
     return m
 

@@ -253,12 +253,12 @@ def kernel_features(lowered, tuned_s: dict[str, float] | None = None) -> dict[st
     return out
 
 
-def tuned_latencies(fused, target, database) -> dict[str, float]:
+def tuned_latencies(tasks, target, database) -> dict[str, float]:
     """Kernel name -> the latency MetaSchedule measured for the schedule the database applies to it
     (median of its runs, this host, one thread): what the tuner already knows about the kernel it
     picked, the way LATTE profiles each kernel algorithm once."""
     out = {}
-    for task in tuning_tasks(fused, target):
+    for task in tasks:
         with target:
             rec = database.query_tuning_record(task.dispatched[0], target, "main")
         if rec is not None and rec.run_secs:
@@ -305,9 +305,10 @@ def tuning_tasks(fused, target) -> list:
     return [t for t in ms.relax_integration.extract_tasks(fused, target) if op_kind(t.task_name)[0] in TUNED_KINDS]
 
 
-def tune_step(fused, target, db_dir: Path, trials: int | None = None, seed: int = 0):
-    """Tune the step's matmul and conv kernels on this host (one thread, as the fleet's single-core
-    devices run them) into a JSON database in `db_dir`; returns the database."""
+def tune_step(tasks, target, db_dir: Path, trials: int | None = None, seed: int = 0):
+    """Tune the step's matmul and conv `tasks` (`tuning_tasks`) on this host (one thread, as the fleet's
+    single-core devices run them) into a JSON database in `db_dir`; returns the database."""
+    import platform
     import tempfile
     import threading
 
@@ -316,12 +317,11 @@ def tune_step(fused, target, db_dir: Path, trials: int | None = None, seed: int 
     from edgetvm import tuning
 
     trials = trials or TUNE_TRIALS
-    tasks = tuning_tasks(fused, target)
     db = ms.database.JSONDatabase(work_dir=str(db_dir))
     if not tasks:
         return db
     tuning.check_environment()
-    tuning.load_tensor_intrinsics("x86_64")
+    tuning.load_tensor_intrinsics(platform.machine())
     tuning.reset_metaschedule_logging()  # the progress bar is the console's; logs go to the temp dir
     old = os.environ.get("TVM_NUM_THREADS")
     os.environ["TVM_NUM_THREADS"] = "1"  # inherited by the runner's worker processes
@@ -359,7 +359,6 @@ def compile_trainer(arch: dict, width: float, batch: int = BATCH, schedule: str 
     import tvm
     from tvm.s_tir import meta_schedule as ms
 
-    target = _target_for(schedule)
     d = cache_dir(arch, width, batch, schedule)
     if (d / "meta.json").exists():
         return d
@@ -367,16 +366,8 @@ def compile_trainer(arch: dict, width: float, batch: int = BATCH, schedule: str 
     tm, params = train_module(sub, batch)
     tmp = d.with_name(d.name + f".tmp{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)
-    fused = _fuse(tm.without_attr("optim_state"), target)
-    database = None
-    if schedule == "tuned":
-        (tmp / "tuning").mkdir(exist_ok=True)
-        tune_step(fused, target, tmp / "tuning")
-        # reopened from its files, as load_meta and a later lowering will see it
-        database = ms.database.JSONDatabase(work_dir=str(tmp / "tuning"))
-    lowered = _lower(fused, target, database)
-    tuned_s = tuned_latencies(fused, target, database) if database is not None else None
-    ex = tvm.compile(lowered, target, relax_pipeline=None)
+    lowered, tuned_s = _lowered_step(tm, schedule, tmp / "tuning", tune=True)
+    ex = tvm.compile(lowered, _target_for(schedule), relax_pipeline=None)
     ex.export_library(str(tmp / "train.so"))
     np.savez(tmp / "init.npz", *params)
     np.savez(tmp / "optim.npz", *[s.numpy() for s in tm.attrs["optim_state"]])
@@ -407,15 +398,25 @@ def step_kernel_features(arch: dict, batch: int = BATCH, schedule: str = "defaul
 
 
 def _lowered_and_latencies(arch: dict, batch: int, schedule: str, d: Path | None):
+    tm, _ = train_module(arch, batch)
+    return _lowered_step(tm, schedule, Path(d) / "tuning" if d is not None else None)
+
+
+def _lowered_step(tm, schedule: str, db_dir: Path | None, tune: bool = False):
+    """(the lowered training module, tuned kernel -> tuning latency or None); a tuned step's schedules
+    come from the database in `db_dir`, tuned into it first when `tune`."""
     from tvm.s_tir import meta_schedule as ms
 
     target = _target_for(schedule)
-    tm, _ = train_module(arch, batch)
     fused = _fuse(tm.without_attr("optim_state"), target)
     if schedule != "tuned":
         return _lower(fused, target), None
-    database = ms.database.JSONDatabase(work_dir=str(Path(d) / "tuning"))
-    return _lower(fused, target, database), tuned_latencies(fused, target, database)
+    tasks = tuning_tasks(fused, target)
+    if tune:
+        db_dir.mkdir(exist_ok=True)
+        tune_step(tasks, target, db_dir)
+    database = ms.database.JSONDatabase(work_dir=str(db_dir))  # from its files, as a later lowering reads it
+    return _lower(fused, target, database), tuned_latencies(tasks, target, database)
 
 
 def load_meta(d: Path) -> dict:
