@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from edgetvm.errors import UserError
+from edgetvm.runtime.tensors import native
 
 FORMAT = "edgetvm-artifact"
 FORMAT_VERSION = 1
@@ -53,7 +54,7 @@ def write_weights(path: Path, named: list[tuple[str, np.ndarray]]) -> list[dict]
     index, offset = [], 0
     with open(path, "wb") as f:
         for name, arr in named:
-            arr = np.ascontiguousarray(arr)
+            arr = native(arr)
             offset = -(-offset // ALIGN) * ALIGN
             f.seek(offset)
             f.write(arr.tobytes())

@@ -13,6 +13,7 @@ from tvm import relax, rpc
 
 from edgetvm.errors import UserError
 from edgetvm.runtime.artifact import Artifact
+from edgetvm.runtime.tensors import checked_inputs, to_tvm
 
 CONNECT_TIMEOUT_S = 5.0
 
@@ -98,7 +99,7 @@ class Runner:
             self.dev = tvm.cpu()
             lib = tvm.runtime.load_module(str(art.library))
             if weights == "copy":
-                self.weights = [tvm.runtime.tensor(np.array(w), self.dev) for w in art.weights()]
+                self.weights = [to_tvm(w, self.dev) for w in art.weights()]
             else:
                 # Zero-copy: TVM reads the weights straight from the mapped file.
                 self.weights = [tvm.runtime.from_dlpack(w) for w in art.weights()]
@@ -106,26 +107,11 @@ class Runner:
             self.dev = remote.cpu()
             remote.upload(str(art.library))
             lib = remote.load_module(art.library.name)
-            self.weights = [tvm.runtime.tensor(np.asarray(w), self.dev) for w in art.weights()]
+            self.weights = [to_tvm(w, self.dev) for w in art.weights()]
         self.vm = relax.VirtualMachine(lib, self.dev)
 
     def _args(self, inputs: dict[str, np.ndarray]):
-        args = []
-        for info in self.art.inputs:
-            if info.name not in inputs:
-                raise UserError(f"input '{info.name}' is missing; pass it with --input {info.name}=FILE.npy "
-                                f"(shape {','.join(map(str, info.shape))}, {info.dtype})")
-            x = np.asarray(inputs[info.name])
-            if tuple(x.shape) != tuple(info.shape) or x.dtype.name != info.dtype:
-                raise UserError(f"input '{info.name}' is {x.dtype.name}{list(x.shape)} but the model was compiled "
-                                f"for {info.dtype}{list(info.shape)}; pass an array of that shape and dtype "
-                                f"or recompile with --input-shape")
-            args.append(tvm.runtime.tensor(np.ascontiguousarray(x), self.dev))
-        unknown = set(inputs) - {i.name for i in self.art.inputs}
-        if unknown:
-            raise UserError(f"the model has no input named {', '.join(sorted(unknown))}; its inputs are "
-                            f"{', '.join(i.name for i in self.art.inputs)}")
-        return args + self.weights
+        return [to_tvm(x, self.dev) for x in checked_inputs(self.art.inputs, inputs)] + self.weights
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out = self.vm["main"](*self._args(inputs))

@@ -35,6 +35,7 @@ from tvm import relax
 from edgetvm.errors import UserError
 from edgetvm.runtime.artifact import Artifact
 from edgetvm.runtime.session import Timing
+from edgetvm.runtime.tensors import checked_inputs, to_tvm
 
 PAGE = mmap.PAGESIZE
 READ_PIECE = 2 << 20
@@ -220,16 +221,8 @@ class SwapRunner:
         os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_DONTNEED)
 
     def _values(self, inputs: dict[str, np.ndarray]) -> dict:
-        values = {}
-        for name, info in zip(self.plan["data_inputs"], self.art.inputs):
-            if info.name not in inputs:
-                raise UserError(f"input '{info.name}' is missing; pass it with --input {info.name}=FILE.npy")
-            x = np.asarray(inputs[info.name])
-            if tuple(x.shape) != tuple(info.shape) or x.dtype.name != info.dtype:
-                raise UserError(f"input '{info.name}' is {x.dtype.name}{list(x.shape)} but the model was compiled "
-                                f"for {info.dtype}{list(info.shape)}; pass an array of that shape and dtype")
-            values[name] = tvm.runtime.tensor(np.ascontiguousarray(x), self.dev)
-        return values
+        return {name: to_tvm(x, self.dev)
+                for name, x in zip(self.plan["data_inputs"], checked_inputs(self.art.inputs, inputs))}
 
     def _schedule(self) -> list[Step]:
         blocks = self.plan["blocks"]
