@@ -303,11 +303,8 @@ def build(src: Path, shapes, board, out: Path, budget: int | None) -> Path:
 def activation_floor(src: Path, shapes, board) -> int:
     """Peak live activations + scratch of any kernel, as the swap planner counts them."""
     from edgetvm.passes import onnx_import, pipeline, swap
-    from edgetvm.passes.onnx_fold import fold_shapes
 
-    model = onnx_import.load_onnx(src)
-    inputs = onnx_import.resolve_inputs(model, shapes)
-    model = fold_shapes(model, {i.name: i.shape for i in inputs})
+    model, inputs = onnx_import.prepare(src, shapes)
     mod, _ = onnx_import.import_onnx(model, inputs)
     _, deploy = pipeline.lift_weight_transforms(mod)
     main = deploy["main"]

@@ -12,7 +12,6 @@ import edgetvm
 from edgetvm.costmodels import roofline
 from edgetvm.errors import UserError
 from edgetvm.passes import onnx_import, pipeline
-from edgetvm.passes.onnx_fold import fold_shapes
 from edgetvm.runtime import artifact
 from edgetvm.targets import Board
 
@@ -50,10 +49,7 @@ def compile_model(model_path: str | Path, board: Board, out: str | Path,
     model_path, out = Path(model_path), Path(out)
     t0 = time.perf_counter()
     seconds = {}
-    model = onnx_import.load_onnx(model_path)
-    inputs = onnx_import.resolve_inputs(model, input_shapes)
-    model = fold_shapes(model, {i.name: i.shape for i in inputs})
-    onnx_import.check_supported(model)
+    model, inputs = onnx_import.prepare(model_path, input_shapes)
     mod, weights = onnx_import.import_onnx(model, inputs)
     seconds["import"] = time.perf_counter() - t0
 

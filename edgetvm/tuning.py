@@ -55,8 +55,7 @@ def _model_identity(model_path: str | Path, input_shapes) -> tuple[dict, list]:
     from edgetvm.passes import onnx_import
     from edgetvm.runtime.artifact import sha256_file
 
-    model = onnx_import.load_onnx(model_path)
-    inputs = onnx_import.resolve_inputs(model, input_shapes)
+    _model, inputs = onnx_import.prepare(model_path, input_shapes)
     return {"name": Path(model_path).name, "sha256": sha256_file(Path(model_path))}, inputs
 
 
@@ -251,12 +250,8 @@ def _write_json(path: Path, doc) -> None:
 def deploy_module(model_path: str | Path, input_shapes=None):
     """`main` exactly as `edgetvm compile` builds it (import, shape folding, lifted weights)."""
     from edgetvm.passes import onnx_import, pipeline
-    from edgetvm.passes.onnx_fold import fold_shapes
 
-    model = onnx_import.load_onnx(model_path)
-    inputs = onnx_import.resolve_inputs(model, input_shapes)
-    model = fold_shapes(model, {i.name: i.shape for i in inputs})
-    onnx_import.check_supported(model)
+    model, inputs = onnx_import.prepare(model_path, input_shapes)
     mod, _weights = onnx_import.import_onnx(model, inputs)
     _transform, deploy = pipeline.lift_weight_transforms(mod)
     return deploy, inputs

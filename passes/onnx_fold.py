@@ -246,9 +246,6 @@ def _lift_weights(model: onnx.ModelProto) -> None:
                 init = g.initializer.add()
                 init.CopyFrom(t)
                 init.name = node.output[0]
-                if model.ir_version < 4:  # before IR 4 every initializer is also an input
-                    g.input.append(helper.make_tensor_value_info(
-                        init.name, t.data_type, list(t.dims)))
                 continue
         keep.append(node)
     del g.node[:]

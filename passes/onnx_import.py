@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,10 +50,44 @@ def load_onnx(path: str | Path) -> onnx.ModelProto:
     return model
 
 
+def separate_weights(model: onnx.ModelProto, shapes: dict | None = None) -> onnx.ModelProto:
+    """Drop initializers from the graph inputs (IR < 4 lists every weight as an input too).
+
+    An input with an initializer is a weight, unless --input-shape names it: then it is an input and
+    its initializer (a default value) goes.
+    """
+    inits = {t.name for t in model.graph.initializer}
+    named = set(shapes or {})
+    listed = [i.name for i in model.graph.input]
+    if not inits & set(listed) and model.ir_version >= 4:
+        return model
+    model = copy.deepcopy(model)
+    # IR 4 made listing initializers as inputs optional: passes after this one add none.
+    model.ir_version = max(model.ir_version, 4)
+    keep = [i for i in model.graph.input if i.name not in inits or i.name in named]
+    del model.graph.input[:]
+    model.graph.input.extend(keep)
+    defaults = [t for t in model.graph.initializer if t.name not in named]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(defaults)
+    return model
+
+
 def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
     """The real inputs: old exporters also list every initializer as a graph input."""
     inits = {t.name for t in model.graph.initializer}
     return [i for i in model.graph.input if i.name not in inits]
+
+
+def prepare(path: str | Path, shapes: dict[str, tuple[int, ...]] | None = None):
+    """An ONNX file ready for import: checked, weights apart from inputs, shapes pinned and folded."""
+    from edgetvm.passes.onnx_fold import fold_shapes
+
+    model = separate_weights(load_onnx(path), shapes)
+    inputs = resolve_inputs(model, shapes)
+    model = fold_shapes(model, {i.name: i.shape for i in inputs})
+    check_supported(model)
+    return model, inputs
 
 
 def _elem_dtype(vi: onnx.ValueInfoProto) -> str:
