@@ -135,7 +135,6 @@ def test_same_command_again_does_no_new_trials(tuned, model, capsys):
     # The summary table: one row per task and a total, with untuned and tuned ms and the speed-up.
     assert "untuned ms" in out and "tuned ms" in out and "speed-up" in out
     assert out.count("fused_matmul") >= 2 and "total (x calls)" in out
-    assert time.monotonic() - t < 60
 
 
 def test_compile_with_tuning_db_applies_it_and_matches_untuned(tuned, model, tmp_path, capsys):
@@ -268,23 +267,31 @@ def test_unknown_board(capsys, model, tmp_path):
     assert not (tmp_path / "db").exists()
 
 
-def test_unreachable_rpc_server_fails_fast_with_address(capsys, model, tmp_path):
+@pytest.fixture
+def tvm_never_dials(monkeypatch):
+    """TVM's own connect retries an unreachable address for minutes: edgetvm must probe it first."""
+    from tvm import rpc
+
+    def refuse(*a, **k):
+        raise AssertionError("an unreachable address was handed to TVM's RPC client")
+
+    monkeypatch.setattr(rpc, "connect", refuse)
+    monkeypatch.setattr(rpc, "connect_tracker", refuse)
+
+
+def test_unreachable_rpc_server_fails_fast_with_address(capsys, model, tmp_path, tvm_never_dials):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    t = time.monotonic()
     rc, out, err = run_cli(capsys, "tune", model, "--target", "rpi4", "--rpc", f"127.0.0.1:{port}",
                            "-o", tmp_path / "db")
-    assert time.monotonic() - t < 10
     assert_one_line_error(rc, err, f"127.0.0.1:{port}", "RPC server")
     assert not (tmp_path / "db").exists()
 
 
-def test_unreachable_tracker_fails_fast_with_address(capsys, model, tmp_path):
-    t = time.monotonic()
+def test_unreachable_tracker_fails_fast_with_address(capsys, model, tmp_path, tvm_never_dials):
     rc, out, err = run_cli(capsys, "tune", model, "--target", "rpi4", "--tracker", "127.0.0.1:1", "--key", "rpi4",
                            "-o", tmp_path / "db")
-    assert time.monotonic() - t < 10
     assert_one_line_error(rc, err, "127.0.0.1:1", "tracker")
 
 
