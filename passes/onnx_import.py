@@ -106,7 +106,7 @@ def resolve_inputs(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]] | 
     out = []
     for vi in inputs:
         dims = vi.type.tensor_type.shape.dim
-        model_shape = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in dims]
+        model_shape = [d.dim_value if d.HasField("dim_value") and d.dim_value >= 0 else None for d in dims]
         if vi.name in shapes:
             given = tuple(shapes[vi.name])
             if vi.type.tensor_type.HasField("shape") and len(given) != len(model_shape):

@@ -61,7 +61,8 @@ def write_weights(path: Path, named: list[tuple[str, np.ndarray]]) -> list[dict]
             index.append({"name": name, "dtype": arr.dtype.name, "shape": list(arr.shape),
                           "offset": offset, "nbytes": arr.nbytes})
             offset += arr.nbytes
-        f.truncate(-(-offset // ALIGN) * ALIGN)
+        # Never empty, so a model without weights maps its file like any other (mmap refuses 0 bytes).
+        f.truncate(max(ALIGN, -(-offset // ALIGN) * ALIGN))
     return index
 
 
