@@ -93,6 +93,11 @@ def ensure_binfmt() -> None:
         subprocess.run(["mount", "-t", "binfmt_misc", "binfmt_misc", str(BINFMT_DIR)],
                        check=True, capture_output=True, text=True)
     if not entry.exists() or not entry.read_text().startswith("enabled"):
+        # qemu-user-static installed in the same apt run as binfmt-support may leave its format out of
+        # binfmt-support's database (seen on a fresh machine): import it from the package's file first.
+        if not pathlib.Path("/var/lib/binfmts/qemu-aarch64").exists() and \
+                pathlib.Path("/usr/share/binfmts/qemu-aarch64").exists():
+            subprocess.run(["update-binfmts", "--import", "qemu-aarch64"], check=True, capture_output=True, text=True)
         subprocess.run(["update-binfmts", "--enable", "qemu-aarch64"],
                        check=True, capture_output=True, text=True)
     text = entry.read_text() if entry.exists() else ""
