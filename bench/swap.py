@@ -301,7 +301,7 @@ def build(src: Path, shapes, board, out: Path, budget: int | None) -> Path:
 
 
 def activation_floor(src: Path, shapes, board) -> int:
-    """Peak live activations + scratch of any kernel, as the swap planner counts them."""
+    """Peak live activations + scratch of any kernel, as the swap planner counts them, + the runtime's reserve."""
     from edgetvm.passes import onnx_import, pipeline, swap
 
     model, inputs = onnx_import.prepare(src, shapes)
@@ -310,7 +310,7 @@ def activation_floor(src: Path, shapes, board) -> int:
     main = deploy["main"]
     nw = len(main.params) - int(main.attrs["num_input"])
     ops, _, _ = swap.op_memory(pipeline.fuse(deploy, board.target()), nw)
-    return max(op.live + op.scratch for op in ops)
+    return max(op.live + op.scratch for op in ops) + swap.RUNTIME_RESERVE
 
 
 def cold_copy(art):

@@ -132,7 +132,8 @@ class SwapPlan:
                            "weight_bytes": bk.weight_bytes, "act_bytes": bk.act_bytes,
                            "planned_bytes": bk.planned_bytes, "predicted_ms": bk.compute_s * 1e3})
         return {"budget": self.plan.budget, "prefetch": self.plan.prefetch,
-                "predicted_peak": self.plan.predicted_peak, "predicted_ms": self.plan.predicted_s * 1e3,
+                "predicted_peak": self.plan.predicted_peak, "reserve": self.plan.extra.get("reserve", 0),
+                "predicted_ms": self.plan.predicted_s * 1e3,
                 "data_inputs": self.data_inputs, "outputs": self.outputs, "blocks": blocks}
 
 
@@ -150,7 +151,8 @@ def plan_swap(deploy, weights, names, board, budget: int, tuning_db=None):
             fused = pipeline.fuse(d, target, database=tuning_db)
             fused_for[piece] = (fused, w, n, *swap.op_memory(fused, len(w)))
         fused, w, n, ops, _, _ = fused_for[piece]
-        return swap.plan_blocks(ops, [x.nbytes for x in w], budget, board, prefetch=prefetch)
+        return swap.plan_blocks(ops, [x.nbytes for x in w], budget, board, prefetch=prefetch,
+                                reserve=swap.RUNTIME_RESERVE)
 
     # For each mode, the coarsest split that fits; then the mode with the lower predicted latency.
     pieces = [None] + [budget >> k for k in range(2, 16) if budget >> k >= MIN_PIECE]
@@ -180,7 +182,8 @@ def plan_swap(deploy, weights, names, board, budget: int, tuning_db=None):
             fused2 = pipeline.fuse(d, target, database=tuning_db)
             ops2, din2, outs2 = swap.op_memory(fused2, len(w2))
             try:
-                plan = swap.plan_blocks(ops2, [x.nbytes for x in w2], budget, board, prefetch=plan.prefetch)
+                plan = swap.plan_blocks(ops2, [x.nbytes for x in w2], budget, board, prefetch=plan.prefetch,
+                                        reserve=swap.RUNTIME_RESERVE)
             except UserError:
                 break
             fused, w, n, ops, data_inputs, outputs = fused2, w2, n2, ops2, din2, outs2

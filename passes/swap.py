@@ -25,6 +25,11 @@ from edgetvm.costmodels.roofline import nbytes
 from edgetvm.errors import UserError
 
 MIB = 1 << 20
+# What a run holds beyond its weights, activations and scratch: the worker threads' stacks and TVM
+# workspace pools, page rounding of every allocation, the library's relocated pages, the output copies.
+# Measured in a cgroup above a loaded, idle runtime (naive allocator): 0.2-1.0 MiB over the plan for
+# VGG-11 and the MobileNetV3 at 4x and 6x oversubscription.
+RUNTIME_RESERVE = 3 << 19  # 1.5 MiB
 BLOCK_OVERHEAD_S = 50e-6  # fixed part of loading a block (its syscalls): overlaps compute under prefetch
 # What every block adds to the critical path whatever overlaps: its VM call, waiting for and handing
 # work to the prefetch thread. Measured on a MobileNet cut into 9 blocks (0.1 MiB each): ~100 us a
@@ -241,9 +246,14 @@ def _block(ops, a, b, weight_bytes, board) -> Block:
     return Block(a, b, ws, wb, act, compute)
 
 
-def plan_blocks(ops: list[Op], weight_bytes: list[int], budget: int, board, prefetch: bool = True) -> Plan:
-    """Cut ops into contiguous blocks minimising predicted latency; raise UserError if none fits the budget."""
+def plan_blocks(ops: list[Op], weight_bytes: list[int], budget: int, board, prefetch: bool = True,
+                reserve: int = 0) -> Plan:
+    """Cut ops into contiguous blocks minimising predicted latency; raise UserError if none fits the budget.
+
+    `reserve` is set aside for the runtime (RUNTIME_RESERVE); the blocks share what is left.
+    """
     n = len(ops)
+    user_budget, budget = budget, budget - reserve
     load_bw = board.mem_bandwidth_gbs * 1e9  # weights come from the page cache: a memory-speed copy/map
 
     cache: dict[tuple[int, int], Block] = {}
@@ -293,10 +303,11 @@ def plan_blocks(ops: list[Op], weight_bytes: list[int], budget: int, board, pref
                 back[(a, b)] = arg
     finals = [(best[(a, n)] + blk(a, n).compute_s, (a, n)) for a in range(n) if (a, n) in best]
     if not finals:
-        need = -(-min_budget(ops, weight_bytes) * 100 // MIB) / 100  # rounded up: that figure compiles
-        raise UserError(f"--memory-budget {budget / MIB:.2f} MiB cannot hold this model: "
+        need = -(-(min_budget(ops, weight_bytes) + reserve) * 100 // MIB) / 100  # rounded up: that figure compiles
+        raise UserError(f"--memory-budget {user_budget / MIB:.2f} MiB cannot hold this model: "
                         f"it needs at least {need:.2f} MiB "
-                        f"(the largest single kernel's weights, activations and scratch); raise the budget")
+                        f"(the largest single kernel's weights, activations and scratch"
+                        f"{f', plus {reserve / MIB:.1f} MiB for the runtime' if reserve else ''}); raise the budget")
     total, key = min(finals)
     blocks = []
     while key is not None:
@@ -305,7 +316,7 @@ def plan_blocks(ops: list[Op], weight_bytes: list[int], budget: int, board, pref
     blocks.reverse()
     peak = max(bk.planned_bytes + (blocks[i + 1].weight_bytes if prefetch and i + 1 < len(blocks) else 0)
                for i, bk in enumerate(blocks))
-    return Plan(budget, blocks, prefetch, peak, total)
+    return Plan(user_budget, blocks, prefetch, peak + reserve, total, {"reserve": reserve})
 
 
 def min_budget(ops: list[Op], weight_bytes: list[int]) -> int:

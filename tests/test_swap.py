@@ -25,6 +25,8 @@ MIB = 1 << 20
 
 
 def build_pair(tmp, name, budget, **kw):
+    """In-memory and swapping builds; `budget` is for the model's data, the runtime's reserve comes on top."""
+    budget += swap.RUNTIME_RESERVE
     path = tmp / f"{name}.onnx"
     onnx.save(zoo.load(name, **kw), path)
     shapes = None if kw else zoo.default_input_shapes(name)
@@ -264,3 +266,38 @@ def test_under_a_real_memory_limit_in_memory_dies_and_swapped_runs(tmp_path):
     got = np.load(tmp_path / "y.npz")
     for k in want:
         np.testing.assert_array_equal(got[k], want[k])
+
+
+def _bench():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_swap", Path(__file__).resolve().parent.parent / "bench" / "swap.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.skipif(no_cgroup is not None, reason=f"cgroup v1 unavailable: {no_cgroup}")
+@pytest.mark.parametrize("name,kw", [("vgg", {"width": 0.5, "image": 64}), ("ocr_cls", {}),
+                                     ("dense_stack", {"n": 4, "d": 1024})])
+def test_memory_charged_to_a_swapping_run_stays_within_its_budget(name, kw, tmp_path):
+    """A budget is a promise: what the kernel charges a run's cgroup (page cache included), above the
+    same runtime loaded and idle, stays within it at 4x and 6x oversubscription, as bench/swap.py
+    builds them; a budget the plan cannot keep is refused instead."""
+    bench = _bench()
+    board = load_board("host")
+    src = zoo.path(name, tmp_path, **kw)
+    shapes = zoo.default_input_shapes(name, **kw)
+    mem = compile_model(src, board, tmp_path / "mem", shapes)
+    weights = mem.manifest["weight_bytes"]
+    for k in (4, 6):
+        budget = weights // k
+        try:
+            art = compile_model(src, board, tmp_path / f"x{k}", shapes, memory_budget=budget)
+        except UserError as e:
+            assert "it needs at least" in str(e)
+            # weights / k cannot hold the activations: oversubscribe the weights on top of them, as the bench does
+            budget = bench.activation_floor(src, shapes, board) + weights // k
+            art = compile_model(src, board, tmp_path / f"x{k}", shapes, memory_budget=budget)
+        _, charged = bench.peak_above_baseline(art.path)
+        assert charged <= budget, f"{name} at {k}x: {charged / MIB:.2f} MiB charged for {budget / MIB:.2f}"
