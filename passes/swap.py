@@ -8,7 +8,7 @@
 3. `plan_blocks`: dynamic programming over cut points minimising predicted latency (compute vs
    the next block's load overlap) under: this block's weights + the next block's weights (being
    prefetched) + live activations + scratch <= budget.
-4. `emit_blocks`: one Relax function per block, taking the live-in activations and its weights,
+4. `emit_blocks`: one Relax function per block (passes/graph_cut.py), taking the live-in activations and its weights,
    returning the live-out activations; the runtime fetches each block's weights before the call
    and releases them after.
 """
@@ -23,6 +23,7 @@ from tvm import relax, s_tir, tirx
 
 from edgetvm.costmodels.roofline import nbytes
 from edgetvm.errors import UserError
+from edgetvm.passes.graph_cut import PartSignature, emit_parts
 
 MIB = 1 << 20
 # What a run holds beyond its weights, activations and scratch: the worker threads' stacks and TVM
@@ -326,63 +327,8 @@ def min_budget(ops: list[Op], weight_bytes: list[int]) -> int:
 
 # ---------------------------------------------------------------- 4. one function per block
 
-@relax.expr_functor.mutator
-class _Rename(relax.PyExprMutator):
-    def __init__(self, mod, mapping):
-        super().__init__(mod)
-        self.mapping = mapping
-
-    def visit_var_(self, var):
-        return self.mapping.get(var, var)
-
-    def visit_dataflow_var_(self, var):
-        return self.mapping.get(var, var)
-
-
-@dataclass
-class BlockSignature:
-    function: str
-    inputs: list[str]      # value names: data inputs or outputs of earlier blocks
-    outputs: list[str]
-    weights: list[int]
-
-
 def emit_blocks(fused: tvm.IRModule, ops: list[Op], plan: Plan, data_inputs, outputs,
-                num_weights: int) -> tuple[tvm.IRModule, list[BlockSignature], list[str], list[str]]:
+                num_weights: int) -> tuple[tvm.IRModule, list[PartSignature], list[str], list[str]]:
     """A module with `block_0..block_{k-1}`; each takes (live-in values..., its weights...)."""
-    main = fused["main"]
-    num_input = int(main.attrs["num_input"])
-    weight_params = list(main.params[num_input:num_input + num_weights])
-    bindings = [b for blk in main.body.blocks for b in blk.bindings]
-    name_of = {v: f"in{i}" for i, v in enumerate(data_inputs)} | {op.var: f"v{op.index}" for op in ops}
-    needed_after: list[set] = []
-    out_set = set(outputs)
-    for bk in plan.blocks:
-        later = {v for op in ops[bk.stop:] for v in op.inputs} | out_set
-        needed_after.append(later)
-    bb = relax.BlockBuilder(fused)
-    sigs = []
-    for k, bk in enumerate(plan.blocks):
-        defined_here = {ops[i].var for i in range(bk.start, bk.stop)}
-        live_in = []
-        for op in ops[bk.start:bk.stop]:
-            for v in op.inputs:
-                if v not in defined_here and v not in live_in and v not in weight_params:
-                    live_in.append(v)
-        live_out = [op.var for op in ops[bk.start:bk.stop] if op.var in needed_after[k]]
-        mapping = {v: relax.Var(name_of[v], v.ty) for v in live_in}
-        wvars = [relax.Var(weight_params[w].name, weight_params[w].ty) for w in bk.weights]
-        mapping.update({weight_params[w]: wv for w, wv in zip(bk.weights, wvars)})
-        rename = _Rename(fused, mapping)
-        fname = f"block_{k}"
-        with bb.function(fname, list(mapping[v] for v in live_in) + wvars, attrs={"num_input": len(live_in)}):
-            with bb.dataflow():
-                for b in bindings[bk.start:bk.stop]:
-                    mapping[b.var] = bb.emit(rename.visit_expr(b.value), name_hint=name_of[b.var])
-                ret = bb.emit_output(relax.Tuple([mapping[v] for v in live_out]))
-            bb.emit_func_output(ret)
-        sigs.append(BlockSignature(fname, [name_of[v] for v in live_in], [name_of[v] for v in live_out],
-                                   list(bk.weights)))
-    mod = bb.get()
-    mod = tvm.IRModule({gv: f for gv, f in mod.functions.items() if gv.name_hint != "main"})
-    return mod, sigs, [name_of[v] for v in data_inputs], [name_of[v] for v in outputs]
+    groups = [list(range(bk.start, bk.stop)) for bk in plan.blocks]
+    return emit_parts(fused, groups, num_weights, [f"block_{k}" for k in range(len(groups))])
