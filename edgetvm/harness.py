@@ -94,6 +94,10 @@ def _child(argv, out_path: Path, err_path: Path) -> None:
             os.dup2(f, fd)
             os.close(f)
         sys.stdin = open(os.devnull)
+        # A caller such as pytest may have swapped sys.stdout/stderr for its own buffers: the command's
+        # Python output must reach the same files as its native output.
+        sys.stdout = open(1, "w", buffering=1, closefd=False)
+        sys.stderr = open(2, "w", buffering=1, closefd=False)
         from edgetvm.cli import main
 
         rc = main(list(argv))

@@ -55,6 +55,7 @@ def fold_shapes(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]]
     _remove_dead(g)
     if lift_weights:
         _lift_weights(out)
+        _inline_index_initializers(g, max_bytes)
     shapes = _infer_shapes(out, max_bytes)
     for o in g.output:  # record the now static output shapes
         dims = shapes.get(o.name, (None, None))[1]
@@ -252,3 +253,25 @@ def _lift_weights(model: onnx.ModelProto) -> None:
         keep.append(node)
     del g.node[:]
     g.node.extend(keep)
+
+
+def _inline_index_initializers(g: onnx.GraphProto, max_bytes: int) -> None:
+    """Small int32/int64 initializers (shapes, axes, positions, indices) become Constant nodes.
+
+    Under keep_params_in_input the importer makes every initializer a parameter, and converters
+    such as SequenceInsert/SequenceAt then refuse a position that is not a constant.
+    """
+    inputs = {i.name for i in g.input}
+    small = [t for t in g.initializer
+             if t.data_type in (onnx.TensorProto.INT32, onnx.TensorProto.INT64) and t.name not in inputs
+             and _nbytes(t.data_type, tuple(t.dims)) <= max_bytes]
+    if not small:
+        return
+    nodes = [_constant_node(t.name, numpy_helper.to_array(t), f"{t.name}_initializer") for t in small]
+    names = {t.name for t in small}
+    for i in reversed(range(len(g.initializer))):
+        if g.initializer[i].name in names:
+            del g.initializer[i]
+    rest = list(g.node)
+    del g.node[:]
+    g.node.extend(nodes + rest)
