@@ -26,21 +26,40 @@ class CompileResult:
     seconds: dict = field(default_factory=dict)
 
 
-def output_infos(deploy, names: list[str]) -> list[onnx_import.TensorInfo]:
+def output_infos(deploy, model) -> list[onnx_import.TensorInfo]:
     """Outputs of `main`, named after the ONNX graph outputs, with their static shapes."""
     from tvm import relax
 
     ret = deploy["main"].ret_ty
     fields = list(ret.fields) if isinstance(ret, relax.TupleType) else [ret]
+    names = [o.name for o in model.graph.output]
     if len(fields) != len(names):
         names = [f"output{i}" for i in range(len(fields))]
     infos = []
     for name, t in zip(names, fields):
         if not isinstance(t, relax.TensorType) or t.shape is None or t.shape.values is None:
-            raise UserError(f"output '{name}' has no static shape after import; give static input shapes "
-                            f"with --input-shape")
+            # The inputs' shapes are all static by now: the output's shape depends on input values.
+            node = onnx_import.shape_source(model)
+            where = (f" (operator {node.op_type}, node '{node.name or node.output[0]}', computes a shape from "
+                     f"them)" if node is not None else "")
+            raise UserError(f"output '{name}' has a shape that depends on input values, not only input "
+                            f"shapes{where}; edgetvm compiles static shapes only: make those values constants "
+                            f"when exporting the model")
         infos.append(onnx_import.TensorInfo(name, tuple(int(s) for s in t.shape.values), str(t.dtype)))
     return infos
+
+
+def check_fits(infos, board: Board, kind: str) -> None:
+    """An input or output larger than the board's memory is a wrong shape, not a model to build
+    (a dimension of 2**40 would otherwise reach TVM, and a run would try to allocate it)."""
+    for i in infos:
+        n = np.dtype(i.dtype).itemsize
+        for d in i.shape:
+            n *= d
+        if n > board.memory_mib << 20:
+            raise UserError(f"{kind} '{i.name}' is {i.dtype}[{','.join(map(str, i.shape))}], {n / 2**30:.3g} GiB: more "
+                            f"than {board.name}'s {board.memory_mib} MiB of memory; check the model's shapes "
+                            f"(and --input-shape)")
 
 
 def compile_model(model_path: str | Path, board: Board, out: str | Path,
@@ -50,6 +69,7 @@ def compile_model(model_path: str | Path, board: Board, out: str | Path,
     t0 = time.perf_counter()
     seconds = {}
     model, inputs = onnx_import.prepare(model_path, input_shapes)
+    check_fits(inputs, board, "input")
     mod, weights = onnx_import.import_onnx(model, inputs)
     seconds["import"] = time.perf_counter() - t0
 
@@ -59,7 +79,8 @@ def compile_model(model_path: str | Path, board: Board, out: str | Path,
         transform, deploy = pipeline.lift_weight_transforms(mod)
         deployed_weights = pipeline.transform_weights(transform, weights)
         names = pipeline.weight_names(deploy)
-        outputs = output_infos(deploy, [o.name for o in model.graph.output])
+        outputs = output_infos(deploy, model)
+        check_fits(outputs, board, "output")
         seconds["weights"] = time.perf_counter() - t
 
         t = time.perf_counter()
@@ -102,6 +123,7 @@ def compile_model(model_path: str | Path, board: Board, out: str | Path,
         if swap_plan is not None:
             manifest["swap"] = swap_plan.finish(index)
         artifact.write_manifest(stage, manifest)
+        artifact.open_artifact(stage, verify=False)  # never publish an artifact that `run` would refuse
     seconds["total"] = time.perf_counter() - t0
     log(f"compiled {model_path.name} for {board.name} in {seconds['total']:.1f} s -> {out}")
     return CompileResult(out, artifact.open_artifact(out, verify=False).manifest, seconds)

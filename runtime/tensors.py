@@ -50,5 +50,43 @@ def checked_inputs(infos, inputs: dict) -> list[np.ndarray]:
     return out
 
 
+def load_npy(path) -> np.ndarray:
+    """The array in a .npy file, or a UserError naming what is wrong with the file.
+
+    The header is checked against the file's size first: numpy allocates what a header declares
+    before it reads, so a damaged header asking for terabytes would end in a MemoryError.
+    """
+    import os
+
+    from numpy.lib import format as npy
+
+    what = f"cannot read {path} as a .npy array"
+    fix = "save it with numpy.save (allow_pickle=False)"
+    try:
+        with open(path, "rb") as f:
+            if f.read(4) == b"PK\x03\x04":
+                raise UserError(f"{path} is an .npz archive, not a .npy array; save each input with numpy.save")
+            f.seek(0)
+            version = npy.read_magic(f)
+            if version in ((1, 0), (2, 0)):
+                read = npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0
+                shape, _, dtype = read(f)
+                need = dtype.itemsize * int(np.prod(shape, dtype=object)) if dtype.itemsize else 0
+                have = os.fstat(f.fileno()).st_size - f.tell()
+                if dtype.kind != "O" and need > have:
+                    raise UserError(f"{what}: its header declares {dtype}[{','.join(map(str, shape))}] "
+                                    f"({need} bytes) but {have} bytes follow; the file is truncated or damaged: {fix}")
+        return np.load(path, allow_pickle=False)
+    except UserError:
+        raise
+    except (OSError, ValueError, EOFError, MemoryError) as e:  # EOFError: an empty file
+        raise UserError(f"{what} ({_first_line(e)}); {fix}") from None
+
+
+def _first_line(e: Exception) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return (lines[0] if lines else type(e).__name__)[:200]
+
+
 def _describe(dtype: str, shape) -> str:
     return f"{dtype}[{','.join(map(str, shape))}]" + (" (a scalar)" if len(shape) == 0 else "")

@@ -187,7 +187,7 @@ def test_wrong_input_shape(capsys, tmp_path, mlp_artifact):
 
     np.save(tmp_path / "x.npy", np.zeros((1, 100), np.float32))
     rc, err = run_cli(capsys, "run", mlp_artifact, "--input", f"{tmp_path / 'x.npy'}")
-    assert_one_line_error(rc, err, "float32[1, 100]", "float32[1, 784]")
+    assert_one_line_error(rc, err, "float32[1,100]", "float32[1,784]")
 
 
 def test_unreadable_input_file(capsys, tmp_path, mlp_artifact):
