@@ -523,6 +523,7 @@ class TuneResult:
     new_trials: int
     resumed_trials: int
     interrupted: bool = False
+    stopped_by: int | None = None  # the signal that interrupted it
     failures: int = 0
     records: int = 0
 
@@ -630,9 +631,12 @@ def _stop_on_signals(stop: threading.Event, log):
         yield
         return
 
+    from edgetvm.runtime.signals import exception_for
+
     def handler(signum, _frame):
         if stop.is_set():
-            raise KeyboardInterrupt
+            raise exception_for(signum)
+        stop.signum = signum  # the command exits as this signal asks: 130 for Ctrl-C, 143 for SIGTERM
         stop.set()
         log(f"\n{signal.Signals(signum).name}: stopping; the records measured so far are kept (press again to "
             f"abort at once)")
@@ -800,7 +804,8 @@ def _tune_tasks(db, board, target, extracted, trials, trials_per_batch, remote, 
     pending = [i for i in order if not summaries[i].done]
     if not pending or stop.is_set():
         return TuneResult(path=path, board=board.name, tasks=summaries, seconds=time.monotonic() - t_start,
-                          new_trials=0, resumed_trials=resumed, interrupted=stop.is_set(), records=len(db))
+                          new_trials=0, resumed_trials=resumed, interrupted=stop.is_set(),
+                          stopped_by=getattr(stop, "signum", None), records=len(db))
 
     # Search contexts, the cost model seeded with every record so far.
     load_tensor_intrinsics(board.arch)
@@ -907,7 +912,7 @@ def _tune_tasks(db, board, target, extracted, trials, trials_per_batch, remote, 
     prog.update(final=True)
     result = TuneResult(path=path, board=board.name, tasks=summaries, seconds=time.monotonic() - t_start,
                         new_trials=counters["new"], resumed_trials=resumed, interrupted=stop.is_set(),
-                        failures=counters["failures"], records=len(db))
+                        stopped_by=getattr(stop, "signum", None), failures=counters["failures"], records=len(db))
     return result
 
 
@@ -962,7 +967,9 @@ def cmd_tune(args) -> None:
     if res.interrupted:
         print(f"edgetvm: tuning interrupted; the records found are kept in {res.path}: run the same command "
               f"again to continue", file=sys.stderr)
-        raise KeyboardInterrupt
+        from edgetvm.runtime.signals import exception_for
+
+        raise exception_for(res.stopped_by or signal.SIGINT)
 
 
 def add_tune_parser(subparsers) -> None:

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import signal
 import subprocess
-import uuid
+import sys
+import time
 from pathlib import Path
 
-ROOT = Path("/sys/fs/cgroup")
+from edgetvm.runtime.leftovers import CGROUP_ROOT as ROOT
+from edgetvm.runtime.leftovers import cgroup_name
+from edgetvm.runtime.signals import deferred
+
+REMOVE_TIMEOUT_S = 10.0
 
 
 def unavailable_reason() -> str | None:
@@ -24,11 +31,22 @@ class Cgroup:
     """A fresh cgroup under the memory (and cpu) controllers; processes started by `run` live in it."""
 
     def __init__(self, memory_bytes: int | None = None, cpu_quota: float | None = None, name: str | None = None):
-        self.name = name or f"edgetvm-{uuid.uuid4().hex[:8]}"
+        # The name carries the owning command's pid, for runtime/leftovers.py.
+        self.name = name or cgroup_name()
         self.mem = ROOT / "memory" / self.name
         self.cpu = ROOT / "cpu" / self.name
-        self.mem.mkdir()
-        self.cpu.mkdir()
+        self._made: list[Path] = []  # close removes only these: never a same-named cgroup of someone else
+        with deferred():  # a signal between a mkdir and the end of __init__ would leak the directory
+            try:
+                self._configure(memory_bytes, cpu_quota)
+            except BaseException:
+                self.close()
+                raise
+
+    def _configure(self, memory_bytes: int | None, cpu_quota: float | None) -> None:
+        for d in (self.mem, self.cpu):
+            d.mkdir()
+            self._made.append(d)
         # No swap here, but make sure a limit can never be met by swapping out.
         (self.mem / "memory.swappiness").write_text("0")
         if memory_bytes is not None:
@@ -66,14 +84,49 @@ class Cgroup:
         return subprocess.run(argv, preexec_fn=join, **kw)
 
     def close(self) -> None:
-        for d in (self.mem, self.cpu):
-            try:
-                d.rmdir()
-            except OSError:
-                pass
+        """Removes the cgroup, killing what still runs in it (a cgroup with processes cannot be removed)."""
+        with deferred():
+            while self._made:
+                remove(self._made.pop())
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
         self.close()
+
+
+def remove(path: Path, timeout: float = REMOVE_TIMEOUT_S) -> None:
+    """Removes the cgroup directory `path`, first killing the processes in it (this process moves out
+    instead). Warns on stderr if it cannot within `timeout`: a leftover is worth a line, not a crash
+    in the middle of another cleanup."""
+    deadline = time.monotonic() + timeout
+    while True:
+        _empty(path)
+        try:
+            path.rmdir()
+            return
+        except FileNotFoundError:
+            return
+        except OSError as e:
+            # EBUSY while a killed process is still exiting (freeing its memory takes a moment).
+            if e.errno != errno.EBUSY or time.monotonic() > deadline:
+                print(f"edgetvm: warning: cannot remove cgroup {path} ({e.strerror}); remove it with rmdir",
+                      file=sys.stderr)
+                return
+        time.sleep(0.05)
+
+
+def _empty(path: Path) -> None:
+    try:
+        pids = [int(p) for p in (path / "cgroup.procs").read_text().split()]
+    except OSError:
+        return
+    for pid in pids:
+        if pid == os.getpid():
+            (path.parent / "cgroup.procs").write_text(str(pid))
+            continue
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

@@ -21,6 +21,9 @@ import time
 
 from tvm import rpc
 
+from edgetvm.runtime.leftovers import boards_dir, owner_env
+from edgetvm.runtime.signals import deferred
+
 TVM_VERSION = "0.27.0.post1"
 TVM_FFI_VERSION = "0.1.14.post0"
 SUITE = "bookworm"
@@ -58,8 +61,7 @@ _ROOT_ENV = {
 
 
 def cache_dir() -> pathlib.Path:
-    base = os.environ.get("EDGETVM_CACHE") or pathlib.Path.home() / ".cache" / "edgetvm"
-    return pathlib.Path(base) / "boards" / f"arm64-{SUITE}"
+    return boards_dir() / f"arm64-{SUITE}"
 
 
 def _in_root_cmd(root: pathlib.Path, *argv: str) -> list[str]:
@@ -68,14 +70,22 @@ def _in_root_cmd(root: pathlib.Path, *argv: str) -> list[str]:
 
 
 def _run(cmd: list[str], log, **kw) -> None:
-    """Runs cmd, logging its output; raises with the tail of it on failure."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+    """Runs cmd, logging its output; raises with the tail of it on failure. Interrupted, it kills cmd's
+    whole process group (debootstrap and pip start children of their own) before raising."""
+    with deferred():
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True, **kw)
     tail: list[str] = []
-    for line in proc.stdout:
-        tail = (tail + [line.rstrip()])[-40:]
-        # debootstrap's phase lines end with "..."; its per-package lines would be hundreds.
-        if line.rstrip().endswith("...") or line.startswith(("Successfully", "E:", "W:")):
-            log("  " + line.rstrip())
+    try:
+        for line in proc.stdout:
+            tail = (tail + [line.rstrip()])[-40:]
+            # debootstrap's phase lines end with "..."; its per-package lines would be hundreds.
+            if line.rstrip().endswith("...") or line.startswith(("Successfully", "E:", "W:")):
+                log("  " + line.rstrip())
+    except BaseException:
+        with deferred():
+            _kill_group(proc)
+        raise
     if proc.wait():
         raise RuntimeError(f"{cmd[0]} failed ({proc.returncode}):\n" + "\n".join(tail))
 
@@ -204,7 +214,11 @@ def ensure_rootfs(log=print) -> pathlib.Path:
         start = time.monotonic()
         partial = pathlib.Path(tempfile.mkdtemp(prefix="rootfs.partial-", dir=base))
         partial.chmod(0o755)
-        _build_rootfs(partial, base / "wheels", log)
+        try:
+            _build_rootfs(partial, base / "wheels", log)
+        except BaseException:
+            _remove_tree(partial)  # its builders are dead by now (_run), so nothing is mounted there
+            raise
         if root.exists():  # built for other versions
             root.rename(base / f"rootfs.old-{os.getpid()}")
         partial.rename(root)
@@ -228,9 +242,13 @@ class _Service:
     name = "service"
 
     def _spawn(self, cmd: list[str], env: dict) -> None:
-        self._log_file = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=self._log_file,
-                                     stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        # Held back: a signal between the fork and the assignment would leave a group nobody stops.
+        with deferred():
+            self._log_file = open(self.log_path, "wb")
+            # owner_env: runtime/leftovers.py finds the group by it if it ever outlives its owner.
+            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=self._log_file,
+                                         stderr=subprocess.STDOUT, env={**env, **owner_env()},
+                                         start_new_session=True)
 
     def _wait_ready(self, ready, timeout: float) -> None:
         try:
@@ -259,28 +277,40 @@ class _Service:
         return f"not ready after {timeout:.0f} s ({error})"
 
     def stop(self) -> None:
+        """Kills the whole process group; a board's mounts go with it (a private mount namespace).
+        A second Ctrl-C meanwhile is held back until the group is gone."""
         if self.proc is None:
             return
-        # The real servers run in popen_worker children that would keep the port if orphaned.
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, sig)
-            deadline = time.monotonic() + 5
-            while _group_alive(self.proc.pid) and time.monotonic() < deadline:
-                self.proc.poll()
-                time.sleep(0.05)
-            if not _group_alive(self.proc.pid):
-                break
-        self.proc.wait()
-        self.proc = None
-        self._log_file.close()
+        with deferred():
+            _kill_group(self.proc)
+            self.proc = None
+            self._log_file.close()
 
     def __enter__(self):
-        self.start()
+        try:
+            self.start()
+        except BaseException:  # also a signal between the spawn and start's own cleanup
+            self.stop()
+            raise
         return self
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """SIGTERM to the process group `proc` leads, SIGKILL 5 s later if any of it is still alive; reaps proc."""
+    # The real servers run in popen_worker children that would keep the port if orphaned.
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        deadline = time.monotonic() + 5
+        while _group_alive(proc.pid) and time.monotonic() < deadline:
+            proc.poll()
+            time.sleep(0.05)
+        if not _group_alive(proc.pid):
+            break
+    proc.wait()
 
 
 def _group_alive(pgid: int) -> bool:
@@ -393,19 +423,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.build_only:
         print(ensure_rootfs())
         return 0
-    # The board runs in its own session: without this, a SIGTERM here would orphan it.
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
-    try:
-        with EmulatedBoard(args.port, args.tracker, args.key) as board:
-            where = f"registered with {board.tracker} as {board.key}" if board.tracker else "direct"
-            print(f"serving TVM RPC on {board.host}:{board.port} ({where}); "
-                  f"log {board.log_path}; Ctrl-C stops", flush=True)
-            rc = board.proc.wait()
-    except KeyboardInterrupt:
-        return 0
+    # Ctrl-C (and SIGTERM, which the CLI turns into an exception: the board runs in a session of its
+    # own, so it would be orphaned otherwise) leaves through the `with`, which stops the board.
+    with EmulatedBoard(args.port, args.tracker, args.key) as board:
+        where = f"registered with {board.tracker} as {board.key}" if board.tracker else "direct"
+        print(f"serving TVM RPC on {board.host}:{board.port} ({where}); "
+              f"log {board.log_path}; Ctrl-C stops", flush=True)
+        rc = board.proc.wait()
     print(f"error: the server exited with {rc}; log {board.log_path}", file=sys.stderr)
     return 1
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from edgetvm.cli import main as edgetvm_main  # its handling of Ctrl-C and SIGTERM
+
+    sys.exit(edgetvm_main(["board", "emulate", *sys.argv[1:]]))

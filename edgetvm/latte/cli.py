@@ -41,8 +41,12 @@ def cmd_profile(args) -> None:
 
     archs = args.arch or list(models.ARCHS)
     tuned = [] if args.no_tuned else (args.tuned or [a for a in TUNED_ARCHS if a in archs])
-    data = profile_fleet(profs, archs, args.widths, out=args.output, min_time=args.min_time,
-                         repeats=args.repeats, session=session, tuned_archs=tuned)
+    try:
+        data = profile_fleet(profs, archs, args.widths, out=args.output, min_time=args.min_time,
+                             repeats=args.repeats, session=session, tuned_archs=tuned)
+    except KeyboardInterrupt:
+        print(file=sys.stderr)  # ends the progress line: the CLI reports the interruption on a line of its own
+        raise
     print(f"{len(data['measurements'])} measurements of {len(data['metas'])} compiled training steps on "
           f"{len(data['runs'])} devices in {time.time() - t0:.0f} s -> {args.output}")
     from edgetvm.latte.pipeline import noise_floor

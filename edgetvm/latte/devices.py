@@ -106,9 +106,20 @@ class DeviceCgroup:
     """cpu (CFS quota), cpuset and memory cgroups emulating one profile; `join(pid)` moves a process in."""
 
     def __init__(self, profile: Profile):
-        from edgetvm.runtime.cgroup import ROOT, Cgroup
+        from edgetvm.runtime.signals import deferred
 
         self.profile = profile
+        self.cg = self.cpuset = None
+        with deferred():  # a signal between a mkdir and the end of __init__ would leak the directory
+            try:
+                self._make(profile)
+            except BaseException:
+                self.close()
+                raise
+
+    def _make(self, profile: Profile) -> None:
+        from edgetvm.runtime.cgroup import ROOT, Cgroup
+
         # memory_mib is what the device has free for training; the limit adds an allowance for the
         # measuring runtime's own new pages (the allocators check the training memory itself).
         self.cg = Cgroup(memory_bytes=profile.memory_bytes + RUNTIME_ALLOWANCE)
@@ -116,8 +127,9 @@ class DeviceCgroup:
         quota = max(1000, int(profile.cpu_quota * period))
         (self.cg.cpu / "cpu.cfs_period_us").write_text(str(period))
         (self.cg.cpu / "cpu.cfs_quota_us").write_text(str(quota))
-        self.cpuset = ROOT / "cpuset" / self.cg.name
-        self.cpuset.mkdir()
+        cpuset = ROOT / "cpuset" / self.cg.name
+        cpuset.mkdir()
+        self.cpuset = cpuset  # only once it is ours to remove
         host = sorted(os.sched_getaffinity(0))
         cpus = host[:max(1, min(profile.cpus, len(host)))]
         (self.cpuset / "cpuset.mems").write_text((ROOT / "cpuset" / "cpuset.mems").read_text().strip())
@@ -139,11 +151,13 @@ class DeviceCgroup:
         return 0
 
     def close(self) -> None:
-        self.cg.close()
-        try:
-            self.cpuset.rmdir()
-        except OSError:
-            pass
+        """Removes the three cgroups, killing what still runs in them."""
+        from edgetvm.runtime.cgroup import remove
+
+        if self.cg is not None:
+            self.cg.close()
+        if self.cpuset is not None:
+            remove(self.cpuset)
 
     def __enter__(self):
         return self
