@@ -163,7 +163,7 @@ class InMemory:
         return self.runner.time(x, repeat=repeat).seconds
 
     def cold(self, x, repeat: int) -> list[float]:
-        args = self.runner._args(x)
+        args = self.runner.args(x)
         main = self.runner.vm["main"]
         main(*args)
         seconds = []

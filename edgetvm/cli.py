@@ -36,7 +36,7 @@ def _shape_arg(text: str) -> tuple[str, tuple[int, ...]]:
     name, sep, dims = text.rpartition(":")
     try:
         shape = tuple(int(d) for d in dims.split(","))
-        if not sep or not name or any(d <= 0 for d in shape):
+        if not sep or not name or any(d < 0 for d in shape):  # 0 is a valid (empty) dimension
             raise ValueError
     except ValueError:
         raise argparse.ArgumentTypeError(f"'{text}' is not NAME:D1,D2,...; write it like data:1,3,224,224") from None
@@ -87,7 +87,7 @@ def cmd_compile(args) -> None:
 
 
 def _load_inputs(specs: list[str], infos) -> dict:
-    import numpy as np
+    from edgetvm.runtime.tensors import load_npy
 
     inputs = {}
     for spec in specs or []:
@@ -97,11 +97,12 @@ def _load_inputs(specs: list[str], infos) -> dict:
                 raise UserError(f"--input {spec}: name the input, like --input {infos[0].name}=x.npy "
                                 f"(inputs: {', '.join(i.name for i in infos)})")
             name, path = infos[0].name, spec
+        if name in inputs:
+            raise UserError(f"--input {spec}: input '{name}' is given twice; pass each input once")
         try:
-            inputs[name] = np.load(path, allow_pickle=False)
-        except (OSError, ValueError) as e:
-            raise UserError(f"--input {spec}: cannot read {path} as a .npy array ({e}); "
-                            f"save it with numpy.save") from None
+            inputs[name] = load_npy(path)
+        except UserError as e:
+            raise UserError(f"--input {spec}: {e}") from None
     return inputs
 
 
@@ -114,6 +115,14 @@ def cmd_run(args) -> None:
 
     if args.repeat < 1:
         raise UserError(f"--repeat {args.repeat}: give a positive number of timed runs")
+    from edgetvm.partition.split import is_split
+
+    if is_split(args.artifact):
+        from edgetvm.partition.cli import run_split
+
+        return run_split(args)
+    if args.link:
+        raise UserError("--link applies to split artifacts (made by `edgetvm partition`)")
     art = open_artifact(args.artifact, keep_page_cache=args.keep_page_cache)
     if args.output:
         out = Path(args.output)
@@ -150,16 +159,23 @@ def cmd_run(args) -> None:
     if args.report:
         _report(art, remote, runner)
     if args.output:
-        out = Path(args.output)
-        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.resolve().parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, **outputs)
-            os.replace(tmp, out)
-        except BaseException:
-            os.unlink(tmp)
-            raise
-        print(f"  outputs written to {out}")
+        _save_outputs(args.output, outputs)
+
+
+def _save_outputs(path, outputs: dict) -> None:
+    """Outputs as an .npz, written beside it and renamed into place."""
+    import numpy as np
+
+    out = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.resolve().parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **outputs)
+        os.replace(tmp, out)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    print(f"  outputs written to {out}")
 
 
 def _report(art, remote, runner) -> None:
@@ -264,6 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--keep-page-cache", action="store_true",
                    help="swapping builds: keep swapped-out weights in the OS page cache (faster when the "
                         "machine has memory to spare; a cgroup limit counts that cache)")
+    s.add_argument("--link", metavar="LINK", help="split artifacts: the emulated link to run across "
+                                                  "(targets/links; default: the bandwidth it was planned for)")
     s.set_defaults(func=cmd_run)
 
     s = sub.add_parser("board", help="emulated boards for testing")
@@ -293,21 +311,30 @@ def build_parser() -> argparse.ArgumentParser:
     from edgetvm.latte.cli import add_latte_parser
     from edgetvm.llm.cli import add_llm_parsers
 
+    from edgetvm.partition.cli import add_partition_parser
+
+    add_partition_parser(sub)
     add_llm_parsers(sub)
     add_latte_parser(sub)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    from edgetvm.runtime import signals
+    from edgetvm.runtime.leftovers import owning_children
+
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        # SIGTERM unwinds like Ctrl-C, so the boards, cgroups and workers a command made are removed;
+        # what it starts is marked as its own, for runtime/leftovers.py.
+        with signals.sigterm_raises(), owning_children():
+            args.func(args)
     except UserError as e:
         print(f"edgetvm: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("edgetvm: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        print(f"edgetvm: {'terminated' if isinstance(e, signals.Terminated) else 'interrupted'}", file=sys.stderr)
+        return signals.exit_code(e)
     return 0
 
 

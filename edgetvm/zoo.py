@@ -196,6 +196,30 @@ def resnet(batch: int = 1, image: int = 64, classes: int = 10,
                    "ResNet: residual basic blocks, strided 1x1 projection shortcuts")
 
 
+def inception(batch: int = 1, image: int = 64, classes: int = 10, modules: int = 9,
+              width: int = 16) -> onnx.ModelProto:
+    """GoogLeNet layout: modules of four branches (1x1; 1x1 -> 3x3; 1x1 -> 3x3 -> 3x3; max pool -> 1x1)
+    joined by a Concat, max pools between stages: a DAG whose cuts cross several tensors."""
+    g = _Graph("inception", seed=5)
+    x = g.conv_bn_relu("x", 3, 2 * width, stride=2)
+    c = 2 * width
+    for m in range(modules):
+        w = width * (1 + m // 3)
+        b1 = g.conv_bn_relu(x, c, w, k=1)
+        b2 = g.conv_bn_relu(g.conv_bn_relu(x, c, w // 2, k=1), w // 2, w)
+        b3 = g.conv_bn_relu(g.conv_bn_relu(g.conv_bn_relu(x, c, w // 4, k=1), w // 4, w // 2), w // 2, w // 2)
+        b4 = g.conv_bn_relu(g.op("MaxPool", [x], kernel_shape=[3, 3], strides=[1, 1], pads=[1, 1, 1, 1]), c, w // 2,
+                            k=1)
+        x = g.op("Concat", [b1, b2, b3, b4], axis=1)
+        c = w + w + w // 2 + w // 2
+        if m % 3 == 2 and m + 1 < modules:
+            x = g.op("MaxPool", [x], kernel_shape=[2, 2], strides=[2, 2])
+    x = g.op("Flatten", [g.op("GlobalAveragePool", [x])])
+    x = g.dense(x, c, classes, relu=False, gain=1.0)
+    return g.model({"x": (batch, 3, image, image)}, x, (batch, classes),
+                   "Inception: four-branch modules joined by Concat")
+
+
 def transformer(batch: int = 1, seq: int = 64, d_model: int = 256, heads: int = 4,
                 ffn: int = 1024) -> onnx.ModelProto:
     g = _Graph("transformer", seed=3)
@@ -289,6 +313,8 @@ MODELS: dict[str, ModelInfo] = {m.name: m for m in [
               lambda batch=1, image=32, **_: {"x": (batch, 3, image, image)}, cnn),
     ModelInfo("resnet", "small ResNet (6 basic blocks, strided 1x1 shortcuts)",
               lambda batch=1, image=64, **_: {"x": (batch, 3, image, image)}, resnet),
+    ModelInfo("inception", "GoogLeNet-style CNN: 9 four-branch modules joined by Concat (a DAG)",
+              lambda batch=1, image=64, **_: {"x": (batch, 3, image, image)}, inception),
     ModelInfo("transformer", "one transformer encoder block (seq 64, d 256, 4 heads)",
               lambda batch=1, seq=64, d_model=256, **_: {"x": (batch, seq, d_model)},
               transformer),

@@ -11,6 +11,25 @@ from edgetvm.passes import schedule
 from edgetvm.passes.fold_bn import fold_batchnorm_into_conv
 
 
+@tvm.transform.module_pass(opt_level=0, name="ClipTakeIndices")
+def clip_take_indices(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+    """take(mode="fast") reads out of bounds on a bad index (TVM warns so on stderr at each build): clip it."""
+    from tvm.relax.dpl import is_op, rewrite_call, wildcard
+
+    pattern = is_op("relax.take")(wildcard(), wildcard())
+
+    def rewriter(expr, _matches):
+        if expr.attrs.mode != "fast":
+            return expr
+        return relax.op.take(expr.args[0], expr.args[1], expr.attrs.axis, mode="clip")
+
+    out = mod.clone()
+    for gv, func in mod.functions.items():
+        if isinstance(func, relax.Function):
+            out[gv] = rewrite_call(pattern, rewriter, func)
+    return out
+
+
 def lift_weight_transforms(mod: tvm.IRModule) -> tuple[tvm.IRModule, tvm.IRModule]:
     """Split `main` into `main_transform_params` (weight-only work: transposes, reshapes, folds) and the rest.
 
@@ -18,6 +37,7 @@ def lift_weight_transforms(mod: tvm.IRModule) -> tuple[tvm.IRModule, tvm.IRModul
     Gemm(transB=1) no longer transposes its weight on every call.
     """
     lifted = tvm.transform.Sequential([
+        clip_take_indices,
         fold_batchnorm_into_conv,
         # Batch norm that did not fold (not after a conv) becomes elementwise math, whose
         # weight-only half (sqrt(var + eps), the divide) is then lifted too.
@@ -73,14 +93,18 @@ def fuse(deploy: tvm.IRModule, target: tvm.target.Target, database=None) -> tvm.
             return seq(deploy)
 
 
+def lower(fused: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
+    """A fused module as VM code and lowered kernels, before code generation."""
+    with target:
+        return tvm.transform.Sequential(cpu.dataflow_lower_passes(target) + cpu.finalize_passes(target))(fused)
+
+
 def finish(fused: tvm.IRModule, target: tvm.target.Target):
     """Lower a fused module to VM code and compile it for the target."""
-    seq = tvm.transform.Sequential(cpu.dataflow_lower_passes(target) + cpu.finalize_passes(target))
 
     @tvm.transform.module_pass(opt_level=0)
     def _pipeline(mod, _ctx):
-        with target:
-            return seq(mod)
+        return lower(mod, target)
 
     return tvm.compile(fused, target=target, relax_pipeline=_pipeline)
 
@@ -93,8 +117,16 @@ def build(deploy: tvm.IRModule, target: tvm.target.Target, database=None):
 def export(ex, path: str, cross_compiler: str = "") -> None:
     """Write the executable as a shared library, linked by the board's cross compiler."""
     if cross_compiler:
+        import subprocess
+
         from tvm.support import cc
 
-        ex.export_library(path, fcompile=cc.cross_compiler(cross_compiler))
+        # TVM asks the compiler for its triple to pack a library without kernels (a split's empty part);
+        # cross_compiler's own answer comes from the host's compiler.
+        def triple():
+            return subprocess.run([cross_compiler, "-dumpmachine"], capture_output=True, text=True,
+                                  check=True).stdout.strip()
+
+        ex.export_library(path, fcompile=cc.cross_compiler(cross_compiler, get_target_triple=triple))
     else:
         ex.export_library(path)

@@ -97,7 +97,7 @@ class Runner:
                                 f"run on this {platform.machine()} machine; run it on the board with "
                                 f"--rpc HOST:PORT or --tracker HOST:PORT --key KEY")
             self.dev = tvm.cpu()
-            lib = tvm.runtime.load_module(str(art.library))
+            lib = _load_library(art.library)
             if weights == "copy":
                 self.weights = [to_tvm(w, self.dev) for w in art.weights()]
             else:
@@ -108,19 +108,87 @@ class Runner:
             remote.upload(str(art.library))
             lib = remote.load_module(art.library.name)
             self.weights = [to_tvm(w, self.dev) for w in art.weights()]
-        self.vm = relax.VirtualMachine(lib, self.dev)
+        self.vm = _virtual_machine(lib, self.dev, art.library)
+        self.entry = art.manifest.get("entry", "main")  # a split artifact's parts are `device`, `server`
+        if remote is None:
+            _check_signature(self.vm, self.entry, len(art.inputs), len(self.weights), art)
 
-    def _args(self, inputs: dict[str, np.ndarray]):
+    def args(self, inputs: dict[str, np.ndarray]) -> list:
+        """The inputs checked and placed on the device, then the weights: what the entry function takes."""
         return [to_tvm(x, self.dev) for x in checked_inputs(self.art.inputs, inputs)] + self.weights
 
+    def call(self, args: list) -> list:
+        """The entry function's outputs, left where they were computed."""
+        try:
+            out = self.vm[self.entry](*args)
+        except (ValueError, TypeError, RuntimeError) as e:
+            if not _argument_check(e):
+                raise
+            raise UserError(f"{self.art.library} refuses the inputs and weights {self.art.path}/manifest.json "
+                            f"describes ({_first_line(e)}); the artifact is inconsistent: recompile the model") from None
+        if isinstance(out, tvm.runtime.Tensor):
+            return [out]
+        if self.remote is not None and not isinstance(out, (list, tuple)):
+            # A tuple left on a board comes back as a remote handle: take it apart there.
+            size, item = self.remote.get_function("ffi.ArraySize"), self.remote.get_function("ffi.ArrayGetItem")
+            return [item(out, i) for i in range(size(out))]
+        return list(out)
+
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        out = self.vm["main"](*self._args(inputs))
-        outs = list(out) if not isinstance(out, tvm.runtime.Tensor) else [out]
-        return {info.name: o.numpy() for info, o in zip(self.art.outputs, outs)}
+        outs = [o.numpy() for o in self.call(self.args(inputs))]
+        got = [(o.dtype.name, tuple(o.shape)) for o in outs]
+        want = [(i.dtype, tuple(i.shape)) for i in self.art.outputs]
+        if got != want:  # a manifest edited to match its hashes but not its library
+            raise UserError(f"{self.art.library} returned {_tensors(got)}, but {self.art.path}/manifest.json lists "
+                            f"{_tensors(want)}; the artifact is inconsistent: recompile the model")
+        return {info.name: o for info, o in zip(self.art.outputs, outs)}
 
     def time(self, inputs: dict[str, np.ndarray], repeat: int = 10, min_repeat_ms: int = 0) -> Timing:
         """Per-call latency measured on the device itself (over RPC: no network time included)."""
-        args = self._args(inputs)
-        self.vm["main"](*args)  # warm-up: first-touch of the weights, thread pool start
-        f = self.vm.time_evaluator("main", self.dev, number=1, repeat=repeat, min_repeat_ms=min_repeat_ms)
+        args = self.args(inputs)
+        self.vm[self.entry](*args)  # warm-up: first-touch of the weights, thread pool start
+        f = self.vm.time_evaluator(self.entry, self.dev, number=1, repeat=repeat, min_repeat_ms=min_repeat_ms)
         return Timing(list(f(*args).results))
+
+
+def _load_library(path):
+    """The compiled library; one that dlopen or TVM refuses is a damaged artifact, not a bug here."""
+    try:
+        return tvm.runtime.load_module(str(path))
+    except (RuntimeError, ValueError) as e:  # tvm.error.InternalError is a RuntimeError
+        raise UserError(f"cannot load {path} ({_first_line(e)}); recompile the model") from None
+
+
+def _virtual_machine(lib, dev, path):
+    try:
+        return relax.VirtualMachine(lib, dev)
+    except AttributeError:  # "Module has no function 'vm_load_executable'": a library, but not a model
+        raise UserError(f"{path} is a shared library but not a model compiled by edgetvm; recompile the model") from None
+
+
+def _check_signature(vm, entry: str, n_inputs: int, n_weights: int, art) -> None:
+    """The entry function exists and takes as many arguments as the manifest has inputs and weights."""
+    try:
+        arity = vm._get_function_arity(entry)
+    except (ValueError, RuntimeError):  # "Unknown function"
+        raise UserError(f"{art.library} has no function '{entry}', the entry {art.path}/manifest.json names; "
+                        f"recompile the model") from None
+    if arity != n_inputs + n_weights:
+        raise UserError(f"{art.library}'s {entry} takes {arity} arguments, but {art.path}/manifest.json lists "
+                        f"{n_inputs} inputs and {n_weights} weights; the artifact is inconsistent: recompile the model")
+
+
+def _argument_check(e: Exception) -> bool:
+    """TVM's checks of a call's arguments against the compiled signature (shape, dtype, layout), which
+    raise before any kernel reads them: a manifest that disagrees with its library."""
+    text = str(e)
+    return "ErrorContext(fn=" in text or ("Mismatched" in text and "on argument #" in text)
+
+
+def _tensors(infos) -> str:
+    return ", ".join(f"{dtype}[{','.join(map(str, shape))}]" for dtype, shape in infos) or "nothing"
+
+
+def _first_line(e: Exception) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return (lines[0] if lines else type(e).__name__)[:200]

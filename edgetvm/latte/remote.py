@@ -72,7 +72,7 @@ def compile_for_board(meta: dict, board, cache: Path) -> Path:
     return d
 
 
-def _on_board(mod, name: str, dev, seconds: float, *args) -> list[float]:
+def time_on_board(mod, name: str, dev, seconds: float, *args) -> list[float]:
     """Seconds per call of `mod[name]`, 3 repeats timed on the board, each of enough calls to last `seconds`."""
     probe = mod.time_evaluator(name, dev, number=1, repeat=1)(*args).mean
     number = max(1, int(seconds / max(probe, 1e-6)))
@@ -105,8 +105,8 @@ def measure_board(profile: Profile, compiled: list[dict], session, board, min_ti
         y = tvm.runtime.tensor(np.zeros(meta["batch"], "int64"), dev)
         grads = [tvm.runtime.tensor(np.zeros(init[f"arr_{i}"].shape, "float32"), dev) for i in range(len(params))]
 
-        adj = _on_board(vm, "backbone_loss_adjoint", dev, min_time / 3, x, *params, y)
-        opt = _on_board(vm, "optimizer_flat", dev, min_time / 3, *params, *grads, *states)
+        adj = time_on_board(vm, "backbone_loss_adjoint", dev, min_time / 3, x, *params, y)
+        opt = time_on_board(vm, "optimizer_flat", dev, min_time / 3, *params, *grads, *states)
         steps = [a + o for a, o in zip(adj, opt)]
         lib = session.load_module(f"{d.name}-kernels.so")
         sig = json.loads((d / "kernels.json").read_text())
@@ -119,7 +119,7 @@ def measure_board(profile: Profile, compiled: list[dict], session, board, min_ti
             if symbol not in sig:
                 continue  # a VM builtin: part of the step's overhead, as on the emulated fleet
             args = [tvm.runtime.tensor(np.zeros(shape, dtype), dev) for shape, dtype in sig[symbol]]
-            kernels[symbol] = {"calls": n, "time_s": n * float(np.median(_on_board(lib, symbol, dev, min_time / 30, *args)))}
+            kernels[symbol] = {"calls": n, "time_s": n * float(np.median(time_on_board(lib, symbol, dev, min_time / 30, *args)))}
         step = float(np.median(steps))
         results.append({"arch_name": item["arch_name"], "width": item["width"], "dir": item["dir"],
                         "step_s": step, "cpu_step_s": step, "window_step_s": steps,

@@ -1,0 +1,159 @@
+"""Device/server split: measured latency and streaming throughput of device-only, server-only,
+Neurosurgeon, DADS and CIC, side by side in one run, with each one's prediction error and the time
+to decide (full min-cut against CIC's lookup).
+
+The device is an emulated one (default sbc-a53: a quarter of a core, its cgroup's CFS quota, in the
+first CPU's cpuset) serving TVM RPC inside a network namespace; the link is a veth pair shaped by tbf
+on both ends at each bandwidth; the server is this process with one TVM thread (a full core; the
+other CPU and what the device's quota leaves of the first). Each configuration's cut is decided from the profiles (cached), compiled as a
+split artifact, and run across the link: latency is the median over frames placed on the device
+first (device compute + fetching the crossing tensors over the link + server compute), throughput
+the frames per second of a stream in which the device computes and sends frame i+1 while the server
+computes frame i.
+
+    python bench/partition.py [--models ocr_cls,ocr_det,resnet,inception] [--bandwidths 1,5,20,100]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+os.environ["TVM_NUM_THREADS"] = "1"  # the server: one full core (set before TVM starts its pool)
+
+from edgetvm import zoo  # noqa: E402
+from edgetvm.latte.devices import load_profile  # noqa: E402
+from edgetvm.partition import cuts, split  # noqa: E402
+from edgetvm.partition.cli import link_model  # noqa: E402
+from edgetvm.runtime.device import EmulatedDevice  # noqa: E402
+from edgetvm.runtime.link import EmulatedLink  # noqa: E402
+from edgetvm.runtime.split import SplitRunner, median_times  # noqa: E402
+from edgetvm.targets import load_board  # noqa: E402
+from edgetvm.targets.links import load_link  # noqa: E402
+
+METHODS = ("device", "server", "neurosurgeon", "dads", "cic")
+SHAPES = {"ocr_det": {"x": (1, 3, 160, 160)}}
+KW = {"inception": {}, "resnet": {}}
+
+
+def decision_times(costs, link, env, repeat: int = 20) -> tuple[float, float, bool]:
+    """Median seconds of a full min-cut and of CIC's lookup for the same bandwidth; same cost?"""
+    full, look = [], []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        d_full = cuts.dads(costs, link)
+        full.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        d_cic = env.lookup(link)
+        look.append(time.perf_counter() - t)
+    same = abs(costs.latency(d_full, link) - costs.latency(d_cic, link)) <= 1e-9 * costs.latency(d_full, link)
+    return statistics.median(full), statistics.median(look), same
+
+
+def exact_sweep(costs, env, per_tensor_s: float, points: int = 200) -> bool:
+    """CIC's cut costs what the full min-cut's does at every bandwidth of a dense sweep (0.1-1000 Mbit/s)."""
+    import numpy as np
+
+    for mbit in np.geomspace(0.1, 1000, points):
+        link = cuts.Link(mbit * 1e6, per_tensor_s)
+        a, b = costs.latency(env.lookup(link), link), costs.latency(cuts.dads(costs, link), link)
+        if abs(a - b) > 1e-9 * b:
+            return False
+    return True
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="ocr_cls,ocr_det,resnet,inception")
+    p.add_argument("--bandwidths", default="1,5,20,100", help="Mbit/s")
+    p.add_argument("--device", default="sbc-a53")
+    p.add_argument("--frames", type=int, default=8, help="frames per latency measurement and per stream")
+    p.add_argument("--workdir", default=None)
+    args = p.parse_args(argv)
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-partition-"))
+    device = load_profile(args.device)
+    server = replace(load_board("host"), cores=1)
+    t_start = time.perf_counter()
+    rows, notes = [], []
+    for name in args.models.split(","):
+        src = zoo.path(name, work, **KW.get(name, {}))
+        shapes = SHAPES.get(name) or zoo.default_input_shapes(name, **KW.get(name, {}))
+        m = split.load_model(src, shapes)
+        prof_dev = split.profile(m, device, print)
+        prof_srv = split.profile(m, server, print)
+        costs = cuts.Costs(m.graph, prof_dev.time_s, prof_srv.time_s)
+        from edgetvm.compiler import random_inputs
+
+        x = random_inputs(m.inputs, seed=0)
+        for mbit in [float(b) for b in args.bandwidths.split(",")]:
+            link_prof = load_link(f"{mbit:g}Mbit")
+            link = link_model(mbit * 1e6, 0.0)
+            env = cuts.cic_envelope(costs, link.per_tensor_s)
+            full_s, look_s, same = decision_times(costs, link, env)
+            with EmulatedLink(link_prof) as emu, EmulatedDevice(device, link=emu) as dev:
+                for method in METHODS:
+                    for objective in ("latency", "throughput"):
+                        d = cuts.decide(costs, link, method, objective, envelope=env)
+                        tag = hashlib.sha256(repr(sorted(d.device)).encode()).hexdigest()[:10]
+                        out = work / f"{name}-{tag}"
+                        if not out.exists():
+                            split.write_split(m, d.device, load_board("host"), server, out,
+                                              {"crossing": costs.crossing(d.device)})
+                        runner = SplitRunner(out, split.open_split(out), dev.session(), None)
+                        if objective == "latency":
+                            med = median_times(runner.latency(x, repeat=args.frames))
+                            rows.append({"model": name, "mbit": mbit, "method": method, "objective": objective,
+                                         "calls": f"{len(d.device)}/{len(m.graph.ops)}",
+                                         "kib": costs.parts(d.device)["bytes"] / 1024,
+                                         "pred": costs.latency(d.device, link), "meas": med.total_s,
+                                         "decide": d.decide_s})
+                        else:
+                            st = runner.stream(x, frames=args.frames * 2)
+                            rows.append({"model": name, "mbit": mbit, "method": method, "objective": objective,
+                                         "calls": f"{len(d.device)}/{len(m.graph.ops)}",
+                                         "kib": costs.parts(d.device)["bytes"] / 1024,
+                                         "pred": costs.throughput(d.device, link), "meas": st.fps,
+                                         "decide": d.decide_s})
+                        del runner
+            rows.append({"model": name, "mbit": mbit, "decision": (full_s, look_s, same)})
+        notes.append(f"{name}: {len(m.graph.ops)} kernel calls; CIC's splitting model {len(env.cuts)} cuts from "
+                     f"{env.min_cuts} min-cuts; exact over 200 bandwidths 0.1-1000 Mbit/s: "
+                     f"{exact_sweep(costs, env, link.per_tensor_s)}")
+    print_table(rows)
+    for n in notes:
+        print(n)
+    print(f"device {device.name}: {device.cpu_quota:g} of a core (CFS quota), cpuset CPU 0, in a network namespace; "
+          f"server: this process, one TVM thread; links: veth pairs shaped by tbf on both "
+          f"ends, no added delay. total {time.perf_counter() - t_start:.0f} s; load average "
+          f"{' '.join(f'{v:.1f}' for v in os.getloadavg())}")
+    return 0
+
+
+def print_table(rows) -> None:
+    print(f"{'model':<10} {'Mbit/s':>6} {'method':<13} {'device calls':>12} {'sent KiB':>9} "
+          f"{'pred ms':>8} {'meas ms':>8} {'err':>6} {'pred fps':>9} {'meas fps':>9} {'err':>6}")
+    by = {}
+    for r in rows:
+        if "decision" in r:
+            full, look, same = r["decision"]
+            print(f"{r['model']:<10} {r['mbit']:>6g} decision: full min-cut {full * 1e3:.2f} ms, CIC lookup "
+                  f"{look * 1e6:.1f} us ({full / look:.0f}x faster), same cut cost: {same}")
+            continue
+        by.setdefault((r["model"], r["mbit"], r["method"]), {})[r["objective"]] = r
+        pair = by[(r["model"], r["mbit"], r["method"])]
+        if len(pair) == 2:
+            lat, thr = pair["latency"], pair["throughput"]
+            print(f"{r['model']:<10} {r['mbit']:>6g} {r['method']:<13} {lat['calls']:>12} {lat['kib']:>9.1f} "
+                  f"{lat['pred'] * 1e3:>8.2f} {lat['meas'] * 1e3:>8.2f} {lat['meas'] / lat['pred'] - 1:>+6.0%} "
+                  f"{thr['pred']:>9.1f} {thr['meas']:>9.1f} {thr['meas'] / thr['pred'] - 1:>+6.0%}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

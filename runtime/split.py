@@ -1,0 +1,134 @@
+"""Run a split artifact: the device part where the frame is, its crossing tensors over the link, the
+server part, on TVM RPC sessions (an emulated device behind a shaped link, or real boards).
+
+The frame starts on the device: it is placed there before the clock starts, as a camera would. A
+crossing tensor travels when the server side reads it from the device's session, so on an emulated
+link it crosses the shaped veth pair. When frames stream, two threads overlap the stages: the
+device computes and sends frame i+1 while the server computes frame i (the GIL is released in
+TVM's FFI calls, so the threads really overlap).
+"""
+
+from __future__ import annotations
+
+import queue
+import statistics
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from edgetvm.runtime.artifact import open_artifact
+from edgetvm.runtime.session import Runner
+from edgetvm.runtime.tensors import checked_inputs, to_tvm
+
+
+@dataclass
+class FrameTimes:
+    device_s: float
+    transfer_s: float
+    server_s: float
+
+    @property
+    def total_s(self) -> float:
+        return self.device_s + self.transfer_s + self.server_s
+
+
+@dataclass
+class StreamResult:
+    frames: int
+    seconds: float
+    latencies_s: list[float] = field(default_factory=list)
+
+    @property
+    def fps(self) -> float:
+        return self.frames / self.seconds
+
+
+class SplitRunner:
+    def __init__(self, path: str | Path, manifest: dict, device_session=None, server_session=None):
+        self.manifest = manifest
+        self.device = Runner(open_artifact(Path(path) / "device"), device_session)
+        self.server = Runner(open_artifact(Path(path) / "server"), server_session)
+        self.data = [(i["value"], i["name"]) for i in manifest["inputs"]]
+
+    def place(self, inputs: dict[str, np.ndarray]) -> dict:
+        """The frame's data inputs as tensors on the device, where the frame starts."""
+        from edgetvm.passes.onnx_import import TensorInfo
+
+        infos = [TensorInfo(i["name"], tuple(i["shape"]), i["dtype"]) for i in self.manifest["inputs"]]
+        arrays = checked_inputs(infos, inputs)
+        return {v: to_tvm(a, self.device.dev) for (v, _), a in zip(self.data, arrays)}
+
+    def device_step(self, placed: dict) -> tuple[dict, float, float]:
+        """Run the device part and bring its crossing tensors across: (values, compute s, transfer s)."""
+        t0 = time.perf_counter()
+        outs = self.device.call([placed[v] for v in self.manifest["parts"]["device"]["inputs"]] + self.device.weights)
+        t1 = time.perf_counter()
+        got = {v: o.numpy() for v, o in zip(self.manifest["parts"]["device"]["outputs"], outs)}
+        # A data input the server reads crosses the link as well.
+        got.update({v: placed[v].numpy() for v in self.manifest["parts"]["server"]["inputs"] if v in placed})
+        return got, t1 - t0, time.perf_counter() - t1
+
+    def server_step(self, values: dict) -> tuple[dict, float]:
+        t0 = time.perf_counter()
+        ins = self.manifest["parts"]["server"]["inputs"]
+        outs = self.server.call([to_tvm(values[v], self.server.dev) for v in ins] + self.server.weights)
+        res = {v: o.numpy() for v, o in zip(self.manifest["parts"]["server"]["outputs"], outs)}
+        return res, time.perf_counter() - t0
+
+    def outputs(self, device_vals: dict, server_vals: dict) -> dict[str, np.ndarray]:
+        merged = {**device_vals, **server_vals}
+        return {o["name"]: merged[o["value"]] for o in self.manifest["outputs"]}
+
+    def run(self, inputs: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], FrameTimes]:
+        placed = self.place(inputs)
+        dv, dev_s, xfer_s = self.device_step(placed)
+        sv, srv_s = self.server_step(dv)
+        return self.outputs(dv, sv), FrameTimes(dev_s, xfer_s, srv_s)
+
+    def latency(self, inputs, repeat: int = 10) -> list[FrameTimes]:
+        placed = self.place(inputs)
+        self.server_step(self.device_step(placed)[0])  # warm-up
+        out = []
+        for _ in range(repeat):
+            dv, dev_s, xfer_s = self.device_step(placed)
+            _, srv_s = self.server_step(dv)
+            out.append(FrameTimes(dev_s, xfer_s, srv_s))
+        return out
+
+    def stream(self, inputs, frames: int = 20) -> StreamResult:
+        """Frames through device+link and server stages at once; frames/s and per-frame latency."""
+        placed = self.place(inputs)
+        self.server_step(self.device_step(placed)[0])
+        handoff: queue.Queue = queue.Queue(maxsize=2)
+        done: list[float] = []
+        errors: list[BaseException] = []
+
+        def device_stage():
+            try:
+                for _ in range(frames):
+                    start = time.perf_counter()
+                    dv, _, _ = self.device_step(placed)
+                    handoff.put((start, dv))
+            except BaseException as e:  # noqa: BLE001 - re-raised in the caller
+                errors.append(e)
+            handoff.put(None)
+
+        t0 = time.perf_counter()
+        th = threading.Thread(target=device_stage, name="split-device", daemon=True)
+        th.start()
+        while (item := handoff.get()) is not None:
+            start, dv = item
+            self.server_step(dv)
+            done.append(time.perf_counter() - start)
+        th.join()
+        if errors:
+            raise errors[0]
+        return StreamResult(len(done), time.perf_counter() - t0, done)
+
+
+def median_times(times: list[FrameTimes]) -> FrameTimes:
+    return FrameTimes(statistics.median(t.device_s for t in times), statistics.median(t.transfer_s for t in times),
+                      statistics.median(t.server_s for t in times))
