@@ -34,6 +34,7 @@ from tvm import relax
 
 from edgetvm import data as data_mod
 from edgetvm.errors import UserError
+from edgetvm.runtime.tensors import native, to_tvm
 
 # ---- models -------------------------------------------------------------------------------------
 
@@ -302,7 +303,7 @@ class Trainer:
         for name, value in params.items():
             if name not in self.shapes:
                 raise KeyError(f"{self.model.name} has no parameter {name!r}; it has {', '.join(self.names)}")
-            value = np.ascontiguousarray(value, dtype=np.float32)
+            value = native(np.asarray(value, dtype=np.float32))
             if value.shape != self.shapes[name]:
                 raise ValueError(f"{name}: shape {value.shape}, the model's is {self.shapes[name]}")
             self._params[self.names.index(name)] = tvm.runtime.tensor(value, self.dev)
@@ -310,8 +311,7 @@ class Trainer:
     def _batch(self, x: np.ndarray, y: np.ndarray):
         if len(x) != self.batch or len(y) != self.batch:
             raise ValueError(f"the step is compiled for batches of {self.batch}, got {len(x)}")
-        return (tvm.runtime.tensor(np.ascontiguousarray(x, dtype=np.float32), self.dev),
-                tvm.runtime.tensor(np.ascontiguousarray(y, dtype=np.int64), self.dev))
+        return (to_tvm(np.asarray(x, dtype=np.float32), self.dev), to_tvm(np.asarray(y, dtype=np.int64), self.dev))
 
     def gradients(self, x: np.ndarray, y: np.ndarray) -> tuple[float, dict[str, np.ndarray]]:
         """(mean cross-entropy, its gradient by parameter name) on one batch; the parameters stay."""
@@ -331,7 +331,7 @@ class Trainer:
         """Logits for any number of images (the last chunk is padded up to the compiled batch)."""
         out = []
         for i in range(0, len(x), self.batch):
-            chunk = np.ascontiguousarray(x[i:i + self.batch], dtype=np.float32)
+            chunk = native(np.asarray(x[i:i + self.batch], dtype=np.float32))
             n = len(chunk)
             if n < self.batch:
                 chunk = np.concatenate([chunk, np.zeros((self.batch - n, *chunk.shape[1:]), np.float32)])

@@ -45,17 +45,19 @@ class Board:
         return self.arch == platform.machine()
 
 
-def search_dirs() -> list[Path]:
-    extra = [Path(p) for p in os.environ.get("EDGETVM_BOARDS", "").split(os.pathsep) if p]
-    return extra + [Path(__file__).parent]
+def toml_files(env_var: str, builtin: Path) -> dict[str, Path]:
+    """name -> file for every *.toml in $env_var's directories (os.pathsep-separated), then in `builtin`;
+    an earlier directory's file overrides a later one of the same name (boards, devices, links alike)."""
+    dirs = [Path(p) for p in os.environ.get(env_var, "").split(os.pathsep) if p] + [builtin]
+    found: dict[str, Path] = {}
+    for d in dirs:
+        for f in sorted(d.glob("*.toml")):
+            found.setdefault(f.stem, f)
+    return found
 
 
 def _board_files() -> dict[str, Path]:
-    found: dict[str, Path] = {}
-    for d in search_dirs():
-        for f in sorted(d.glob("*.toml")):
-            found.setdefault(f.stem, f)  # earlier directories override the built-in boards
-    return found
+    return toml_files("EDGETVM_BOARDS", Path(__file__).parent)
 
 
 def list_boards() -> list[Board]:
@@ -66,7 +68,7 @@ def load_board(name: str) -> Board:
     files = _board_files()
     if name not in files:
         raise UserError(f"unknown board '{name}'; valid boards: {', '.join(sorted(files))} "
-                        f"(add one as a TOML file in {search_dirs()[-1]} or $EDGETVM_BOARDS)")
+                        f"(add one as a TOML file in {Path(__file__).parent} or $EDGETVM_BOARDS)")
     return load_board_file(files[name])
 
 

@@ -49,17 +49,10 @@ class Profile:
         return {k: getattr(self, k) for k in REQUIRED}
 
 
-def search_dirs() -> list[Path]:
-    extra = [Path(p) for p in os.environ.get("EDGETVM_DEVICES", "").split(os.pathsep) if p]
-    return extra + [DEVICES_DIR]
-
-
 def _files() -> dict[str, Path]:
-    found: dict[str, Path] = {}
-    for d in search_dirs():
-        for f in sorted(Path(d).glob("*.toml")):
-            found.setdefault(f.stem, f)
-    return found
+    from edgetvm.targets import toml_files
+
+    return toml_files("EDGETVM_DEVICES", DEVICES_DIR)
 
 
 def load_profile_file(path: str | Path) -> Profile:

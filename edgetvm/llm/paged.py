@@ -18,6 +18,7 @@ from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedK
 
 from edgetvm.llm import kernels
 from edgetvm.llm.gguf_model import load_tokenizer, load_weights
+from edgetvm.runtime.tensors import to_tvm
 
 
 def _unpermute(w, n_heads, head_dim):
@@ -114,7 +115,7 @@ class PagedModel:
             src[f"layers.{l}.down.weight"] = w[p + "ffn_down.weight"]
         src["norm.weight"] = w["output_norm.weight"]
         src["head"] = w["token_embd.weight"].T
-        self.params = [tvm.runtime.tensor(np.ascontiguousarray(src[n], np.float32)) for n, _ in params]
+        self.params = [to_tvm(np.asarray(src[n], np.float32)) for n, _ in params]
         self._fwd = self.vm["forward"]
         self._begin = tvm.get_global_func("vm.builtin.kv_state_begin_forward")
         self._end = tvm.get_global_func("vm.builtin.kv_state_end_forward")

@@ -28,6 +28,7 @@ from edgetvm.llm import kernels, quant
 from edgetvm.llm.gguf_model import load_raw, load_tokenizer, load_weights
 from edgetvm.llm.kvcache import make_policy
 from edgetvm.llm.reference import rope_tables
+from edgetvm.runtime.tensors import to_tvm
 
 
 def aligned(shape, dtype=np.float32, align=64):
@@ -159,7 +160,7 @@ class Model:
         self.f_pre, self.f_post, self.f_head = self.vm["pre"], self.vm["post"], self.vm["head"]
         self.f_head_chunk = self.vm["head_chunk"]
         self.f_pre1, self.f_post1, self.f_head1 = self.vm["pre1"], self.vm["post1"], self.vm["head1"]
-        tt = lambda a: tvm.runtime.tensor(np.ascontiguousarray(a, dtype=np.float32))
+        tt = lambda a: to_tvm(np.asarray(a, dtype=np.float32))
         raw = load_raw(name) if weights != "fp32" else None
 
         def lin(names, fmt=weights):
@@ -174,7 +175,7 @@ class Model:
                 arrs = quant.from_gguf_q4_1(data, N, K) if fmt == "q4" else quant.from_gguf_q8_0(data, N, K)
             else:
                 arrs = quant.pack(np.concatenate([w[k] for k in names], 0), fmt)
-            return [tvm.runtime.tensor(np.ascontiguousarray(a)) for a in arrs]
+            return [to_tvm(a) for a in arrs]
 
         self.layers = []  # per layer: (pre's weight params, post's weight params)
         for l in range(cfg.n_layers):

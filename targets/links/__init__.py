@@ -8,7 +8,6 @@ also does: a link of that rate and no added delay.
 
 from __future__ import annotations
 
-import os
 import re
 import tomllib
 from dataclasses import dataclass
@@ -52,17 +51,10 @@ def parse_bandwidth(text: str | int | float) -> float:
     return mbit
 
 
-def search_dirs() -> list[Path]:
-    extra = [Path(p) for p in os.environ.get("EDGETVM_LINKS", "").split(os.pathsep) if p]
-    return extra + [LINKS_DIR]
-
-
 def _files() -> dict[str, Path]:
-    found: dict[str, Path] = {}
-    for d in search_dirs():
-        for f in sorted(d.glob("*.toml")):
-            found.setdefault(f.stem, f)  # earlier directories override the built-in links
-    return found
+    from edgetvm.targets import toml_files
+
+    return toml_files("EDGETVM_LINKS", LINKS_DIR)
 
 
 def list_links() -> list[LinkProfile]:
