@@ -358,13 +358,17 @@ def available(name: str) -> bool:
 
 def path(name: str, cache_dir: str | Path | None = None, **kw) -> Path:
     """A file holding the model: the installed file for a pretrained model; for a generated
-    one, cache_dir/<name>[-k=v...].onnx, written on first use (default ~/.cache/edgetvm)."""
+    one, cache_dir/<name>[-k=v...].onnx, written on first use (default ~/.cache/edgetvm or $EDGETVM_CACHE)."""
     info = _info(name)
     if info.pretrained:
         if kw:
             raise UserError(f"{name} is a pretrained model and takes no options")
         return _rapidocr_file(info.filename)
-    cache = Path(cache_dir) if cache_dir is not None else Path.home() / ".cache" / "edgetvm"
+    if cache_dir is None:
+        from edgetvm.runtime.leftovers import cache_root
+
+        cache_dir = cache_root()
+    cache = Path(cache_dir)
     suffix = "".join(f"-{k}={v}" for k, v in sorted(kw.items())).replace(" ", "")
     p = cache / f"{name}{suffix}.onnx"
     if not p.exists():

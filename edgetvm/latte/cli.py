@@ -6,12 +6,13 @@ import argparse
 import sys
 import time
 from fractions import Fraction
+import os
 from pathlib import Path
 
 from edgetvm.errors import UserError
 from edgetvm.latte import models
 
-DEFAULT_DIR = Path.home() / ".cache" / "edgetvm" / "latte" / "run"
+DEFAULT_DIR = Path(os.environ.get("EDGETVM_CACHE") or Path.home() / ".cache" / "edgetvm") / "latte" / "run"
 
 
 def _widths(text: str) -> list[float]:
