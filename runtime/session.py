@@ -110,6 +110,7 @@ class Runner:
             self.weights = [to_tvm(w, self.dev) for w in art.weights()]
         self.vm = _virtual_machine(lib, self.dev, art.library)
         self.entry = art.manifest.get("entry", "main")  # a split artifact's parts are `device`, `server`
+        self.bound = _bind_on_device(remote, lib, self.entry, self.weights) if remote is not None else None
         if remote is None:
             _check_signature(self.vm, self.entry, len(art.inputs), len(self.weights), art)
 
@@ -120,7 +121,10 @@ class Runner:
     def call(self, args: list) -> list:
         """The entry function's outputs, left where they were computed."""
         try:
-            out = self.vm[self.entry](*args)
+            if self.bound is not None:  # the weights wait on the device: send the inputs alone
+                out = self.bound(*args[:len(args) - len(self.weights)])
+            else:
+                out = self.vm[self.entry](*args)
         except (ValueError, TypeError, RuntimeError) as e:
             if not _argument_check(e):
                 raise
@@ -149,6 +153,16 @@ class Runner:
         self.vm[self.entry](*args)  # warm-up: first-touch of the weights, thread pool start
         f = self.vm.time_evaluator(self.entry, self.dev, number=1, repeat=repeat, min_repeat_ms=min_repeat_ms)
         return Timing(list(f(*args).results))
+
+
+def _bind_on_device(remote, lib, entry: str, weights: list):
+    """The entry function with the weights bound on the device, where its RPC server registered
+    `edgetvm.device.bind` (emulated devices do; a plain `tvm.exec.rpc_server` does not: None)."""
+    try:
+        bind = remote.get_function("edgetvm.device.bind")
+    except (AttributeError, RuntimeError, ValueError):
+        return None
+    return bind(lib, entry, *weights)
 
 
 def _load_library(path):
