@@ -78,6 +78,7 @@ def main(argv=None) -> int:
     p.add_argument("--workdir", default=None)
     args = p.parse_args(argv)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-partition-"))
+    work.mkdir(parents=True, exist_ok=True)
     device = load_profile(args.device)
     server = replace(load_board("host"), cores=1)
     t_start = time.perf_counter()
