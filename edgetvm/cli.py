@@ -312,8 +312,10 @@ def build_parser() -> argparse.ArgumentParser:
     from edgetvm.llm.cli import add_llm_parsers
 
     from edgetvm.partition.cli import add_partition_parser
+    from edgetvm.partition.cutedge.cli import add_cutedge_parser
 
     add_partition_parser(sub)
+    add_cutedge_parser(sub)
     add_llm_parsers(sub)
     add_latte_parser(sub)
     return p

@@ -13,6 +13,9 @@ process, so the pid the caller started is the server and nothing is imported twi
 Functions a session can call (`session.get_function(NAME)`):
     edgetvm.device.whereami() -> JSON: pid, cgroup path per controller, network namespace, TVM_NUM_THREADS
     edgetvm.device.sha256(tensor) -> hex digest of the tensor's bytes, as they are on the device
+    edgetvm.device.send(host, port, tag, pace, *tensors) -> bytes queued: the tensors go to a receiver at
+        host:port over a TCP connection of the device's own, sent by a thread of the session while
+        the session computes (the device's radio and processor work at once; runtime/cutedge.py)
 """
 
 from __future__ import annotations
@@ -21,6 +24,10 @@ import argparse
 import hashlib
 import json
 import os
+import queue
+import socket
+import struct
+import threading
 from pathlib import Path
 
 
@@ -45,7 +52,53 @@ def bind(lib, entry: str, *weights):
     from tvm import relax
 
     func = relax.VirtualMachine(lib, tvm.cpu())[entry]
+    # Copies the function owns: the tensors passed in are the session's, and with several parts bound
+    # in one session (runtime/cutedge.py) calls through the earlier ones got another part's weights.
+    weights = [tvm.runtime.tensor(w.numpy(), tvm.cpu()) for w in weights]
     return tvm.runtime.convert(lambda *inputs: func(*inputs, *weights))
+
+
+class _Sender:
+    """One TCP connection from the device to a receiver; a thread sends the queued messages in order.
+    A message: tag (u64), tensor count (u32), each tensor's byte length (u64), then the bytes."""
+
+    def __init__(self, host: str, port: int):
+        self.sock = socket.create_connection((host, port), timeout=30)
+        self.sock.settimeout(None)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.messages: queue.Queue = queue.Queue()
+        threading.Thread(target=self._loop, daemon=True, name="edgetvm-send").start()
+
+    def _loop(self) -> None:
+        while True:
+            tag, pace, payloads = self.messages.get()
+            if pace > 0:
+                # The socket paces itself at the link's rate: the bytes wait here, in the device's own
+                # buffer, not in the shaped link's queue, where they would hold up every RPC reply.
+                self.sock.setsockopt(socket.SOL_SOCKET, SO_MAX_PACING_RATE, int(pace))
+            header = struct.pack("!QI", tag, len(payloads)) + b"".join(struct.pack("!Q", len(p)) for p in payloads)
+            try:
+                self.sock.sendall(header)
+                for p in payloads:
+                    self.sock.sendall(p)  # releases the GIL while the shaped link drains
+            except OSError:
+                return  # the receiver went away: the run is over
+
+
+_senders: dict[tuple[str, int], _Sender] = {}
+SO_MAX_PACING_RATE = getattr(socket, "SO_MAX_PACING_RATE", 47)  # Linux, bytes per second
+
+
+def send(host: str, port: int, tag: int, pace_bytes_per_s: int, *tensors) -> int:
+    """Queues the tensors' bytes for the receiver at host:port, paced at `pace_bytes_per_s` (0: not
+    paced), and returns at once: the sending thread runs while the next call computes (TVM's RPC loop
+    holds no GIL while a kernel runs)."""
+    payloads = [t.numpy().tobytes() for t in tensors]
+    key = (str(host), int(port))
+    if key not in _senders:
+        _senders[key] = _Sender(*key)
+    _senders[key].messages.put((int(tag), int(pace_bytes_per_s), payloads))
+    return sum(len(p) for p in payloads)
 
 
 def register_functions() -> None:
@@ -54,6 +107,7 @@ def register_functions() -> None:
     tvm.register_global_func("edgetvm.device.whereami", whereami, override=True)
     tvm.register_global_func("edgetvm.device.sha256", sha256, override=True)
     tvm.register_global_func("edgetvm.device.bind", bind, override=True)
+    tvm.register_global_func("edgetvm.device.send", send, override=True)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -105,8 +105,12 @@ class Runner:
                 self.weights = [tvm.runtime.from_dlpack(w) for w in art.weights()]
         else:
             self.dev = remote.cpu()
-            remote.upload(str(art.library))
-            lib = remote.load_module(art.library.name)
+            # Named by its hash: the parts of several split artifacts are all "model.so", and a session
+            # that loads a second file of the same name gets the first (dlopen reuses the handle).
+            digest = art.manifest.get("files", {}).get(art.library.name, "")[:16]
+            remote_name = f"{digest}-{art.library.name}" if digest else art.library.name
+            remote.upload(str(art.library), target=remote_name)
+            lib = remote.load_module(remote_name)
             self.weights = [to_tvm(w, self.dev) for w in art.weights()]
         self.vm = _virtual_machine(lib, self.dev, art.library)
         self.entry = art.manifest.get("entry", "main")  # a split artifact's parts are `device`, `server`

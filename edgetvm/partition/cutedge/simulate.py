@@ -1,0 +1,186 @@
+"""Trace-driven simulation of a policy over measured per-layer profiles.
+
+Frames go through three FIFO stages, as on the testbed (runtime/cutedge.py): the device computes its
+part (at the slot's clock: work measured at f_max takes work x f_max / f), its radio sends the
+crossing bytes (at the slot's rate times PAYLOAD_SHARE, starting once the frame's device part is
+done: computing and sending overlap across frames), the server computes the rest (at its measured
+speed; the server's energy is not the device's and is not counted). Arrivals come at the start of
+their slot; rates are constant within a slot, events inside a slot are exact.
+
+Energy per slot: busy power at the slot's clock x the time the processor computed, plus the radio's
+power at the slot's rate and capacity x the time it sent. After the last slot of the arrival trace
+the run goes on without arrivals (the link trace wrapping around) until every frame is done, or
+`drain_slots` more slots have passed.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from edgetvm.partition.cutedge.controller import PAYLOAD_SHARE, Action, Observation, Policy
+
+
+@dataclass
+class Frame:
+    id: int
+    arrival: float
+    cut: object
+    work_left: float          # s at f_max
+    bytes_left: float
+    server_left: float
+    ready: float = 0.0        # when it reached its current stage
+    done: float | None = None
+
+
+@dataclass
+class SlotRecord:
+    slot: int
+    arrivals: int
+    capacity_mbit: float
+    q_ms: float
+    b_kb: float
+    cut: str
+    f_mhz: float
+    rate_mbit: float
+    cpu_busy_s: float
+    tx_busy_s: float
+    energy_j: float
+
+
+@dataclass
+class Result:
+    policy: str
+    slot_s: float
+    horizon_slots: int
+    slots: list[SlotRecord] = field(default_factory=list)
+    latencies_s: list[float] = field(default_factory=list)
+    completed_in_horizon: int = 0
+    arrived: int = 0
+    unfinished: int = 0
+
+    def summary(self) -> dict:
+        lat = np.array(self.latencies_s) if self.latencies_s else np.array([np.nan])
+        energy = sum(s.energy_j for s in self.slots)
+        done = len(self.latencies_s)
+        h = self.slots[:self.horizon_slots]
+        return {"policy": self.policy, "frames": self.arrived, "completed": done, "unfinished": self.unfinished,
+                "energy_j": energy, "energy_per_frame_mj": energy / done * 1e3 if done else float("nan"),
+                "power_w": energy / (len(self.slots) * self.slot_s),
+                "throughput_fps": self.completed_in_horizon / (self.horizon_slots * self.slot_s),
+                "latency_mean_ms": float(np.mean(lat) * 1e3), "latency_p95_ms": float(np.percentile(lat, 95) * 1e3),
+                "q_mean_ms": float(np.mean([s.q_ms for s in h])), "b_mean_kb": float(np.mean([s.b_kb for s in h])),
+                "mean_f_mhz": float(np.mean([s.f_mhz for s in h if s.cpu_busy_s > 0] or [np.nan])),
+                "slots": len(self.slots)}
+
+
+def _serve_work(queue: deque, start: float, end: float, speed: float, out: list) -> float:
+    """Device stage: FIFO at `speed` (s of f_max work per s); finished frames to `out` with their time.
+    Returns the busy time."""
+    now, busy = start, 0.0
+    while queue and now < end:
+        fr = queue[0]
+        begin = max(now, fr.ready)
+        if begin >= end:
+            break
+        need = fr.work_left / speed
+        if begin + need <= end:
+            busy += need
+            now = begin + need
+            fr.work_left = 0.0
+            fr.ready = now
+            out.append(queue.popleft())
+        else:
+            fr.work_left -= (end - begin) * speed
+            busy += end - begin
+            now = end
+    return busy
+
+
+def _serve_bytes(queue: deque, start: float, end: float, bytes_per_s: float, out: list) -> float:
+    now, busy = start, 0.0
+    while queue and now < end:
+        fr = queue[0]
+        begin = max(now, fr.ready)
+        if begin >= end:
+            break
+        need = fr.bytes_left / bytes_per_s
+        if begin + need <= end:
+            busy += need
+            now = begin + need
+            fr.bytes_left = 0.0
+            fr.ready = now
+            out.append(queue.popleft())
+        else:
+            fr.bytes_left -= (end - begin) * bytes_per_s
+            busy += end - begin
+            now = end
+    return busy
+
+
+def _serve_server(queue: deque, start: float, end: float, done: list) -> None:
+    now = start
+    while queue and now < end:
+        fr = queue[0]
+        begin = max(now, fr.ready)
+        if begin >= end:
+            break
+        if begin + fr.server_left <= end:
+            now = begin + fr.server_left
+            fr.server_left = 0.0
+            fr.done = now
+            done.append(queue.popleft())
+        else:
+            fr.server_left -= end - begin
+            now = end
+
+
+def simulate(policy: Policy, energy, arrivals, capacity, drain_slots: int | None = None,
+             payload_share: float = PAYLOAD_SHARE) -> Result:
+    """Run `policy` over the traces (numpy arrays of frames and Mbit/s per slot, same slot length as
+    arrivals.slot_s when given Trace objects)."""
+    tau = arrivals.slot_s
+    a = np.asarray(arrivals.values)
+    c = np.asarray(capacity.values, dtype=float)
+    horizon = len(a)
+    drain = horizon if drain_slots is None else drain_slots
+    res = Result(policy.name, tau, horizon)
+    devq: deque = deque()
+    sendq: deque = deque()
+    srvq: deque = deque()
+    fid = 0
+    t = 0
+    while t < horizon or ((devq or sendq or srvq) and t < horizon + drain):
+        A = int(a[t]) if t < horizon else 0
+        cap = float(c[t % len(c)])
+        t0 = t * tau
+        obs = Observation(t, A, cap, sum(f.work_left for f in devq) * 1e3, sum(f.bytes_left for f in sendq) / 1e3)
+        act: Action = policy.decide(obs)
+        policy.update(obs, act)
+        for _ in range(A):
+            cut = act.cut
+            devq.append(Frame(fid, t0, cut, cut.work_s, float(cut.bytes), cut.server_s, ready=t0))
+            fid += 1
+        res.arrived += A
+        speed = energy.speed(act.f_mhz)
+        computed: list = []
+        cpu_busy = _serve_work(devq, t0, t0 + tau, float(speed), computed)
+        sendq.extend(computed)
+        bps = act.rate_mbit * 1e6 / 8 * payload_share
+        sent: list = []
+        tx_busy = _serve_bytes(sendq, t0, t0 + tau, bps, sent) if bps > 0 else 0.0
+        srvq.extend(sent)
+        finished: list = []
+        _serve_server(srvq, t0, t0 + tau, finished)
+        for fr in finished:
+            res.latencies_s.append(fr.done - fr.arrival)
+            if fr.done <= horizon * tau:
+                res.completed_in_horizon += 1
+        e = float(energy.busy_power_w(act.f_mhz)) * cpu_busy + float(energy.radio.power_w(act.rate_mbit, cap)) * tx_busy
+        res.slots.append(SlotRecord(t, A, cap, obs.q_ms, obs.b_kb, act.cut.label, act.f_mhz, act.rate_mbit,
+                                    cpu_busy, tx_busy, e))
+        t += 1
+    res.unfinished = len(devq) + len(sendq) + len(srvq)
+    return res
