@@ -313,9 +313,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     from edgetvm.partition.cli import add_partition_parser
     from edgetvm.partition.cutedge.cli import add_cutedge_parser
+    from edgetvm.partition.pipeline.cli import add_pipeline_parser
 
     add_partition_parser(sub)
     add_cutedge_parser(sub)
+    add_pipeline_parser(sub)
     add_llm_parsers(sub)
     add_latte_parser(sub)
     return p

@@ -16,6 +16,7 @@ Functions a session can call (`session.get_function(NAME)`):
     edgetvm.device.send(host, port, tag, pace, *tensors) -> bytes queued: the tensors go to a receiver at
         host:port over a TCP connection of the device's own, sent by a thread of the session while
         the session computes (the device's radio and processor work at once; runtime/cutedge.py)
+    edgetvm.pipe.* -> a pipeline stage's node (runtime/pipeline_device.py)
 """
 
 from __future__ import annotations
@@ -108,6 +109,9 @@ def register_functions() -> None:
     tvm.register_global_func("edgetvm.device.sha256", sha256, override=True)
     tvm.register_global_func("edgetvm.device.bind", bind, override=True)
     tvm.register_global_func("edgetvm.device.send", send, override=True)
+    from edgetvm.runtime import pipeline_device  # the pipeline's node functions (runtime/pipeline.py)
+
+    pipeline_device.register(tvm)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,1 @@
+"""Multi-device cooperative inference: a pipeline of heterogeneous devices (docs/pipeline.md)."""

@@ -1,0 +1,70 @@
+"""`edgetvm pipeline plan|run`: cooperative inference over a fleet of devices (docs/pipeline.md)."""
+
+from __future__ import annotations
+
+from edgetvm.errors import UserError
+
+METHODS = ("pso", "exhaustive", "dp", "equal", "single")
+
+
+def add_pipeline_parser(sub) -> None:
+    s = sub.add_parser("pipeline", help="a pipeline of devices: placement (PSO), stages (DP), row bands; run it")
+    psub = s.add_subparsers(dest="pipeline_cmd", required=True, metavar="ACTION")
+    p = psub.add_parser("plan", help="place and partition a model over a fleet; compile every device's part")
+    p.add_argument("model", help="the .onnx file")
+    p.add_argument("--fleet", required=True, help="fleet name (targets/fleets) or .toml file")
+    p.add_argument("--method", choices=METHODS, default="pso")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("-o", "--output", required=True, help="plan directory to write")
+    p.set_defaults(func=cmd_plan)
+    r = psub.add_parser("run", help="stream frames through a plan on the emulated fleet")
+    r.add_argument("plan", help="directory written by `edgetvm pipeline plan`")
+    r.add_argument("--frames", type=int, default=20)
+    r.set_defaults(func=cmd_run)
+
+
+def describe(decision: dict) -> list[str]:
+    lines = []
+    for s, st in enumerate(decision["stages"]):
+        bands = f" rows {st['bands']}" if st["bands"] else ""
+        lines.append(f"  stage {s}: layers {st['layers'][0]}-{st['layers'][1] - 1} on {', '.join(st['devices'])}"
+                     f"{bands}; period {st['period_s'] * 1e3:.2f} ms (compute {st['worker_s'] * 1e3:.2f}, "
+                     f"send {st['forward_s'] * 1e3:.2f})")
+    pr = decision["predicted"]
+    lines.append(f"  predicted: {pr['throughput_fps']:.2f} frames/s, latency {pr['latency_s'] * 1e3:.1f} ms "
+                 f"({decision['method']}, {decision['evaluations']} placements in {decision['search_s']:.2f} s)")
+    return lines
+
+
+def cmd_plan(args) -> int:
+    from edgetvm.partition.pipeline import fleet as fleets
+    from edgetvm.partition.pipeline import plan
+
+    fleet = fleets.load_fleet(args.fleet)
+    if args.method == "exhaustive" and len(fleet.devices) > 5:
+        raise UserError("--method exhaustive is for fleets of up to 5 devices")
+    prep = plan.prepare(args.model, fleet, log=lambda msg: print(msg, flush=True))
+    decision = plan.plan(prep, args.method, args.seed)
+    plan.write_plan(prep, fleet, decision, args.output)
+    print(f"{prep.model.path.name} over {fleet.name} ({len(fleet.devices)} devices, {prep.problem.n} layers):")
+    print("\n".join(describe(decision)))
+    print(f"wrote {args.output}")
+    return 0
+
+
+def cmd_run(args) -> int:
+    from edgetvm.partition.pipeline.plan import open_plan
+    from edgetvm.runtime.pipeline import run_plan
+
+    if args.frames < 1:
+        raise UserError("--frames must be at least 1")
+    plan = open_plan(args.plan)
+    res = run_plan(args.plan, args.frames, log=lambda msg: print(msg, flush=True))
+    pr = plan["predicted"]
+    err = res.throughput_fps / pr["throughput_fps"] - 1
+    print(f"{res.frames} frames in {res.seconds:.2f} s: {res.throughput_fps:.2f} frames/s "
+          f"(predicted {pr['throughput_fps']:.2f}, {err:+.0%}), median latency {res.latency_s * 1e3:.1f} ms "
+          f"(predicted {pr['latency_s'] * 1e3:.1f})")
+    print(f"outputs against the single-device build: max |diff| {res.max_abs_diff:.3g}"
+          f"{' (bit-identical)' if res.identical else ''}")
+    return 0 if res.max_abs_diff <= 1e-4 else 1

