@@ -314,6 +314,9 @@ def build_parser() -> argparse.ArgumentParser:
     from edgetvm.partition.cli import add_partition_parser
     from edgetvm.partition.cutedge.cli import add_cutedge_parser
     from edgetvm.partition.pipeline.cli import add_pipeline_parser
+    from edgetvm.quant.cli import add_quantize_parser
+
+    add_quantize_parser(sub)
 
     add_partition_parser(sub)
     add_cutedge_parser(sub)

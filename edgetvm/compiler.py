@@ -11,7 +11,7 @@ import numpy as np
 import edgetvm
 from edgetvm.costmodels import roofline
 from edgetvm.errors import UserError
-from edgetvm.passes import onnx_import, pipeline
+from edgetvm.passes import alq, onnx_import, pipeline
 from edgetvm.runtime import artifact
 from edgetvm.targets import Board
 
@@ -71,6 +71,9 @@ def compile_model(model_path: str | Path, board: Board, out: str | Path,
     model, inputs = onnx_import.prepare(model_path, input_shapes)
     check_fits(inputs, board, "input")
     mod, weights = onnx_import.import_onnx(model, inputs)
+    packed = alq.packed_in(model)
+    if packed:  # multi-bit weights (edgetvm quantize): computed by the bit-packed kernels, stored packed
+        mod, weights = alq.apply(mod, weights, packed)
     seconds["import"] = time.perf_counter() - t0
 
     # Fail on the output directory before minutes of compilation, not after.

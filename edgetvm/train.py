@@ -464,3 +464,50 @@ def fit(model: Model | Trainer, data: data_mod.DataSet, epochs: int, batch: int 
                   f"val acc {100 * val['accuracy']:.2f}%  {record['seconds']:.1f} s")
     trainer.history = history
     return trainer
+
+
+# ---- export -------------------------------------------------------------------------------------------
+
+
+def to_onnx(model: Model, params: dict[str, np.ndarray], batch: int = 1, metadata: dict[str, str] | None = None):
+    """The model with these parameters as a standard ONNX graph (input "x", output "logits"; initializers
+    named as the parameters), so that `edgetvm compile` and onnxruntime take it."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes, inits = [], []
+    for name in param_shapes(model):
+        inits.append(numpy_helper.from_array(np.asarray(params[name], np.float32), name))
+    x, n_conv, n_fc, i = "x", 0, 0, 0
+
+    def node(op, inputs, **attrs):
+        nonlocal i
+        i += 1
+        out = f"{op.lower()}{i}"
+        nodes.append(helper.make_node(op, inputs, [out], name=out, **attrs))
+        return out
+
+    for layer in model.layers:
+        if isinstance(layer, Conv):
+            n_conv += 1
+            x = node("Conv", [x, f"conv{n_conv}.weight", f"conv{n_conv}.bias"],
+                     kernel_shape=[layer.kernel] * 2, pads=[layer.pad] * 4)
+        elif isinstance(layer, ReLU):
+            x = node("Relu", [x])
+        elif isinstance(layer, MaxPool):
+            x = node("MaxPool", [x], kernel_shape=[layer.size] * 2, strides=[layer.size] * 2)
+        elif isinstance(layer, Flatten):
+            x = node("Flatten", [x], axis=1)
+        elif isinstance(layer, Linear):
+            n_fc += 1
+            x = node("Add", [node("MatMul", [x, f"fc{n_fc}.weight"]), f"fc{n_fc}.bias"])
+    nodes.append(helper.make_node("Identity", [x], ["logits"], name="logits"))
+    graph = helper.make_graph(
+        nodes, model.name, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, *model.input_shape])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, model.n_classes])], inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="edgetvm")
+    proto.ir_version = 8
+    for k, v in (metadata or {}).items():
+        proto.metadata_props.add(key=k, value=v)
+    onnx.checker.check_model(proto)
+    return proto

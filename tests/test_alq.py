@@ -1,0 +1,302 @@
+"""ALQ: multi-bit weights, their training steps, bit-packed kernels, and `edgetvm quantize`."""
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from edgetvm import train
+from edgetvm.cli import main
+from edgetvm.quant import alq, baselines, multibit
+from edgetvm.quant.cli import Result, write_onnx
+from edgetvm.runtime import emulated_board
+from edgetvm.runtime.artifact import open_artifact
+
+RNG = np.random.default_rng(0)
+
+
+def _pruned(name, w, bits, group=64, max_bases=3):
+    """A sketched weight pruned (by magnitude of alpha) to about `bits` average bits: empty groups included."""
+    mb = multibit.sketch(name, w, group, max_bases)
+    layer = alq.Layer(mb)
+    scores = {name: np.where(mb.active, mb.alpha, np.inf)}
+    alq.prune({name: layer}, scores, mb.bits() - int(bits * mb.n_weights()))
+    return mb
+
+
+# ---- the multi-bit form ---------------------------------------------------------------------------------
+
+
+def test_one_basis_sketch_is_the_mean_magnitude_times_the_sign():
+    w = RNG.normal(size=(50, 20, 5, 5)).astype(np.float32)     # conv OIHW: rows of 500, groups of 64
+    mb = multibit.sketch("c.weight", w, 64, 1)
+    rows = w.reshape(50, -1)
+    g = 3
+    chunk = rows[:, g * 64:(g + 1) * 64]
+    np.testing.assert_allclose(mb.alpha[:, g, 0], np.abs(chunk).mean(axis=1), rtol=1e-5)
+    np.testing.assert_array_equal(mb.bases[:, g, 0], np.where(chunk >= 0, 1, -1))
+
+
+def test_more_bases_fit_the_weights_better_and_enough_fit_them_exactly():
+    w = RNG.normal(size=(300, 40)).astype(np.float32)          # linear (in, out)
+    errors = [np.abs(multibit.sketch("f.weight", w, 64, m).weight() - w).max() for m in (1, 2, 4, 8)]
+    assert errors == sorted(errors, reverse=True) and errors[0] > 10 * errors[-1]
+    small = np.array([[1.0, -3.0], [3.0, -1.0]], np.float32)   # two levels: two bases reproduce it
+    np.testing.assert_allclose(multibit.sketch("s.weight", small, 32, 2).weight(), small, atol=1e-6)
+
+
+def test_packed_weights_decode_to_the_multibit_weights_and_count_their_bits():
+    w = RNG.normal(size=(800, 500)).astype(np.float32)
+    mb = _pruned("fc1.weight", w, 0.4)
+    assert 0.39 < mb.bits() / mb.n_weights() < 0.41
+    assert (mb.active.sum(axis=2) == 0).any()                  # some groups have no basis at all
+    packed = multibit.pack(mb)
+    want = mb.alpha.astype(np.float16).astype(np.float32)      # the artifact keeps float16 alphas
+    mb16 = multibit.MultiBit(mb.name, mb.shape, mb.group, mb.bases, want, mb.active)
+    np.testing.assert_allclose(multibit.unpack(packed), mb16.weight(), rtol=1e-6, atol=1e-6)
+    # below 1/40 of float32: bits + a byte per group + a float16 per basis
+    assert multibit.packed_bytes(packed) * 40 < w.nbytes
+
+
+def test_bad_group_sizes_are_refused():
+    with pytest.raises(Exception, match="multiple of 32"):
+        multibit.check_group(48)
+
+
+# ---- the ALQ steps ------------------------------------------------------------------------------------------
+
+
+def _model_value(mb, target, h):
+    return float((h * (mb.reconstruct_rows() - target) ** 2).sum())
+
+
+def test_a_basis_step_moves_the_weights_toward_the_quadratic_models_optimum():
+    w = RNG.normal(size=(64, 32)).astype(np.float32)
+    layer = alq.Layer(multibit.sketch("f.weight", w, 64, 2))
+    g = RNG.normal(size=w.shape).astype(np.float32)
+    # the optimum the step aims at, from the moments after folding in g (as the step does)
+    probe = alq.AMSGrad(layer.w_state.m.copy(), layer.w_state.v.copy(), layer.w_state.vmax.copy())
+    pg, ph = probe.update(layer.grad_rows(g), 0.01)
+    target = layer.mb.reconstruct_rows() - pg / ph
+    before = _model_value(layer.mb, target, ph)
+    layer.basis_step(g, 0.01)
+    assert _model_value(layer.mb, target, ph) < before
+    assert (layer.mb.alpha >= 0).all()
+
+
+def test_a_coordinate_step_lowers_a_quadratic_loss():
+    w = RNG.normal(size=(128, 16)).astype(np.float32)
+    goal = RNG.normal(size=w.shape).astype(np.float32)
+    layer = alq.Layer(multibit.sketch("f.weight", w, 64, 3))
+    loss = lambda: float(((layer.mb.weight() - goal) ** 2).sum())  # noqa: E731
+    start = loss()
+    for _ in range(200):
+        layer.coordinate_step(2 * (layer.mb.weight() - goal), 0.01)
+    assert loss() < 0.9 * start
+
+
+def test_pruning_removes_the_least_important_bases_across_layers_until_the_bits_are_gone():
+    a = alq.Layer(multibit.sketch("a.weight", RNG.normal(size=(64, 8)).astype(np.float32), 64, 2))
+    b = alq.Layer(multibit.sketch("b.weight", RNG.normal(size=(128, 8)).astype(np.float32), 64, 2))
+    scores = {"a.weight": np.where(a.mb.active, 1.0, np.inf), "b.weight": np.where(b.mb.active, 2.0, np.inf)}
+    scores["b.weight"][0, 0, 0] = 0.5                          # the least important basis of all
+    removed = alq.prune({"a.weight": a, "b.weight": b}, scores, 64)
+    assert removed == 64 and not b.mb.active[0, 0, 0] and a.mb.active.all()
+    removed = alq.prune({"a.weight": a, "b.weight": b}, scores, 64 * 8 * 2)   # all of a's, then b's
+    assert not a.mb.active.any() and b.mb.active.sum() == 8 * 2 * 2 - 1
+    assert alq.average_bits({"a.weight": a}) == 0
+
+
+def test_the_baselines_are_one_and_two_bit_multibit_forms():
+    w = RNG.normal(size=(200, 30)).astype(np.float32)
+    bwn = baselines.quantise("bwn", "f.weight", w, 64)
+    assert bwn.bits() == w.size and len(np.unique(np.abs(bwn.weight()[:64, 0]))) == 1
+    u2 = baselines.quantise("uniform2", "f.weight", w, 64)
+    assert u2.bits() == 2 * w.size
+    levels = np.unique(np.round(u2.weight()[:64, 0] / u2.alpha[0, 0, 0], 4))
+    assert set(levels) <= {-3.0, -1.0, 1.0, 3.0}
+
+
+# ---- the pass and its kernels --------------------------------------------------------------------------------
+
+
+def _network(bits=0.4):
+    """LeNet5 with random weights pruned to `bits`: its multi-bit layers as a Result (no training)."""
+    model = train.lenet5()
+    params = train.init_params(model, seed=1)
+    packed = {n: multibit.pack(_pruned(n, p, bits)) for n, p in params.items() if n.endswith(".weight")}
+    decoded = {n: multibit.unpack(p) for n, p in packed.items()}
+    params = {n: decoded.get(n, p + 0.01 * RNG.normal(size=p.shape).astype(np.float32)) for n, p in params.items()}
+    return model, Result("alq", params, packed, bits, float("nan"), [])
+
+
+def _numpy_lenet(params, x):
+    """The reference forward pass of the quantised network, in numpy."""
+    def conv(x, w, b):
+        n, c, h, wd = x.shape
+        o, _, kh, kw = w.shape
+        oh, ow = h - kh + 1, wd - kw + 1
+        cols = np.stack([x[:, :, i:i + oh, j:j + ow] for i in range(kh) for j in range(kw)], axis=2)
+        y = np.einsum("ok,nkm->nom", w.reshape(o, -1), cols.reshape(n, c * kh * kw, oh * ow))
+        return y.reshape(n, o, oh, ow) + b[None, :, None, None]
+
+    def pool(x):
+        n, c, h, w = x.shape
+        return x.reshape(n, c, h // 2, 2, w // 2, 2).max(axis=(3, 5))
+
+    h = pool(np.maximum(conv(x, params["conv1.weight"], params["conv1.bias"]), 0))
+    h = pool(np.maximum(conv(h, params["conv2.weight"], params["conv2.bias"]), 0))
+    h = np.maximum(h.reshape(len(x), -1) @ params["fc1.weight"] + params["fc1.bias"], 0)
+    return h @ params["fc2.weight"] + params["fc2.bias"]
+
+
+@pytest.fixture(scope="module")
+def quantised(tmp_path_factory):
+    d = tmp_path_factory.mktemp("alq")
+    model, res = _network()
+    write_onnx(model, res, d / "q.onnx")
+    x = RNG.random((1, 1, 28, 28)).astype(np.float32)
+    np.save(d / "x.npy", x)
+    return d, res, x
+
+
+def test_the_quantised_onnx_file_runs_in_onnxruntime_as_the_numpy_reference(quantised):
+    d, res, x = quantised
+    sess = ort.InferenceSession(str(d / "q.onnx"), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, _numpy_lenet(res.params, x), rtol=1e-4, atol=1e-4)
+
+
+def test_compiled_bit_packed_kernels_equal_the_numpy_reference_and_store_only_the_bits(quantised):
+    d, res, x = quantised
+    assert main(["compile", str(d / "q.onnx"), "-o", str(d / "host")]) == 0
+    art = open_artifact(d / "host")
+    names = [w["name"] for w in art.manifest["weights"]]
+    assert "fc1.weight" not in names and {"fc1.weight.words", "fc1.weight.alpha", "fc1.weight.nbases"} <= set(names)
+    packed = sum(multibit.packed_bytes(p) for p in res.packed.values())
+    floats = sum(p.size * 4 for n, p in res.params.items() if n.endswith(".weight"))
+    biases = sum(p.size * 4 for n, p in res.params.items() if n.endswith(".bias"))
+    assert art.manifest["weight_bytes"] <= packed + biases + 64 * len(names)   # the file holds the bits
+    assert packed * 40 < floats
+    assert main(["run", str(d / "host"), "--input", f"x={d / 'x.npy'}", "--output", str(d / "y.npz"),
+                 "--repeat", "1"]) == 0
+    np.testing.assert_allclose(np.load(d / "y.npz")["logits"], _numpy_lenet(res.params, x), rtol=1e-4, atol=1e-4)
+
+
+def test_batched_inputs_and_padded_convolutions_use_the_same_kernels_correctly(tmp_path):
+    model = train.vgg_small(channels=(32, 48), hidden=40)          # 3x3 convs with padding 1
+    params = train.init_params(model, seed=2)
+    packed = {n: multibit.pack(_pruned(n, p, 0.7)) for n, p in params.items() if n.endswith(".weight")}
+    params |= {n: multibit.unpack(p) for n, p in packed.items()}
+    proto = train.to_onnx(model, params, batch=20, metadata={multibit.METADATA_KEY: multibit.to_metadata(packed)})
+    onnx.save(proto, tmp_path / "v.onnx")
+    x = RNG.random((20, 1, 28, 28)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    want = ort.InferenceSession(str(tmp_path / "v.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert main(["compile", str(tmp_path / "v.onnx"), "-o", str(tmp_path / "a")]) == 0
+    assert main(["run", str(tmp_path / "a"), "--input", f"x={tmp_path / 'x.npy'}", "--output",
+                 str(tmp_path / "y.npz"), "--repeat", "1"]) == 0
+    np.testing.assert_allclose(np.load(tmp_path / "y.npz")["logits"], want, rtol=1e-4, atol=1e-4)
+
+
+def test_a_model_whose_weights_differ_from_their_multibit_form_is_refused(quantised, tmp_path, capsys):
+    d, _, _ = quantised
+    m = onnx.load(d / "q.onnx")
+    w = next(t for t in m.graph.initializer if t.name == "fc2.weight")
+    arr = onnx.numpy_helper.to_array(w).copy()
+    arr[0, 0] += 1.0
+    w.CopyFrom(onnx.numpy_helper.from_array(arr, "fc2.weight"))
+    onnx.save(m, tmp_path / "edited.onnx")
+    assert main(["compile", str(tmp_path / "edited.onnx"), "-o", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err
+    assert "fc2.weight differs from its multi-bit form" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "a").exists()
+
+
+board_reason = emulated_board.board_unavailable_reason()
+
+
+@pytest.mark.skipif(board_reason is not None, reason=f"emulated board unavailable: {board_reason}")
+def test_the_quantised_network_built_for_rpi4_equals_the_reference_on_the_emulated_board(quantised):
+    d, res, x = quantised
+    assert main(["compile", str(d / "q.onnx"), "--target", "rpi4", "-o", str(d / "rpi4")]) == 0
+    with emulated_board.EmulatedBoard() as board:
+        assert main(["run", str(d / "rpi4"), "--input", f"x={d / 'x.npy'}", "--output", str(d / "yb.npz"),
+                     "--repeat", "1", "--rpc", f"127.0.0.1:{board.port}"]) == 0
+    np.testing.assert_allclose(np.load(d / "yb.npz")["logits"], _numpy_lenet(res.params, x), rtol=1e-4, atol=1e-4)
+
+
+# ---- the command ---------------------------------------------------------------------------------------------
+
+TINY = ["--train-limit", "256", "--fp32-epochs", "1", "--rounds", "1", "--basis-epochs", "1", "--post-epochs", "1",
+        "--quiet"]
+
+
+def test_quantize_trains_prunes_to_the_target_and_writes_a_compilable_model(tmp_path, capsys):
+    out = tmp_path / "q.onnx"
+    assert main(["quantize", "alq", "lenet5", "--data", "mnist", "--bits", "0.5", "-o", str(out),
+                 "--workdir", str(tmp_path / "w"), *TINY]) == 0
+    info = next(p.value for p in onnx.load(out).metadata_props if p.key == "edgetvm.quantize")
+    assert 0.45 <= __import__("json").loads(info)["average_bits"] <= 0.5
+    assert "bits per weight, test accuracy" in capsys.readouterr().out
+
+
+def test_a_killed_alq_run_resumes_from_its_checkpoint_and_ends_where_an_uninterrupted_one_does(tmp_path):
+    from edgetvm import data
+    from edgetvm.quant.cli import limited
+
+    ds = limited(data.load("mnist"), 128)
+    model = train.lenet5(input_shape=ds.image_shape, hidden=32)
+    params = train.init_params(model)
+    schedule = alq.Schedule(rounds=1, basis_epochs=1, coordinate_epochs=1, post_epochs=1, max_bases=2)
+    whole = alq.quantize(model, params, ds, 0.8, schedule, progress=False)
+    ck = tmp_path / "ck.npz"
+    short = alq.Schedule(rounds=1, basis_epochs=1, coordinate_epochs=1, post_epochs=1, max_bases=2)
+    calls = {"n": 0}
+    real = alq.run_epoch
+
+    def dies_after_two(*a, **k):
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        calls["n"] += 1
+        return real(*a, **k)
+
+    alq.run_epoch = dies_after_two
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            alq.quantize(model, params, ds, 0.8, short, checkpoint=ck, progress=False)
+    finally:
+        alq.run_epoch = real
+    resumed = alq.quantize(model, params, ds, 0.8, short, checkpoint=ck, progress=False)
+    for n in whole.layers:
+        np.testing.assert_array_equal(resumed.layers[n].mb.active, whole.layers[n].mb.active)
+        np.testing.assert_allclose(resumed.layers[n].mb.weight(), whole.layers[n].mb.weight(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["alq", "lenet5", "--bits", "0"], "outside (0, 8]"),
+    (["alq", "lenet5", "--bits", "9"], "outside (0, 8]"),
+    (["alq", "resnet50"], "unknown model"),
+    (["alq", "lenet5", "--group", "48"], "multiple of 32"),
+])
+def test_bad_quantize_arguments_exit_2_with_one_line(args, message, tmp_path, capsys):
+    assert main(["quantize", *args, "-o", str(tmp_path / "q.onnx"), "--workdir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "q.onnx").exists()
+
+
+def test_a_missing_data_set_names_the_package_to_install(tmp_path, capsys, monkeypatch):
+    from edgetvm import data
+
+    monkeypatch.setattr(data, "FASHION_MNIST_DIR", tmp_path / "nowhere")
+    monkeypatch.setenv("EDGETVM_CACHE", str(tmp_path / "cache"))
+    assert main(["quantize", "alq", "lenet5", "--data", "fashion-mnist", "-o", str(tmp_path / "q.onnx")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "dataset-fashion-mnist" in err and len(err.splitlines()) == 1
+
+
+def test_a_network_without_conv_or_linear_weights_cannot_be_quantised():
+    with pytest.raises(Exception, match="no conv or linear weight"):
+        alq.quantize(train.lenet5(), {"conv1.bias": np.zeros(20, np.float32)}, None, 0.4,
+                     quantised=[])
