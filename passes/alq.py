@@ -25,6 +25,7 @@ from tvm.script import tirx as T
 
 LANES = 16          # float32 lanes per partial-sum vector (AVX-512 width, two NEON registers... LLVM splits)
 DOT_MAX_ROWS = 16   # up to this many input rows, a linear layer uses the dot form
+CHUNK_TASKS = 16    # parallel tasks per kernel: enough to balance a few cores
 
 
 def _scheduled(f, name: str):
@@ -37,46 +38,55 @@ def dense_kernel(M: int, Kp: int, R: int, NG: int, group: int, NB: int):
     """Y (M, R) = X (M, Kp) @ W^T, W the packed (R, NG * group) rows; the dot form, for small M."""
     words = group // 32
     chunks = group // LANES
+    CHUNKS = min(R, CHUNK_TASKS)
+    PER_CHUNK = -(-R // CHUNKS)
 
     @T.prim_func
     def alq_dense(x: T.Buffer((M, Kp), "float32"), nbases: T.Buffer((R, NG), "uint8"),
                   bits: T.Buffer((NB, words), "uint32"), alpha: T.Buffer((NB,), "float16"),
                   y: T.Buffer((M, R), "float32")):
-        start = T.alloc_buffer((R + 1,), "int32")
-        start[0] = 0
+        start = T.alloc_buffer((R,), "int32")
+        total = T.alloc_buffer((1,), "int32", scope="local")
+        total[0] = 0
         for r in range(R):
-            start[r + 1] = start[r]
+            start[r] = total[0]
             for g in range(NG):
-                start[r + 1] = start[r + 1] + T.Cast("int32", nbases[r, g])
-        for r in T.parallel(R):
-            w = T.alloc_buffer((group,), "float32", scope="local")
+                total[0] = total[0] + T.Cast("int32", nbases[r, g])
+        for ch in T.parallel(CHUNKS):
+            # scratch allocated once per chunk of rows: per row it cost more than the row's work
+            w = T.alloc_buffer((LANES,), "float32", scope="local")
             acc = T.alloc_buffer((M, LANES), "float32", scope="local")
             off = T.alloc_buffer((1,), "int32", scope="local")
-            off[0] = start[r]
-            for m in range(M):
-                for l in T.vectorized(LANES):
-                    acc[m, l] = T.float32(0)
-            for g in range(NG):
-                nb = T.bind(T.Cast("int32", nbases[r, g]))
-                if nb > 0:
-                    for j in T.vectorized(group):
-                        w[j] = T.float32(0)
-                    for i in range(nb):
-                        a = T.bind(T.Cast("float32", alpha[off[0] + i]))
-                        for q in range(words):   # one word broadcast to 32 lanes, each shifted by its lane
-                            word = T.bind(bits[off[0] + i, q])
-                            for j in T.vectorized(32):
-                                w[q * 32 + j] = w[q * 32 + j] + T.Select(
-                                    (word >> T.Cast("uint32", j)) & T.uint32(1) == T.uint32(1), a, -a)
+            for rr in range(PER_CHUNK):
+                r = T.bind(ch * PER_CHUNK + rr)
+                if r < R:
+                    off[0] = start[r]
                     for m in range(M):
-                        for c in range(chunks):
-                            for l in T.vectorized(LANES):
-                                acc[m, l] = acc[m, l] + w[c * LANES + l] * x[m, g * group + c * LANES + l]
-                    off[0] = off[0] + nb
-            for m in range(M):
-                y[m, r] = T.float32(0)
-                for l in range(LANES):
-                    y[m, r] = y[m, r] + acc[m, l]
+                        for l in T.vectorized(LANES):
+                            acc[m, l] = T.float32(0)
+                    for g in range(NG):
+                        nb = T.bind(T.Cast("int32", nbases[r, g]))
+                        if nb > 0:
+                            # LANES weights at a time, decoded in registers (a wider decode stored and
+                            # re-read in pieces stalled on store forwarding)
+                            for c in range(chunks):
+                                for l in T.vectorized(LANES):
+                                    w[l] = T.float32(0)
+                                for i in range(nb):
+                                    a = T.bind(T.Cast("float32", alpha[off[0] + i]))
+                                    word = T.bind(bits[off[0] + i, c * LANES // 32])
+                                    for l in T.vectorized(LANES):
+                                        w[l] = w[l] + T.Select(
+                                            (word >> T.Cast("uint32", c * LANES % 32 + l)) & T.uint32(1) == T.uint32(1),
+                                            a, -a)
+                                for m in range(M):
+                                    for l in T.vectorized(LANES):
+                                        acc[m, l] = acc[m, l] + w[l] * x[m, g * group + c * LANES + l]
+                            off[0] = off[0] + nb
+                    for m in range(M):
+                        y[m, r] = T.float32(0)
+                        for l in range(LANES):
+                            y[m, r] = y[m, r] + acc[m, l]
 
     return _scheduled(alq_dense, f"alq_dense_{M}x{Kp}x{R}_{NB}")
 
@@ -88,45 +98,53 @@ def cols_kernel(Kp: int, Mp: int, R: int, NG: int, group: int, NB: int):
     # vectors: enough independent FMAs to hide their latency); each block decodes the row's groups
     # again, 1/64 of its FMAs per basis
     VB = next(v for v in (64, 32, LANES) if Mp % v == 0)
+    TASKS = R * (Mp // VB)
+    CHUNKS = min(TASKS, CHUNK_TASKS)
+    PER_CHUNK = -(-TASKS // CHUNKS)
 
     @T.prim_func
     def alq_cols(xt: T.Buffer((Kp, Mp), "float32"), nbases: T.Buffer((R, NG), "uint8"),
                  bits: T.Buffer((NB, words), "uint32"), alpha: T.Buffer((NB,), "float16"),
                  yt: T.Buffer((R, Mp), "float32")):
-        start = T.alloc_buffer((R + 1,), "int32")
-        start[0] = 0
+        start = T.alloc_buffer((R,), "int32")
+        total = T.alloc_buffer((1,), "int32", scope="local")
+        total[0] = 0
         for r in range(R):
-            start[r + 1] = start[r]
+            start[r] = total[0]
             for g in range(NG):
-                start[r + 1] = start[r + 1] + T.Cast("int32", nbases[r, g])
-        for rb in T.parallel(R * (Mp // VB)):
+                total[0] = total[0] + T.Cast("int32", nbases[r, g])
+        for ch in T.parallel(CHUNKS):
+            # scratch allocated once per chunk of tasks: per task it cost more than small tasks' work
             w = T.alloc_buffer((group,), "float32", scope="local")
             acc = T.alloc_buffer((VB,), "float32", scope="local")
             off = T.alloc_buffer((1,), "int32", scope="local")
-            r = T.bind(rb // (Mp // VB))
-            b = T.bind(rb % (Mp // VB))
-            off[0] = start[r]
-            for l in T.vectorized(VB):
-                acc[l] = T.float32(0)
-            for g in range(NG):
-                nb = T.bind(T.Cast("int32", nbases[r, g]))
-                if nb > 0:
-                    for j in T.vectorized(group):
-                        w[j] = T.float32(0)
-                    for i in range(nb):
-                        a = T.bind(T.Cast("float32", alpha[off[0] + i]))
-                        for q in range(words):   # one word broadcast to 32 lanes, each shifted by its lane
-                            word = T.bind(bits[off[0] + i, q])
-                            for j in T.vectorized(32):
-                                w[q * 32 + j] = w[q * 32 + j] + T.Select(
-                                    (word >> T.Cast("uint32", j)) & T.uint32(1) == T.uint32(1), a, -a)
-                    for j in range(group):
-                        wj = T.bind(w[j])
-                        for l in T.vectorized(VB):
-                            acc[l] = acc[l] + wj * xt[g * group + j, b * VB + l]
-                    off[0] = off[0] + nb
-            for l in T.vectorized(VB):
-                yt[r, b * VB + l] = acc[l]
+            for tt in range(PER_CHUNK):
+                rb = T.bind(ch * PER_CHUNK + tt)
+                if rb < TASKS:
+                    r = T.bind(rb // (Mp // VB))
+                    b = T.bind(rb % (Mp // VB))
+                    off[0] = start[r]
+                    for l in T.vectorized(VB):
+                        acc[l] = T.float32(0)
+                    for g in range(NG):
+                        nb = T.bind(T.Cast("int32", nbases[r, g]))
+                        if nb > 0:
+                            for j in T.vectorized(group):
+                                w[j] = T.float32(0)
+                            for i in range(nb):
+                                a = T.bind(T.Cast("float32", alpha[off[0] + i]))
+                                for q in range(words):   # one word broadcast to 32 lanes, each shifted by its lane
+                                    word = T.bind(bits[off[0] + i, q])
+                                    for j in T.vectorized(32):
+                                        w[q * 32 + j] = w[q * 32 + j] + T.Select(
+                                            (word >> T.Cast("uint32", j)) & T.uint32(1) == T.uint32(1), a, -a)
+                            for j in range(group):
+                                wj = T.bind(w[j])
+                                for l in T.vectorized(VB):
+                                    acc[l] = acc[l] + wj * xt[g * group + j, b * VB + l]
+                            off[0] = off[0] + nb
+                    for l in T.vectorized(VB):
+                        yt[r, b * VB + l] = acc[l]
 
     return _scheduled(alq_cols, f"alq_cols_{Kp}x{Mp}x{R}_{NB}")
 
@@ -247,6 +265,8 @@ class _Rewrite(relax.PyExprMutator):
         yt = bb.emit(relax.call_tir(gv, [xt, nb, words, alpha], relax.TensorType((R, Mp), "float32")))
         if Mp != M:
             yt = bb.emit(relax.op.strided_slice(yt, [1], [0], [M]))
+        if N == 1:  # (R, OH*OW) is already NCHW: no transpose kernel
+            return relax.op.reshape(yt, (1, R, OH, OW))
         y = bb.emit(relax.op.reshape(yt, (R, N, OH, OW)))
         return relax.op.permute_dims(y, [1, 0, 2, 3])
 
