@@ -33,6 +33,26 @@ def _is_spatial(sch, block) -> bool:
     return all(k == tirx.IterVar.DataPar for k in _iter_kinds(sch, block))
 
 
+def _spatial_size(sch, block) -> int | None:
+    n = 1
+    for iv in sch.get(block).iter_vars:
+        if iv.iter_type == tirx.IterVar.DataPar:
+            if not isinstance(iv.dom.extent, tirx.IntImm):
+                return None
+            n *= int(iv.dom.extent)
+    return n
+
+
+def _covers_only(sch, consumer, producer) -> bool:
+    """Computed per tile of the producer (reverse_compute_at), the consumer gets only the iterations
+    that read those tiles: all of them when it maps the producer's output one to one, not when some of
+    its elements read another tensor or a constant (the producer padded along channels, or concatenated
+    with something else): those would never be written."""
+    size = _spatial_size(sch, consumer)
+    return size is not None and size == _spatial_size(sch, producer) \
+        and "if_then_else" not in str(sch.get(consumer).body)
+
+
 def _output_blocks(sch, blocks):
     outs = []
     for b in blocks:
@@ -257,7 +277,7 @@ class CPUDefault(dlight.ScheduleRule):
                 (red,) = reductions
                 consumers = sch.get_consumers(red)
                 epilogue = consumers[0] if len(consumers) == 1 and _is_spatial(sch, consumers[0]) \
-                    and len(sch.get_consumers(consumers[0])) == 0 else None
+                    and len(sch.get_consumers(consumers[0])) == 0 and _covers_only(sch, consumers[0], red) else None
                 skip = [sch.get(red)] + ([sch.get(epilogue)] if epilogue is not None else [])
                 for b in blocks:
                     if not any(sch.get(b).same_as(k) for k in skip):

@@ -62,3 +62,27 @@ def test_matrix_vector_product_streams_whole_weight_rows(rows, N):
     vm = relax.VirtualMachine(pipeline.finish(fused, target), tvm.cpu())
     got = vm["main"](*[tvm.runtime.tensor(a) for a in args]).numpy()
     np.testing.assert_allclose(got, np.maximum(args[0] @ args[1] + args[2], 0), rtol=1e-4, atol=1e-4)
+
+
+def test_a_pool_padded_along_channels_then_added_writes_every_channel():
+    """max_pool -> pad the channels 64 -> 128 -> add (a residual of mediapipe's TFLite models): the add
+    is not computed per tile of the pool, whose tiles cover only the first 64 channels."""
+    import numpy as np
+    from tvm import relax
+
+    x = relax.Var("x", relax.TensorType([1, 32, 32, 64], "float32"))
+    r = relax.Var("r", relax.TensorType([1, 16, 16, 128], "float32"))
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x, r]):
+        with bb.dataflow():
+            pooled = bb.emit(relax.op.nn.max_pool2d(x, pool_size=2, strides=2, layout="NHWC"))
+            padded = bb.emit(relax.op.nn.pad(pooled, [0, 0, 0, 0, 0, 0, 0, 64]))
+            y = bb.emit_output(bb.emit(relax.op.add(padded, r)))
+        bb.emit_func_output(y)
+    target = tvm.target.Target({"kind": "llvm", "num-cores": 2})
+    ex = pipeline.build(bb.get(), target)
+    rng = np.random.default_rng(0)
+    xs, rs = rng.standard_normal((1, 32, 32, 64), "float32"), rng.standard_normal((1, 16, 16, 128), "float32")
+    got = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(xs), tvm.runtime.tensor(rs)).numpy()
+    want = np.pad(xs.reshape(1, 16, 2, 16, 2, 64).max(axis=(2, 4)), [(0, 0)] * 3 + [(0, 64)]) + rs
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
