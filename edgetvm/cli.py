@@ -241,15 +241,15 @@ def cmd_demo(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="edgetvm", description="Compile, run and tune ONNX models for edge boards "
+    p = _Parser(prog="edgetvm", description="Compile, run and tune ONNX and TFLite models for edge boards "
                                 "with Apache TVM.")
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
     s = sub.add_parser("targets", help="list the boards edgetvm knows")
     s.set_defaults(func=cmd_targets)
 
-    s = sub.add_parser("compile", help="compile an ONNX model for a board")
-    s.add_argument("model", help="the .onnx file")
+    s = sub.add_parser("compile", help="compile an ONNX or TFLite model for a board")
+    s.add_argument("model", help="the .onnx or .tflite file")
     s.add_argument("--target", "-t", default="host", help="board name (see `edgetvm targets`); default host")
     s.add_argument("--input-shape", action="append", type=_shape_arg, metavar="NAME:D1,D2,...",
                    help="static shape for an input with dynamic dims; repeat for several inputs")

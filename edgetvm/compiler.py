@@ -1,4 +1,4 @@
-"""`edgetvm compile`: an ONNX file and a board in, an artifact directory out (all or nothing)."""
+"""`edgetvm compile`: an ONNX or TFLite file and a board in, an artifact directory out (all or nothing)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import edgetvm
 from edgetvm.costmodels import roofline
 from edgetvm.errors import UserError
-from edgetvm.passes import alq, onnx_import, pipeline
+from edgetvm.passes import alq, model_import, onnx_import, pipeline, sparse
 from edgetvm.runtime import artifact
 from edgetvm.targets import Board
 
@@ -27,19 +27,19 @@ class CompileResult:
 
 
 def output_infos(deploy, model) -> list[onnx_import.TensorInfo]:
-    """Outputs of `main`, named after the ONNX graph outputs, with their static shapes."""
+    """Outputs of `main`, named after the model's graph outputs, with their static shapes."""
     from tvm import relax
 
     ret = deploy["main"].ret_ty
     fields = list(ret.fields) if isinstance(ret, relax.TupleType) else [ret]
-    names = [o.name for o in model.graph.output]
+    names = model_import.output_names(model)
     if len(fields) != len(names):
         names = [f"output{i}" for i in range(len(fields))]
     infos = []
     for name, t in zip(names, fields):
         if not isinstance(t, relax.TensorType) or t.shape is None or t.shape.values is None:
             # The inputs' shapes are all static by now: the output's shape depends on input values.
-            node = onnx_import.shape_source(model)
+            node = model_import.shape_source(model)
             where = (f" (operator {node.op_type}, node '{node.name or node.output[0]}', computes a shape from "
                      f"them)" if node is not None else "")
             raise UserError(f"output '{name}' has a shape that depends on input values, not only input "
@@ -68,12 +68,16 @@ def compile_model(model_path: str | Path, board: Board, out: str | Path,
     model_path, out = Path(model_path), Path(out)
     t0 = time.perf_counter()
     seconds = {}
-    model, inputs = onnx_import.prepare(model_path, input_shapes)
+    model, inputs = model_import.prepare(model_path, input_shapes)
     check_fits(inputs, board, "input")
-    mod, weights = onnx_import.import_onnx(model, inputs)
-    packed = alq.packed_in(model)
+    mod, weights = model_import.import_model(model, inputs)
+    packed = alq.packed_in(model) if model_import.is_onnx(model) else None  # quantize writes ONNX
     if packed:  # multi-bit weights (edgetvm quantize): computed by the bit-packed kernels, stored packed
         mod, weights = alq.apply(mod, weights, packed)
+    subnets = sparse.subnets_in(model) if model_import.is_onnx(model) else None  # `edgetvm dress` writes ONNX
+    if subnets:  # nested sparse subnets over one weight store: the `subnet` input picks one per call
+        mod, weights, stores = sparse.apply(mod, weights, subnets)
+        inputs = sparse.with_subnet_input(inputs)
     seconds["import"] = time.perf_counter() - t0
 
     # Fail on the output directory before minutes of compilation, not after.
@@ -125,6 +129,8 @@ def compile_model(model_path: str | Path, board: Board, out: str | Path,
         }
         if swap_plan is not None:
             manifest["swap"] = swap_plan.finish(index)
+        if subnets:
+            manifest["dress"] = sparse.manifest_entry(subnets, stores, weights)
         artifact.write_manifest(stage, manifest)
         artifact.open_artifact(stage, verify=False)  # never publish an artifact that `run` would refuse
     seconds["total"] = time.perf_counter() - t0

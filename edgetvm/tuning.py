@@ -52,10 +52,10 @@ INTERRUPTED = "edgetvm: interrupted before this candidate was built"
 
 
 def _model_identity(model_path: str | Path, input_shapes) -> tuple[dict, list]:
-    from edgetvm.passes import onnx_import
+    from edgetvm.passes import model_import
     from edgetvm.runtime.artifact import sha256_file
 
-    _model, inputs = onnx_import.prepare(model_path, input_shapes)
+    _model, inputs = model_import.prepare(model_path, input_shapes)
     return {"name": Path(model_path).name, "sha256": sha256_file(Path(model_path))}, inputs
 
 
@@ -173,7 +173,7 @@ def open_database(path: str | Path, board, model_path: str | Path, input_shapes=
     """The tuning database at `path` for applying at compile time (read-only).
 
     Raises UserError when it is missing or damaged, or was made for another board, target, model
-    (sha256 of the ONNX file) or input shapes. A torn last line left by a killed `edgetvm tune`
+    (sha256 of the model file) or input shapes. A torn last line left by a killed `edgetvm tune`
     is skipped (the files are not changed: a tune may still be writing to them).
     """
     path = Path(path)
@@ -249,10 +249,10 @@ def _write_json(path: Path, doc) -> None:
 
 def deploy_module(model_path: str | Path, input_shapes=None):
     """`main` exactly as `edgetvm compile` builds it (import, shape folding, lifted weights)."""
-    from edgetvm.passes import onnx_import, pipeline
+    from edgetvm.passes import model_import, pipeline
 
-    model, inputs = onnx_import.prepare(model_path, input_shapes)
-    mod, _weights = onnx_import.import_onnx(model, inputs)
+    model, inputs = model_import.prepare(model_path, input_shapes)
+    mod, _weights = model_import.import_model(model, inputs)
     _transform, deploy = pipeline.lift_weight_transforms(mod)
     return deploy, inputs
 
@@ -977,11 +977,11 @@ def add_tune_parser(subparsers) -> None:
 
     s = subparsers.add_parser(
         "tune", help="search faster kernels for a board (MetaSchedule + XGBoost), into a database",
-        description="Tune the kernels of an ONNX model for a board with MetaSchedule's evolutionary search "
+        description="Tune the kernels of an ONNX or TFLite model for a board with MetaSchedule's evolutionary search "
                     "and XGBoost cost model, measuring candidates on this machine or on the board over RPC. "
                     "Records go to a database directory that `edgetvm compile --tuning-db` applies. Running "
                     "the same command again continues from the database; Ctrl-C stops and keeps the records.")
-    s.add_argument("model", help="the .onnx file")
+    s.add_argument("model", help="the .onnx or .tflite file")
     s.add_argument("--target", "-t", default="host", help="board name (see `edgetvm targets`); default host")
     s.add_argument("--input-shape", action="append", type=_shape_arg, metavar="NAME:D1,D2,...",
                    help="static shape for an input with dynamic dims (as for compile)")
