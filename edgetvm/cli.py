@@ -124,6 +124,12 @@ def cmd_run(args) -> None:
     if args.link:
         raise UserError("--link applies to split artifacts (made by `edgetvm partition`)")
     art = open_artifact(args.artifact, keep_page_cache=args.keep_page_cache)
+    if args.budget_trace:
+        if args.rpc or args.tracker:
+            raise UserError("--budget-trace runs on this machine: run `edgetvm run` on the board itself")
+        from edgetvm.runtime.subnets import cmd_budget_trace
+
+        return cmd_budget_trace(art, args)
     if args.output:
         out = Path(args.output)
         if not out.resolve().parent.is_dir() or not os.access(out.resolve().parent, os.W_OK):
@@ -282,6 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "machine has memory to spare; a cgroup limit counts that cache)")
     s.add_argument("--link", metavar="LINK", help="split artifacts: the emulated link to run across "
                                                   "(targets/links; default: the bandwidth it was planned for)")
+    s.add_argument("--budget-trace", metavar="TRACE", help="DRESS artifacts: per inference, run the most accurate "
+                   "subnet that fits the trace's next time and memory budget (lines 'TIME_MS MEMORY_MIB [xCOUNT]')")
     s.set_defaults(func=cmd_run)
 
     s = sub.add_parser("board", help="emulated boards for testing")
@@ -317,6 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
     from edgetvm.quant.cli import add_quantize_parser
 
     add_quantize_parser(sub)
+    from edgetvm.sparse.cli import add_dress_parser
+    add_dress_parser(sub)
 
     add_partition_parser(sub)
     add_cutedge_parser(sub)

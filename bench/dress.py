@@ -1,0 +1,238 @@
+"""DRESS: nested row-sparse subnets of one backbone against a dense model and independently pruned ones.
+
+    python bench/dress.py                                        # LeNet5 / MNIST-5k, levels 0,0.5,0.7,0.9
+    python bench/dress.py --train-limit 512 --fp32-epochs 1 --epochs 1 --repeat 20     # a quick look
+
+For each network: train the dense model (checkpointed in --workdir, reused), then all subnets jointly
+(edgetvm/sparse/train.py) and, for each level, an independently pruned (same row-balanced masks, by
+magnitude) and retrained network with as many epochs as the joint training. Everything is compiled for
+the host: the DRESS model into one artifact (sparse kernels, one store, a `subnet` input), the dense
+network with the default pipeline, and each pruned network into its own one-subnet sparse artifact.
+Per subnet it reports
+  accuracy        test accuracy of the subnet, and of the independently pruned network at that sparsity
+  nonzeros        of the sparse weights (the first layer stays dense, see sparse/train.py)
+  weight bytes    the prefix of the store the subnet reads (+ the dense weights)
+  latency ratio   median batch-1 latency over the dense build's, both default schedules, measured
+                  alternately in this run (this machine is shared and loaded: figures are noisy)
+  peak MiB        the resident set a fresh process adds to run the artifact once on that subnet
+then storage (one store against K separately stored pruned models), the switching cost, and a budget
+trace replayed on this machine against a single dense model and against K separately stored pruned
+models that must be loaded when the choice changes (only one fits the memory budget at a time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np  # noqa: E402
+import onnx  # noqa: E402
+
+from edgetvm import data, train  # noqa: E402
+from edgetvm.compiler import compile_model  # noqa: E402
+from edgetvm.quant.cli import limited, pretrained  # noqa: E402
+from edgetvm.runtime import subnets as rt  # noqa: E402
+from edgetvm.runtime.artifact import open_artifact  # noqa: E402
+from edgetvm.runtime.session import Runner  # noqa: E402
+from edgetvm.sparse import masks  # noqa: E402
+from edgetvm.sparse import train as st  # noqa: E402
+from edgetvm.sparse.cli import parse_levels, write_onnx  # noqa: E402
+from edgetvm.targets import load_board  # noqa: E402
+
+SETUPS = {"lenet5": ("mnist", train.lenet5), "vgg_small": ("fashion-mnist", train.vgg_small)}
+
+PEAK = """
+import sys, numpy as np
+def hwm():
+    return int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1]) * 1024
+import tvm
+from edgetvm.runtime.artifact import open_artifact
+from edgetvm.runtime.session import Runner
+base = hwm()
+art = open_artifact(sys.argv[1])
+r = Runner(art)
+x = {i.name: np.zeros(i.shape, i.dtype) for i in art.inputs}
+if "subnet" in x:
+    x["subnet"][:] = int(sys.argv[2])
+r.run(x)
+print(hwm() - base)
+"""
+
+
+def peak_bytes(artifact: Path, level: int = 0) -> int:
+    out = subprocess.run([sys.executable, "-c", PEAK, str(artifact), str(level)], capture_output=True, text=True,
+                         check=True)
+    return int(out.stdout.split()[-1])
+
+
+def median_ms(runner: Runner, inputs: dict, repeat: int) -> float:
+    return runner.time(inputs, repeat=repeat).median_ms
+
+
+def bench_model(name: str, args) -> dict:
+    ds_name, make = SETUPS[name]
+    limit = None if args.train_limit == "all" else int(args.train_limit)
+    ds = limited(data.load(ds_name, seed=args.seed), limit)
+    model = make(n_classes=ds.n_classes, input_shape=ds.image_shape)
+    work = Path(args.workdir)
+    levels = parse_levels(args.levels)
+    progress = not args.quiet
+    t = time.perf_counter()
+    fp32 = pretrained(model, ds, args.fp32_epochs, args.seed, work, progress)
+    dense_acc = train.evaluate(fp32, ds.test)["accuracy"]
+    sub = st.joint_train(model, ds, levels, fp32.params, args.epochs, lr=args.lr, seed=args.seed, progress=progress)
+    joint_s = time.perf_counter() - t
+    independent = [st.pruned_retrained(model, ds, s, fp32.params, args.epochs, lr=args.lr, seed=args.seed,
+                                       progress=progress) for s in levels]
+    board = load_board("host")
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        write_onnx(model, sub, tmp / "dress.onnx")
+        onnx.save(train.to_onnx(model, fp32.params, batch=1), tmp / "dense.onnx")
+        dress_art = compile_model(tmp / "dress.onnx", board, tmp / "dress").path
+        dense_art = compile_model(tmp / "dense.onnx", board, tmp / "dense").path
+        pruned_arts = []
+        for k, (s, (params, acc)) in enumerate(zip(levels, independent)):
+            one = st.Subnets((s,), params, {n: masks.ranking(n, params[n]) for n in st.sparse_weights(model)}, [acc])
+            write_onnx(model, one, tmp / f"pruned{k}.onnx")
+            pruned_arts.append(compile_model(tmp / f"pruned{k}.onnx", board, tmp / f"pruned{k}").path)
+
+        x = {"x": ds.test.x[:1]}
+        sr = rt.SubnetRunner(open_artifact(dress_art))
+        dense = Runner(open_artifact(dense_art))
+        dense_ms, sub_ms = [], [[] for _ in levels]
+        for _ in range(args.rounds_timing):     # alternate, so that load changes hit both alike
+            dense_ms.append(median_ms(dense, x, args.repeat))
+            for k in range(len(levels)):
+                sub_ms[k].append(median_ms(sr.runner, {**x, "subnet": np.array([k], np.int32)}, args.repeat))
+        d_ms = statistics.median(dense_ms)
+        dress_table = sr.dress
+        rows = []
+        for k, s in enumerate(levels):
+            info = dress_table["subnets"][k]
+            rows.append({"sparsity": s, "accuracy": sub.accuracy[k], "independent_accuracy": independent[k][1],
+                         "nonzeros": info["nonzeros"], "weight_bytes": info["weight_bytes"],
+                         "latency_ms": statistics.median(sub_ms[k]),
+                         "latency_ratio": statistics.median(sub_ms[k]) / d_ms,
+                         "peak_bytes": peak_bytes(dress_art, k)})
+        separate = sum(open_artifact(a).manifest["weight_bytes"] for a in pruned_arts)
+        one_store = open_artifact(dress_art).manifest["weight_bytes"]
+
+        sr.calibrate(x)
+        switch = rt.switch_cost(sr, x)
+        trace = make_trace(sr.predicted_ms, [s["weight_bytes"] for s in sr.subnets], args.trace_length, args.seed)
+        dress_run = rt.run_trace(sr, x, trace)
+        dense_run = replay_dense(dense, x, trace, dense_acc, open_artifact(dense_art).manifest["weight_bytes"])
+        sep_run = replay_separate(pruned_arts, [a for _, a in independent], sr, x, trace)
+        dense_peak = peak_bytes(dense_art)
+    return {"model": name, "data": ds.name, "train_images": len(ds.train), "dense_accuracy": dense_acc,
+            "dense_latency_ms": d_ms, "dense_peak_bytes": dense_peak, "training_seconds": joint_s,
+            "subnets": rows, "one_store_bytes": one_store, "separate_bytes": separate,
+            "switch": switch, "trace": {"dress": summary(dress_run), "dense": dense_run, "separate": sep_run}}
+
+
+def make_trace(pred_ms, weight_bytes, n: int, seed: int) -> list:
+    """A budget that changes every few inferences: each phase allows one subnet (1.5x its predicted
+    latency, its weight bytes plus a margin), in a seeded random order; one phase in eight is below every
+    subnet (nothing fits)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    while len(out) < n:
+        k = int(rng.integers(len(pred_ms)))
+        if rng.random() < 1 / 8:
+            b = rt.Budget(0.5 * min(pred_ms), min(weight_bytes) // 2)
+        else:
+            b = rt.Budget(1.5 * pred_ms[k], int(weight_bytes[k] * 1.05))
+        out += [b] * int(rng.integers(3, 8))
+    return out[:n]
+
+
+def summary(run: dict) -> dict:
+    return {k: v for k, v in run.items() if k != "records"}
+
+
+def replay_dense(runner: Runner, x: dict, trace: list, acc: float, weight_bytes: int) -> dict:
+    """A single dense model: it runs whatever the budget; a miss when it is slower than the budget, and
+    an inference the memory budget does not allow counts as a miss too."""
+    args = runner.args(x)
+    misses = 0
+    for b in trace:
+        t = time.perf_counter()
+        runner.call(args)
+        ms = (time.perf_counter() - t) * 1e3
+        misses += ms > b.time_ms or weight_bytes > b.memory_bytes
+    return {"inferences": len(trace), "misses": misses, "accuracy": acc}
+
+
+def replay_separate(arts: list, accs: list, sr: rt.SubnetRunner, x: dict, trace: list) -> dict:
+    """K pruned models stored separately; the memory budget holds one at a time, so when the choice (the
+    same rule as DRESS's) changes, the new model is loaded (opened and mapped, first call) within that
+    inference's time."""
+    loaded, runner, misses, load_ms = None, None, 0, []
+    for b in trace:
+        c = sr.choose(b)
+        t = time.perf_counter()
+        if loaded != c.level:
+            runner = Runner(open_artifact(arts[c.level]))
+            loaded = c.level
+            load_ms.append((time.perf_counter() - t) * 1e3)
+        runner.run({**x, "subnet": np.array([0], np.int32)})
+        misses += c.fits and (time.perf_counter() - t) * 1e3 > b.time_ms
+    chosen = [sr.choose(b).level for b in trace]
+    return {"inferences": len(trace), "misses_where_fitting": int(misses), "loads": len(load_ms),
+            "load_ms_median": statistics.median(load_ms) if load_ms else 0.0,
+            "accuracy": float(np.mean([accs[k] for k in chosen]))}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", default="lenet5")
+    p.add_argument("--levels", default="0,0.5,0.7,0.9")
+    p.add_argument("--fp32-epochs", type=int, default=10)
+    p.add_argument("--epochs", type=int, default=5, help="joint epochs; each independent network gets as many")
+    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--train-limit", default="all", help="training images per data set ('all' or a number)")
+    p.add_argument("--repeat", type=int, default=100, help="timed batch-1 calls per round")
+    p.add_argument("--rounds-timing", type=int, default=3)
+    p.add_argument("--trace-length", type=int, default=200)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workdir", default=str(Path.home() / ".cache" / "edgetvm" / "bench-dress"))
+    p.add_argument("--quiet", action="store_true")
+    args = p.parse_args(argv)
+    results = []
+    for name in args.models.split(","):
+        r = bench_model(name, args)
+        results.append(r)
+        print(f"\n{r['model']} on {r['data']} ({r['train_images']} training images): dense {100 * r['dense_accuracy']:.2f}%, "
+              f"{r['dense_latency_ms']:.3f} ms, peak {r['dense_peak_bytes'] / 2**20:.1f} MiB")
+        print(f"  {'sparsity':>8} {'DRESS %':>8} {'pruned %':>8} {'nonzeros':>9} {'weight KiB':>10} {'ms':>7} "
+              f"{'x dense':>7} {'peak MiB':>8}")
+        for s in r["subnets"]:
+            print(f"  {s['sparsity']:>8.0%} {100 * s['accuracy']:>8.2f} {100 * s['independent_accuracy']:>8.2f} "
+                  f"{s['nonzeros']:>9,} {s['weight_bytes'] / 1024:>10.1f} {s['latency_ms']:>7.3f} "
+                  f"{s['latency_ratio']:>7.2f} {s['peak_bytes'] / 2**20:>8.1f}")
+        print(f"  storage: one store {r['one_store_bytes']:,} bytes vs {r['separate_bytes']:,} for "
+              f"{len(r['subnets'])} separate pruned models")
+        sw = r["switch"]
+        print(f"  switching: {1e3 * sw['switch_ms']:.2f} us, weights shared: {sw['weights_shared']}; first call after "
+              f"a switch {sw['first_call_extra_ms']:+.3f} ms vs a repeated call")
+        t = r["trace"]
+        print(f"  budget trace of {t['dress']['inferences']}: DRESS accuracy {100 * t['dress']['accuracy']:.2f}%, "
+              f"misses {t['dress']['misses_where_fitting']} where a subnet fit, {t['dress']['no_fit']} without one; "
+              f"dense {100 * t['dense']['accuracy']:.2f}%, misses {t['dense']['misses']}; separate pruned "
+              f"{100 * t['separate']['accuracy']:.2f}%, misses {t['separate']['misses_where_fitting']} where one fit "
+              f"({t['separate']['loads']} loads, median {t['separate']['load_ms_median']:.1f} ms)")
+    print(json.dumps(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,306 @@
+"""DRESS: nested row-sparse masks, joint training, sparse kernels over one store, run-time switching."""
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from edgetvm import train
+from edgetvm.cli import main
+from edgetvm.errors import UserError
+from edgetvm.runtime import emulated_board
+from edgetvm.runtime import subnets as rt
+from edgetvm.runtime.artifact import open_artifact
+from edgetvm.sparse import masks
+from edgetvm.sparse import train as st
+from edgetvm.sparse.cli import write_onnx
+
+RNG = np.random.default_rng(0)
+LEVELS = (0.0, 0.5, 0.7, 0.9)
+
+
+# ---- the masks and the store -------------------------------------------------------------------------------
+
+
+def test_every_row_keeps_its_largest_entries_and_sparser_masks_are_subsets_of_denser_ones():
+    w = RNG.normal(size=(300, 40)).astype(np.float32)           # linear (in, out): 40 rows of 300
+    ms = masks.masks("fc.weight", w, LEVELS)
+    rows = [masks.rows_of("fc.weight", m) for m in ms]
+    for s, r in zip(LEVELS, rows):
+        assert (r.sum(axis=1) == round((1 - s) * 300)).all()    # row-balanced: the same count in every row
+    for dense, sparse in zip(rows, rows[1:]):
+        assert (sparse <= dense).all()                           # nested
+    kept = np.abs(masks.rows_of("fc.weight", w)) * rows[2]
+    dropped = np.abs(masks.rows_of("fc.weight", w)) * (1 - rows[2])
+    assert (kept.max(axis=1) >= dropped.max(axis=1)).all()
+    assert (np.where(rows[2] > 0, kept, np.inf).min(axis=1) >= dropped.max(axis=1)).all()
+
+
+def test_the_store_holds_each_subnet_as_a_prefix_and_decodes_to_the_masked_weight():
+    w = RNG.normal(size=(50, 20, 5, 5)).astype(np.float32)      # conv OIHW: 50 rows of 500
+    s = masks.store("conv.weight", w, LEVELS)
+    assert s["idx"].dtype == np.int16 and s["idx"].shape == (4, 500, masks.LANES)   # 50 rows padded to 64
+    for k, m in enumerate(masks.masks("conv.weight", w, LEVELS)):
+        np.testing.assert_array_equal(masks.from_store(s, k), w * m)
+        assert masks.store_bytes(s, k) == s["counts"][k] * 64 * 6 + s["counts"].nbytes
+    # subnet 3's store is the first counts[3] ranks of every block: cutting the store there changes nothing
+    cut = dict(s, idx=s["idx"][:, :s["counts"][3]], val=s["val"][:, :s["counts"][3]])
+    np.testing.assert_array_equal(masks.from_store(cut, 3), masks.from_store(s, 3))
+
+
+@pytest.mark.parametrize("levels, message", [
+    ((0.5, 0.5), "not increasing"), ((0.7, 0.5), "not increasing"), ((0.0, 1.0), "outside [0, 1)"),
+    ((-0.1, 0.5), "outside [0, 1)"), ((), "no sparsity levels")])
+def test_bad_sparsity_levels_are_refused(levels, message):
+    with pytest.raises(UserError, match=message.replace("[", r"\[").replace(")", r"\)")):
+        masks.check_levels(levels)
+
+
+# ---- the kernels over one store ------------------------------------------------------------------------------
+
+
+def _numpy_net(model, params, x):
+    """The reference forward pass of a train.Model in numpy (convs via explicit taps)."""
+    h = x
+    n_conv = n_fc = 0
+    for layer in model.layers:
+        if isinstance(layer, train.Conv):
+            n_conv += 1
+            w, b = params[f"conv{n_conv}.weight"], params[f"conv{n_conv}.bias"]
+            p = layer.pad
+            h = np.pad(h, ((0, 0), (0, 0), (p, p), (p, p)))
+            n, c, hh, ww = h.shape
+            o, _, kh, kw = w.shape
+            oh, ow = hh - kh + 1, ww - kw + 1
+            cols = np.stack([h[:, :, i:i + oh, j:j + ow] for i in range(kh) for j in range(kw)], axis=2)
+            h = np.einsum("ok,nkm->nom", w.reshape(o, -1), cols.reshape(n, c * kh * kw, oh * ow))
+            h = h.reshape(n, o, oh, ow) + b[None, :, None, None]
+        elif isinstance(layer, train.ReLU):
+            h = np.maximum(h, 0)
+        elif isinstance(layer, train.MaxPool):
+            n, c, hh, ww = h.shape
+            s = layer.size
+            h = h[:, :, :hh // s * s, :ww // s * s].reshape(n, c, hh // s, s, ww // s, s).max(axis=(3, 5))
+        elif isinstance(layer, train.Flatten):
+            h = h.reshape(len(h), -1)
+        elif isinstance(layer, train.Linear):
+            n_fc += 1
+            h = h @ params[f"fc{n_fc}.weight"] + params[f"fc{n_fc}.bias"]
+    return h
+
+
+def _subnets(model, seed=1, levels=LEVELS):
+    """Random weights made sparse at the densest level: a Subnets as joint_train returns (no training)."""
+    params = train.init_params(model, seed=seed)
+    params = {n: p + (0.01 * RNG.normal(size=p.shape).astype(np.float32) if n.endswith(".bias") else 0)
+              for n, p in params.items()}
+    names = st.sparse_weights(model)
+    orders = {n: masks.ranking(n, params[n]) for n in names}
+    mks = {n: masks.masks(n, params[n], levels, orders[n]) for n in names}
+    return st.Subnets(levels, st.masked(params, mks, 0), orders, [0.9, 0.8, 0.7, 0.6][:len(levels)])
+
+
+@pytest.fixture(scope="module")
+def lenet_artifact(tmp_path_factory):
+    d = tmp_path_factory.mktemp("dress")
+    model = train.lenet5()
+    sub = _subnets(model)
+    write_onnx(model, sub, d / "m.onnx")
+    assert main(["compile", str(d / "m.onnx"), "-o", str(d / "art")]) == 0
+    x = RNG.random((1, 1, 28, 28)).astype(np.float32)
+    np.save(d / "x.npy", x)
+    return d, model, sub, x
+
+
+def test_the_onnx_file_runs_the_densest_subnet_in_onnxruntime(lenet_artifact):
+    d, model, sub, x = lenet_artifact
+    got = ort.InferenceSession(str(d / "m.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, _numpy_net(model, sub.subnet_params(0), x), rtol=1e-4, atol=1e-4)
+
+
+def test_one_artifact_computes_every_subnet_exactly_as_the_masked_dense_network(lenet_artifact):
+    d, model, sub, x = lenet_artifact
+    art = open_artifact(d / "art")
+    assert [i["name"] for i in art.manifest["inputs"]] == ["x", "subnet"]
+    names = [w["name"] for w in art.manifest["weights"]]
+    assert "fc1.weight" not in names and {"fc1.weight.idx", "fc1.weight.val", "fc1.weight.counts"} <= set(names)
+    assert "conv1.weight" in names                     # the first layer stays dense
+    for k in range(len(LEVELS)):
+        np.save(d / "s.npy", np.array([k], np.int32))
+        assert main(["run", str(d / "art"), "--input", f"x={d / 'x.npy'}", "--input", f"subnet={d / 's.npy'}",
+                     "--output", str(d / "y.npz"), "--repeat", "1"]) == 0
+        want = _numpy_net(model, sub.subnet_params(k), x)
+        np.testing.assert_allclose(np.load(d / "y.npz")["logits"], want, rtol=1e-4, atol=1e-4)
+
+
+def test_the_store_is_held_once_and_each_subnet_reads_a_share_that_falls_with_sparsity(lenet_artifact):
+    d, model, sub, _ = lenet_artifact
+    m = open_artifact(d / "art").manifest
+    table = m["dress"]
+    dense_float = sum(int(np.prod(s)) * 4 for n, s in train.param_shapes(model).items())
+    # one store for all subnets: below two dense copies (int16 indices + values at 0% sparsity)
+    assert m["weight_bytes"] < 2 * dense_float
+    reads = [s["weight_bytes"] for s in table["subnets"]]
+    assert reads == sorted(reads, reverse=True) and reads[3] < 0.2 * reads[0]
+    nnz = [s["nonzeros"] for s in table["subnets"]]
+    assert nnz[0] == sum(int(np.prod(train.param_shapes(model)[n])) for n in st.sparse_weights(model))
+    assert [s["accuracy"] for s in table["subnets"]] == sub.accuracy
+
+
+def test_padded_convolutions_use_the_same_kernels_correctly(tmp_path):
+    model = train.vgg_small(channels=(16, 24), hidden=40)          # 3x3 convs with padding 1
+    sub = _subnets(model, seed=2, levels=(0.2, 0.6))
+    write_onnx(model, sub, tmp_path / "v.onnx")
+    assert main(["compile", str(tmp_path / "v.onnx"), "-o", str(tmp_path / "a")]) == 0
+    from edgetvm.runtime.session import Runner
+
+    r = Runner(open_artifact(tmp_path / "a"))
+    x = RNG.random((1, 1, 28, 28)).astype(np.float32)
+    for k in range(2):
+        got = r.run({"x": x, "subnet": np.array([k], np.int32)})["logits"]
+        np.testing.assert_allclose(got, _numpy_net(model, sub.subnet_params(k), x), rtol=1e-4, atol=1e-4)
+    # a subnet index past the last runs the last (the kernels clamp it: they never read past the store)
+    np.testing.assert_array_equal(r.run({"x": x, "subnet": np.array([7], np.int32)})["logits"],
+                                  r.run({"x": x, "subnet": np.array([1], np.int32)})["logits"])
+
+
+def test_a_model_edited_outside_its_densest_subnet_is_refused(tmp_path, capsys):
+    model = train.lenet5(hidden=20)
+    write_onnx(model, _subnets(model, levels=(0.5, 0.9)), tmp_path / "m.onnx")
+    m = onnx.load(tmp_path / "m.onnx")
+    w = next(t for t in m.graph.initializer if t.name == "fc1.weight")
+    arr = onnx.numpy_helper.to_array(w).copy()
+    arr[arr == 0] = 1.0                                     # fills in what the densest subnet dropped
+    w.CopyFrom(onnx.numpy_helper.from_array(arr, "fc1.weight"))
+    onnx.save(m, tmp_path / "edited.onnx")
+    assert main(["compile", str(tmp_path / "edited.onnx"), "-o", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "fc1.weight has nonzeros outside its densest subnet" in err and len(err.splitlines()) == 1
+
+
+# ---- run-time switching ---------------------------------------------------------------------------------------
+
+
+def test_switching_subnets_passes_the_same_weight_tensors_and_only_changes_the_subnet_input(lenet_artifact):
+    d, _, _, x = lenet_artifact
+    sr = rt.SubnetRunner(open_artifact(d / "art"))
+    a0, a3 = sr.args({"x": x}, 0), sr.args({"x": x}, 3)
+    assert all(p is q for p, q in zip(a0[2:], a3[2:]))       # the weights: the same mapped tensors
+    assert int(a3[1].numpy()[0]) == 3
+    sr.calibrate({"x": x}, repeat=1)
+    cost = rt.switch_cost(sr, {"x": x}, n=50)
+    assert cost["weights_shared"]
+
+
+def test_the_runner_picks_the_most_accurate_subnet_that_fits_and_else_the_smallest(lenet_artifact):
+    d, _, _, _ = lenet_artifact
+    sr = rt.SubnetRunner(open_artifact(d / "art"))
+    sr.predicted_ms = [4.0, 2.0, 1.0, 0.5]                # as if calibrated: no timing in this test
+    mib = [s["weight_bytes"] for s in sr.subnets]
+    assert sr.choose(rt.Budget(10.0, 10 * mib[0])) == rt.Choice(0, True)
+    assert sr.choose(rt.Budget(1.5, 10 * mib[0])) == rt.Choice(2, True)      # time rules out 0 and 1
+    assert sr.choose(rt.Budget(10.0, mib[1])) == rt.Choice(1, True)          # memory rules out 0
+    assert sr.choose(rt.Budget(0.1, 10 * mib[0])) == rt.Choice(3, False)     # nothing fits: the smallest
+
+
+def test_run_with_a_budget_trace_reports_choices_misses_and_subnets_that_do_not_fit(lenet_artifact, capsys):
+    d, _, _, _ = lenet_artifact
+    (d / "trace.txt").write_text("# ms MiB repeats\n1000 64 x3\n1000 0.001\n")
+    assert main(["run", str(d / "art"), "--budget-trace", str(d / "trace.txt")]) == 0
+    out = capsys.readouterr().out
+    assert "4 inferences: subnets used [3, 0, 0, 1]" in out
+    assert "1 of 4 budgets fit no subnet: ran the smallest (subnet 3)" in out
+    assert "no copy" in out
+
+
+@pytest.mark.parametrize("text, message", [
+    ("fast 8\n", "line 1"), ("1.0\n", "line 1"), ("1.0 8\n2.0 -1\n", "line 2"), ("1 8 x0\n", "line 1"),
+    ("# nothing\n", "holds no budgets")])
+def test_a_budget_trace_that_does_not_parse_exits_2_with_one_line(lenet_artifact, text, message, tmp_path, capsys):
+    d, _, _, _ = lenet_artifact
+    (tmp_path / "t.txt").write_text(text)
+    assert main(["run", str(d / "art"), "--budget-trace", str(tmp_path / "t.txt")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+
+
+def test_a_budget_trace_on_an_artifact_without_subnets_is_refused(tmp_path, capsys):
+    model = train.lenet5(hidden=20)
+    onnx.save(train.to_onnx(model, train.init_params(model)), tmp_path / "d.onnx")
+    assert main(["compile", str(tmp_path / "d.onnx"), "-o", str(tmp_path / "a")]) == 0
+    (tmp_path / "t.txt").write_text("1 8\n")
+    assert main(["run", str(tmp_path / "a"), "--budget-trace", str(tmp_path / "t.txt")]) == 2
+    assert "has no subnets" in capsys.readouterr().err
+
+
+# ---- training ----------------------------------------------------------------------------------------------------
+
+
+def test_the_joint_gradient_is_the_weighted_sum_of_each_subnets_masked_gradient(monkeypatch):
+    """One joint step with lr 1 and no momentum moves the backbone by exactly -sum_k c_k g_k * M_k
+    (c normalised to sum 1), and the subnets kept are the masks that step trained."""
+    from edgetvm import data
+
+    model = train.lenet5(hidden=16)
+    ds = data.DataSet("toy", data.Split(RNG.random((64, 1, 28, 28)).astype(np.float32), RNG.integers(0, 10, 64)),
+                      data.Split(np.zeros((0, 1, 28, 28), np.float32), np.zeros(0, np.int64)),
+                      data.Split(RNG.random((64, 1, 28, 28)).astype(np.float32), RNG.integers(0, 10, 64)),
+                      tuple("0123456789"), 0)
+    params = train.init_params(model, seed=3)
+    levels, c = (0.0, 0.5), np.array([0.25, 0.75])
+    sub = st.joint_train(model, ds, levels, params, 1, loss_weights=3 * c, lr=1.0, momentum=0.0, progress=False)
+    t = train.Trainer(model, 64)
+    x, y = next(iter(data.batches(ds.train, 64, 0, 0)))
+    mks = {n: masks.masks(n, params[n], levels) for n in st.sparse_weights(model)}
+    want = {n: p.copy() for n, p in params.items()}
+    for k in range(2):
+        t.set_params(st.masked(params, mks, k))
+        g = t.gradients(x, y)[1]
+        for n in want:
+            want[n] -= c[k] * (g[n] * mks[n][k] if n in mks else g[n])
+    for n in want:       # stored: the densest subnet as trained (the masks the epoch used)
+        expect = want[n] * mks[n][0] if n in mks else want[n]
+        np.testing.assert_allclose(sub.params[n], expect, rtol=1e-4, atol=1e-6)
+    for n in mks:
+        np.testing.assert_array_equal(sub.orders[n], masks.ranking(n, params[n]))
+
+
+@pytest.mark.parametrize("model, args, message", [
+    ("lenet5", ["--levels", "0,0.9,0.5"], "not increasing"), ("lenet5", ["--levels", "0,1"], "outside [0, 1)"),
+    ("lenet5", ["--levels", "0,half"], "not a comma-separated list"), ("lenet5", ["--loss-weights", "1,1"], "give 4"),
+    ("resnet50", [], "unknown model")])
+def test_bad_dress_arguments_exit_2_with_one_line_before_any_training(model, args, message, tmp_path, capsys):
+    assert main(["dress", model, "-o", str(tmp_path / "m.onnx"), "--workdir", str(tmp_path), *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "m.onnx").exists()
+
+
+@pytest.mark.slow
+def test_dress_trains_all_subnets_and_writes_a_model_whose_metadata_compiles(tmp_path, capsys):
+    out = tmp_path / "m.onnx"
+    assert main(["dress", "lenet5", "--data", "mnist", "--train-limit", "256", "--fp32-epochs", "1", "--epochs", "1",
+                 "--workdir", str(tmp_path / "w"), "-o", str(out), "--quiet"]) == 0
+    meta = json.loads(next(p.value for p in onnx.load(out).metadata_props if p.key == masks.METADATA_KEY))
+    assert meta["levels"] == list(LEVELS) and len(meta["accuracy"]) == 4
+    assert "0% sparse" in capsys.readouterr().out
+    assert main(["compile", str(out), "-o", str(tmp_path / "a")]) == 0
+
+
+board_reason = emulated_board.board_unavailable_reason()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(board_reason is not None, reason=f"emulated board unavailable: {board_reason}")
+def test_the_subnets_built_for_rpi4_equal_the_reference_on_the_emulated_board(lenet_artifact):
+    d, model, sub, x = lenet_artifact
+    assert main(["compile", str(d / "m.onnx"), "--target", "rpi4", "-o", str(d / "rpi4")]) == 0
+    with emulated_board.EmulatedBoard() as board:
+        for k in (0, 3):
+            np.save(d / "s.npy", np.array([k], np.int32))
+            assert main(["run", str(d / "rpi4"), "--input", f"x={d / 'x.npy'}", "--input", f"subnet={d / 's.npy'}",
+                         "--output", str(d / "yb.npz"), "--repeat", "1", "--rpc", f"127.0.0.1:{board.port}"]) == 0
+            np.testing.assert_allclose(np.load(d / "yb.npz")["logits"], _numpy_net(model, sub.subnet_params(k), x),
+                                       rtol=1e-4, atol=1e-4)
