@@ -327,6 +327,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_quantize_parser(sub)
     from edgetvm.sparse.cli import add_dress_parser
     add_dress_parser(sub)
+    from edgetvm.update.cli import add_update_parser
+
+    add_update_parser(sub)
 
     add_partition_parser(sub)
     add_cutedge_parser(sub)

@@ -94,6 +94,14 @@ def vgg_small(n_classes: int = 10, input_shape=(1, 28, 28), channels=(32, 64), h
     return Model("vgg_small", tuple(input_shape), tuple(layers))
 
 
+def mlp(n_classes: int = 10, input_shape=(1, 28, 28), hidden=(300, 100)) -> Model:
+    """A multilayer perceptron (LeNet-300-100 by default: 266K parameters on 28x28), as DPU's MNIST runs use."""
+    layers = [Flatten()]
+    for h in hidden:
+        layers += [Linear(h), ReLU()]
+    return Model("mlp", tuple(input_shape), tuple(layers + [Linear(n_classes)]))
+
+
 def param_shapes(model: Model) -> dict[str, tuple[int, ...]]:
     """Parameter name -> shape, in the order the compiled step takes them."""
     shapes: dict[str, tuple[int, ...]] = {}

@@ -17,6 +17,7 @@ Functions a session can call (`session.get_function(NAME)`):
         host:port over a TCP connection of the device's own, sent by a thread of the session while
         the session computes (the device's radio and processor work at once; runtime/cutedge.py)
     edgetvm.pipe.* -> a pipeline stage's node (runtime/pipeline_device.py)
+    edgetvm.update.* -> a weight patch applied to an artifact on the device (runtime/patch.py)
 """
 
 from __future__ import annotations
@@ -112,6 +113,9 @@ def register_functions() -> None:
     from edgetvm.runtime import pipeline_device  # the pipeline's node functions (runtime/pipeline.py)
 
     pipeline_device.register(tvm)
+    from edgetvm.runtime import patch  # edgetvm.update.apply: a weight patch applied on the device
+
+    patch.register(tvm)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -368,7 +368,10 @@ class EmulatedBoard(_Service):
 
     name = "emulated board"
 
-    def __init__(self, port: int | None = None, tracker=None, key: str | None = None):
+    def __init__(self, port: int | None = None, tracker=None, key: str | None = None, functions: bool = False):
+        """functions=True: serve edgetvm's device-side update functions too (runtime/patch.py, copied into
+        the rootfs: it needs only numpy and TVM), so that a weight patch is applied on the board."""
+        self.functions = functions
         if isinstance(tracker, RPCTracker):
             tracker = tracker.address
         if tracker and not key:
@@ -385,6 +388,14 @@ class EmulatedBoard(_Service):
         argv = [f"{VENV}/bin/python", "-m", "tvm.exec.rpc_server", "--host", self.host,
                 "--port", str(self.port), "--port-end", str(self.port + 1),
                 "--load-library", EXTRA_LIB]
+        if self.functions:
+            # runtime/patch.py's serve() runs the same listening loop with its functions registered.
+            # Copied and renamed in: boards sharing the cached rootfs never see a half-written file.
+            tmp = root / "opt" / f".edgetvm_patch.{os.getpid()}.py"
+            shutil.copy(pathlib.Path(__file__).with_name("patch.py"), tmp)
+            os.replace(tmp, root / "opt" / "edgetvm_patch.py")
+            argv = [f"{VENV}/bin/python", "/opt/edgetvm_patch.py", "--host", self.host,
+                    "--port", str(self.port), "--load-library", EXTRA_LIB]
         if self.tracker:
             argv += ["--tracker", self.tracker, "--key", self.key]
         self._spawn(_in_root_cmd(root, *argv), {**_ROOT_ENV, "TVM_USE_RUNTIME_LIB": "1"})

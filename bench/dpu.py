@@ -1,0 +1,130 @@
+"""Deep Partial Updating against full, random partial, global-only and magnitude updating, in one run.
+
+    python bench/dpu.py                                       # small: 3 rounds, MLP on MNIST-5k
+    python bench/dpu.py --setups mlp:mnist,vgg_small:fashion-mnist --rounds 5 -k 0.01 --board
+
+For every setup (model:data) it runs `edgetvm update simulate`'s rounds (edgetvm/update/dpu.py: TVM
+gradients, every method on its own deployed artifact, patches applied for real) and reports per method
+  acc diff      mean over the rounds of (test accuracy - full updating's), in points
+  bytes/round   mean patch bytes as sent (0 for a round without update; full: the weight file)
+  of full       that as a share of a full update's weight file
+With --board, every method's patches are replayed in order on an emulated aarch64 board over TVM RPC
+(runtime/patch.py serving there): `board ms` is the apply time the board measured (emulated: 15-25x
+slower than a real core, so plumbing, not speed) and `wire B` the bytes the RPC session sent per round,
+counted by a relay on this side (the patch plus the call's framing); full updating's wire bytes are an
+upload of the whole weight file through the same relay.
+
+Goals of the issue: at k = 1%, mean accuracy within 0.5 points of full updating on both models, random
+partial updating clearly worse, bytes per round <= 2% of a full update.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from edgetvm.update import dpu  # noqa: E402
+
+
+def replay_on_board(result: dict, workdir: Path) -> dict:
+    """Per method: board-measured apply seconds and wire bytes of each round's patch, on an emulated board."""
+    from tvm import rpc
+
+    from edgetvm.runtime import emulated_board
+    from edgetvm.update.patch import CountingProxy, apply_rpc, deploy_rpc
+
+    out = {}
+    with emulated_board.EmulatedBoard(functions=True) as board:
+        addr = f"127.0.0.1:{board.port}"
+        for m in result["config"]["methods"]:
+            # TVM's RPC server serves one session at a time: close each before apply_rpc opens its own.
+            session = rpc.connect(board.host, board.port, session_timeout=600)
+            deploy_rpc(session, workdir / "initial", f"bench-{m}")
+            del session
+            gc.collect()   # the session object has reference cycles: end the session now
+            rows = []
+            for rec in sorted((r for r in result["records"] if r["method"] == m and r.get("patch")),
+                              key=lambda r: r["round"]):
+                rep = apply_rpc(f"bench-{m}", Path(rec["patch"]).read_bytes(), rpc=addr)
+                rows.append({"round": rec["round"], "board_s": rep["seconds"], "wire": rep["wire_bytes"]["sent"]})
+            out[m] = rows
+        # A full download, measured the same way: the weight file uploaded through the counting relay.
+        proxy = CountingProxy(board.host, board.port)
+        s2 = rpc.connect("127.0.0.1", proxy.port, session_timeout=600)
+        before = proxy.counts()[0]
+        s2.upload(str(workdir / "initial" / "weights.bin"), target="full-weights.bin")
+        out["_full_upload_wire"] = proxy.counts()[0] - before
+        proxy.close()
+    # The emulated board's rootfs is shared and cached: leave nothing deployed in it.
+    from edgetvm.runtime import patch as rpatch
+
+    for m in result["config"]["methods"]:
+        shutil.rmtree(emulated_board.cache_dir() / "rootfs" / rpatch.DEPLOY_DIR.lstrip("/") / f"bench-{m}",
+                      ignore_errors=True)
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--setups", default="mlp:mnist", help="model:data,... (default mlp:mnist)")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("-k", type=float, default=0.01)
+    ap.add_argument("--train-limit", type=int, default=None, help="first N training images (Fashion: use ~6000)")
+    ap.add_argument("--epochs-initial", type=int, default=5)
+    ap.add_argument("--epochs-update", type=int, default=2)
+    ap.add_argument("--epochs-finetune", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--board", action="store_true", help="replay the patches on an emulated aarch64 board")
+    ap.add_argument("--workdir", help="keep the deployed artifacts and patches here")
+    ap.add_argument("--json", help="write all figures here")
+    args = ap.parse_args(argv)
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for setup in args.setups.split(","):
+            model, data = setup.split(":")
+            cfg = dpu.Config(model=model, data=data, rounds=args.rounds, k=args.k, train_limit=args.train_limit,
+                             epochs_initial=args.epochs_initial, epochs_update=args.epochs_update,
+                             epochs_finetune=args.epochs_finetune, seed=args.seed)
+            work = Path(args.workdir or tmp) / f"{model}-{data}"
+            t0 = time.perf_counter()
+            res = dpu.simulate(cfg, work, lambda text: print(text, file=sys.stderr) if ":" in text else None)
+            res["seconds"] = time.perf_counter() - t0
+            if args.board:
+                res["board"] = replay_on_board(res, work)
+            results[setup] = res
+            report(setup, res)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+def report(setup: str, res: dict) -> None:
+    cfg = res["config"]
+    print(f"\n{setup}: {cfg['rounds']} rounds, k = {cfg['k']:g}, {res['n_weights']:,} weights, full update "
+          f"{res['full_bytes']:,} bytes ({res['seconds']:.0f} s on a loaded 2-core machine: timings are noisy)")
+    board = res.get("board", {})
+    print(f"{'method':<10} {'mean acc':>9} {'acc diff':>9} {'bytes/round':>12} {'of full':>8} {'updates':>8}"
+          + (f" {'board ms':>9} {'wire B':>9}" if board else ""))
+    for m, s in res["summary"].items():
+        line = (f"{m:<10} {100 * s['mean_accuracy']:8.2f}% {100 * s.get('accuracy_diff_to_full', 0):+8.2f} "
+                f"{s['mean_bytes']:12,.0f} {100 * s['bytes_share']:7.2f}% {s['updates']:>5}/{cfg['rounds']}")
+        if board:
+            rows = board.get(m, [])
+            ms = 1e3 * sum(r["board_s"] for r in rows) / max(len(rows), 1)
+            wire = sum(r["wire"] for r in rows) / cfg["rounds"]
+            if m == "full":
+                wire = board["_full_upload_wire"]
+            line += f" {ms:9.1f} {wire:9,.0f}"
+        print(line)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
