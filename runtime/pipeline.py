@@ -214,6 +214,7 @@ def run_plan(plan_dir, frames: int = 20, distinct: int = 4, log=print) -> RunRes
         th.start()
         collect(0, 1)
         th.join()
+        log(f"streaming {frames} frames")
         t0 = time.perf_counter()
         th = threading.Thread(target=feed, args=(1, frames), daemon=True)
         th.start()

@@ -195,7 +195,65 @@ def deliver(frame, names_json, *tensors) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- calibration (partition/pipeline/calibrate.py)
+# The costs of moving a frame's tensors that the kernels' profiles do not see, measured in the device's
+# session process as CPU seconds (time.process_time: every thread of the session): under the device's
+# CPU quota they take the same processor as its kernels.
+
+def cpu_s() -> float:
+    import time
+
+    return time.process_time()
+
+
+def probe_recv(*tensors) -> int:
+    """What a `put` does with what it receives, without queueing it."""
+    for t in tensors:
+        t.numpy()
+    return 0
+
+
+def probe_send(host: str, port: int, calls: int, nbytes: int) -> str:
+    """CPU seconds per call of `calls` calls sending one tensor of `nbytes` bytes to the server at host:port
+    (a head's forward of a frame: tensors made on the session, then the call)."""
+    import time
+
+    import numpy as np
+    import tvm
+    from tvm import rpc
+
+    sess = rpc.connect(host, int(port), session_timeout=0)
+    fn = sess.get_function("edgetvm.pipe.probe_recv")
+    a = np.ones(max(1, int(nbytes) // 4), "float32")
+    fn(tvm.runtime.tensor(a, sess.cpu()))  # the connection's first call
+    t0 = time.process_time()
+    for _ in range(int(calls)):
+        fn(tvm.runtime.tensor(a, sess.cpu()))
+    return json.dumps({"cpu_s": (time.process_time() - t0) / int(calls)})
+
+
+def probe_join(calls: int, nbytes: int) -> str:
+    """CPU seconds per byte of a head's band work: slicing a band's input rows out of a frame and
+    joining the bands' output rows (numpy copies)."""
+    import time
+
+    import numpy as np
+
+    n = max(64, int(nbytes) // 4)
+    x = np.ones((1, 4, n // 16, 4), "float32")
+    t0 = time.process_time()
+    for _ in range(int(calls)):
+        h = x.shape[2]
+        parts = [np.ascontiguousarray(x[:, :, : h // 2 + 1]), np.ascontiguousarray(x[:, :, h // 2:])]
+        np.concatenate(parts, axis=2)
+    return json.dumps({"cpu_s_per_byte": (time.process_time() - t0) / int(calls) / (2 * x.nbytes)})
+
+
 def register(tvm) -> None:
+    tvm.register_global_func("edgetvm.pipe.cpu_s", cpu_s, override=True)
+    tvm.register_global_func("edgetvm.pipe.probe_recv", probe_recv, override=True)
+    tvm.register_global_func("edgetvm.pipe.probe_send", probe_send, override=True)
+    tvm.register_global_func("edgetvm.pipe.probe_join", probe_join, override=True)
     tvm.register_global_func("edgetvm.pipe.start", start, override=True)
     tvm.register_global_func("edgetvm.pipe.put", put, override=True)
     tvm.register_global_func("edgetvm.pipe.compute", compute, override=True)

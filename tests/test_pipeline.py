@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -176,3 +177,136 @@ def test_real_pipeline_run_matches_single_device(tmp_path):
     assert res.frames == 6 and len(res.latencies_s) == 6
     assert res.identical
     assert not [p for p in NETNS_DIR.glob(f"edgetvm-{os.getpid()}-*")]
+
+
+# ------------------------------------------------------------------ bad input through the CLI, bands, a device lost
+
+def _cli(*argv, env=None, **kw):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "edgetvm.cli", *map(str, argv)], capture_output=True, text=True,
+                          env=env, **kw)
+
+
+def _one_error_line(stderr: str) -> str:
+    lines = [line for line in stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("edgetvm: error: "), stderr
+    return lines[0]
+
+
+def test_cli_fleet_that_cannot_hold_the_model(tmp_path):
+    """Two 64 KiB sensors cannot hold the VGG's weights: refused before any profiling, one line, exit 2."""
+    f = tmp_path / "small.toml"
+    f.write_text("name = 'small'\n" + "".join(
+        f"[[device]]\nname = 's{i}'\nprofile = 'sensor-tiny'\nlink = 'wifi-20mbit'\n" for i in range(2)))
+    r = _cli("pipeline", "plan", zoo.path("vgg"), "--fleet", f, "-o", tmp_path / "plan", timeout=300)
+    assert r.returncode == 2, r.stderr
+    line = _one_error_line(r.stderr)
+    assert "cannot hold vgg.onnx" in line and "small" in line
+    assert not (tmp_path / "plan").exists()
+
+
+def test_cli_unknown_fleet(tmp_path):
+    r = _cli("pipeline", "plan", zoo.path("vgg"), "--fleet", "no-such-fleet", "-o", tmp_path / "p", timeout=300)
+    assert r.returncode == 2 and "unknown fleet 'no-such-fleet'" in _one_error_line(r.stderr)
+
+
+def test_bands_flag_forces_a_shared_stage():
+    """--bands: the search only keeps placements with a stage split in row bands (synthetic conv chain)."""
+    p = _problem(5, 4)
+    p.force_bands = True
+    r = pso.Search(p).pso(seed=0)
+    costs = dp.evaluate(p, r.stages, r.bounds)
+    assert r.period_s < dp.INF and any(c["bands"] for c in costs)
+    ex = pso.Search(p).exhaustive()
+    assert r.period_s <= ex.period_s * 1.05
+
+
+def _mine(before, owner: int):
+    import subprocess
+
+    from edgetvm.runtime import leftovers
+    from edgetvm.runtime.link import VETH_PREFIX
+
+    left = [str(r) for r in leftovers.new_since(before) if r.owner == owner]
+    links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
+    left += [line.split(":")[1].strip() for line in links.splitlines() if f"{VETH_PREFIX}{owner}" in line]
+    return left
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(bool(_can_emulate()), reason="needs root, cgroups and network namespaces")
+def test_real_run_with_row_bands(tmp_path):
+    """VGG over fleet-3 with --bands: a stage's devices compute bands of the same layers over the fleet;
+    outputs bit-identical to the single-device build; nothing left behind."""
+    from edgetvm.partition.pipeline import plan as plans
+    from edgetvm.runtime import leftovers
+    from edgetvm.runtime.pipeline import run_plan
+
+    f = fleets.load_fleet("fleet-3")
+    prep = plans.prepare(zoo.path("vgg"), f)
+    decision = plans.plan(prep, "pso", bands=True)
+    shared = [st for st in decision["stages"] if st["bands"]]
+    assert shared and len(shared[0]["devices"]) >= 2
+    out = plans.write_plan(prep, f, decision, tmp_path / "plan")
+    before = leftovers.find()
+    res = run_plan(out, frames=4, log=lambda *a: None)
+    assert res.identical and len(res.latencies_s) == 4
+    assert not _mine(before, os.getpid())
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(bool(_can_emulate()), reason="needs root, cgroups and network namespaces")
+def test_device_killed_mid_run(tmp_path):
+    """A device's server killed while frames stream: the run stops with one line naming it, exit 2,
+    within a bounded time, and every namespace, link, cgroup and process it made is gone."""
+    import re
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from edgetvm.partition.pipeline import plan as plans
+    from edgetvm.runtime import leftovers
+
+    f = fleets.load_fleet("fleet-2")
+    prep = plans.prepare(zoo.path("vgg"), f)
+    decision = plans.plan(prep, "dp")  # both devices, one stage each
+    victim = decision["stages"][-1]["devices"][0]
+    out = plans.write_plan(prep, f, decision, tmp_path / "plan")
+    before = leftovers.find()
+    # Everything the run makes is marked as this test's (the owner mark), so only it is counted.
+    env = {**os.environ, leftovers.OWNER_ENV: str(os.getpid())}
+    proc = subprocess.Popen([sys.executable, "-m", "edgetvm.cli", "pipeline", "run", str(out), "--frames", "100000"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        port = None
+        for line in proc.stdout:
+            if m := re.match(rf"device {victim}: .* at [\d.]+:(\d+)", line):
+                port = m.group(1)
+            if line.startswith("streaming"):
+                break
+        assert port, "the run never started streaming"
+        time.sleep(2)
+        pids = [p.name for p in Path("/proc").iterdir() if p.name.isdigit()
+                and "edgetvm.runtime.device_server" in _cmdline(p) and f" --port {port} " in _cmdline(p)]
+        assert pids, f"no server process for {victim} on port {port}"
+        for pid in pids:
+            os.kill(int(pid), signal.SIGKILL)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 2, err
+    line = _one_error_line(err)
+    assert f"device '{victim}'" in line, line
+    assert not _mine(before, os.getpid())
+
+
+def _cmdline(p: Path) -> str:
+    try:
+        return (p / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""

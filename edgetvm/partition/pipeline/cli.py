@@ -15,6 +15,10 @@ def add_pipeline_parser(sub) -> None:
     p.add_argument("--fleet", required=True, help="fleet name (targets/fleets) or .toml file")
     p.add_argument("--method", choices=METHODS, default="pso")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--bands", action="store_true",
+                   help="only placements in which several devices share a stage's layers in row bands")
+    p.add_argument("--no-calibrate", action="store_true",
+                   help="skip measuring per-call RPC and band slicing costs on the emulated devices")
     p.add_argument("-o", "--output", required=True, help="plan directory to write")
     p.set_defaults(func=cmd_plan)
     r = psub.add_parser("run", help="stream frames through a plan on the emulated fleet")
@@ -29,9 +33,10 @@ def describe(decision: dict) -> list[str]:
         bands = f" rows {st['bands']}" if st["bands"] else ""
         lines.append(f"  stage {s}: layers {st['layers'][0]}-{st['layers'][1] - 1} on {', '.join(st['devices'])}"
                      f"{bands}; period {st['period_s'] * 1e3:.2f} ms (compute {st['worker_s'] * 1e3:.2f}, "
-                     f"send {st['forward_s'] * 1e3:.2f})")
+                     f"send {st['forward_s'] * 1e3:.2f}, device busy {st.get('busy_s', 0) * 1e3:.2f})")
     pr = decision["predicted"]
-    lines.append(f"  predicted: {pr['throughput_fps']:.2f} frames/s, latency {pr['latency_s'] * 1e3:.1f} ms "
+    cal = "" if decision.get("calibration") else ", uncalibrated"
+    lines.append(f"  predicted{cal}: {pr['throughput_fps']:.2f} frames/s, latency {pr['latency_s'] * 1e3:.1f} ms "
                  f"({decision['method']}, {decision['evaluations']} placements in {decision['search_s']:.2f} s)")
     return lines
 
@@ -43,8 +48,13 @@ def cmd_plan(args) -> int:
     fleet = fleets.load_fleet(args.fleet)
     if args.method == "exhaustive" and len(fleet.devices) > 5:
         raise UserError("--method exhaustive is for fleets of up to 5 devices")
-    prep = plan.prepare(args.model, fleet, log=lambda msg: print(msg, flush=True))
-    decision = plan.plan(prep, args.method, args.seed)
+    from edgetvm.latte.devices import cgroups_unavailable
+    from edgetvm.runtime.link import unavailable_reason
+
+    # Calibrated where the fleet can be emulated here; elsewhere the plan uses the kernels' profiles alone.
+    calibrate = not args.no_calibrate and not (unavailable_reason() or cgroups_unavailable())
+    prep = plan.prepare(args.model, fleet, log=lambda msg: print(msg, flush=True), calibrate=calibrate)
+    decision = plan.plan(prep, args.method, args.seed, bands=args.bands)
     plan.write_plan(prep, fleet, decision, args.output)
     print(f"{prep.model.path.name} over {fleet.name} ({len(fleet.devices)} devices, {prep.problem.n} layers):")
     print("\n".join(describe(decision)))

@@ -10,7 +10,10 @@ head and returns its output rows to it. Per frame, a stage costs
   output rows' transfer), what the head's worker thread waits for;
 - forward: its output's transfer to the next stage's head (to the sink after the last stage), done by
   a thread of the head while the worker computes the next frame;
-- links: the bytes each device's access link carries per frame in each direction, over its rate.
+- links: the bytes each device's access link carries per frame in each direction, over its rate;
+- busy (when calibrated, calibrate.py): each device's processor time per frame, its kernels plus the
+  measured costs of the calls it receives and makes and of a head's band slicing and joining: the
+  head's threads overlap in time but share its CPU quota.
 
 The period of a stage is the largest of those; the pipeline's throughput is 1 / the slowest period.
 A transfer a -> b is bytes / (0.95 x the slower access link: tbf counts Ethernet frames) + a fixed
@@ -48,6 +51,13 @@ class Problem:
     weight_sizes: list[int]
     devices: list                   # FleetDevice
     input_bytes: int = 0
+    # Only placements that split a layer run in row bands (`pipeline plan --bands`): a stage of several
+    # devices whose layers cannot be sliced is then infeasible instead of falling back to its head alone.
+    force_bands: bool = False
+    # Device kind -> measured costs of moving tensors (calibrate.py): seconds of the device per call and
+    # per byte received and sent, per byte of band slicing and joining. None: not calibrated, and a
+    # stage's period is its worker, forward and links alone.
+    overhead: dict | None = None
     _cache: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -127,6 +137,16 @@ class Problem:
         rates = [self.devices[x].bandwidth_bps for x in (a, b) if x is not None]
         return nbytes * 8 / (PAYLOAD_SHARE * min(rates)) + PER_TENSOR_S * tensors
 
+    def _cpu(self, d: int, recv: tuple[int, float] = (0, 0.0), send: tuple[int, float] = (0, 0.0),
+             join_bytes: float = 0.0) -> float:
+        """Device seconds d spends per frame on (calls, bytes) received and sent and on band slicing
+        and joining: processor time its kernels' profiles do not count and its quota still pays for."""
+        o = (self.overhead or {}).get(self.devices[d].kind)
+        if not o:
+            return 0.0
+        return (recv[0] * o["call_recv_s"] + recv[1] * o["byte_recv_s"] + send[0] * o["call_send_s"]
+                + send[1] * o["byte_send_s"] + join_bytes * o["byte_join_s"])
+
     # -------------------------------------------------------------- one stage
 
     def stage(self, devs: tuple[int, ...], i: int, j: int, prev_head: int | None,
@@ -152,18 +172,27 @@ class Problem:
                 bands = [(0, height)] + [(height, height)] * (len(devs) - 1)
             else:
                 bands = band_rows(height, speeds)
-            busy, comp = {}, {}
+            busy, comp, cpu = {}, {}, {}
             for d, (o0, o1) in zip(devs, bands):
                 need = self.band_needs(i, j, o1 - o0)
                 kind = self.devices[d].kind
                 comp[d] = sum(self.times[kind][k] * need.get(self.graph.ops[k]["out"], 0) /
                               self.heights[self.graph.ops[k]["out"]] for k in range(i, j))
                 if d == head:
-                    busy[d] = comp[d]
+                    # its band's input rows sliced out, every band's output rows joined
+                    b_own = sum(self.graph.values[v] * need.get(v, 0) / self.heights[v] for v in ins)
+                    join = self._cpu(d, join_bytes=b_own + out_bytes)
+                    busy[d] = comp[d] + join
+                    cpu[d] = cpu.get(d, 0.0) + join
                     continue
                 b_in = sum(self.graph.values[v] * need.get(v, 0) / self.heights[v] for v in ins)
                 b_out = out_bytes * (o1 - o0) / height
-                busy[d] = self.transfer(b_in, head, d, len(ins)) + comp[d] + self.transfer(b_out, d, head)
+                mate_cpu = self._cpu(d, recv=(1, b_in), send=(1, b_out))
+                head_cpu = self._cpu(head, send=(1, b_in), recv=(1, b_out), join_bytes=b_in)
+                cpu[d] = mate_cpu
+                cpu[head] = cpu.get(head, 0.0) + head_cpu
+                busy[d] = (self.transfer(b_in, head, d, len(ins)) + comp[d] + mate_cpu + head_cpu
+                           + self.transfer(b_out, d, head))
                 up[head] += b_in
                 down[d] += b_in
                 up[d] += b_out
@@ -171,16 +200,25 @@ class Problem:
             res["bands"] = [list(b) for b in bands]
             worker = max(busy.values())
         else:
+            if len(devs) > 1 and self.force_bands:
+                res["feasible"] = False
             devs = (head,)
             res["devices"] = [head]
             comp = {head: self.stage_time(self.devices[head].kind, i, j)}
+            cpu = {}
             worker = comp[head]
             res["bands"] = None
         forward = self.transfer(out_bytes, head, next_head, len(outs))
         receive = self.transfer(in_bytes, prev_head, head, len(ins))
+        # Every device's processor per frame: its kernels and the calibrated costs of its calls. The
+        # head's worker and forwarder threads overlap in time but share its quota.
+        head_io = self._cpu(head, recv=(1, in_bytes), send=(1, out_bytes))
+        cpu[head] = cpu.get(head, 0.0) + head_io
+        busy_s = max(comp[d] + cpu.get(d, 0.0) for d in devs)
+        forward += self._cpu(head, send=(1, out_bytes))
         links = max(max(up[d], down[d]) * 8 / (PAYLOAD_SHARE * self.devices[d].bandwidth_bps) for d in devs)
         res.update(worker_s=worker, forward_s=forward, receive_s=receive, links_s=links,
-                   period_s=max(worker, forward, links) if res["feasible"] else INF,
+                   busy_s=busy_s, period_s=max(worker, forward, links, busy_s) if res["feasible"] else INF,
                    latency_s=worker + forward, compute_s={self.devices[d].name: c for d, c in comp.items()},
                    in_bytes=in_bytes, out_bytes=out_bytes, inputs=ins, outputs=outs)
         self._cache[key] = res

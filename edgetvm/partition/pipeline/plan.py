@@ -34,8 +34,10 @@ class Prepared:
     problem: dp.Problem
 
 
-def prepare(model_path, fleet: Fleet, log=lambda *a: None, shapes=None) -> Prepared:
-    """Import the model, map its layers to the fused graph, profile each device kind of the fleet."""
+def prepare(model_path, fleet: Fleet, log=lambda *a: None, shapes=None, calibrate=False) -> Prepared:
+    """Import the model, map its layers to the fused graph, profile each device kind of the fleet.
+    `calibrate`: True measures the costs of moving tensors on one emulated device per kind
+    (calibrate.py; needs root), a dict gives them (from an earlier measurement), False leaves them out."""
     from tvm import relax
 
     from edgetvm.partition import split
@@ -74,21 +76,54 @@ def prepare(model_path, fleet: Fleet, log=lambda *a: None, shapes=None) -> Prepa
             windows.append(())
         else:
             windows.append(None)
+    sizes = [int(np.asarray(w).nbytes) for w in m.weights]
+    _check_capacity(model_path, fleet, g, sizes)
     times = {}
     for kind in sorted({d.kind for d in fleet.devices}):
         prof = split.profile(m, next(d.profile for d in fleet.devices if d.kind == kind), log)
         times[kind] = list(prof.time_s)
-    sizes = [int(np.asarray(w).nbytes) for w in m.weights]
     problem = dp.Problem(g, times, windows, heights, [], [op["weights"] for op in g.ops], sizes,
                          list(fleet.devices), sum(g.values[v] for v in g.inputs))
+    if calibrate is True:
+        from edgetvm.partition.pipeline.calibrate import calibrate as measure
+
+        problem.overhead = measure(fleet, log)
+    elif calibrate:
+        problem.overhead = dict(calibrate)
     return Prepared(m, can, groups, problem)
 
 
-def plan(prep: Prepared, method: str = "pso", seed: int = 0, particles: int = 24, iterations: int = 40) -> dict:
+def _check_capacity(model_path, fleet: Fleet, graph, sizes: list[int]) -> None:
+    """Before profiling anything: a fleet whose memory cannot hold the weights at all (every weight
+    somewhere, every layer's weights on one device) is refused at once; the DP then checks each
+    stage's weights and live tensors exactly."""
+    from edgetvm.partition.pipeline.dp import MEMORY_HEADROOM
+
+    total = sum(d.memory_bytes for d in fleet.devices)
+    largest = max(d.memory_bytes for d in fleet.devices)
+    need = sum(sizes)
+    layer = max((sum(sizes[w] for w in set(op["weights"])) + MEMORY_HEADROOM * graph.values.get(op["out"], 0)
+                 for op in graph.ops), default=0)
+    if need > total or layer > largest:
+        mib = 1 << 20
+        raise UserError(f"the fleet {fleet.name} cannot hold {Path(model_path).name}: "
+                        + (f"its weights are {need / mib:.2f} MiB, its {len(fleet.devices)} devices have "
+                           f"{total / mib:.2f} MiB in all" if need > total else
+                           f"a layer needs {layer / mib:.2f} MiB, its largest device has {largest / mib:.2f} MiB"))
+
+
+def plan(prep: Prepared, method: str = "pso", seed: int = 0, particles: int = 24, iterations: int = 40,
+         bands: bool = False) -> dict:
     """The placement and stages: "pso" (PSO + DP, intra-layer bands), "exhaustive" (<= 5 devices),
     "dp" (one device per stage, every device, fastest first, DP boundaries), "equal" (the same with
-    equal layer counts), "single" (the best device alone)."""
+    equal layer counts), "single" (the best device alone). `bands` (pso, exhaustive): only placements
+    in which a stage's devices share a run of layers in row bands."""
     p = prep.problem
+    if bands and method not in ("pso", "exhaustive"):
+        raise UserError(f"--bands needs --method pso or exhaustive (not {method})")
+    if p.force_bands != bands:
+        p.force_bands = bands
+        p._cache.clear()  # stage costs depend on it
     search = pso.Search(p)
     t0 = time.perf_counter()
     if method == "pso":
@@ -108,6 +143,9 @@ def plan(prep: Prepared, method: str = "pso", seed: int = 0, particles: int = 24
     else:
         raise UserError(f"unknown planning method '{method}'")
     seconds = time.perf_counter() - t0
+    if not bounds and bands:
+        raise UserError(f"no placement of {prep.model.path.name} over the fleet splits a stage in row bands "
+                        f"(none of its runs of layers can be sliced by rows, or too few devices fit)")
     if not bounds:
         raise UserError(f"the fleet cannot hold {prep.model.path.name}: no placement fits every stage's "
                         f"weights and tensors in its devices' memory")
@@ -116,11 +154,13 @@ def plan(prep: Prepared, method: str = "pso", seed: int = 0, particles: int = 24
         raise UserError(f"the fleet cannot hold {prep.model.path.name} with the {method} split: a stage does not "
                         f"fit its devices' memory")
     period = max(c["period_s"] for c in costs)
-    return {"method": method, "search_s": seconds, "evaluations": len(search.cache),
+    return {"method": method + ("+bands" if bands else ""), "search_s": seconds, "evaluations": len(search.cache),
             "stages": [{"devices": [p.devices[d].name for d in c["devices"]], "layers": c["layers"],
-                        "bands": c["bands"], **{k: c[k] for k in ("worker_s", "forward_s", "links_s", "period_s",
-                                                                    "latency_s", "compute_s", "in_bytes", "out_bytes")}}
+                        "bands": c["bands"], **{k: c[k] for k in ("worker_s", "forward_s", "links_s", "busy_s",
+                                                                    "period_s", "latency_s", "compute_s", "in_bytes",
+                                                                    "out_bytes")}}
                        for c in costs],
+            "calibration": p.overhead,
             "predicted": {"period_s": period, "throughput_fps": 1.0 / period,
                           "latency_s": costs[0]["receive_s"] + sum(c["latency_s"] for c in costs)}}
 

@@ -74,7 +74,10 @@ class Search:
     def fitness(self, stages: list[tuple[int, ...]]) -> float:
         key = self.canonical(stages)
         if key not in self.cache:
-            self.cache[key] = dp.partition(self.p, stages)
+            if self.p.force_bands and all(len(st) == 1 for st in stages):
+                self.cache[key] = (INF, [])  # --bands: a placement without a shared stage does not count
+            else:
+                self.cache[key] = dp.partition(self.p, stages)
         return self.cache[key][0]
 
     def solve(self, stages) -> tuple[float, list[int]]:
