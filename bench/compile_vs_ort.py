@@ -21,6 +21,7 @@ import onnxruntime as ort
 
 from edgetvm import zoo
 from edgetvm.compiler import compile_model, random_inputs
+from edgetvm.costmodels.profile import kernel_times
 from edgetvm.runtime.artifact import open_artifact
 from edgetvm.runtime.session import Runner
 from edgetvm.targets import load_board
@@ -51,8 +52,11 @@ def measure(name: str, workdir: Path, rounds: int, repeat: int) -> dict:
             sess.run(None, x)
             ort_s.append(time.perf_counter() - t)
     tvm_ms, ort_ms = statistics.median(tvm_s) * 1e3, statistics.median(ort_s) * 1e3
+    kernels = kernel_times(runner.vm, runner.entry, runner.args(x), runs=repeat)
+    total = sum(k.seconds for k in kernels)
+    top = ", ".join(f"{k.kernel} {100 * k.seconds / total:.0f}%" for k in kernels[:3])
     return {"model": name, "compile_s": compile_s, "edgetvm_ms": tvm_ms, "ort_ms": ort_ms,
-            "ratio": tvm_ms / ort_ms, "max_diff": diff}
+            "ratio": tvm_ms / ort_ms, "max_diff": diff, "top_kernels": top}
 
 
 def main(argv=None) -> int:
@@ -76,6 +80,9 @@ def main(argv=None) -> int:
     for r in rows:
         print(f"{r['model']:<12} {r['edgetvm_ms']:>10.3f} {r['ort_ms']:>9.3f} {r['ratio']:>10.2f}x "
               f"{r['max_diff']:>10.1e} {r['compile_s']:>9.1f}")
+    print("where edgetvm's time goes (share of its kernels' time, `edgetvm run --profile` prints all):")
+    for r in rows:
+        print(f"  {r['model']:<12} {r['top_kernels']}")
     return 0
 
 

@@ -224,6 +224,51 @@ def _match(seq: list[tuple[str, float]], kernels: list[str]) -> list[float]:
     return out
 
 
+def instrumented_calls(vm, entry: str, args: list, clock=time.perf_counter) -> list[tuple[str, float]]:
+    """(kernel symbol, seconds) of every call one run of `entry` makes, timed by the VM's instrument
+    hook with `clock` (wall time by default: a parallel kernel's threads all count)."""
+    calls: list[tuple[str, float]] = []
+    stack: list[float] = []
+
+    def instrument(func, symbol, before, ret, *a):
+        if before:
+            stack.append(clock())
+        else:
+            calls.append((symbol, clock() - stack.pop()))
+        return 0
+
+    vm.set_instrument(instrument)
+    try:
+        vm[entry](*args)
+    finally:
+        vm.set_instrument(None)
+    return calls
+
+
+@dataclass
+class KernelTime:
+    kernel: str
+    calls: int  # per run
+    seconds: float  # per run, median over the runs
+
+
+def kernel_times(vm, entry: str, args: list, runs: int = 10) -> list[KernelTime]:
+    """Each kernel's time per run of `entry` (all its calls summed, median over `runs`), slowest first."""
+    import numpy as np
+
+    vm[entry](*args)  # warm-up
+    per_run: list[dict[str, list[float]]] = []
+    for _ in range(runs):
+        run: dict[str, list[float]] = {}
+        for symbol, dt in instrumented_calls(vm, entry, args):
+            run.setdefault(symbol, []).append(dt)
+        per_run.append(run)
+    names = list(per_run[0])
+    out = [KernelTime(k, len(per_run[0][k]), float(np.median([sum(r.get(k, [0.0])) for r in per_run])))
+           for k in names]
+    return sorted(out, key=lambda t: -t.seconds)
+
+
 def _child(spec_path: str, out_path: str) -> None:
     import numpy as np
 
@@ -243,16 +288,6 @@ def _child(spec_path: str, out_path: str) -> None:
         Path(spec["cgroup"]["cpuset"], "cgroup.procs").write_text(str(os.getpid()))
     clock = time.thread_time
     calls: list[list[float]] = []
-    current: list = []
-    stack: list[float] = []
-
-    def instrument(func, symbol, before, ret, *a):
-        if before:
-            stack.append(clock())
-        else:
-            current.append((symbol, clock() - stack.pop()))
-        return 0
-
     kernels = spec["kernels"]
     names = set(k for k in kernels if k)
     whole = []
@@ -260,10 +295,7 @@ def _child(spec_path: str, out_path: str) -> None:
         t0 = clock()
         main(*args)
         whole.append(clock() - t0)
-        runner.vm.set_instrument(instrument)
-        current.clear()
-        main(*args)
-        runner.vm.set_instrument(None)
+        current = instrumented_calls(runner.vm, "main", args, clock)
         calls.append(_match([(s, dt) for s, dt in current if s in names], kernels))
     per_op = np.median(np.array(calls), axis=0).tolist() if kernels else []
     Path(out_path).write_text(json.dumps({"time_s": per_op, "call_s": float(np.median(whole))}))

@@ -117,7 +117,12 @@ def cmd_run(args) -> None:
         raise UserError(f"--repeat {args.repeat}: give a positive number of timed runs")
     from edgetvm.partition.split import is_split
 
+    if args.profile and (args.rpc or args.tracker):
+        raise UserError("--profile times kernels with the VM's instrument hook, which cannot cross RPC: run "
+                        "`edgetvm run --profile` on the board itself (or `edgetvm partition` profiles a board's kernels)")
     if is_split(args.artifact):
+        if args.profile:
+            raise UserError("--profile applies to one artifact: give one of the split's parts, or use --report")
         from edgetvm.partition.cli import run_split
 
         return run_split(args)
@@ -127,6 +132,8 @@ def cmd_run(args) -> None:
     if args.budget_trace:
         if args.rpc or args.tracker:
             raise UserError("--budget-trace runs on this machine: run `edgetvm run` on the board itself")
+        if args.profile:
+            raise UserError("--profile and --budget-trace do not combine: profile one subnet without the trace")
         from edgetvm.runtime.subnets import cmd_budget_trace
 
         return cmd_budget_trace(art, args)
@@ -147,6 +154,8 @@ def cmd_run(args) -> None:
                             "run `edgetvm run` there (over RPC the weights would cross the network per block)")
         from edgetvm.runtime.swap import SwapRunner, reset_hwm
 
+        if args.profile:
+            raise UserError("--profile applies to in-memory builds; a swapping build's blocks are timed by --report")
         runner = SwapRunner(art, drop_cache=not args.keep_page_cache)
         reset_hwm()
     else:
@@ -162,10 +171,27 @@ def cmd_run(args) -> None:
         print(f"  output {name}: {y.dtype}[{','.join(map(str, y.shape))}] = [{preview}]")
     print(f"  latency over {args.repeat} runs: min {timing.min_ms:.3f} ms, median {timing.median_ms:.3f} ms, "
           f"max {timing.max_ms:.3f} ms")
+    if args.profile:
+        _profile(runner, inputs, args.repeat, timing.median_ms)
     if args.report:
         _report(art, remote, runner)
     if args.output:
         _save_outputs(args.output, outputs)
+
+
+def _profile(runner, inputs, runs: int, whole_ms: float, top: int = 15) -> None:
+    from edgetvm.costmodels.profile import kernel_times
+
+    times = kernel_times(runner.vm, runner.entry, runner.args(inputs), runs)
+    total = sum(t.seconds for t in times) * 1e3
+    print(f"  kernels (wall time per run, median of {runs} runs): {len(times)} kernels sum to {total:.3f} ms "
+          f"(whole run {whole_ms:.3f} ms)")
+    print(f"    {'share':>6} {'ms':>9} {'calls':>5}  kernel")
+    for t in times[:top]:
+        print(f"    {100 * t.seconds * 1e3 / total if total else 0:5.1f}% {t.seconds * 1e3:9.3f} {t.calls:5d}  {t.kernel}")
+    if len(times) > top:
+        rest = sum(t.seconds for t in times[top:]) * 1e3
+        print(f"    {100 * rest / total if total else 0:5.1f}% {rest:9.3f}        ({len(times) - top} more kernels)")
 
 
 def _save_outputs(path, outputs: dict) -> None:
@@ -279,6 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--rpc", metavar="HOST:PORT", help="run on the board serving TVM RPC here")
     s.add_argument("--tracker", metavar="HOST:PORT", help="run on a board registered with this RPC tracker")
     s.add_argument("--key", help="the board's key at the tracker")
+    s.add_argument("--profile", action="store_true",
+                   help="time every kernel (VM instrument hook, wall time) and print the slowest with their share")
     s.add_argument("--report", action="store_true",
                    help="print per-block bytes, the predicted peak and the measured peak (VmHWM)")
     s.add_argument("--weights", choices=["map", "copy"], default="map",

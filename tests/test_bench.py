@@ -23,3 +23,4 @@ def test_compile_vs_ort_prints_a_ratio_table(capsys):
     for name in ("cnn", "mlp"):
         row = next(l for l in out.splitlines() if l.startswith(name))
         assert float(row.split()[3].rstrip("x")) > 0
+    assert "where edgetvm's time goes" in out and "fused_" in out.split("where edgetvm's time goes")[1]

@@ -124,6 +124,29 @@ def test_cli_run_writes_outputs_and_latency(host_builds, tmp_path, capsys):
         np.testing.assert_array_equal(y[k], v)
 
 
+def test_run_profile_names_every_kernel_with_its_share(host_builds, capsys):
+    from edgetvm.costmodels.profile import instrumented_calls, kernel_times
+
+    art = host_builds("resnet")
+    assert main(["run", str(art), "--repeat", "3", "--profile"]) == 0
+    out = capsys.readouterr().out
+    runner = Runner(open_artifact(art))
+    args = runner.args(random_inputs(runner.art.inputs, 0))
+    times = kernel_times(runner.vm, "main", args, runs=3)
+    # every call main makes is counted, under its kernel, slowest kernel first
+    assert sum(t.calls for t in times) == len(instrumented_calls(runner.vm, "main", args))
+    assert times == sorted(times, key=lambda t: -t.seconds) and all(t.seconds > 0 for t in times)
+    assert len({t.kernel for t in times}) == len(times) > 5
+    assert f"{len(times)} kernels sum to" in out
+    assert times[0].kernel in out and "%" in out
+
+
+def test_run_profile_refuses_a_board_over_rpc(host_builds, capsys):
+    rc = main(["run", str(host_builds("resnet")), "--profile", "--rpc", "127.0.0.1:1"])
+    assert rc == 2
+    assert "cannot cross RPC" in capsys.readouterr().err
+
+
 def _elf(path):
     head = path.read_bytes()[:64]
     assert head[:4] == b"\x7fELF"
