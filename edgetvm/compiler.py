@@ -83,7 +83,7 @@ def compile_model(model_path: str | Path, board: Board, out: str | Path,
     # Fail on the output directory before minutes of compilation, not after.
     with artifact.staging_dir(out) as stage:
         t = time.perf_counter()
-        transform, deploy = pipeline.lift_weight_transforms(mod)
+        transform, deploy = pipeline.lift_weight_transforms(mod, pack_matmuls=memory_budget is None)
         deployed_weights = pipeline.transform_weights(transform, weights)
         names = pipeline.weight_names(deploy)
         outputs = output_infos(deploy, model)

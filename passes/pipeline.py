@@ -9,6 +9,7 @@ from tvm.relax.backend.cpu_generic import pipeline as cpu
 
 from edgetvm.passes import schedule
 from edgetvm.passes.fold_bn import fold_batchnorm_into_conv
+from edgetvm.passes.pack_matmul import pack_weight_matmuls
 
 
 @tvm.transform.module_pass(opt_level=0, name="ClipTakeIndices")
@@ -30,11 +31,12 @@ def clip_take_indices(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
     return out
 
 
-def lift_weight_transforms(mod: tvm.IRModule) -> tuple[tvm.IRModule, tvm.IRModule]:
+def lift_weight_transforms(mod: tvm.IRModule, pack_matmuls: bool = True) -> tuple[tvm.IRModule, tvm.IRModule]:
     """Split `main` into `main_transform_params` (weight-only work: transposes, reshapes, folds) and the rest.
 
     The first runs once, at compile time on the host; the board only ever runs the second, so an ONNX
-    Gemm(transB=1) no longer transposes its weight on every call.
+    Gemm(transB=1) no longer transposes its weight on every call, and matmul weights are packed in
+    column strips there (pack_matmul.py; not for a swapping build, which splits weights by columns).
     """
     lifted = tvm.transform.Sequential([
         clip_take_indices,
@@ -43,6 +45,7 @@ def lift_weight_transforms(mod: tvm.IRModule) -> tuple[tvm.IRModule, tvm.IRModul
         # weight-only half (sqrt(var + eps), the divide) is then lifted too.
         relax.transform.DecomposeOpsForInference(),
         relax.transform.CanonicalizeBindings(),
+        *([pack_weight_matmuls] if pack_matmuls else []),
         relax.transform.LiftTransformParams(),
     ])(mod)
 

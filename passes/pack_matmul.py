@@ -1,0 +1,87 @@
+"""Matmuls on a weight read it packed in column strips: W [K, N] -> [N / 16, K, 16], prepared at compile time.
+
+The default schedule (schedule.py) computes a register tile of 4 rows x 16 columns, walking the
+reduction: on W [K, N] that walk reads 64 bytes per row of W, N * 4 bytes apart, so each tile
+streams K cache lines from as many pages, and every row tile re-reads W that way. Packed, the
+strip a tile needs is one contiguous run of K * 64 bytes. The reshape + transpose that packs it
+uses weights only, so LiftTransformParams moves it into the function that runs once at compile
+time (as it does with a Gemm's transpose); the board only ever sees the packed weight.
+
+Same products summed in the same order: bit-identical to the plain matmul. Left alone: a matmul
+with at most 4 rows (the schedule's matrix-vector path reads W's rows whole, already one stream),
+a weight that is not 2-D or whose columns are not a multiple of 16, non-float32, dynamic shapes.
+"""
+
+from __future__ import annotations
+
+import tvm
+from tvm import relax, te
+
+STRIP = 16  # columns per strip: the default schedule's vector tile on x86 (2 x 8 lanes) and aarch64 (4 x 4)
+_MATMUL = tvm.ir.Op.get("relax.matmul")
+
+
+def _matmul_packed(x, wp):
+    strips, k, width = wp.shape
+    r = te.reduce_axis((0, k), name="k")
+    return te.compute((*x.shape[:-1], strips * width),
+                      lambda *i: te.sum(x[(*i[:-1], r)] * wp[i[-1] // width, r, i[-1] % width], axis=r),
+                      name="matmul_packed")
+
+
+def _static(shape) -> list[int] | None:
+    try:
+        return [int(s) for s in shape]
+    except (TypeError, ValueError):
+        return None
+
+
+def _weight_vars(main: relax.Function) -> set:
+    """main's weight parameters (after its `num_input` inputs) and every binding computed from them alone."""
+    weights = set(main.params[int(main.attrs["num_input"]):])
+    for block in main.body.blocks:
+        for b in block.bindings:
+            free = relax.analysis.free_vars(b.value)
+            if isinstance(b, relax.VarBinding) and free and all(v in weights for v in free):
+                weights.add(b.var)
+    return weights
+
+
+@relax.expr_functor.mutator
+class _Pack(relax.PyExprMutator):
+    def __init__(self, mod, weights):
+        super().__init__(mod)
+        self.weights = weights
+
+    def visit_call_(self, orig):
+        call = super().visit_call_(orig)
+        if not (call.op.same_as(_MATMUL) and isinstance(orig.args[1], relax.Var) and orig.args[1] in self.weights):
+            return call
+        x, w = call.args
+        xs, ws = _static(x.ty.shape), _static(w.ty.shape)
+        if xs is None or ws is None or len(ws) != 2 or len(xs) < 2 or ws[1] % STRIP or x.ty.dtype != "float32" \
+                or w.ty.dtype != "float32" or _rows(xs) <= 4:
+            return call
+        k, n = ws
+        packed = self.builder_.emit(relax.op.permute_dims(relax.op.reshape(w, (k, n // STRIP, STRIP)), [1, 0, 2]))
+        return self.builder_.call_te(_matmul_packed, x, packed, primfunc_name_hint="matmul_packed")
+
+
+def _rows(shape: list[int]) -> int:
+    n = 1
+    for s in shape[:-1]:
+        n *= s
+    return n
+
+
+@tvm.transform.module_pass(opt_level=0, name="PackWeightMatmuls")
+def pack_weight_matmuls(mod: tvm.IRModule, _ctx=None) -> tvm.IRModule:
+    """Rewrite matmul(x, W) on a weight W [K, N] as a matmul over W packed [N / 16, K, 16]."""
+    if "main" not in [gv.name_hint for gv in mod.functions] or "num_input" not in (mod["main"].attrs or {}):
+        return mod
+    main = mod["main"]
+    mutator = _Pack(mod, _weight_vars(main))
+    new_main = mutator.visit_expr(main)
+    out = mutator.builder_.get()
+    out[mod.get_global_var("main")] = new_main
+    return out
