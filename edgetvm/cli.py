@@ -362,6 +362,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_partition_parser(sub)
     add_cutedge_parser(sub)
     add_pipeline_parser(sub)
+    from edgetvm.pipetrain.cli import add_pipetrain_parser
+
+    add_pipetrain_parser(sub)
     add_llm_parsers(sub)
     add_latte_parser(sub)
     return p

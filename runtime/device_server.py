@@ -18,6 +18,7 @@ Functions a session can call (`session.get_function(NAME)`):
         the session computes (the device's radio and processor work at once; runtime/cutedge.py)
     edgetvm.pipe.* -> a pipeline stage's node (runtime/pipeline_device.py)
     edgetvm.update.* -> a weight patch applied to an artifact on the device (runtime/patch.py)
+    edgetvm.ptrain.* -> a pipeline training stage (edgetvm/pipetrain/device.py)
 """
 
 from __future__ import annotations
@@ -116,6 +117,9 @@ def register_functions() -> None:
     from edgetvm.runtime import patch  # edgetvm.update.apply: a weight patch applied on the device
 
     patch.register(tvm)
+    from edgetvm.pipetrain import device as pipetrain_device  # edgetvm.ptrain.*: a training stage
+
+    pipetrain_device.register(tvm)
 
 
 def main(argv: list[str] | None = None) -> None:

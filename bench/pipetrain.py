@@ -1,0 +1,104 @@
+"""Pipeline model-parallel training on emulated devices: 1 device (baseline) against the chosen partitions
+on 2 and 4 devices, GPipe and 1F1B, side by side in one run (docs/pipetrain.md).
+
+    python bench/pipetrain.py [--devices sbc-a53] [--width 0.5] [--batch 64] [--micro-batches 4]
+                              [--train-samples 2048] [--epochs 1] [-o results/pipetrain]
+
+Each configuration trains the same AlexNet-style CNN from the same initial weights on the same
+Fashion-MNIST batches (the first --train-samples of the seeded training split) for --epochs epochs on
+emulated devices of one kind (cgroup CPU quota and memory, a shaped link each, TVM RPC). Printed: the
+per-layer profile, every candidate of the partition/resource search with its predicted step time, then
+per configuration the measured seconds per epoch (training steps only), the predicted ones, the saving
+against one device, validation accuracy, and each stage's busy share. loss.png: loss against wall time
+for every configuration; results.json: everything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--devices", default="sbc-a53", help="the device kind (targets/devices)")
+    ap.add_argument("--link", default="ethernet-100mbit")
+    ap.add_argument("--width", type=float, default=0.5)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--micro-batches", type=int, default=4)
+    ap.add_argument("--train-samples", type=int, default=2048)
+    ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--lr", type=float, default=0.01)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("-o", "--output", default="results/pipetrain")
+    args = ap.parse_args(argv)
+
+    from edgetvm import data as data_mod
+    from edgetvm import train
+    from edgetvm.pipetrain import plan as P
+    from edgetvm.pipetrain.cli import _subset, plot_curves, train_config
+    from edgetvm.pipetrain.emulate import parse_devices
+    from edgetvm.pipetrain.stages import alexnet
+
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    model = alexnet(width=args.width)
+    mb = args.batch // args.micro_batches
+    opt = train.OptimizerConfig("momentum", args.lr)
+    devices = parse_devices(f"4x{args.devices}@{args.link}")
+    t0 = time.perf_counter()
+    prof = P.profile_device(model, mb, devices[0], opt, log=print)
+    profiles = {devices[0].kind: prof}
+    data = _subset(data_mod.load("fashion-mnist", seed=args.seed), args.train_samples)
+    steps = data_mod.steps_per_epoch(data.train, args.batch)
+    configs = []
+    for n in (1, 2, 4):
+        for schedule in (("gpipe",) if n == 1 else ("gpipe", "1f1b")):
+            print(f"search: {n} device(s), {schedule}, {args.micro_batches} micro-batches of {mb}", flush=True)
+            cands = [c for c in P.search(model, mb, args.micro_batches, devices[:n], profiles, schedule,
+                                         log=print, optimizer=opt) if c.n_devices == n]
+            if n == 1:
+                cands = [c for c in cands if len(c.groups) == 1]
+            configs.append((n, schedule, cands[0]))
+    rows, curves = [], {}
+    for n, schedule, cand in configs:
+        label = f"{n} device{'s' if n > 1 else ''}, {len(cand.groups)} stage(s), {schedule}"
+        print(f"training: {label}: {cand.describe()}", flush=True)
+        ns = argparse.Namespace(batch=args.batch, micro_batches=args.micro_batches, schedule=schedule,
+                                lr=args.lr, seed=args.seed, epochs=args.epochs, local=False)
+        cdir = out / f"{n}dev-{schedule}"
+        cdir.mkdir(exist_ok=True)
+        res = train_config(model, cand.bounds, cand.groups, ns, data, cdir, progress=True)
+        hist = res["history"]
+        epoch_s = sum(h["seconds"] for h in hist) / len(hist)
+        rows.append({"config": label, "devices": n, "schedule": schedule, "bounds": list(cand.bounds),
+                     "groups": [[d.name for d in g] for g in cand.groups],
+                     "predicted_epoch_s": cand.step_s * steps, "measured_epoch_s": epoch_s,
+                     "val_accuracy": hist[-1]["val_accuracy"], "loss": hist[-1]["loss"],
+                     "stages": res["totals"]})
+        curves[label] = res["curve"]
+    base = rows[0]["measured_epoch_s"]
+    print(f"\n{model.name} (width {args.width}) on {args.devices} over {args.link}: batch {args.batch}, "
+          f"{args.micro_batches} micro-batches, {steps} steps/epoch, {args.epochs} epoch(s)")
+    print(f"{'configuration':38s} {'measured s/epoch':>16s} {'predicted':>10s} {'error':>7s} {'vs 1 device':>12s} "
+          f"{'val acc':>8s}  stage busy shares")
+    for r in rows:
+        err = r["measured_epoch_s"] / r["predicted_epoch_s"] - 1
+        save = 1 - r["measured_epoch_s"] / base
+        shares = " ".join(f"{v['busy_s'] / max(v['wall_s'], 1e-9):.0%}" for v in r["stages"].values())
+        print(f"{r['config']:38s} {r['measured_epoch_s']:16.1f} {r['predicted_epoch_s']:10.1f} {err:+7.0%} "
+              f"{save:+12.1%} {100 * r['val_accuracy']:7.2f}%  {shares}")
+    plot_curves(out / "loss.png", curves, f"{model.name} w{args.width} on {args.devices}: loss against wall time")
+    (out / "results.json").write_text(json.dumps({"args": vars(args), "profile": prof.to_json(), "rows": rows,
+                                                  "curves": curves, "seconds": time.perf_counter() - t0}, indent=1))
+    print(f"wrote {out}/loss.png and results.json ({time.perf_counter() - t0:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,356 @@
+"""Predicting a pipelined training step from measured per-layer costs, and the partition/resource search.
+
+Profile (per device kind, measured where the stages will run: here, or in an emulated device's RPC
+session): the model cut after every layer, each one-layer stage's forward, backward (which recomputes
+its forward) and optimizer step timed on the device (compute only, as the stage measures it), and every
+call's time seen from the coordinator minus that compute, fitted as a fixed cost per call plus a cost
+per byte moved (the tensors over the device's link and TVM RPC's packing).
+
+Prediction: a candidate is a number of partitions K, the layer bounds of the K stages and the devices of
+each stage (more than one: data-parallel replicas). Its step time is the schedule simulated op by op:
+each replica's thread runs its GPipe or 1F1B operations in order, an operation starts when its thread
+is free and its input exists (the stage before's forward, the stage after's backward), and lasts the
+stage's compute (sum of its layers') plus its calls' fixed and per-byte costs; pipeline fill and drain
+come out of the simulation. Then the replicas' gradient sums (through the coordinator), the optimizer
+step, and the controller's own calls.
+
+Search: for 1..N devices and every way to split them into K consecutive groups (a group: one stage's
+replicas), the layer bounds that minimise the bottleneck stage, then the simulated step time; every
+candidate is printed, the fastest wins.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from edgetvm import train
+from edgetvm.errors import UserError
+from edgetvm.pipetrain import schedule as sch
+from edgetvm.pipetrain.stages import StagePlan, activation_shapes
+
+
+@dataclass
+class Profile:
+    kind: str
+    forward_s: list[float]
+    backward_s: list[float]
+    step_s: list[float]
+    call_s: float              # fixed cost of one call beyond its compute
+    byte_s: float              # cost per byte moved by a call
+    scale: list = field(default_factory=lambda: [1.0, 1.0, 1.0])   # calibrate()'s factors
+
+    def to_json(self) -> dict:
+        return self.__dict__.copy()
+
+
+def _fit(samples: list[tuple[int, float]]) -> tuple[float, float]:
+    x = np.array([b for b, _ in samples], float)
+    y = np.array([t for _, t in samples], float)
+    if len(set(x)) < 2:
+        return max(0.0, float(np.median(y))), 0.0
+    A = np.stack([np.ones_like(x), x], 1)
+    c, b = np.linalg.lstsq(A, y, rcond=None)[0]
+    return max(0.0, float(c)), max(0.0, float(b))
+
+
+def profile(model: train.Model, micro_batch: int, make_stage, kind: str = "host", repeats: int = 3,
+            optimizer: train.OptimizerConfig = train.OptimizerConfig(), log=lambda msg: None,
+            speed: float | None = None) -> Profile:
+    """Per-layer costs: `make_stage(plan, s)` gives stage s of the every-layer plan (a Stage or RemoteStage).
+    With `speed` (a device's CPU quota), compute is its CPU seconds over the quota: a short call under a
+    CFS quota runs unthrottled until the period's budget is spent, so its wall time says too little."""
+    L = len(model.layers)
+    plan = StagePlan(model, tuple(range(L + 1)), micro_batch, optimizer)
+    acts = activation_shapes(model, micro_batch)
+    rng = np.random.default_rng(0)
+    fwd, bwd, opt, comm = [], [], [], []
+    t0 = time.perf_counter()
+    for s in range(L):
+        st = make_stage(plan, s)
+        a = rng.standard_normal((micro_batch, *model.input_shape) if s == 0 else acts[s - 1]).astype(np.float32)
+        g = rng.standard_normal(acts[s]).astype(np.float32)
+        labels = rng.integers(0, model.n_classes, micro_batch)
+        last = s == L - 1
+        out_bytes, back_bytes = g.nbytes, (a.nbytes if s > 0 else 0)
+        times = {"F": [], "B": [], "O": []}
+        for rep in range(repeats + 1):
+            for op in ("F", "B", "O"):
+                st0 = st.stats()
+                c0 = time.perf_counter()
+                if op == "F":
+                    st.forward(rep, a)
+                    moved = a.nbytes + out_bytes
+                elif op == "B":
+                    st.backward_last(rep, labels, 1.0) if last else st.backward(rep, g)
+                    moved = back_bytes + (labels.nbytes if last else g.nbytes)
+                else:
+                    st.step()
+                    moved = 0
+                call = time.perf_counter() - c0
+                st1 = st.stats()
+                busy = st1["busy_s"] - st0["busy_s"]
+                dev_s = busy if speed is None else (st1["cpu_s"] - st0["cpu_s"]) / speed
+                if rep > 0:  # the first round warms caches and the session
+                    times[op].append(dev_s)
+                    comm.append((moved, max(0.0, call - busy)))
+        if last:
+            st.take_losses()
+        fwd.append(float(np.median(times["F"])))
+        bwd.append(float(np.median(times["B"])))
+        opt.append(float(np.median(times["O"])))
+    c, b = _fit(comm)
+    log(f"profiled {model.name} on {kind} (micro-batch {micro_batch}): forward {sum(fwd) * 1e3:.1f} ms, backward "
+        f"{sum(bwd) * 1e3:.1f} ms, optimizer {sum(opt) * 1e3:.1f} ms; a call {c * 1e3:.2f} ms + {b * 1e9:.2f} ms/MB "
+        f"({time.perf_counter() - t0:.0f} s)")
+    return Profile(kind, fwd, bwd, opt, c, b)
+
+
+def profile_here(model, micro_batch, optimizer=train.OptimizerConfig(), log=lambda msg: None) -> Profile:
+    from edgetvm.pipetrain.stages import Stage
+
+    def make(plan, s):
+        names = plan.stage_weights()[s]
+        params = train.init_params(plan.model)
+        return Stage(plan.executable(), plan.n_stages, s, [params[n] for n in names], plan.initial_state(s))
+
+    prof = profile(model, micro_batch, make, "host", optimizer=optimizer, log=log)
+    calibrate(prof, model, micro_batch, lambda plan: make(plan, 0), optimizer, log)
+    return prof
+
+
+def profile_device(model, micro_batch, device, optimizer=train.OptimizerConfig(), log=lambda msg: None) -> Profile:
+    """The per-layer profile measured on one emulated device of `device`'s kind (one session, stage by stage)."""
+    import contextlib
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from edgetvm.pipetrain.device import RemoteStage
+    from edgetvm.runtime.link import EmulatedLink
+    from edgetvm.runtime.pipeline import FleetDevice
+
+    with contextlib.ExitStack() as stack:
+        tmp = Path(tempfile.mkdtemp(prefix="edgetvm-pipetrain-"))
+        stack.callback(shutil.rmtree, tmp, True)
+        link = stack.enter_context(EmulatedLink(device.link))
+        dev = stack.enter_context(FleetDevice(device.profile, link, device.host_cpu, device.name))
+        sess = dev.session()
+        params = train.init_params(model)
+        def make(plan, s):
+            lib = tmp / f"stages{len(plan.bounds) - 1}.so"
+            if not lib.exists():
+                plan.executable().export_library(str(lib))
+            names = plan.stage_weights()[s]
+            state = plan.initial_state(s)
+            arrays = tmp / f"s{s}.npz"
+            np.savez(arrays, **{f"w{i}": params[n] for i, n in enumerate(names)},
+                     **{f"s{i}": a for i, a in enumerate(state)})
+            return RemoteStage(sess, device.name, {"library": str(lib), "arrays": str(arrays), "n_weights": len(names),
+                                                   "n_state": len(state), "n_stages": plan.n_stages, "s": s})
+
+        prof = profile(model, micro_batch, make, device.kind, optimizer=optimizer, log=log)
+        calibrate(prof, model, micro_batch, lambda plan: make(plan, 0), optimizer, log)
+        return prof
+
+
+def calibrate(prof: Profile, model, micro_batch: int, make_whole, optimizer, log=lambda msg: None,
+              m: int = 4, rounds: int = 3) -> None:
+    """Scale the per-layer compute times so that they add up to the whole model's step measured as a
+    step runs (m forwards and backwards back to back, then the optimizer): a device under a CFS quota
+    runs a short call at full speed until the period's budget is spent, so calls timed one at a time
+    look faster than the same calls in a sustained step. The factors are logged."""
+    plan = StagePlan(model, (0, len(model.layers)), micro_batch, optimizer)
+    st = make_whole(plan)
+    rng = np.random.default_rng(1)
+    xs = rng.standard_normal((micro_batch, *model.input_shape)).astype(np.float32)
+    labels = rng.integers(0, model.n_classes, micro_batch)
+    f_t, b_t, o_t, over = [], [], [], []
+    moved_f = xs.nbytes + 4 * micro_batch * model.n_classes
+    for r in range(rounds + 1):
+        for i in range(m):
+            b0 = st.stats()["busy_s"]
+            c0 = time.perf_counter()
+            st.forward(i, xs)
+            c1 = time.perf_counter()
+            b1 = st.stats()["busy_s"]
+            c2 = time.perf_counter()
+            st.backward_last(i, labels, 1.0 / m)
+            c3 = time.perf_counter()
+            b2 = st.stats()["busy_s"]
+            if r:
+                f_t.append(b1 - b0)
+                b_t.append(b2 - b1)
+                over += [c1 - c0 - (b1 - b0) - prof.byte_s * moved_f, c3 - c2 - (b2 - b1) - prof.byte_s * labels.nbytes]
+        b0 = st.stats()["busy_s"]
+        st.step()
+        if r:
+            o_t.append(st.stats()["busy_s"] - b0)
+        st.take_losses()
+    kf = float(np.median(f_t)) / max(sum(prof.forward_s), 1e-9)
+    kb = float(np.median(b_t)) / max(sum(prof.backward_s), 1e-9)
+    ko = float(np.median(o_t)) / max(sum(prof.step_s), 1e-9)
+    prof.forward_s = [t * kf for t in prof.forward_s]
+    prof.backward_s = [t * kb for t in prof.backward_s]
+    prof.step_s = [t * ko for t in prof.step_s]
+    prof.scale = [kf, kb, ko]
+    prof.call_s = max(prof.call_s, float(np.median(over)))
+    log(f"calibrated {prof.kind} against the whole model's sustained step: forward x{kf:.2f}, backward x{kb:.2f}, "
+        f"optimizer x{ko:.2f}; a call {prof.call_s * 1e3:.2f} ms beyond its compute")
+
+
+# ---------------------------------------------------------------- prediction
+
+
+@dataclass
+class Candidate:
+    bounds: tuple
+    groups: list                        # per stage: the devices (FleetDevice-like: .name, .kind) of its replicas
+    step_s: float = 0.0
+    busiest_s: float = 0.0              # the busiest replica's compute and calls in a step
+    memory_ok: bool = True
+    note: str = ""
+
+    @property
+    def n_devices(self) -> int:
+        return sum(len(g) for g in self.groups)
+
+    def describe(self) -> str:
+        stages = " | ".join(f"{self.bounds[s]}-{self.bounds[s + 1] - 1}:" + ",".join(d.name for d in g)
+                            for s, g in enumerate(self.groups))
+        if not self.memory_ok:
+            return f"{len(self.groups)} partitions [{stages}]: does not fit ({self.note})"
+        return (f"{len(self.groups)} partitions [{stages}]: predicted {self.step_s * 1e3:.1f} ms/step "
+                f"(busiest replica {self.busiest_s * 1e3:.1f} ms, fill/drain and waiting "
+                f"{(self.step_s - self.busiest_s) * 1e3:.1f} ms)")
+
+
+def _stage_cost(prof: Profile, a: int, b: int):
+    return sum(prof.forward_s[a:b]), sum(prof.backward_s[a:b]), sum(prof.step_s[a:b])
+
+
+def simulate(model, micro_batch: int, bounds, groups, profiles: dict[str, Profile], schedule: str, m: int,
+             n_weights: list[int] | None = None) -> tuple[float, float]:
+    """(predicted step seconds, busiest replica's seconds) of the schedule over these stages and devices."""
+    S = len(bounds) - 1
+    acts = activation_shapes(model, micro_batch)
+    in_bytes = [4 * micro_batch * int(np.prod(model.input_shape))] + [4 * int(np.prod(acts[bounds[s] - 1]))
+                                                                       for s in range(1, S)]
+    out_bytes = [4 * int(np.prod(acts[bounds[s + 1] - 1])) for s in range(S)]
+    label_bytes = 8 * micro_batch
+    cost = {}
+    for s in range(S):
+        for r, d in enumerate(groups[s]):
+            p = profiles[d.kind]
+            f, bw, o = _stage_cost(p, bounds[s], bounds[s + 1])
+            last = s == S - 1
+            cf = f + p.call_s + p.byte_s * (in_bytes[s] + out_bytes[s])
+            cb = bw + p.call_s + p.byte_s * ((label_bytes if last else out_bytes[s]) + (in_bytes[s] if s else 0))
+            cost[(s, r)] = (cf, cb, o, p)
+    ops = {(s, r): sch.schedule_ops(schedule, S, m, s, r, len(groups[s])) for s in range(S) for r in range(len(groups[s]))}
+    ptr = {k: 0 for k in ops}
+    clock = {k: 0.0 for k in ops}
+    busy = {k: 0.0 for k in ops}
+    doneF, doneB = {}, {}
+    progress = True
+    while progress:
+        progress = False
+        for (s, r), lst in ops.items():
+            while ptr[(s, r)] < len(lst):
+                op, mb = lst[ptr[(s, r)]]
+                if op == "F":
+                    dep = 0.0 if s == 0 else doneF.get((s - 1, mb))
+                else:
+                    dep = doneF.get((s, mb)) if s == S - 1 else doneB.get((s + 1, mb))
+                if dep is None:
+                    break
+                c = cost[(s, r)][0 if op == "F" else 1]
+                start = max(clock[(s, r)], dep)
+                clock[(s, r)] = start + c
+                busy[(s, r)] += c
+                (doneF if op == "F" else doneB)[(s, mb)] = start + c
+                ptr[(s, r)] += 1
+                progress = True
+    if any(ptr[k] < len(v) for k, v in ops.items()):
+        raise RuntimeError("schedule deadlocked in simulation")
+    t = max(clock.values())
+    # replicas: every replica's gradients to the coordinator and the sums back, one replica after another
+    for s in range(S):
+        if len(groups[s]) > 1:
+            nbytes = 4 * (n_weights[s] if n_weights else 0)
+            for r in range(len(groups[s])):
+                p = cost[(s, r)][3]
+                t += 2 * p.call_s + 2 * nbytes * p.byte_s
+    t += max(cost[k][2] + cost[k][3].call_s for k in cost)
+    # the controller's bookkeeping calls (busy counters before and after, the losses), one at a time
+    t += sum(3 * cost[k][3].call_s for k in cost)
+    return t, max(busy[k] + cost[k][2] for k in busy)
+
+
+def _compositions(n: int, k: int):
+    for cuts in itertools.combinations(range(1, n), k - 1):
+        b = (0, *cuts, n)
+        yield [b[i + 1] - b[i] for i in range(k)]
+
+
+def best_bounds(profiles, groups, L: int, m: int, model=None, micro_batch: int = 1) -> tuple:
+    """Layer bounds minimising the slowest stage's per-step time (forward + backward of its share of the
+    micro-batches on its slowest replica, with the bytes its calls move)."""
+    K = len(groups)
+    acts = activation_shapes(model, micro_batch) if model is not None else None
+    best, best_val = None, float("inf")
+    for cuts in itertools.combinations(range(1, L), K - 1):
+        b = (0, *cuts, L)
+        val = 0.0
+        for s, g in enumerate(groups):
+            moved = 0
+            if acts is not None:
+                moved = 2 * 4 * (int(np.prod(acts[b[s + 1] - 1])) + (int(np.prod(acts[b[s] - 1])) if s else 0))
+            per = max(sum(profiles[d.kind].forward_s[b[s]:b[s + 1]]) + sum(profiles[d.kind].backward_s[b[s]:b[s + 1]])
+                      + moved * profiles[d.kind].byte_s for d in g)
+            val = max(val, per * m / len(g))
+            if val >= best_val:
+                break
+        if val < best_val:
+            best, best_val = b, val
+    return best
+
+
+def search(model, micro_batch: int, m: int, devices: list, profiles: dict[str, Profile], schedule: str,
+           max_partitions: int | None = None, log=print, optimizer=train.OptimizerConfig()) -> list[Candidate]:
+    """Every (devices used, grouping into consecutive stages) candidate with its best bounds and predicted step."""
+    from edgetvm.pipetrain.emulate import stage_memory_bytes
+
+    L = len(model.layers)
+    shapes = train.param_shapes(model)
+    out = []
+    for n in range(1, len(devices) + 1):
+        for k in range(1, min(n, L, max_partitions or L) + 1):
+            for sizes in _compositions(n, k):
+                if any(m % size for size in sizes):
+                    continue
+                it = iter(devices[:n])
+                groups = [[next(it) for _ in range(size)] for size in sizes]
+                bounds = best_bounds(profiles, groups, L, m, model, micro_batch)
+                plan = StagePlan(model, bounds, micro_batch, optimizer)
+                cand = Candidate(bounds, groups)
+                for s, g in enumerate(groups):
+                    in_flight = m if schedule == "gpipe" else min(k - s, m)
+                    need = stage_memory_bytes(plan, s, in_flight)
+                    small = [d for d in g if need > 0.8 * d.profile.memory_bytes]
+                    if small:
+                        cand.memory_ok = False
+                        cand.note = f"stage {s} needs ~{need / 2**20:.0f} MiB, {small[0].name} has " \
+                                    f"{small[0].profile.memory_mib:g}"
+                if cand.memory_ok:
+                    nw = [sum(int(np.prod(shapes[nm])) for nm in names) for names in plan.stage_weights()]
+                    cand.step_s, cand.busiest_s = simulate(model, micro_batch, bounds, groups, profiles, schedule, m, nw)
+                log("  " + cand.describe())
+                out.append(cand)
+    ok = [c for c in out if c.memory_ok]
+    if not ok:
+        raise UserError("no candidate fits the devices' memory; use smaller micro-batches or bigger devices")
+    return sorted(ok, key=lambda c: c.step_s)

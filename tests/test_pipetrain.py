@@ -1,0 +1,291 @@
+"""Pipeline model-parallel training: stages of a TVM training step, GPipe/1F1B schedules, the predictor
+and search, a real run over TVM RPC, the CLI's bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edgetvm import train
+from edgetvm.errors import UserError
+from edgetvm.pipetrain import schedule as sch
+from edgetvm.pipetrain.stages import StagePlan, alexnet, check_bounds
+
+SMALL = train.lenet5(channels=(6, 16), hidden=64)
+B = 16
+OPT = train.OptimizerConfig("momentum", 0.05)   # one plan per (bounds, micro-batch): compiled once
+
+
+def _batches(n=3, seed=0, batch=B):
+    rng = np.random.default_rng(seed)
+    return [(rng.standard_normal((batch, 1, 28, 28)).astype("float32"), rng.integers(0, 10, batch)) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """The unsplit training step (train.Trainer) on three batches: losses and final weights."""
+    t = train.Trainer(SMALL, batch=B, optimizer="momentum", lr=0.05)
+    losses = [t.step(x, y) for x, y in _batches()]
+    return losses, t.params
+
+
+@pytest.mark.parametrize("schedule,bounds,micro,replicas", [
+    ("gpipe", (0, 3, 7, 10), 4, None),
+    ("1f1b", (0, 3, 7, 10), 4, None),
+    ("1f1b", (0, 5, 10), 2, None),
+    ("gpipe", (0, 2, 4, 6, 8, 10), 8, None),
+    ("1f1b", (0, 3, 7, 10), 4, [1, 2, 1]),      # a data-parallel stage: gradients summed over replicas
+    ("gpipe", (0, 10), 1, None),                 # one stage, one micro-batch: the plain step
+])
+def test_stages_train_like_the_unsplit_step(reference, schedule, bounds, micro, replicas):
+    ref_losses, ref_params = reference
+    plan = StagePlan(SMALL, bounds, B // micro, OPT)
+    c = sch.Controller(sch.local_replicas(plan, replicas), schedule, micro)
+    losses = [c.step(x, y)["loss"] for x, y in _batches()]
+    params = sch.PipelineTrainer(plan, c, B, 0).params
+    assert set(params) == set(ref_params)
+    for name, ref in ref_params.items():
+        np.testing.assert_allclose(params[name], ref, rtol=1e-4, atol=2e-5, err_msg=name)
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-4)
+    c.close()
+
+
+def test_stage_backward_is_the_vjp():
+    """A middle stage's backward returns the gradient of sum(y * gy) w.r.t. its input (finite differences)."""
+    plan = StagePlan(SMALL, (0, 3, 7, 10), 4, OPT)
+    st = sch.local_replicas(plan)[1][0]
+    rng = np.random.default_rng(3)
+    a = rng.standard_normal((4, 6, 12, 12)).astype("float32")
+    y = st.forward(0, a)
+    gy = rng.standard_normal(y.shape).astype("float32")
+    ga = st.backward(0, gy)
+    assert ga.shape == a.shape
+    d = rng.standard_normal(a.shape).astype("float32")
+    eps = 1e-3
+    fp = (st.forward(-1, a + eps * d, keep=False) * gy).sum(dtype=np.float64)
+    fm = (st.forward(-1, a - eps * d, keep=False) * gy).sum(dtype=np.float64)
+    assert abs((fp - fm) / (2 * eps) - (ga * d).sum(dtype=np.float64)) < 2e-2 * abs((ga * d).sum()) + 1e-3
+
+
+def test_schedules_order():
+    assert sch.gpipe(3, 3, 0) == [("F", 0), ("F", 1), ("F", 2), ("B", 2), ("B", 1), ("B", 0)]
+    assert sch.one_f_one_b(3, 4, 0) == [("F", 0), ("F", 1), ("F", 2), ("B", 0), ("F", 3), ("B", 1), ("B", 2), ("B", 3)]
+    assert sch.one_f_one_b(3, 4, 2) == [("F", 0), ("B", 0), ("F", 1), ("B", 1), ("F", 2), ("B", 2), ("F", 3), ("B", 3)]
+    for S in (1, 2, 4):
+        for M in (1, 3, 8):
+            for s in range(S):
+                for f in (sch.gpipe, sch.one_f_one_b):
+                    ops = f(S, M, s)
+                    assert sorted(ops) == sorted([("F", i) for i in range(M)] + [("B", i) for i in range(M)])
+                    assert all(ops.index(("F", i)) < ops.index(("B", i)) for i in range(M))
+
+
+def test_one_f_one_b_keeps_fewer_activations():
+    plan = StagePlan(SMALL, (0, 3, 7, 10), 4, OPT)
+    peaks = {}
+    for kind in ("gpipe", "1f1b"):
+        reps = sch.local_replicas(plan)
+        sch.Controller(reps, kind, 4).step(*_batches(1)[0])
+        peaks[kind] = [r[0].peak_stash for r in reps]
+    assert peaks["gpipe"] == [4, 4, 4] and peaks["1f1b"] == [3, 2, 1]
+
+
+def test_bad_input_is_one_user_error():
+    with pytest.raises(UserError, match="partitions but .* has only 10 layers"):
+        check_bounds(SMALL, tuple(range(12)))
+    with pytest.raises(UserError, match="does not divide the batch of 16"):
+        sch.check_micro_batches(16, 3)
+    with pytest.raises(UserError, match="unknown schedule"):
+        sch.schedule_ops("zigzag", 2, 2, 0)
+
+
+def test_alexnet_shape():
+    m = alexnet()
+    shapes = train.param_shapes(m)
+    assert sum(1 for n in shapes if n.startswith("conv") and n.endswith("weight")) == 5
+    assert sum(1 for n in shapes if n.startswith("fc") and n.endswith("weight")) == 3
+    assert shapes["fc1.weight"] == (64 * 3 * 3, 256)
+
+
+def test_a_dying_stage_stops_the_step_with_its_name():
+    plan = StagePlan(SMALL, (0, 3, 7, 10), 4, OPT)
+    reps = sch.local_replicas(plan)
+
+    def boom(*a, **k):
+        raise RuntimeError("device 'sbc1' stopped answering")
+
+    reps[1][0].backward = boom
+    c = sch.Controller(reps, "1f1b", 4)
+    with pytest.raises(sch.StageFailed, match="stage 1 failed: device 'sbc1' stopped answering"):
+        c.step(*_batches(1)[0])
+
+
+def _cli(argv, capsys):
+    from edgetvm.cli import main
+
+    code = main(argv)
+    return code, capsys.readouterr().err.strip().splitlines()
+
+
+@pytest.mark.parametrize("extra,match", [
+    (["--micro-batches", "3", "--batch", "32"], "does not divide the batch of 32"),
+    (["--partitions", "40"], "only 19 layers"),
+    (["--bounds", "0,5,19", "--devices", "iot-tiny,iot-tiny", "--batch", "1024", "--micro-batches", "1"],
+     "cannot hold stage 0"),
+    (["--bounds", "0,5,9,19", "--devices", "2xsbc-a53"], "3 stages but --devices gives 2 devices"),
+    (["--devices", "no-such-board"], "unknown device profile|unknown"),
+])
+def test_cli_bad_input_is_one_line_exit_2(tmp_path, capsys, extra, match):
+    import re
+
+    out = tmp_path / "run"
+    code, err = _cli(["pipetrain", "run", "alexnet", "-o", str(out), *extra], capsys)
+    assert code == 2 and len(err) == 1 and re.search(match, err[0]), err
+    assert not out.exists()
+
+
+def _rpc_unavailable():
+    from edgetvm.latte.devices import cgroups_unavailable
+    from edgetvm.runtime.link import unavailable_reason
+
+    return unavailable_reason() or cgroups_unavailable()
+
+
+@pytest.mark.skipif(bool(_rpc_unavailable()), reason="needs root, cgroups and network namespaces")
+def test_two_stages_over_rpc_train_like_the_unsplit_step_and_a_dying_stage_stops(reference, tmp_path):
+    """Two emulated devices (cgroups, shaped links, TVM RPC): the same weights as the unsplit step; then a
+    device killed mid-epoch stops training with a message naming it, the last checkpoint intact."""
+    import os
+    import signal
+
+    from edgetvm.data import DataSet, Split
+    from edgetvm.pipetrain.emulate import EmulatedStages, parse_devices
+
+    ref_losses, ref_params = reference
+    plan = StagePlan(SMALL, (0, 5, 10), B // 4, OPT)
+    devs = parse_devices("2xsbc-a53")
+    rng = np.random.default_rng(5)
+    x = rng.random((8 * B, 1, 28, 28)).astype("float32")
+    y = rng.integers(0, 10, 8 * B)
+    data = DataSet("toy", Split(x, y), Split(x[:B], y[:B]), Split(x[:B], y[:B]), tuple("0123456789"), 0)
+    ck = tmp_path / "ck.npz"
+    with EmulatedStages(plan, [[devs[0]], [devs[1]]], train.init_params(SMALL, 0)) as es:
+        c = sch.Controller(es.replicas, "1f1b", 4, es.names)
+        losses = [c.step(xb, yb)["loss"] for xb, yb in _batches()]
+        params = sch.PipelineTrainer(plan, c, B, 0).params
+        for name, ref in ref_params.items():
+            np.testing.assert_allclose(params[name], ref, rtol=1e-4, atol=2e-5, err_msg=name)
+        np.testing.assert_allclose(losses, ref_losses, rtol=1e-4)
+        busy = c.totals[(1, 0)]
+        assert 0 < busy["busy_s"] < busy["wall_s"] and busy["idle_s"] > 0
+        steps = []
+
+        def kill_in_epoch_2(rec):
+            steps.append(rec)
+            if len(steps) == 10:   # epoch 1 has 8 steps: this is epoch 2, step 2
+                os.killpg(es.devices[devs[1].name].proc.pid, signal.SIGKILL)  # the server and its session
+
+        with pytest.raises(UserError, match=r"epoch 2, step 3: stage 1 on device 'sbc1' failed.*intact"):
+            sch.fit(plan, c, data, 3, B, 0, ck, progress=False, on_step=kill_in_epoch_2)
+        c.close()
+    saved = train.read_checkpoint(ck)
+    assert saved["meta"]["epoch"] == 1 and set(saved["params"]) == set(ref_params)
+
+
+def _fake(names, kind="k", memory_mib=256.0):
+    from edgetvm.latte.devices import Profile as DP
+    from edgetvm.partition.pipeline.fleet import FleetDevice
+    from edgetvm.targets.links import LinkProfile
+
+    prof = DP(kind, "", 1, 1.0, memory_mib, 0.0, 0.0)
+    return [FleetDevice(n, prof, LinkProfile("l", "", 100.0, 0.0)) for n in names]
+
+
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+def test_simulated_step_is_the_pipeline_bubble_formula(schedule):
+    """Equal stages (forward f, backward b), free calls: a step is (M + S - 1)(f + b) plus the optimizer."""
+    from edgetvm.pipetrain import plan as P
+
+    L, f, b, o = 10, 0.001, 0.002, 0.0005
+    prof = P.Profile("k", [f] * L, [b] * L, [o] * L, 0.0, 0.0)
+    for S, M in ((1, 4), (2, 4), (5, 8)):
+        bounds = tuple(range(0, L + 1, L // S))
+        step, busiest = P.simulate(SMALL, 4, bounds, [[d] for d in _fake([f"d{i}" for i in range(S)])],
+                                   {"k": prof}, schedule, M)
+        per = L // S * (f + b)
+        assert step == pytest.approx((M + S - 1) * per + L // S * o, rel=1e-9)
+        assert busiest == pytest.approx(M * per + L // S * o, rel=1e-9)
+
+
+def test_search_prints_every_candidate_and_skips_what_does_not_fit():
+    from edgetvm.pipetrain import plan as P
+
+    L = len(SMALL.layers)
+    prof = P.Profile("k", [0.001] * L, [0.002] * L, [0.0] * L, 1e-4, 1e-9)
+    lines = []
+    cands = P.search(SMALL, 4, 4, _fake(["a", "b", "c"]), {"k": prof}, "1f1b", log=lines.append)
+    # n devices in consecutive groups: 2^(n-1) ways for n = 1, 2, 3, less the 3 replicas of 4 micro-batches
+    assert len(lines) == 1 + 2 + 4 - 1
+    assert all("predicted" in line for line in lines)
+    assert cands[0].step_s == min(c.step_s for c in cands)
+    three = [c for c in cands if len(c.groups) == 3]
+    assert three and three[0].step_s < [c for c in cands if c.n_devices == 1][0].step_s
+    lines.clear()
+    with pytest.raises(UserError, match="no candidate fits"):
+        P.search(SMALL, 4, 4, _fake(["a"], memory_mib=0.01), {"k": prof}, "gpipe", log=lines.append)
+    assert lines and "does not fit" in lines[0]
+
+
+@pytest.mark.slow   # ~30 s: compiles two stages, loads Fashion-MNIST
+def test_cli_run_local_trains_and_writes_checkpoint_history_and_png(tmp_path, capsys):
+    """`pipetrain run --local`: real Fashion-MNIST images through two stages in this process."""
+    import json
+
+    out = tmp_path / "run"
+    code = __import__("edgetvm.cli", fromlist=["main"]).main(
+        ["pipetrain", "run", "lenet5", "--local", "--devices", "2xsbc-a53", "--bounds", "0,5,10", "--batch", "32",
+         "--micro-batches", "4", "--schedule", "gpipe", "--train-samples", "640", "--epochs", "2", "--lr", "0.05",
+         "-o", str(out)])
+    text = capsys.readouterr()
+    assert code == 0, text.err
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.npz", "history.json", "loss.png"]
+    hist = json.loads((out / "history.json").read_text())
+    assert [h["epoch"] for h in hist["history"]] == [1, 2] and len(hist["curve"]) == 2 * (640 // 32)
+    assert hist["history"][-1]["loss"] < hist["history"][0]["loss"]
+    assert hist["history"][-1]["val_accuracy"] > 0.3          # 10 classes: chance is 0.1
+    assert train.read_checkpoint(out / "checkpoint.npz")["meta"]["epoch"] == 2
+    assert "stage 1 on local1: busy" in text.out
+
+
+@pytest.mark.slow   # minutes: profiles a device, then trains 5 configurations on emulated devices
+@pytest.mark.skipif(bool(_rpc_unavailable()), reason="needs root, cgroups and network namespaces")
+def test_bench_prints_measured_and_predicted_side_by_side(tmp_path, capsys):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("bench_pipetrain",
+                                                  Path(__file__).resolve().parent.parent / "bench" / "pipetrain.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--width", "0.25", "--batch", "16", "--micro-batches", "2", "--train-samples", "64",
+                       "-o", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "measured s/epoch" in out and out.count("predicted") > 10
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert [r["devices"] for r in rows] == [1, 2, 2, 4, 4]
+    assert all(r["measured_epoch_s"] > 0 and r["predicted_epoch_s"] > 0 for r in rows)
+    assert (tmp_path / "loss.png").stat().st_size > 0
+
+
+def test_the_pass_refuses_a_cut_inside_a_layer():
+    import tvm
+
+    from edgetvm.passes.train_stages import train_stages
+
+    mod = tvm.IRModule({"backbone": train.backbone(SMALL, 2)})
+    out = train_stages(mod, [5])   # after conv1, relu, pool: one live activation
+    assert {gv.name_hint for gv in out.functions} == {"stage0_forward", "stage0_backward", "stage1_forward",
+                                                      "stage1_backward"}
+    with pytest.raises(ValueError, match="used after the next cut|live activations"):
+        train_stages(mod, [2])     # between conv1's bias reshape and its add
