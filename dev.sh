@@ -7,7 +7,8 @@ cd "$(dirname "$0")"
 
 apt_pkgs=(gcc-aarch64-linux-gnu g++-aarch64-linux-gnu gcc-arm-linux-gnueabihf g++-arm-linux-gnueabihf
           qemu-user-static binfmt-support debootstrap python3-venv
-          dataset-fashion-mnist)  # the real Fashion-MNIST idx files (60k/10k) for edgetvm/data.py
+          dataset-fashion-mnist   # the real Fashion-MNIST idx files (60k/10k) for edgetvm/data.py
+          python3-kanjidraw)      # kanji strokes (data.json only) rendered into few-shot tasks by edgetvm/data.py
 missing=()
 for p in "${apt_pkgs[@]}"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p"); done
 # A Python from elsewhere (pyenv) needs no python3-venv.

@@ -358,6 +358,9 @@ def build_parser() -> argparse.ArgumentParser:
     from edgetvm.update.cli import add_update_parser
 
     add_update_parser(sub)
+    from edgetvm.adapt.cli import add_adapt_parser
+
+    add_adapt_parser(sub)
 
     add_partition_parser(sub)
     add_cutedge_parser(sub)

@@ -278,3 +278,179 @@ def _cached(name: str) -> dict[str, np.ndarray]:
     finally:
         tmp.unlink(missing_ok=True)
     return arrays
+
+
+# ---- few-shot: kanji rendered from stroke data --------------------------------------------------------
+#
+# Debian's python3-kanjidraw ships kanjidraw/data.json: 6,394 kanji, grouped by stroke count, each stroke one
+# line segment (x1, y1, x2, y2) on a 256x256 grid (CC-BY-SA-3.0; the package's code is AGPL and is not
+# used: only the JSON is read). Each character is rendered many times with seeded stroke jitter, a random
+# affine distortion and a random pen width into 28x28 images. These are renders of real characters, not
+# handwriting: the variation within a class is synthetic. Splits are by character (a test character was
+# never seen in meta-training).
+
+KANJI_JSON = Path("/usr/lib/python3/dist-packages/kanjidraw/data.json")
+KANJI_SEED = 20260103
+KANJI_STROKES = (3, 10)          # characters with 3..10 strokes: legible at 28x28
+KANJI_SPLITS = {"train": 600, "val": 100, "test": 200}   # characters per split
+KANJI_RENDERS = 20               # renders per character (Omniglot has 20 drawings per character)
+
+
+@dataclass(frozen=True)
+class FewShot:
+    """Images grouped by class: x[split] is uint8 (n_classes, n_per_class, 28, 28); classes[split] names them."""
+    name: str
+    x: dict
+    classes: dict
+
+    def images(self, split: str) -> np.ndarray:
+        return self.x[split]
+
+
+def kanji_strokes() -> dict[str, list[list[int]]]:
+    """{character: strokes} from kanjidraw's data.json; a one-line UserError if it is missing or damaged."""
+    import json
+
+    if not KANJI_JSON.is_file():
+        raise UserError(f"kanji stroke data ({KANJI_JSON}) is not installed: "
+                        "run `apt-get install python3-kanjidraw` (or `bash dev.sh`)")
+    try:
+        raw = json.loads(KANJI_JSON.read_text(encoding="utf-8"))
+        out = {ch: [list(map(float, s)) for s in strokes]
+               for group in raw.values() for ch, strokes in group.items()}
+    except (ValueError, TypeError, AttributeError) as e:
+        raise UserError(f"{KANJI_JSON} is not kanjidraw's stroke data ({e}); reinstall python3-kanjidraw") from None
+    if not out or any(len(s) != 4 for strokes in out.values() for s in strokes):
+        raise UserError(f"{KANJI_JSON} holds no line-segment strokes; reinstall python3-kanjidraw")
+    return out
+
+
+def render_strokes(strokes, rng: np.random.Generator, size: int = 28, jitter: float = 5.0,
+                   rotate_deg: float = 10.0, scale=(0.85, 1.1), shear: float = 0.15, shift: float = 1.5,
+                   width=(1.0, 1.7)) -> np.ndarray:
+    """One float32 (size, size) image in [0, 1] of line-segment strokes on a 256 grid: every end point moved
+    by N(0, jitter) grid units, then a random rotation, scale, shear and shift, drawn anti-aliased with a
+    random pen width (pixels)."""
+    seg = np.asarray(strokes, np.float64).reshape(-1, 2, 2)
+    seg = seg + rng.normal(0.0, jitter, seg.shape)
+    pts = (seg - 128.0) * (size / 256.0 * 0.9)            # centred, a margin of 5%
+    a = np.deg2rad(rng.uniform(-rotate_deg, rotate_deg))
+    s = rng.uniform(*scale, size=2)
+    sh = rng.uniform(-shear, shear)
+    m = np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]]) @ np.array([[s[0], sh], [0.0, s[1]]])
+    pts = pts @ m.T + (size - 1) / 2.0 + rng.uniform(-shift, shift, 2)
+    half = rng.uniform(*width) / 2.0
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
+    grid = np.stack([xx.ravel(), yy.ravel()], 1)           # (P, 2) as (x, y)
+    p0, p1 = pts[:, 0], pts[:, 1]                           # (S, 2)
+    d = p1 - p0
+    t = np.clip(((grid[None] - p0[:, None]) * d[:, None]).sum(-1) / np.maximum((d * d).sum(-1), 1e-9)[:, None], 0, 1)
+    near = p0[:, None] + t[..., None] * d[:, None]
+    dist = np.sqrt(((grid[None] - near) ** 2).sum(-1)).min(0)
+    return np.clip(half + 0.5 - dist, 0.0, 1.0).reshape(size, size).astype(np.float32)
+
+
+def _render_kanji() -> dict[str, np.ndarray]:
+    strokes = kanji_strokes()
+    eligible = sorted(ch for ch, s in strokes.items() if KANJI_STROKES[0] <= len(s) <= KANJI_STROKES[1])
+    need = sum(KANJI_SPLITS.values())
+    if len(eligible) < need:
+        raise UserError(f"{KANJI_JSON} has {len(eligible)} characters of {KANJI_STROKES[0]}-{KANJI_STROKES[1]} "
+                        f"strokes, {need} are needed; reinstall python3-kanjidraw")
+    chars = [eligible[i] for i in np.random.default_rng(KANJI_SEED).permutation(len(eligible))[:need]]
+    out, start = {}, 0
+    for split, n in KANJI_SPLITS.items():
+        picked = chars[start:start + n]
+        start += n
+        imgs = np.zeros((n, KANJI_RENDERS, 28, 28), np.uint8)
+        for c, ch in enumerate(picked):
+            rng = np.random.default_rng([KANJI_SEED, ord(ch)])   # each character's renders: its own seed
+            for r in range(KANJI_RENDERS):
+                imgs[c, r] = np.round(255 * render_strokes(strokes[ch], rng))
+        out[f"x_{split}"] = imgs
+        out[f"chars_{split}"] = np.array(picked)
+    return out
+
+
+def load_fewshot(name: str = "kanji") -> FewShot:
+    """Class-grouped images for few-shot tasks.
+
+    "kanji": renders of kanjidraw's characters, split by character into train (meta-training), val
+    (meta-validation) and test (meta-test); cached like the other sets.
+    "mnist" / "fashion-mnist" / "digits": the test split of that set grouped by class (a cross-domain
+    meta-test: its "test" split only)."""
+    if name == "kanji":
+        raw = _cached_fewshot()
+        return FewShot("kanji", {s: raw[f"x_{s}"] for s in KANJI_SPLITS},
+                       {s: tuple(str(c) for c in raw[f"chars_{s}"]) for s in KANJI_SPLITS})
+    ds = load(name)
+    if ds.image_shape != (1, 28, 28):
+        raise UserError(f"data set {name!r} has {ds.image_shape[1]}x{ds.image_shape[2]} images; few-shot "
+                        "tasks use 28x28: use mnist or fashion-mnist")
+    per = min(int((ds.test.y == c).sum()) for c in range(ds.n_classes))
+    x = np.stack([np.round(255 * ds.test.x[ds.test.y == c][:per, 0]).astype(np.uint8)
+                  for c in range(ds.n_classes)])
+    return FewShot(name, {"test": x}, {"test": ds.classes})
+
+
+def _cached_fewshot() -> dict[str, np.ndarray]:
+    import json
+
+    files = [KANJI_JSON] if KANJI_JSON.is_file() else []
+    if not files:
+        kanji_strokes()  # raises the one-line error
+    settings = json.dumps([KANJI_SEED, KANJI_STROKES, KANJI_SPLITS, KANJI_RENDERS, CACHE_VERSION])
+    key = hashlib.sha256((_sources_sha256(files) + settings).encode()).hexdigest()
+    path = cache_dir() / "kanji.npz"
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            got = {k: z[k] for k in z.files}
+        meta = str(got.pop("meta"))
+        if meta == key + ":" + _fewshot_sha(got):
+            return got
+        print(f"edgetvm: data cache {path} is stale or damaged; rendering the kanji again", file=sys.stderr)
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        pass
+    arrays = _render_kanji()
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            np.savez(f, meta=np.array(key + ":" + _fewshot_sha(arrays)), **arrays)
+        os.replace(tmp, path)
+    except OSError as e:
+        print(f"edgetvm: cannot write the data cache {path} ({e}); using the renders uncached", file=sys.stderr)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return arrays
+
+
+def _fewshot_sha(arrays: dict[str, np.ndarray]) -> str:
+    h = hashlib.sha256()
+    for k in sorted(arrays):
+        a = np.ascontiguousarray(arrays[k])
+        h.update(f"{k}:{a.dtype.str}:{a.shape}\0".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def sample_task(fs: FewShot, split: str, n_way: int, k_shot: int, q_query: int, rng: np.random.Generator):
+    """One N-way K-shot task: (support x, support y, query x, query y), classes relabelled 0..N-1, images
+    float32 (n, 1, 28, 28) in [0, 1], support sorted by label."""
+    x = fs.x[split]
+    if n_way > len(x):
+        raise UserError(f"{n_way}-way tasks need {n_way} classes; {fs.name}/{split} has {len(x)}")
+    if k_shot + q_query > x.shape[1]:
+        raise UserError(f"{k_shot} shots + {q_query} queries per class need {k_shot + q_query} images per class; "
+                        f"{fs.name}/{split} has {x.shape[1]}: use fewer shots or queries")
+    classes = rng.choice(len(x), n_way, replace=False)
+    sx, sy, qx, qy = [], [], [], []
+    for label, c in enumerate(classes):
+        idx = rng.choice(x.shape[1], k_shot + q_query, replace=False)
+        sx.append(x[c, idx[:k_shot]])
+        qx.append(x[c, idx[k_shot:]])
+        sy += [label] * k_shot
+        qy += [label] * q_query
+    f = lambda a: (np.concatenate(a).astype(np.float32) / 255.0)[:, None]
+    return f(sx), np.array(sy, np.int64), f(qx), np.array(qy, np.int64)
+

@@ -102,6 +102,15 @@ def mlp(n_classes: int = 10, input_shape=(1, 28, 28), hidden=(300, 100)) -> Mode
     return Model("mlp", tuple(input_shape), tuple(layers + [Linear(n_classes)]))
 
 
+def conv4(n_classes: int = 5, input_shape=(1, 28, 28), channels: int = 32) -> Model:
+    """Conv4, the few-shot backbone (MAML, ANIL, p-Meta): four blocks of a 3x3 conv (padding 1), ReLU and a
+    2x2 max pool, then one linear layer; no batch norm (28x28 -> 1x1 x `channels`)."""
+    layers = []
+    for _ in range(4):
+        layers += [Conv(channels, 3, 1), ReLU(), MaxPool(2)]
+    return Model("conv4", tuple(input_shape), tuple(layers + [Flatten(), Linear(n_classes)]))
+
+
 def param_shapes(model: Model) -> dict[str, tuple[int, ...]]:
     """Parameter name -> shape, in the order the compiled step takes them."""
     shapes: dict[str, tuple[int, ...]] = {}

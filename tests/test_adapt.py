@@ -1,0 +1,313 @@
+"""p-Meta: kanji few-shot data, Conv4, the masked adaptation step (passes/adapt_step.py), meta-training, CLI."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tvm
+
+from edgetvm import data, train
+from edgetvm.adapt import step as st
+from edgetvm.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = train.conv4(5, channels=8)
+
+
+# ---- data -------------------------------------------------------------------------------------------
+
+def test_kanji_renders_are_seeded_and_split_by_character():
+    fs = data.load_fewshot("kanji")
+    sizes = {s: x.shape for s, x in fs.x.items()}
+    assert sizes == {"train": (600, 20, 28, 28), "val": (100, 20, 28, 28), "test": (200, 20, 28, 28)}
+    chars = [set(fs.classes[s]) for s in ("train", "val", "test")]
+    assert not (chars[0] & chars[1]) and not (chars[0] & chars[2]) and not (chars[1] & chars[2])
+    # renders of one character differ (jitter + affine), but render the same again from the same seed
+    strokes = data.kanji_strokes()[fs.classes["test"][0]]
+    a = data.render_strokes(strokes, np.random.default_rng(3))
+    b = data.render_strokes(strokes, np.random.default_rng(3))
+    c = data.render_strokes(strokes, np.random.default_rng(4))
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+    assert 0.0 <= a.min() and a.max() <= 1.0 and 0.03 < (a > 0.5).mean() < 0.5   # ink, not a blank or a blot
+    x = fs.x["train"][:50].astype(np.float32)
+    # a render is nearer its own class's mean than most other classes' (the classes are distinguishable)
+    means = x.mean(1)
+    d = ((x[:, 0, None] - means[None]) ** 2).sum((-1, -2))
+    assert (d.argmin(1) == np.arange(50)).mean() > 0.6
+
+
+def test_sample_task_and_bad_shot_counts():
+    fs = data.load_fewshot("kanji")
+    rng = np.random.default_rng(0)
+    sx, sy, qx, qy = data.sample_task(fs, "test", 5, 3, 4, rng)
+    assert sx.shape == (15, 1, 28, 28) and qx.shape == (20, 1, 28, 28) and sx.dtype == np.float32
+    assert list(sy) == [c for c in range(5) for _ in range(3)] and sorted(set(qy)) == list(range(5))
+    with pytest.raises(UserError, match="images per class"):
+        data.sample_task(fs, "test", 5, 15, 10, rng)
+    with pytest.raises(UserError, match="classes"):
+        data.sample_task(fs, "val", 101, 1, 1, rng)
+
+
+def test_mnist_as_cross_domain_tasks():
+    fs = data.load_fewshot("mnist")
+    assert fs.x["test"].shape[:1] == (10,) and fs.x["test"].shape[2:] == (28, 28)
+    sx, sy, qx, qy = data.sample_task(fs, "test", 5, 1, 5, np.random.default_rng(0))
+    assert sx.shape == (5, 1, 28, 28) and len(qy) == 25
+
+
+# ---- the masked step ----------------------------------------------------------------------------------
+
+def _task(batch=10, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.random((batch, 1, 28, 28), dtype=np.float32), (np.arange(batch) % 5).astype(np.int64)
+
+
+def _reference_grads(model, x, y, params):
+    tr = train.Trainer(model, batch=len(x), seed=0)
+    tr.set_params(params)
+    return tr.gradients(x, y)
+
+
+def _slice(a, m):
+    idx = np.flatnonzero(m)
+    return a[:, idx] if st.mask_axis(a.shape) == 1 else a[idx]
+
+
+PARTIAL = {"conv2.weight": np.arange(8) % 3 == 0, "conv3.bias": np.arange(8) < 2,
+           "conv4.weight": np.arange(8) >= 5, "fc1.weight": np.arange(8) % 2 == 1, "fc1.bias": np.ones(5, bool)}
+
+
+@pytest.mark.parametrize("mask", ["partial", "full", "bias"])
+def test_masked_gradients_equal_tvm_full_gradients_on_the_selected_slices(mask):
+    m = {"partial": PARTIAL, "full": st.full_mask(SMALL), "bias": st.bias_mask(SMALL)}[mask]
+    x, y = _task()
+    params = train.init_params(SMALL, 1)
+    loss_ref, ref = _reference_grads(SMALL, x, y, params)
+    step = st.MaskedStep(SMALL, len(x), m, output="grad")
+    loss, got = step.run(x, y, params)
+    assert loss == pytest.approx(loss_ref, rel=1e-5)
+    assert sorted(got) == sorted(n for n in m if np.asarray(m[n]).any())
+    for name, g in got.items():
+        want = _slice(ref[name], step.mask[name])
+        assert g.shape == want.shape
+        np.testing.assert_allclose(g, want, rtol=1e-4, atol=1e-6 * np.abs(want).max())
+
+
+def test_the_update_changes_only_the_selected_slices_by_lr_times_gradient():
+    x, y = _task()
+    params = train.init_params(SMALL, 2)
+    rates = {n: np.linspace(0.01, 0.2, st.mask_len(s)).astype(np.float32) for n, s in train.param_shapes(SMALL).items()}
+    grad = st.MaskedStep(SMALL, len(x), PARTIAL, output="grad")
+    upd = st.MaskedStep(SMALL, len(x), PARTIAL, lr=rates, output="update")
+    _, g = grad.run(x, y, params)
+    _, slices = upd.run(x, y, params)
+    new = upd.apply(params, slices)
+    for name, p in params.items():
+        if name not in upd.mask:
+            assert np.array_equal(new[name], p)
+            continue
+        m = upd.mask[name]
+        keep = ~m
+        kept = new[name][:, keep] if st.mask_axis(p.shape) == 1 else new[name][keep]
+        assert np.array_equal(kept, _slice(p, keep))
+        r = rates[name][m]
+        r = r.reshape([1, -1, 1, 1][:p.ndim] if st.mask_axis(p.shape) == 1 else [-1] + [1] * (p.ndim - 1))
+        np.testing.assert_allclose(_slice(new[name], m), _slice(p, m) - r * g[name], rtol=1e-5, atol=1e-7)
+
+
+def _ops(mod, func="adapt_step"):
+    """(op name, output dtype, attributes) of every binding of the step."""
+    from tvm import relax
+
+    out = []
+    for blk in mod[func].body.blocks:
+        for b in blk.bindings:
+            if isinstance(b.value, relax.Call) and isinstance(b.value.op, tvm.ir.Op):
+                ty = b.var.ty
+                out.append((b.value.op.name, str(getattr(ty, "dtype", "")), b.value.attrs))
+    return out
+
+
+def test_the_step_computes_only_needed_gradients_and_keeps_fewer_activations():
+    top = {"conv4.weight": np.ones(8, bool), "fc1.weight": np.ones(8, bool), "fc1.bias": np.ones(5, bool)}
+    full_ir = st.step_module(SMALL, 10, st.full_mask(SMALL), 0.1, conv_as_matmul=False)
+    top_ir = st.step_module(SMALL, 10, top, 0.1, conv_as_matmul=False)
+    bias_ir = st.step_module(SMALL, 10, st.bias_mask(SMALL), 0.1, conv_as_matmul=False)
+
+    def count(mod, name, **attrs):
+        return sum(1 for op, _, a in _ops(mod) if op == name and all(str(getattr(a, k, None)) == v for k, v in attrs.items()))
+
+    # weight gradients: one conv in CNHW per updated conv weight; input gradients only above the lowest layer
+    assert count(full_ir, "relax.nn.conv2d", data_layout="CNHW") == 4
+    assert count(full_ir, "relax.nn.conv2d_transpose") == 3
+    assert count(top_ir, "relax.nn.conv2d", data_layout="CNHW") == 1
+    assert count(top_ir, "relax.nn.conv2d_transpose") == 0
+    assert count(bias_ir, "relax.nn.conv2d", data_layout="CNHW") == 0
+    # ReLU + pool keep one bool mask each, no float copy; frozen layers below the lowest keep none
+    assert count(full_ir, "relax.logical_and") == 4 and count(top_ir, "relax.logical_and") == 1
+    # planned memory (Relax's planner + kernel scratch): fewer activations kept, less memory
+    p_full = st.planned_memory(full_ir, "adapt_step")
+    p_top = st.planned_memory(top_ir, "adapt_step")
+    p_tvm = st.planned_memory(st.full_step_module(SMALL, 10, conv_as_matmul=False), "backbone_loss_adjoint")
+    assert p_top.inputs == p_full.inputs == p_tvm.inputs
+    assert p_top.planned < 0.6 * p_full.planned
+    assert p_full.dynamic <= 1.05 * p_tvm.dynamic
+
+
+def test_bad_masks_are_one_line_user_errors():
+    with pytest.raises(UserError, match="selects nothing"):
+        st.check_mask(SMALL, {"conv1.weight": np.zeros(1, bool)})
+    with pytest.raises(UserError, match="entries"):
+        st.check_mask(SMALL, {"conv2.weight": np.ones(3, bool)})
+    with pytest.raises(UserError, match="does not have"):
+        st.check_mask(SMALL, {"conv9.weight": np.ones(3, bool)})
+
+
+# ---- meta-training and the command line ------------------------------------------------------------------
+
+def _cli(*argv):
+    from edgetvm.cli import main
+
+    return main([str(a) for a in argv])
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory):
+    """A tiny p-Meta model (8 channels, 3 iterations): plumbing, not accuracy."""
+    d = tmp_path_factory.mktemp("adapt")
+    assert _cli("adapt", "meta-train", "--method", "pmeta", "--iterations", "3", "--channels", "8",
+                "--meta-batch", "2", "--steps", "2", "-o", d / "art", "--png", d / "val.png", "--quiet") == 0
+    return d / "art"
+
+
+def test_meta_train_writes_an_artifact_with_history_and_png(artifact):
+    from edgetvm.adapt import meta
+
+    learner = meta.load(artifact)
+    assert learner.config.method == "pmeta" and len(learner.history) == 3
+    assert all("val_accuracy" in r and 0.0 <= r["val_accuracy"] <= 1.0 for r in learner.history)
+    assert (artifact.parent / "val.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # p-Meta's step sizes moved away from their common start (they are meta-learned)
+    rates = np.concatenate([r for r in learner.rates.values()])
+    assert len(np.unique(np.round(rates, 6))) > 3
+    assert not list(artifact.parent.glob(".art.*"))     # nothing half-written beside it
+
+
+def test_adapt_run_adapts_to_a_support_set(artifact, tmp_path, capsys):
+    assert _cli("adapt", "sample", "--k-shot", "2", "--q-query", "4", "-o", tmp_path / "s.npz",
+                "--query", tmp_path / "q.npz") == 0
+    assert _cli("adapt", "run", artifact, "--support", tmp_path / "s.npz", "--steps", "3",
+                "--query", tmp_path / "q.npz", "-o", tmp_path / "adapted.npz") == 0
+    out = capsys.readouterr().out
+    assert "3 steps on 10 images here" in out and "query accuracy" in out
+    from edgetvm.adapt import meta
+
+    learner = meta.load(artifact)
+    with np.load(tmp_path / "adapted.npz") as z:
+        changed = {n for n in z.files if not np.array_equal(z[n], learner.params[n])}
+    assert changed and changed <= set(learner.mask())
+
+
+@pytest.mark.parametrize("case, message", [
+    ("shape", "the model takes (n, 1, 28, 28) images"),
+    ("labels", "outside the model's 5 classes"),
+    ("missing", "has no image of class"),
+    ("shots", "has only 2 images"),
+    ("empty", "selects nothing"),
+    ("artifact", "is not a meta-trained model"),
+])
+def test_bad_input_is_one_line_and_exit_2(artifact, tmp_path, capsys, case, message):
+    rng = np.random.default_rng(0)
+    x, y = rng.random((10, 1, 28, 28), dtype=np.float32), np.repeat(np.arange(5), 2)
+    art = artifact
+    if case == "shape":
+        x = rng.random((10, 1, 32, 32), dtype=np.float32)
+    elif case == "labels":
+        y = y.copy()
+        y[0] = 7
+    elif case == "missing":
+        y = np.zeros(10, np.int64)
+    elif case == "empty":
+        import shutil
+
+        art = tmp_path / "art"
+        shutil.copytree(artifact, art)
+        with np.load(art / "weights.npz") as z:
+            arrays = {k: (np.zeros_like(z[k]) if k.startswith("rate/") else z[k]) for k in z.files}
+        np.savez(art / "weights.npz", **arrays)
+    elif case == "artifact":
+        art = tmp_path
+    np.savez(tmp_path / "s.npz", x=x, y=y)
+    extra = ["--shots", "3"] if case == "shots" else []
+    out = tmp_path / "adapted.npz"
+    capsys.readouterr()
+    assert _cli("adapt", "run", art, "--support", tmp_path / "s.npz", "--steps", "1", "-o", out, *extra) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and message in err, err
+    assert not out.exists()
+
+
+# ---- memory: planned and measured -------------------------------------------------------------------------
+
+def test_planned_memory_follows_the_mask():
+    """Planned dynamic memory (Relax planner + scratch) of Conv4-32 at a 5-shot support set: updating the
+    top layers only needs less than half of what full fine-tuning (TVM's own Gradient step) needs."""
+    m = train.conv4(5, channels=32)
+    top = {n: v for n, v in st.full_mask(m).items() if n.split(".")[0] in ("conv3", "conv4", "fc1")}
+    full = st.planned_memory(st.full_step_module(m, 25, conv_as_matmul=False), "backbone_loss_adjoint")
+    mine = st.planned_memory(st.step_module(m, 25, top, 0.1, conv_as_matmul=False), "adapt_step")
+    assert mine.dynamic < 0.5 * full.dynamic, (mine, full)
+
+
+@pytest.mark.slow
+def test_pmeta_step_runs_under_a_cgroup_limit_that_kills_full_fine_tuning(tmp_path):
+    """The same support set (5-way 20-shot, Conv4-32): TVM's full fine-tuning step is OOM-killed under a
+    memory limit at which the top-layers step (what p-Meta's mask selects) runs and returns its losses."""
+    from edgetvm.adapt import measure as me
+    from edgetvm.runtime import cgroup
+
+    if cgroup.unavailable_reason():
+        pytest.skip(cgroup.unavailable_reason())
+    m = train.conv4(5, channels=32)
+    params = train.init_params(m, 0)
+    fs = data.load_fewshot("kanji")
+    x, y, _, _ = data.sample_task(fs, "test", 5, 20, 0, np.random.default_rng(0))
+    top = {n: v for n, v in st.full_mask(m).items() if n.split(".")[0] in ("conv3", "conv4", "fc1")}
+    full_dir = me.export(m, len(x), None, 0.05, params, x, y, tmp_path / "full", kind="full", conv_as_matmul=False)
+    top_dir = me.export(m, len(x), top, 0.05, params, x, y, tmp_path / "top", conv_as_matmul=False)
+    full = me.measure(full_dir, steps=2)
+    mine = me.measure(top_dir, steps=2)
+    full_dyn, mine_dyn = full["peak"] - full["idle"], mine["peak"] - mine["idle"]
+    assert mine_dyn < 0.5 * full_dyn, (mine_dyn, full_dyn)
+    limit = max(full["idle"], mine["idle"]) + (full_dyn + mine_dyn) // 2
+    killed = me.measure(full_dir, steps=2, limit=limit)
+    ran = me.measure(top_dir, steps=2, limit=limit)
+    assert killed["killed"], killed
+    assert ran["returncode"] == 0 and not ran["killed"] and ran["peak"] <= limit, ran
+    print(f"\nlimit {limit / 2**20:.1f} MiB: full step ({full_dyn / 2**20:.1f} MiB above idle) killed; "
+          f"top-layers step ({mine_dyn / 2**20:.1f} MiB above idle) ran, peak {ran['peak'] / 2**20:.1f} MiB")
+
+
+@pytest.mark.slow
+def test_adapt_run_on_the_emulated_aarch64_board(artifact, tmp_path, capsys):
+    """The masked step cross-compiled for rpi4 and run over TVM RPC on the emulated aarch64 board (qemu):
+    the same losses and adapted weights as the step run here (to float rounding)."""
+    from edgetvm.runtime import emulated_board
+
+    reason = emulated_board.board_unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    assert _cli("adapt", "sample", "--k-shot", "1", "-o", tmp_path / "s.npz") == 0
+    assert _cli("adapt", "run", artifact, "--support", tmp_path / "s.npz", "--steps", "2",
+                "-o", tmp_path / "here.npz") == 0
+    with emulated_board.EmulatedBoard() as board:
+        assert _cli("adapt", "run", artifact, "--support", tmp_path / "s.npz", "--steps", "2", "--board", "rpi4",
+                    "--rpc", f"127.0.0.1:{board.port}", "-o", tmp_path / "board.npz") == 0
+    assert "on rpi4 via 127.0.0.1" in capsys.readouterr().out
+    with np.load(tmp_path / "here.npz") as a, np.load(tmp_path / "board.npz") as b:
+        for n in a.files:
+            np.testing.assert_allclose(b[n], a[n], rtol=1e-4, atol=1e-5)
