@@ -23,6 +23,9 @@ Tokens are the first tokens of gensim's lee_background.cor (see bench/kv.py for 
 
     python bench/decode.py                       # contexts 256,1024; 3 repeats; fp32,q8,q4
     python bench/decode.py --contexts 256 --repeats 5 --weights q4 --ppl-tokens 1024
+    python bench/decode.py --model A.Q8_0.gguf,B.Q4_K_M.gguf --weights native --no-paged --ppl-tokens 512
+                                                 # a row per file (quantization): ours (its blocks kept, the
+                                                 # `native` formats) vs llama.cpp on the same file and threads
 Every measurement is appended to --out as a JSON line; the table is printed at the end. The
 machine's load average and whether another benchmark was running are printed with it: figures
 taken on a busy machine say so.
@@ -122,15 +125,25 @@ def main(argv=None) -> None:
     ap.add_argument("--contexts", default="256,1024", help="cached tokens before the timed decode steps")
     ap.add_argument("--steps", type=int, default=32, help="greedy decode steps timed per measurement")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--weights", default="fp32,q8,q4", help="our weight formats to run")
+    ap.add_argument("--weights", default="fp32,q8,q4", help="our weight formats to run (native: the file's blocks)")
+    ap.add_argument("--model", default="smollm2-135m", help="comma-separated GGUF files or model names; every "
+                    "engine runs on each (llama.cpp on the same file)")
     ap.add_argument("--no-paged", action="store_true", help="skip TVM's PagedKVCache")
     ap.add_argument("--llama-cpp", default=None, metavar="PYTHON",
                     help=f"python of a venv with llama-cpp-python (default: $EDGETVM_LLAMACPP_PYTHON or {DEFAULT_PEER})")
     ap.add_argument("--threads", type=int, default=os.cpu_count(),
                     help="threads for every engine (TVM_NUM_THREADS for ours and tvm-paged, n_threads for llama.cpp)")
     ap.add_argument("--ppl-tokens", type=int, default=0, help="also perplexity over this many tokens, full cache")
+    ap.add_argument("--logits-tokens", type=int, default=0, help="also compare our logits with llama.cpp's and the "
+                    "numpy reference's (dequantized weights) on this many token ids")
     ap.add_argument("--out", default=str(CACHE / "decode.jsonl"))
+    ap.add_argument("--target", help="a board (e.g. rpi4): run there instead, see board_bench")
+    ap.add_argument("--rpc", metavar="HOST:PORT", help="with --target: the board's RPC server (default: start the "
+                                                       "emulated aarch64 board)")
+    ap.add_argument("--tokens", type=int, default=8, help="with --target: greedy tokens to compare")
     args = ap.parse_args(argv)
+    if args.target:
+        return board_bench(args)
 
     os.environ["TVM_NUM_THREADS"] = str(args.threads)  # read when TVM's thread pool starts
     sys.path.insert(0, str(HERE))
@@ -141,36 +154,48 @@ def main(argv=None) -> None:
 
     contexts = [int(c) for c in args.contexts.split(",") if c]
     fmts = [f for f in args.weights.split(",") if f]
-    ids_all = load_tokenizer().encode(lee_text()).ids
+    names_ = [m for m in args.model.split(",") if m]
+    label = {m: (Path(m).stem if m.endswith(".gguf") else m) for m in names_}
+    ids_by = {m: load_tokenizer(m).encode(lee_text()).ids for m in names_}
     need = max(contexts + [args.ppl_tokens])
-    if len(ids_all) < need:
-        sys.exit(f"the text has only {len(ids_all)} tokens; lower --contexts/--ppl-tokens")
+    if min(len(v) for v in ids_by.values()) < need:
+        sys.exit("the text has too few tokens; lower --contexts/--ppl-tokens")
     print(f"start: {busy()}", flush=True)
 
     peer = find_peer(args.llama_cpp)
-    llama = None
+    llamas = {}
     if peer is None:
         print(f"llama.cpp: SKIPPED, no python with llama_cpp at {args.llama_cpp or DEFAULT_PEER}; build it with:\n"
               f"    {BUILD_HINT}", flush=True)
     else:
-        llama = LlamaCpp(peer, model_path("smollm2-135m"), args.threads, need + args.steps + 16)
-        print(f"llama.cpp: llama-cpp-python {llama.info['version']} under {peer}, {args.threads} threads", flush=True)
+        for mname in names_:
+            llamas[mname] = LlamaCpp(peer, model_path(mname), args.threads, need + args.steps + 16)
+            print(f"llama.cpp: llama-cpp-python {llamas[mname].info['version']} under {peer}, {args.threads} threads, "
+                  f"{model_path(mname).name}", flush=True)
 
-    engines, models = {}, {}
-    for f in fmts:
-        t0 = time.perf_counter()
-        m = Model(weights=f)
-        print(f"ours-{f}: loaded + compiled in {time.perf_counter() - t0:.0f} s, "
-              f"weights read per token {m.weight_bytes / 2**20:.0f} MiB", flush=True)
-        models[f] = m
-        engines[f"ours-{f}"] = lambda ids, steps, m=m: decode_ours(m, ids, steps)
+    engines, models, engine_model = {}, {}, {}
+    multi = len(names_) > 1
+    tag = lambda mname, e: f"{label.get(mname, mname)}/{e}" if multi else e
+    for mname in names_:
+        for f in fmts:
+            t0 = time.perf_counter()
+            m = Model(mname, weights=f)
+            print(f"{tag(mname, 'ours-' + f)}: loaded + compiled in {time.perf_counter() - t0:.0f} s, "
+                  f"weights read per token {m.weight_bytes / 2**20:.0f} MiB; {m.describe()}", flush=True)
+            models[tag(mname, f"ours-{f}")] = m
+            engines[tag(mname, f"ours-{f}")] = lambda ids, steps, m=m: decode_ours(m, ids, steps)
+            engine_model[tag(mname, f"ours-{f}")] = mname
+        if mname in llamas:
+            engines[tag(mname, "llama.cpp")] = lambda ids, steps, l=llamas[mname]: l.ask(cmd="decode", ids=list(ids),
+                                                                                          steps=steps)
+            engine_model[tag(mname, "llama.cpp")] = mname
     if not args.no_paged:
         from edgetvm.llm.paged import PagedModel
 
         pm = PagedModel()
         engines["tvm-paged"] = lambda ids, steps: decode_paged(pm, ids, steps)
-    if llama is not None:
-        engines["llama.cpp"] = lambda ids, steps: llama.ask(cmd="decode", ids=list(ids), steps=steps)
+        engine_model["tvm-paged"] = "smollm2-135m"
+        ids_by.setdefault("smollm2-135m", load_tokenizer().encode(lee_text()).ids)
 
     out = Path(args.out).expanduser()
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -179,51 +204,143 @@ def main(argv=None) -> None:
     for r in range(args.repeats):
         order = names[r % len(names):] + names[:r % len(names)]  # rotate who goes first
         for c in contexts:
-            ids = ids_all[:c]
             for name in order:
+                ids = ids_by[engine_model[name]][:c]
                 res = engines[name](ids, args.steps)
                 row = {"engine": name, "context": c, "steps": args.steps, "repeat": r, "tok_s": res["tok_s"],
                        "prefill_s": res["prefill_s"], "tokens": res["tokens"], "time": time.time()}
                 rows.append(row)
                 with open(out, "a") as fh:
                     fh.write(json.dumps(row) + "\n")
-                print(f"  repeat {r} ctx {c:5d} {name:10s} {res['tok_s']:7.2f} tok/s  (prefill {res['prefill_s']:.1f} s)",
+                print(f"  repeat {r} ctx {c:5d} {name:24s} {res['tok_s']:7.2f} tok/s  (prefill {res['prefill_s']:.1f} s)",
                       flush=True)
 
     ppl = {}
     if args.ppl_tokens:
-        ids = ids_all[:args.ppl_tokens]
-        for f in fmts:
-            ppl[f"ours-{f}"] = perplexity(models[f], ids, "full")["ppl"]
-        if llama is not None:
-            ppl["llama.cpp"] = llama.ask(cmd="ppl", ids=list(ids))["ppl"]
+        for name, m in models.items():
+            ppl[name] = perplexity(m, ids_by[engine_model[name]][:args.ppl_tokens], "full")["ppl"]
+        for mname, l in llamas.items():
+            ppl[tag(mname, "llama.cpp")] = l.ask(cmd="ppl", ids=list(ids_by[mname][:args.ppl_tokens]))["ppl"]
         with open(out, "a") as fh:
-            fh.write(json.dumps({"ppl": ppl, "tokens": len(ids), "time": time.time()}) + "\n")
-    if llama is not None:
-        llama.close()
+            fh.write(json.dumps({"ppl": ppl, "tokens": args.ppl_tokens, "time": time.time()}) + "\n")
+    if args.logits_tokens:
+        check_logits(args.logits_tokens, names_, models, engine_model, llamas, ids_by, tag)
+    for l in llamas.values():
+        l.close()
     end = busy()
+    ref_of = lambda n: tag(engine_model[n], "llama.cpp") if n in engine_model else None
 
     print(f"\ngreedy decode tokens/s, median of {args.repeats} interleaved repeats of {args.steps} steps "
           f"after the given cached tokens (full cache); {end}")
-    print(f"{'engine':12s} {'cached':>7s} {'tok/s':>8s} {'min-max':>15s} {'vs llama.cpp':>13s} {'same greedy':>12s}")
+    print(f"{'engine':24s} {'cached':>7s} {'tok/s':>8s} {'min-max':>15s} {'vs llama.cpp':>13s} {'same greedy':>12s}")
     for c in contexts:
         med = {n: statistics.median(x["tok_s"] for x in rows if x["engine"] == n and x["context"] == c) for n in names}
-        ref_tokens = next((x["tokens"] for x in rows if x["engine"] == "llama.cpp" and x["context"] == c), None)
         for n in names:
             xs = [x["tok_s"] for x in rows if x["engine"] == n and x["context"] == c]
-            ratio = f"{med[n] / med['llama.cpp']:12.2f}x" if "llama.cpp" in med else f"{'(skipped)':>13s}"
+            ref = ref_of(n)
+            ratio = f"{med[n] / med[ref]:12.2f}x" if ref in med else f"{'(skipped)':>13s}"
+            ref_tokens = next((x["tokens"] for x in rows if x["engine"] == ref and x["context"] == c), None)
             same = "-"
-            if ref_tokens is not None and n != "llama.cpp":
+            if ref_tokens is not None and n != ref:
                 toks = next(x["tokens"] for x in rows if x["engine"] == n and x["context"] == c)
                 k = next((i for i, (a, b) in enumerate(zip(toks, ref_tokens)) if a != b), len(toks))
                 same = f"{k}/{len(toks)}"
-            print(f"{n:12s} {c:7d} {med[n]:8.2f} {min(xs):7.2f}-{max(xs):<7.2f} {ratio} {same:>12s}")
+            print(f"{n:24s} {c:7d} {med[n]:8.2f} {min(xs):7.2f}-{max(xs):<7.2f} {ratio} {same:>12s}")
     if ppl:
         print(f"\nperplexity, full cache, the same first {args.ppl_tokens} token ids "
-              "(llama.cpp computes with the GGUF's Q4_1/Q8_0 weights and its own quantized activations):")
+              "(llama.cpp computes with the file's weights and its own quantized activations):")
         for n, v in ppl.items():
-            rel = f"  ({100 * (v / ppl['llama.cpp'] - 1):+.2f}% vs llama.cpp)" if "llama.cpp" in ppl and n != "llama.cpp" else ""
-            print(f"  {n:12s} {v:8.3f}{rel}")
+            ref = ref_of(n) if n in engine_model else None
+            rel = f"  ({100 * (v / ppl[ref] - 1):+.2f}% vs llama.cpp)" if ref in ppl and n != ref else ""
+            print(f"  {n:24s} {v:8.3f}{rel}")
+
+
+def check_logits(n: int, names_, models, engine_model, llamas, ids_by, tag) -> None:
+    """Ours vs the numpy reference (the file's dequantized weights, fp32) vs llama.cpp on the same n ids:
+    max |difference| over the largest |logit|, and how often the argmax agrees."""
+    from edgetvm.llm import reference as R
+    from edgetvm.llm.gguf_model import load_weights
+
+    print(f"\nlogits on the first {n} token ids (full cache, fp32 KV for ours): max|a-b| / max|b|, argmax agreement")
+    for mname in names_:
+        ids = ids_by[mname][:n]
+        ref = R.forward(*load_weights(mname), ids)
+        lc = np.asarray(llamas[mname].ask(cmd="ppl", ids=list(ids), logits=n)["logits"]) if mname in llamas else None
+        cmp = lambda a, b: f"{np.abs(a - b).max() / np.abs(b).max():.2e} / {(a.argmax(-1) == b.argmax(-1)).mean():.2f}"
+        if lc is not None:
+            print(f"  {tag(mname, 'reference'):24s} vs llama.cpp {cmp(ref, lc)}")
+        for name, m in models.items():
+            if engine_model[name] != mname:
+                continue
+            got = m.session("full", n, kv_dtype="float32").forward(ids)
+            line = f"  {name:24s} vs reference {cmp(got, ref)}"
+            print(line + (f"; vs llama.cpp {cmp(got, lc)}" if lc is not None else ""), flush=True)
+
+
+def _group_hwm(pgid: int) -> int:
+    """The largest VmHWM among a process group's processes (the emulated board's server and sessions)."""
+    best = 0
+    for st in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(st.read_text().rsplit(")", 1)[1].split()[2]) != pgid:
+                continue
+            for line in (st.parent / "status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    best = max(best, int(line.split()[1]) * 1024)
+        except (OSError, ValueError, IndexError):
+            continue
+    return best
+
+
+def board_bench(args) -> None:
+    """On a board: what emulation can say honestly. Greedy tokens against the host build, bytes crossing
+    the link per token, bytes of weights and KV cache each token reads, and (emulated board) the peak
+    resident set of its qemu process. Speed is not reported: emulation runs 15-25x slower than a core,
+    and unevenly; time the decode on a real board (`edgetvm generate --target BOARD --rpc ... -v`)."""
+    import contextlib
+
+    from edgetvm.llm import library
+    from edgetvm.llm.board import BoardModel, cached_artifact, open_llm_artifact
+    from edgetvm.llm.runtime import generate
+    from edgetvm.runtime import emulated_board
+    from edgetvm.runtime.session import connect
+    from edgetvm.targets import load_board
+
+    fmt = args.weights.split(",")[-1]
+    board = load_board(args.target)
+    prompt = "The capital of France is"
+    host = BoardModel(open_llm_artifact(cached_artifact("smollm2-135m", fmt, load_board("host"))))
+    art = open_llm_artifact(cached_artifact("smollm2-135m", fmt, board))
+    want = list(generate(host, prompt, max_new=args.tokens, policy="streaming", budget=64, stop_at_eos=False))
+    with contextlib.ExitStack() as stack:
+        rpc, emu = args.rpc, None
+        if rpc is None:
+            if board.arch != "aarch64":
+                sys.exit(f"no emulated board for {board.arch}: give --rpc HOST:PORT of a {board.name}")
+            emu = stack.enter_context(emulated_board.EmulatedBoard())
+            rpc = f"127.0.0.1:{emu.port}"
+        bm = BoardModel(art, connect(rpc), rpc)
+        upload = bm.bytes_sent
+        s = bm.session("streaming", 64)
+        ids = bm.tokenizer.encode(prompt).ids
+        got, sent = [s.greedy_prefill(ids)], [bm.bytes_sent]
+        for _ in range(args.tokens - 1):
+            got.append(s.greedy_next(got[-1]))
+            sent.append(bm.bytes_sent)
+        hwm = _group_hwm(emu.proc.pid) if emu else None
+    text = bm.tokenizer.decode(got)
+    per_step = (sent[-1] - sent[0]) / max(1, len(sent) - 1)
+    kv = library.state_bytes(bm.cfg, bm.kv_dtype, 64) // 2  # a decode step reads about half the state: K, V, rotated K
+    print(f"{board.name} ({board.arch}) over {rpc}{' (emulated: qemu-aarch64)' if emu else ''}, {fmt} weights")
+    print(f"  greedy tokens equal the host build's: {text == ''.join(want)} ({len(got)} tokens: {text!r})")
+    print(f"  uploaded once: {upload / 2**20:.1f} MiB of weights; per decode step over the link: {per_step:.0f} B sent "
+          f"(the token fed back stays on the board), 4 B received")
+    print(f"  memory read per decoded token on the board: {bm.weight_bytes / 2**20:.1f} MiB of weights + up to "
+          f"{kv / 2**20:.2f} MiB of KV cache (64 tokens)")
+    if hwm:
+        print(f"  peak resident set of the board's processes: {hwm / 2**20:.0f} MiB (qemu's own memory included)")
+    print("  speed: not measured; emulation says nothing about a real board's tokens/s: run "
+          f"`edgetvm generate --target {board.name} --rpc HOST:PORT -v` on one")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ stdin/stdout; it imports only llama_cpp and numpy.
 (builds llama.cpp from PyPI's sdist with cmake; about 20-40 minutes on 2 cores.)
 
 Requests (one JSON object per line) and replies:
-  {"cmd": "ppl", "ids": [...]}                    -> {"ppl", "tokens", "seconds"}
+  {"cmd": "ppl", "ids": [...], "logits": k}       -> {"ppl", "tokens", "seconds"[, "logits": first k rows]}
       full cache, logits for every token (logits_all), the same token ids as ours
   {"cmd": "decode", "ids": [...], "steps": S}     -> {"tok_s", "tokens", "prefill_s"}
       prefill `ids`, then S greedy single-token evals, timed one by one
@@ -56,6 +56,8 @@ def main() -> None:
             nll = lse[:-1] - lg[np.arange(len(ids) - 1), ids[1:]]
             reply = {"ppl": float(np.exp(nll.mean())), "tokens": len(ids) - 1,
                      "seconds": time.perf_counter() - t0}
+            if req.get("logits"):  # the first rows of logits, for comparing engines on the same tokens
+                reply["logits"] = lg[: int(req["logits"])].astype(np.float32).tolist()
         elif req["cmd"] == "decode":
             ids, steps = req["ids"], int(req["steps"])
             dec.reset()

@@ -129,6 +129,9 @@ def cmd_run(args) -> None:
     if args.link:
         raise UserError("--link applies to split artifacts (made by `edgetvm partition`)")
     art = open_artifact(args.artifact, keep_page_cache=args.keep_page_cache)
+    if art.manifest.get("kind") == "llm":
+        raise UserError(f"{args.artifact} is a compiled LLM: run it with `edgetvm generate --artifact {args.artifact}` "
+                        f"or `edgetvm ppl --artifact {args.artifact}`")
     if args.budget_trace:
         if args.rpc or args.tracker:
             raise UserError("--budget-trace runs on this machine: run `edgetvm run` on the board itself")
@@ -356,10 +359,9 @@ def build_parser() -> argparse.ArgumentParser:
     from edgetvm.sparse.cli import add_dress_parser
     add_dress_parser(sub)
     from edgetvm.update.cli import add_update_parser
-
-    add_update_parser(sub)
     from edgetvm.adapt.cli import add_adapt_parser
 
+    add_update_parser(sub)
     add_adapt_parser(sub)
 
     add_partition_parser(sub)

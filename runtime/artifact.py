@@ -170,7 +170,9 @@ def open_artifact(path: str | Path, verify: bool = True, keep_page_cache: bool =
             f = p / name
             if not f.is_file():
                 raise UserError(f"{f} is missing from the artifact; recompile the model")
-            if sha256_file(f, drop_cache="swap" in manifest and not keep_page_cache) != digest:
+            # A budgeted run (a swapping build, an LLM under --memory-budget) must not fill the page cache.
+            budgeted = "swap" in manifest or manifest.get("kind") == "llm"
+            if sha256_file(f, drop_cache=budgeted and not keep_page_cache) != digest:
                 raise UserError(f"{f} does not match the sha256 in {MANIFEST}: the artifact was modified "
                                 f"or damaged; recompile the model")
     check_manifest(mf, manifest)

@@ -35,13 +35,15 @@ def _run_kernel(q, k, v, qpos, kpos, start, n_valid, cos, sin, kr=None):
     kc, vc = k.copy(), v.copy()
     kc[:, start:start + n] = np.nan
     vc[:, start:start + n] = np.nan
-    t = [tvm.runtime.tensor(a) for a in (q, knew, vnew, kc, vc, qpos, kpos, cos, sin, out, p)] + kr
-    f(*t, start, n_valid)
-    np.testing.assert_array_equal(t[3].numpy(), k)
-    np.testing.assert_array_equal(t[4].numpy(), v)
-    pp = t[10].numpy()
+    meta = np.array([start, n_valid], np.int32)
+    t = [tvm.runtime.tensor(a) for a in (q, knew, vnew, qpos, meta, kpos, cos, sin, kc, vc)] + kr + \
+        [tvm.runtime.tensor(a) for a in (out, p)]
+    f(*t)
+    np.testing.assert_array_equal(t[8].numpy(), k)
+    np.testing.assert_array_equal(t[9].numpy(), v)
+    pp = t[13].numpy()
     assert np.all(pp[:, :, cap:] == 0)
-    return t[9].numpy(), pp[:, :, :cap]
+    return t[12].numpy(), pp[:, :, :cap]
 
 
 def test_attention_kernel_rerotates_only_moved_keys():
@@ -125,11 +127,12 @@ def test_attention_kernel_fp16_cache_matches_numpy(n, cap, start, n_valid):
     cp = kernels.padded(cap)
     knew = k[:, start:start + n].transpose(1, 0, 2).astype(np.float32)
     vnew = v[:, start:start + n].transpose(1, 0, 2).astype(np.float32)
-    t = [tvm.runtime.tensor(a) for a in (q, knew, vnew, k, v, qpos, kpos, cos, sin, np.zeros_like(q),
-                                         np.full((n, 9, cp), 7, np.float32), np.zeros(kernels.kr_shape(3, 64, cap), np.float16),
-                                         np.full((3, cap), -1, np.int32))]
-    f(*t, start, n_valid)
-    out, p = t[9].numpy(), t[10].numpy()
+    t = [tvm.runtime.tensor(a) for a in (q, knew, vnew, qpos, np.array([start, n_valid], np.int32), kpos, cos, sin,
+                                         k, v, np.zeros(kernels.kr_shape(3, 64, cap), np.float16),
+                                         np.full((3, cap), -1, np.int32), np.zeros_like(q),
+                                         np.full((n, 9, cp), 7, np.float32))]
+    f(*t)
+    out, p = t[12].numpy(), t[13].numpy()
     ro, rp = kernels.attention_ref(q, k.astype(np.float32), v.astype(np.float32), qpos, kpos, cos, sin, start, n_valid)
     np.testing.assert_allclose(out, ro, atol=5e-3)
     np.testing.assert_allclose(p[:, :, :cap], rp, atol=2e-3)
@@ -256,7 +259,7 @@ def model():
         pytest.skip("model package missing")
     from edgetvm.llm.runtime import Model
 
-    return Model()
+    return Model(weights="fp32")
 
 
 @needs_model
@@ -363,8 +366,8 @@ def test_cli_generate_streams_paris(model, monkeypatch, capsys):
 
     pieces = list(generate(model, "The capital of France is", max_new=4, policy="streaming", budget=16))
     assert len(pieces) >= 2  # one piece per token, yielded as it is made
-    monkeypatch.setitem(cli._MODEL_CACHE, "smollm2-135m", model)  # reuse the compiled model
-    rc = cli.main(["generate", "--kv-budget", "16", "--kv-policy", "streaming", "--max-new", "4",
+    monkeypatch.setitem(cli._MODEL_CACHE, "smollm2-135m:fp32", model)  # reuse the compiled model
+    rc = cli.main(["generate", "--weights", "fp32", "--kv-budget", "16", "--kv-policy", "streaming", "--max-new", "4",
                    "The capital of France is"])
     out = capsys.readouterr().out
     assert rc == 0 and out.startswith(" Paris") and out == "".join(pieces) + "\n"
@@ -380,8 +383,8 @@ def test_cli_ppl_full_cache_equals_numpy_reference(model, monkeypatch, capsys, t
     f.write_text("The Reserve Bank left interest rates unchanged on Wednesday, saying inflation was "
                  "still within its target band and the economy was growing at a steady pace. Analysts "
                  "had expected the decision, and markets barely moved after the announcement.\n")
-    monkeypatch.setitem(cli._MODEL_CACHE, "smollm2-135m", model)
-    assert cli.main(["ppl", "--kv-policy", "full", "--max-tokens", "30", str(f)]) == 0
+    monkeypatch.setitem(cli._MODEL_CACHE, "smollm2-135m:fp32", model)
+    assert cli.main(["ppl", "--weights", "fp32", "--kv-policy", "full", "--max-tokens", "30", str(f)]) == 0
     out = capsys.readouterr().out
     m = re.search(r"perplexity ([0-9.]+) over 29 tokens", out)
     assert m, out

@@ -51,11 +51,10 @@ def make_attention(n_heads: int = 9, n_kv_heads: int = 3, head_dim: int = 64, kv
     LOG2E, LN2_HI, LN2_LO = 1.4426950408889634, 0.693359375, -2.12194440e-4
 
     @T.prim_func
-    def attention(q_h: T.handle, knew_h: T.handle, vnew_h: T.handle, k_h: T.handle, v_h: T.handle,
-                  qpos_h: T.handle, kpos_h: T.handle,
-                  cos_h: T.handle, sin_h: T.handle, out_h: T.handle, p_h: T.handle,
-                  kr_h: T.handle, krpos_h: T.handle, start: T.int32, n_valid: T.int32):
-        T.func_attr({"global_symbol": "attention", "tir.noalias": True})
+    def attention(q_h: T.handle, knew_h: T.handle, vnew_h: T.handle, qpos_h: T.handle, meta_h: T.handle,
+                  kpos_h: T.handle, cos_h: T.handle, sin_h: T.handle, k_h: T.handle, v_h: T.handle,
+                  kr_h: T.handle, krpos_h: T.handle, out_h: T.handle, p_h: T.handle):
+        T.func_attr({"global_symbol": "attention", "tir.noalias": True, "tir.is_scheduled": True})
         n = T.int32()
         cap = T.int32()
         capp = T.int32()
@@ -66,6 +65,7 @@ def make_attention(n_heads: int = 9, n_kv_heads: int = 3, head_dim: int = 64, kv
         K = T.match_buffer(k_h, (KH, cap, D), kv_dtype)
         V = T.match_buffer(v_h, (KH, cap, D), kv_dtype)
         QPOS = T.match_buffer(qpos_h, (n,), "int32")
+        META = T.match_buffer(meta_h, (2,), "int32")
         KPOS = T.match_buffer(kpos_h, (cap,), "int32")
         COS = T.match_buffer(cos_h, (npos, D2), "float32")
         SIN = T.match_buffer(sin_h, (npos, D2), "float32")
@@ -74,6 +74,8 @@ def make_attention(n_heads: int = 9, n_kv_heads: int = 3, head_dim: int = 64, kv
         # rotated, pre-scaled keys in blocks of JB slots: [kv head, slot block, dim, slot in block]
         KR = T.match_buffer(kr_h, (KH, capp // JB, D, JB), kv_dtype)
         KRPOS = T.match_buffer(krpos_h, (KH, cap), "int32")  # the position each KR column was rotated with
+        start = T.bind(META[0])
+        n_valid = T.bind(META[1])
         nblk = T.bind((n_valid + JB - 1) // JB)
         # 0. write the chunk's keys and values into their slots (start .. start + n - 1)
         for t in range(n):
@@ -182,8 +184,10 @@ _BUILT: dict = {}
 
 
 def build_attention(cfg, target=None, kv_dtype: str = "float32"):
-    """Compiled attention kernel: f(q, knew, vnew, k, v, qpos, kpos, cos, sin, out, probs, kr, krpos,
-    start, n_valid); probs is [n, heads, padded(cap)] and kr [kv_heads, padded(cap) / JB, head_dim, JB]."""
+    """Compiled attention kernel: f(q, knew, vnew, qpos, meta, kpos, cos, sin, k, v, kr, krpos, out, probs)
+    with meta = [start, n_valid] (int32); probs is [n, heads, padded(cap)] and kr
+    [kv_heads, padded(cap) / JB, head_dim, JB]. The cache (k, v, kr, krpos) is updated in place and
+    out, probs come last, so a Relax function calls it with call_tir_inplace."""
     key = (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, kv_dtype)
     if key not in _BUILT:
         target = target or cpu_target()

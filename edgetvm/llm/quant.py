@@ -1,6 +1,11 @@
 """Quantized weights for the decoder and our own dequantizing matmul kernels (TIR).
 
-Two formats, both with groups of 32 along the input (reduction) axis, as in the GGUF:
+Kernel formats (groups along the input (reduction) axis, as in the GGUF): ``q8`` (int8, one fp32
+scale per 32), ``q8_16`` (the same kernel with groups of 16: Q6_K), ``q8m_16`` (int8 with a scale
+and a min per 16: w = s q + m, which holds Q4_K and Q6_K alike, for roles that mix them) and
+``q4`` (w = d q + m per 32). `EXACT` lists which GGUF types each holds exactly and `gguf_rows`
+decodes a type's blocks into them (Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q6_K, F16/F32/BF16). The two
+original formats, as the uniform --weights q8 / q4 modes use them:
 
 * ``q8``: int8 values with one fp32 scale per group and output column (w = s * q). The layer
   weights are re-quantized from the fp32 values dequantized from the GGUF's Q4_1 blocks
@@ -29,7 +34,41 @@ from tvm.script import tirx as T
 
 G = 32  # group size along the input axis (the GGUF block size)
 TJ = 32  # outputs per strip
-FORMATS = ("fp32", "q8", "q4")
+FORMATS = ("native", "fp32", "q8", "q4")  # --weights: how the layers' matmul weights are held
+# per role: fp32, int8 groups of 32 or 16 (w = s q), 4-bit groups of 32 (w = d q + m), and int8 groups of 16
+# with a min (w = s q + m: holds Q4_K and Q6_K layers alike, for a role that mixes them as Q4_K_M does)
+KERNEL_FORMATS = ("fp32", "q8", "q8_16", "q4", "q8m_16")
+ROLES = ("qkv", "o", "gu", "down", "head", "embed")  # q/k/v, attn_output, ffn gate+up, ffn_down, head, embedding
+
+
+def group_of(fmt: str) -> int:
+    """Elements per scale along the input axis for a kernel format."""
+    return 16 if fmt in ("q8_16", "q8m_16") else G
+
+
+def n_params(fmt: str) -> int:
+    """Arrays a weight of this kernel format is held in."""
+    return {"fp32": 1, "q8": 2, "q8_16": 2, "q4": 3, "q8m_16": 3}[fmt]
+
+
+def role_formats(weights) -> dict:
+    """{role: kernel format} for a --weights mode name (the formats before a file is seen: the old
+    uniform modes) or an already resolved dict. q4 keeps the head in q8 (the GGUF's Q8_0)."""
+    if isinstance(weights, dict):
+        return dict(weights)
+    if weights == "fp32":
+        return {r: "fp32" for r in ROLES}
+    if weights == "q8":
+        return {r: "q8" for r in ROLES}
+    if weights == "q4":
+        return {**{r: "q4" for r in ROLES}, "head": "q8", "embed": "q8"}
+    raise ValueError(f"unknown weight format {weights!r}")
+
+
+def weight_bytes(K: int, N: int, fmt: str) -> int:
+    g = group_of(fmt)
+    return {"fp32": 4 * K * N, "q8": K * N + 4 * (K // g) * N, "q8_16": K * N + 4 * (K // g) * N,
+            "q4": K * N // 2 + 8 * (K // g) * N, "q8m_16": K * N + 8 * (K // g) * N}[fmt]
 
 
 # ------------------------------------------------------------------ packing (numpy, offline)
@@ -39,7 +78,7 @@ def _strips(a: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(a.reshape(N // TJ, TJ, X).transpose(0, 2, 1))
 
 
-def quantize_q8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def quantize_q8(w: np.ndarray, G: int = G) -> tuple[np.ndarray, np.ndarray]:
     """fp32 W [N, K] -> (int8 [N/TJ, K, TJ], fp32 scales [N/TJ, K/G, TJ]); symmetric, per group."""
     N, K = w.shape
     g = w.reshape(N, K // G, G).astype(np.float32)
@@ -57,7 +96,8 @@ def _unstrips(w: np.ndarray) -> np.ndarray:
 def dequantize_q8(q: np.ndarray, s: np.ndarray) -> np.ndarray:
     """Inverse of the packing: W [N, K] fp32."""
     NB, K, _ = q.shape
-    return _unstrips(q.astype(np.float32).reshape(NB, K // G, G, TJ) * s[:, :, None, :])
+    KG = s.shape[1]
+    return _unstrips(q.astype(np.float32).reshape(NB, KG, K // KG, TJ) * s[:, :, None, :])
 
 
 def from_gguf_q8_0(raw: np.ndarray, N: int, K: int) -> tuple[np.ndarray, np.ndarray]:
@@ -77,6 +117,131 @@ def from_gguf_q4_1(raw: np.ndarray, N: int, K: int) -> tuple[np.ndarray, np.ndar
     qs = b[:, :, 4:]
     q = np.concatenate([qs & 15, qs >> 4], axis=-1).reshape(N, K)  # 0..15 in element order
     return pack_q4(q), _strips(d), _strips(m)
+
+
+def _f16(b: np.ndarray) -> np.ndarray:
+    """[..., 2] uint8 -> [...] fp32 (the fp16 they hold)."""
+    return np.ascontiguousarray(b).view(np.float16)[..., 0].astype(np.float32)
+
+
+def _nibbles32(qs: np.ndarray) -> np.ndarray:
+    """[..., 16] bytes of a 32-element block (element j low nibble of byte j, j+16 high) -> [..., 32]."""
+    return np.concatenate([qs & 15, qs >> 4], axis=-1)
+
+
+def gguf_q4_0(raw, N, K):
+    """Q4_0 (fp16 d, 16 bytes; w = d (q - 8)) -> (q 0..15 [N, K] uint8, d [N, K/32], m = -8d)."""
+    b = np.ascontiguousarray(raw).reshape(N, K // 32, 18)
+    d = _f16(b[:, :, 0:2])
+    return _nibbles32(b[:, :, 2:]).reshape(N, K), d, d * np.float32(-8)
+
+
+def gguf_q5_0(raw, N, K):
+    """Q5_0 (fp16 d, 32 high bits, 16 bytes; w = d (q - 16)) -> (int8 q - 16 [N, K], d [N, K/32])."""
+    b = np.ascontiguousarray(raw).reshape(N, K // 32, 22)
+    d = _f16(b[:, :, 0:2])
+    qh = b[:, :, 2:6].copy().view(np.uint32)  # [N, K/32, 1]
+    hi = ((qh >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8)  # [N, K/32, 32]
+    q = (_nibbles32(b[:, :, 6:]) | (hi << 4)).astype(np.int16) - 16
+    return q.astype(np.int8).reshape(N, K), d
+
+
+def gguf_q4_k(raw, N, K):
+    """Q4_K super-blocks of 256 (fp16 d, fp16 dmin, 12 bytes of 6-bit scales/mins, 128 bytes) ->
+    (q 0..15 [N, K], d*sc [N, K/32], -dmin*min [N, K/32]), the products in fp32 as llama.cpp forms them."""
+    from gguf.quants import Q4_K
+
+    b = np.ascontiguousarray(raw).reshape(N * (K // 256), 144)
+    d, dmin = _f16(b[:, 0:2]), _f16(b[:, 2:4])
+    sc, mn = Q4_K.get_scale_min(b[:, 4:16].copy())
+    qs = b[:, 16:].reshape(-1, 4, 1, 32) >> np.array([0, 4], np.uint8).reshape(1, 1, 2, 1)
+    q = (qs & 15).reshape(N, K)
+    ds = (d[:, None] * sc.astype(np.float32)).reshape(N, K // 32)
+    ms = -(dmin[:, None] * mn.astype(np.float32)).reshape(N, K // 32)
+    return q, ds, ms
+
+
+def gguf_q6_k(raw, N, K):
+    """Q6_K super-blocks of 256 (128 bytes low 4 bits, 64 bytes high 2 bits, 16 int8 scales, fp16 d)
+    -> (int8 q - 32 [N, K], d*sc [N, K/16]) for the q8 kernel with groups of 16."""
+    b = np.ascontiguousarray(raw).reshape(N * (K // 256), 210)
+    ql = b[:, :128].reshape(-1, 2, 1, 64) >> np.array([0, 4], np.uint8).reshape(1, 1, 2, 1)
+    ql = (ql & 15).reshape(-1, 8, 32)
+    qh = b[:, 128:192].reshape(-1, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8).reshape(1, 1, 4, 1)
+    qh = (qh & 3).reshape(-1, 8, 32)
+    q = ((ql | (qh << 4)).astype(np.int16) - 32).astype(np.int8).reshape(N, K)
+    sc = b[:, 192:208].copy().view(np.int8).astype(np.float32)
+    d = _f16(b[:, 208:210])
+    return q, (d[:, None] * sc).reshape(N, K // 16)
+
+
+def _split_groups(s: np.ndarray, times: int) -> np.ndarray:
+    """Scales per group of g -> per group of g/times (each repeated)."""
+    return np.repeat(s, times, axis=1)
+
+
+# GGUF tensor type -> kernel formats that hold its values exactly (preferred first: fewer bytes)
+EXACT = {"F32": ("fp32",), "F16": ("fp32",), "BF16": ("fp32",), "Q4_0": ("q4", "q8", "q8_16", "q8m_16"),
+         "Q4_1": ("q4", "q8m_16"), "Q4_K": ("q4", "q8m_16"), "Q5_0": ("q8", "q8_16", "q8m_16"),
+         "Q8_0": ("q8", "q8_16", "q8m_16"), "Q6_K": ("q8_16", "q8m_16")}
+BLOCK = {"Q4_0": 32, "Q4_1": 32, "Q5_0": 32, "Q8_0": 32, "Q4_K": 256, "Q6_K": 256}
+
+
+def gguf_rows(type_name: str, raw, N: int, K: int, fmt: str) -> list:
+    """The raw blocks of a GGUF tensor [N, K] (a type in EXACT with fmt among its formats) decoded
+    row-major for kernel format fmt: fp32 [W [N, K]]; q8/q8_16 [int8 q [N, K], scales [N, K/g]];
+    q4 [q 0..15 [N, K], d, m [N, K/32]]. Exactly the values gguf.quants.dequantize gives."""
+    if fmt not in EXACT.get(type_name, ()):
+        raise ValueError(f"{type_name} is not exact in {fmt}")
+    if fmt == "q8m_16":  # int8 q, scale and min per 16, from the type's own exact format
+        base = EXACT[type_name][0]
+        r = gguf_rows(type_name, raw, N, K, base)
+        if base == "q4":  # q 0..15, d and m per 32
+            return [r[0].astype(np.int8), _split_groups(r[1], 2), _split_groups(r[2], 2)]
+        s = r[1] if base == "q8_16" else _split_groups(r[1], 2)
+        return [r[0], s, np.zeros_like(s)]
+    if fmt == "fp32":
+        a = _bf16(raw) if type_name == "BF16" else np.asarray(raw, dtype=np.float32)
+        return [a.reshape(N, K)]
+    if type_name == "Q4_1":
+        b = np.ascontiguousarray(raw).reshape(N, K // 32, 20)
+        return [_nibbles32(b[:, :, 4:]).reshape(N, K), _f16(b[:, :, 0:2]), _f16(b[:, :, 2:4])]
+    if type_name == "Q4_K":
+        return list(gguf_q4_k(raw, N, K))
+    if type_name == "Q4_0":
+        q, d, m = gguf_q4_0(raw, N, K)
+        if fmt == "q4":
+            return [q, d, m]
+        q8, s = (q.astype(np.int8) - 8), d
+    elif type_name == "Q8_0":
+        b = np.ascontiguousarray(raw).reshape(N, K // 32, 34)
+        q8, s = b[:, :, 2:].copy().view(np.int8).reshape(N, K), _f16(b[:, :, :2])
+    elif type_name == "Q5_0":
+        q8, s = gguf_q5_0(raw, N, K)
+    else:  # Q6_K
+        return list(gguf_q6_k(raw, N, K))
+    return [q8, _split_groups(s, 2) if fmt == "q8_16" else s]
+
+
+def strip_rows(rows: list, fmt: str) -> list:
+    """Row-major arrays (gguf_rows, stacked along N) -> the arrays `make_matmul(K, N, fmt)` takes."""
+    if fmt == "fp32":
+        return [np.ascontiguousarray(rows[0].T, dtype=np.float32)]
+    if fmt == "q4":
+        return [pack_q4(rows[0]), _strips(rows[1].astype(np.float32)), _strips(rows[2].astype(np.float32))]
+    if fmt == "q8m_16":
+        return [_strips(rows[0].astype(np.int8)), _strips(rows[1].astype(np.float32)),
+                _strips(rows[2].astype(np.float32))]
+    return [_strips(rows[0].astype(np.int8)), _strips(rows[1].astype(np.float32))]
+
+
+def from_gguf(type_name: str, raw, N: int, K: int, fmt: str) -> list:
+    """A GGUF tensor's blocks packed for `make_matmul(K, N, fmt)`, exactly."""
+    return strip_rows(gguf_rows(type_name, raw, N, K, fmt), fmt)
+
+
+def _bf16(raw) -> np.ndarray:
+    return (np.asarray(raw).view(np.uint16).astype(np.uint32) << 16).view(np.float32)
 
 
 def pack_q4(q: np.ndarray) -> np.ndarray:
@@ -107,9 +272,10 @@ def dequantize_q4(p: np.ndarray, d: np.ndarray, m: np.ndarray) -> np.ndarray:
 # ------------------------------------------------------------------ kernels (TIR)
 def make_matmul(K: int, N: int, fmt: str):
     """y [n, N] = x [n, K] @ W.T for a packed W; a PrimFunc taking (x, *packed, y)."""
+    G = group_of(fmt)
     assert K % G == 0 and N % TJ == 0, (K, N)
     NB, KG = N // TJ, K // G
-    if fmt == "q8":
+    if fmt in ("q8", "q8_16"):
         @T.prim_func
         def matmul_q8(x_h: T.handle, w_h: T.handle, s_h: T.handle, y_h: T.handle):
             T.func_attr({"tir.noalias": True, "tir.is_scheduled": True})
@@ -136,6 +302,38 @@ def make_matmul(K: int, N: int, fmt: str):
                         Y[t, nb * TJ + j] = acc[j]
 
         return matmul_q8
+    if fmt == "q8m_16":
+        @T.prim_func
+        def matmul_q8m(x_h: T.handle, w_h: T.handle, s_h: T.handle, m_h: T.handle, y_h: T.handle):
+            T.func_attr({"tir.noalias": True, "tir.is_scheduled": True})
+            n = T.int64()
+            X = T.match_buffer(x_h, (n, K), "float32")
+            W = T.match_buffer(w_h, (NB, K, TJ), "int8")
+            S = T.match_buffer(s_h, (NB, KG, TJ), "float32")
+            M = T.match_buffer(m_h, (NB, KG, TJ), "float32")
+            Y = T.match_buffer(y_h, (n, N), "float32")
+            for nb in T.parallel(NB):
+                acc = T.alloc_buffer((TJ,), "float32")
+                part = T.alloc_buffer((TJ,), "float32")
+                xs = T.alloc_buffer((1,), "float32")
+                for t in range(n):
+                    for j in T.vectorized(TJ):
+                        acc[j] = T.float32(0)
+                    for g in range(KG):
+                        xs[0] = T.float32(0)
+                        for kk in range(G):
+                            xs[0] = xs[0] + X[t, g * G + kk]
+                        for j in T.vectorized(TJ):
+                            part[j] = T.float32(0)
+                        for kk in T.unroll(G):
+                            for j in T.vectorized(TJ):
+                                part[j] = part[j] + X[t, g * G + kk] * T.Cast("float32", W[nb, g * G + kk, j])
+                        for j in T.vectorized(TJ):
+                            acc[j] = acc[j] + part[j] * S[nb, g, j] + M[nb, g, j] * xs[0]
+                    for j in T.vectorized(TJ):
+                        Y[t, nb * TJ + j] = acc[j]
+
+        return matmul_q8m
     if fmt == "q4":
         G2 = G // 2
 
@@ -184,12 +382,25 @@ def make_matmul(K: int, N: int, fmt: str):
 
 def pack(w: np.ndarray, fmt: str) -> tuple[np.ndarray, ...]:
     """fp32 W [N, K] -> the arrays `make_matmul(K, N, fmt)` takes after x."""
-    if fmt == "q8":
-        return quantize_q8(w)
+    if fmt in ("q8", "q8_16"):
+        return quantize_q8(w, group_of(fmt))
+    if fmt == "q8m_16":
+        q, s = quantize_q8(w, 16)
+        return q, s, np.zeros_like(s)
     if fmt == "q4":
         return quantize_q4(w)
+    if fmt == "fp32":
+        return (np.ascontiguousarray(w.T, dtype=np.float32),)
     raise ValueError(fmt)
 
 
 def unpack(arrays, fmt: str) -> np.ndarray:
-    return dequantize_q8(*arrays) if fmt == "q8" else dequantize_q4(*arrays)
+    """W [N, K] fp32 from a kernel format's arrays."""
+    if fmt == "fp32":
+        return np.ascontiguousarray(arrays[0].T)
+    if fmt == "q8m_16":
+        q, s, m = arrays
+        NB, K, _ = q.shape
+        KG = s.shape[1]
+        return _unstrips(q.astype(np.float32).reshape(NB, KG, K // KG, TJ) * s[:, :, None, :] + m[:, :, None, :])
+    return dequantize_q8(*arrays) if fmt in ("q8", "q8_16") else dequantize_q4(*arrays)

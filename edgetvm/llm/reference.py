@@ -1,6 +1,8 @@
 """Numpy reference forward pass of the llama architecture: the ground truth for the TVM build.
 
-RoPE rotates adjacent pairs (2i, 2i+1): llama.cpp's GGUF converter permutes the Q/K weights.
+RoPE rotates adjacent pairs (2i, 2i+1) for llama (llama.cpp's GGUF converter permuted the Q/K
+weights) and the halves (i, i + D/2) for qwen2 (NEOX style, `cfg.rope_neox`); qwen2's q/k/v
+projections add biases. The weights are the file's, dequantized, unpermuted.
 """
 
 from __future__ import annotations
@@ -16,14 +18,16 @@ def rope_tables(cfg, n_pos: int | None = None):
     return np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
 
 
-def rope(x, pos, cos, sin):
-    """x [..., n, heads, head_dim] rotated by positions pos [n] (adjacent pairs)."""
+def rope(x, pos, cos, sin, neox: bool = False):
+    """x [..., n, heads, head_dim] rotated by positions pos [n] (adjacent pairs, or halves if neox)."""
     c = cos[pos][:, None, :]
     s = sin[pos][:, None, :]
-    x0, x1 = x[..., 0::2], x[..., 1::2]
+    h = x.shape[-1] // 2
+    i0, i1 = (slice(0, h), slice(h, None)) if neox else (slice(0, None, 2), slice(1, None, 2))
+    x0, x1 = x[..., i0], x[..., i1]
     out = np.empty_like(x)
-    out[..., 0::2] = x0 * c - x1 * s
-    out[..., 1::2] = x0 * s + x1 * c
+    out[..., i0] = x0 * c - x1 * s
+    out[..., i1] = x0 * s + x1 * c
     return out
 
 
@@ -61,10 +65,12 @@ def forward(cfg, w, ids):
     for l in range(cfg.n_layers):
         p = f"blk.{l}."
         h = rmsnorm(x, w[p + "attn_norm.weight"], cfg.eps)
-        q = (h @ w[p + "attn_q.weight"].T).reshape(n, H, D)
-        k = (h @ w[p + "attn_k.weight"].T).reshape(n, KH, D)
-        v = (h @ w[p + "attn_v.weight"].T).reshape(n, KH, D)
-        q, k = rope(q, pos, cos, sin), rope(k, pos, cos, sin)
+        b = (lambda name: w[p + f"attn_{name}.bias"]) if getattr(cfg, "qkv_bias", False) else (lambda name: 0)
+        q = (h @ w[p + "attn_q.weight"].T + b("q")).reshape(n, H, D)
+        k = (h @ w[p + "attn_k.weight"].T + b("k")).reshape(n, KH, D)
+        v = (h @ w[p + "attn_v.weight"].T + b("v")).reshape(n, KH, D)
+        neox = getattr(cfg, "rope_neox", False)
+        q, k = rope(q, pos, cos, sin, neox), rope(k, pos, cos, sin, neox)
         o, _ = attention(q, k, v)
         x = x + o.reshape(n, H * D) @ w[p + "attn_output.weight"].T
         h = rmsnorm(x, w[p + "ffn_norm.weight"], cfg.eps)

