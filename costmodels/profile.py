@@ -103,12 +103,17 @@ def device_key(device) -> dict:
             "cores": device.cores}
 
 
-def profile_key(model_sha: str, inputs, device) -> dict:
+def profile_key(model_sha: str, inputs, device, graph: "Graph | None" = None) -> dict:
+    """What a profile was measured for; with `graph`, also the kernel calls it times (a change of the
+    fusion rules makes cached profiles stale instead of misaligned)."""
     import tvm
 
-    return {"version": VERSION, "edgetvm": edgetvm.__version__, "tvm": tvm.__version__, "model": model_sha,
-            "inputs": [i.to_json() for i in inputs], "device": device_key(device),
-            "cpu": tvm.target.codegen.llvm_get_system_cpu()}
+    key = {"version": VERSION, "edgetvm": edgetvm.__version__, "tvm": tvm.__version__, "model": model_sha,
+           "inputs": [i.to_json() for i in inputs], "device": device_key(device),
+           "cpu": tvm.target.codegen.llvm_get_system_cpu()}
+    if graph is not None:
+        key["graph"] = hashlib.sha256(json.dumps(graph.to_json(), sort_keys=True).encode()).hexdigest()[:20]
+    return key
 
 
 def _digest(key: dict) -> str:

@@ -64,7 +64,8 @@ def check_fits(infos, board: Board, kind: str) -> None:
 
 def compile_model(model_path: str | Path, board: Board, out: str | Path,
                   input_shapes: dict[str, tuple[int, ...]] | None = None,
-                  tuning_db=None, memory_budget: int | None = None, log=lambda *a: None) -> CompileResult:
+                  tuning_db=None, memory_budget: int | None = None, log=lambda *a: None,
+                  pack_weights: bool = True) -> CompileResult:
     model_path, out = Path(model_path), Path(out)
     t0 = time.perf_counter()
     seconds = {}
@@ -83,7 +84,8 @@ def compile_model(model_path: str | Path, board: Board, out: str | Path,
     # Fail on the output directory before minutes of compilation, not after.
     with artifact.staging_dir(out) as stage:
         t = time.perf_counter()
-        transform, deploy = pipeline.lift_weight_transforms(mod, pack_matmuls=memory_budget is None)
+        # Swapping builds split weights by columns: they keep the model's layouts.
+        transform, deploy = pipeline.lift_weight_transforms(mod, pack_matmuls=pack_weights and memory_budget is None)
         deployed_weights = pipeline.transform_weights(transform, weights)
         names = pipeline.weight_names(deploy)
         outputs = output_infos(deploy, model)

@@ -8,6 +8,7 @@ from tvm import relax
 from tvm.relax.backend.cpu_generic import pipeline as cpu
 
 from edgetvm.passes import schedule
+from edgetvm.passes.conv_im2col import narrow_conv_as_matmul
 from edgetvm.passes.fold_bn import fold_batchnorm_into_conv
 from edgetvm.passes.pack_matmul import pack_weight_matmuls
 
@@ -45,7 +46,7 @@ def lift_weight_transforms(mod: tvm.IRModule, pack_matmuls: bool = True) -> tupl
         # weight-only half (sqrt(var + eps), the divide) is then lifted too.
         relax.transform.DecomposeOpsForInference(),
         relax.transform.CanonicalizeBindings(),
-        *([pack_weight_matmuls] if pack_matmuls else []),
+        *([narrow_conv_as_matmul, pack_weight_matmuls] if pack_matmuls else []),
         relax.transform.LiftTransformParams(),
     ])(mod)
 

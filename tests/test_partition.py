@@ -153,6 +153,12 @@ def test_a_profile_measured_for_another_model_or_device_is_refused(models, tmp_p
     other = dict(key, model="0" * 64)
     with pytest.raises(UserError, match="stale.*model"):
         profiles.load(tmp_path / "p.json", other)
+    # fusion rules that changed since (other kernel calls) make it stale too, not silently misaligned
+    fewer = profiles.Graph.from_json(dict(m.graph.to_json(), ops=m.graph.to_json()["ops"][:-1]))
+    keyed = profiles.profile_key(m.sha256, m.inputs, HOST, m.graph)
+    (tmp_path / "g.json").write_text(json.dumps(profiles.Profile(keyed, m.graph, [1e-3] * len(m.graph.ops), 1e-2).to_json()))
+    with pytest.raises(UserError, match="stale.*graph"):
+        profiles.load(tmp_path / "g.json", profiles.profile_key(m.sha256, m.inputs, HOST, fewer))
 
 
 def test_profile_times_every_kernel_call_of_main(models):

@@ -164,3 +164,33 @@ def test_a_weight_matmul_reads_its_weight_packed_at_compile_time(rows, packed):
     want = relax.VirtualMachine(pipeline.build(plain, target), tvm.cpu())["main"](
         tvm.runtime.tensor(xs), tvm.runtime.tensor(ws)).numpy()
     np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("width, as_matmul", [(4, True), (16, False)])
+def test_a_conv_with_narrow_output_rows_runs_as_im2col_and_a_packed_matmul(width, as_matmul):
+    """Output rows narrower than a vector (VGG's 4x4 blocks) gave the conv schedule nothing to vectorise:
+    such a conv becomes im2col + matmul with the output channels innermost, its weight transposed and
+    packed at compile time; wider convs stay convs. Same result as TVM's own conv."""
+    import numpy as np
+    from tvm import relax
+
+    x = relax.Var("x", relax.TensorType([1, 64, width, width], "float32"))
+    w = relax.Var("w", relax.TensorType([64, 64, 3, 3], "float32"))
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x, w], attrs={"num_input": 1}):
+        with bb.dataflow():
+            y = bb.emit_output(bb.emit(relax.op.nn.relu(relax.op.nn.conv2d(x, w, padding=1))))
+        bb.emit_func_output(y)
+    transform, deploy = pipeline.lift_weight_transforms(bb.get())
+    target = tvm.target.Target({"kind": "llvm", "num-cores": 2})
+    fused = pipeline.fuse(deploy, target)
+    names = [gv.name_hint for gv, f in fused.functions.items() if isinstance(f, tvm.tirx.PrimFunc)]
+    assert any("im2col" in n for n in names) == as_matmul and any("conv2d" in n for n in names) != as_matmul
+    rng = np.random.default_rng(0)
+    xs, ws = rng.standard_normal((1, 64, width, width), "float32"), rng.standard_normal((64, 64, 3, 3), "float32")
+    (wt,) = pipeline.transform_weights(transform, [ws])
+    got = relax.VirtualMachine(pipeline.finish(fused, target), tvm.cpu())["main"](
+        tvm.runtime.tensor(xs), tvm.runtime.tensor(wt)).numpy()
+    want = relax.VirtualMachine(tvm.compile(bb.get(), target=target), tvm.cpu())["main"](
+        tvm.runtime.tensor(xs), tvm.runtime.tensor(ws)).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

@@ -43,7 +43,8 @@ def load_model(path: str | Path, shapes=None) -> Model:
     path = Path(path)
     model, inputs = onnx_import.prepare(path, shapes)
     mod, weights = onnx_import.import_onnx(model, inputs)
-    transform, deploy = pipeline.lift_weight_transforms(mod)
+    # Weights kept in the model's layouts: graph cuts and row slices split them as the model has them.
+    transform, deploy = pipeline.lift_weight_transforms(mod, pack_matmuls=False)
     deployed = pipeline.transform_weights(transform, weights)
     fused = pipeline.fuse(deploy, _host().target())
     return Model(path, artifact.sha256_file(path), inputs, [o.name for o in model.graph.output], deploy,
@@ -70,7 +71,7 @@ def profile(m: Model, device, log=lambda *a: None, profile_file: str | Path | No
             session=None) -> profiles.Profile:
     """The model's per-layer profile on `device`: an emulated device profile, a board that runs here, or
     a board behind an RPC `session`."""
-    key = profiles.profile_key(m.sha256, m.inputs, device)
+    key = profiles.profile_key(m.sha256, m.inputs, device, m.graph)
     if profile_file is not None:
         return profiles.load(profile_file, key)
     from edgetvm.compiler import compile_model
@@ -91,7 +92,8 @@ def profile(m: Model, device, log=lambda *a: None, profile_file: str | Path | No
                 return profiles.load(path, key)
             except UserError:
                 pass
-        art = compile_model(m.path, _host(), Path(tmp) / "host", {i.name: i.shape for i in m.inputs})
+        art = compile_model(m.path, _host(), Path(tmp) / "host", {i.name: i.shape for i in m.inputs},
+                            pack_weights=False)  # the kernels of m.graph
         return profiles.cached(art.path, m.graph, device, key, log)
 
 
