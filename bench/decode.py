@@ -141,9 +141,14 @@ def main(argv=None) -> None:
     ap.add_argument("--rpc", metavar="HOST:PORT", help="with --target: the board's RPC server (default: start the "
                                                        "emulated aarch64 board)")
     ap.add_argument("--tokens", type=int, default=8, help="with --target: greedy tokens to compare")
+    ap.add_argument("--memory-budgets", metavar="FRACTIONS",
+                    help="instead: tokens/s of the host build under --memory-budget at these fractions of its "
+                         "weight bytes (e.g. 0.5,0.25) against the unbudgeted run, interleaved; see budget_bench")
     args = ap.parse_args(argv)
     if args.target:
         return board_bench(args)
+    if args.memory_budgets:
+        return budget_bench(args)
 
     os.environ["TVM_NUM_THREADS"] = str(args.threads)  # read when TVM's thread pool starts
     sys.path.insert(0, str(HERE))
@@ -341,6 +346,57 @@ def board_bench(args) -> None:
         print(f"  peak resident set of the board's processes: {hwm / 2**20:.0f} MiB (qemu's own memory included)")
     print("  speed: not measured; emulation says nothing about a real board's tokens/s: run "
           f"`edgetvm generate --target {board.name} --rpc HOST:PORT -v` on one")
+
+
+def budget_bench(args) -> None:
+    """Decode tokens/s on this machine within a memory budget of a fraction of the weights (the layers then
+    stream through the swap runtime) against the same artifact unbudgeted, in interleaved repeats; with
+    each run's planned peak. The whole-process peak is not separable per run here: `edgetvm generate
+    --memory-budget ... --report` measures one run's."""
+    from types import SimpleNamespace
+
+    from edgetvm.llm import memory
+    from edgetvm.llm.board import BoardModel, cached_artifact, open_llm_artifact
+    from edgetvm.targets import load_board
+
+    os.environ["TVM_NUM_THREADS"] = str(args.threads)
+    sys.path.insert(0, str(HERE))
+    from kv import lee_text
+
+    model_name, fmt = args.model.split(",")[0], args.weights.split(",")[-1]
+    board = load_board("host")
+    art = open_llm_artifact(cached_artifact(model_name, fmt, board))
+    wbytes = art.manifest["weight_bytes"]
+    runs = {"unbudgeted": (BoardModel(art), None)}
+    for f in (float(x) for x in args.memory_budgets.split(",") if x):
+        budget = int(f * wbytes)
+        try:
+            m, _, plan = memory.budgeted_model(art, None, "this machine", board, budget, SimpleNamespace(kv_budget=None))
+        except Exception as e:  # a budget no plan fits: say so, keep the others
+            print(f"budget {f:g} x weights ({budget / 2**20:.1f} MiB): {e}")
+            continue
+        runs[f"{f:g} x weights"] = (m, plan)
+    context = int(args.contexts.split(",")[0])
+    ids = runs["unbudgeted"][0].tokenizer.encode(lee_text()).ids[:context]
+    rates: dict[str, list[float]] = {k: [] for k in runs}
+    for r in range(args.repeats):
+        for name, (m, plan) in runs.items():
+            s = m.session("streaming", max(64, min(context + args.steps + 8, plan.kv_tokens if plan else 4096)))
+            tok = s.greedy_prefill(ids)
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                tok = s.greedy_next(tok)
+            rates[name].append(args.steps / (time.perf_counter() - t0))
+            print(f"  repeat {r} {name:18s} {rates[name][-1]:7.2f} tok/s", flush=True)
+    base = statistics.median(rates["unbudgeted"])
+    print(f"\n{model_name} {fmt} on this machine, {args.threads} threads, {args.steps} greedy steps after {context} "
+          f"tokens, median of {args.repeats} interleaved repeats; weights {wbytes / 2**20:.1f} MiB")
+    print(f"{'run':18s} {'budget MiB':>10s} {'planned peak MiB':>16s} {'layers':>9s} {'tok/s':>8s} {'vs unbudgeted':>14s}")
+    for name, (m, plan) in runs.items():
+        med = statistics.median(rates[name])
+        print(f"{name:18s} {(plan.budget / 2**20 if plan else float('nan')):10.1f} "
+              f"{(plan.planned_peak / 2**20 if plan else float('nan')):16.1f} "
+              f"{('streamed' if plan and plan.stream else 'resident'):>9s} {med:8.2f} {med / base:13.2f}x")
 
 
 if __name__ == "__main__":

@@ -24,3 +24,13 @@ def test_compile_vs_ort_prints_a_ratio_table(capsys):
         row = next(l for l in out.splitlines() if l.startswith(name))
         assert float(row.split()[3].rstrip("x")) > 0
     assert "where edgetvm's time goes" in out and "fused_" in out.split("where edgetvm's time goes")[1]
+
+
+@pytest.mark.slow
+def test_decode_under_memory_budgets_prints_rates_against_the_unbudgeted_run(capsys):
+    load("decode").main(["--memory-budgets", "0.5,0.01", "--weights", "q4", "--contexts", "16", "--steps", "2",
+                         "--repeats", "1", "--threads", "1"])
+    out = capsys.readouterr().out
+    assert "cannot hold even the smallest plan" in out  # 1% of the weights
+    row = next(l for l in out.splitlines() if l.startswith("0.5 x weights"))
+    assert "streamed" in row and float(row.split()[-1].rstrip("x")) > 0
