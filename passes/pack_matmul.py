@@ -9,7 +9,8 @@ time (as it does with a Gemm's transpose); the board only ever sees the packed w
 
 Same products summed in the same order: bit-identical to the plain matmul. Left alone: a matmul
 with at most 4 rows (the schedule's matrix-vector path reads W's rows whole, already one stream),
-a weight that is not 2-D or whose columns are not a multiple of 16, non-float32, dynamic shapes.
+a weight that is not 2-D, non-float32, dynamic shapes. Columns that are not a multiple of 16 pad the
+last strip with zeros (the padded columns are computed, then sliced off: no predicate in the vector loop).
 """
 
 from __future__ import annotations
@@ -59,12 +60,18 @@ class _Pack(relax.PyExprMutator):
             return call
         x, w = call.args
         xs, ws = _static(x.ty.shape), _static(w.ty.shape)
-        if xs is None or ws is None or len(ws) != 2 or len(xs) < 2 or ws[1] % STRIP or x.ty.dtype != "float32" \
+        if xs is None or ws is None or len(ws) != 2 or len(xs) < 2 or x.ty.dtype != "float32" \
                 or w.ty.dtype != "float32" or _rows(xs) <= 4:
             return call
         k, n = ws
-        packed = self.builder_.emit(relax.op.permute_dims(relax.op.reshape(w, (k, n // STRIP, STRIP)), [1, 0, 2]))
-        return self.builder_.call_te(_matmul_packed, x, packed, primfunc_name_hint="matmul_packed")
+        if n % STRIP:  # the last strip padded with zero columns, computed whole (no predicate) then cut off
+            w = self.builder_.emit(relax.op.nn.pad(w, [0, 0, 0, STRIP - n % STRIP]))
+        strips = -(-n // STRIP)
+        packed = self.builder_.emit(relax.op.permute_dims(relax.op.reshape(w, (k, strips, STRIP)), [1, 0, 2]))
+        y = self.builder_.call_te(_matmul_packed, x, packed, primfunc_name_hint="matmul_packed")
+        if n % STRIP:
+            y = relax.op.strided_slice(self.builder_.emit(y), [len(xs) - 1], [0], [n])
+        return y
 
 
 def _rows(shape: list[int]) -> int:

@@ -136,16 +136,16 @@ def test_gelu_uses_the_vectorisable_erf_within_1e6_of_libm():
     np.testing.assert_allclose(got, [math.erf(v) for v in xs], rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("rows, packed", [(64, True), (4, False)])
-def test_a_weight_matmul_reads_its_weight_packed_at_compile_time(rows, packed):
-    """matmul(x, W) on a weight: W [K, N] becomes [N/16, K, 16] in the function that runs once at compile
-    time, and `main` computes bit-identically to the plain matmul; up to 4 rows keep W as it is (the
-    matrix-vector path streams its rows)."""
+@pytest.mark.parametrize("rows, n, packed", [(64, 64, (4, 96, 16)), (40, 90, (6, 96, 16)), (4, 64, None)])
+def test_a_weight_matmul_reads_its_weight_packed_at_compile_time(rows, n, packed):
+    """matmul(x, W) on a weight: W [K, N] becomes [N/16, K, 16] (the last strip padded with zeros) in the
+    function that runs once at compile time, and `main` computes bit-identically to the plain matmul;
+    up to 4 rows keep W as it is (the matrix-vector path streams its rows)."""
     import numpy as np
     from tvm import relax
 
     x = relax.Var("x", relax.TensorType([rows, 96], "float32"))
-    w = relax.Var("w", relax.TensorType([96, 64], "float32"))
+    w = relax.Var("w", relax.TensorType([96, n], "float32"))
     bb = relax.BlockBuilder()
     with bb.function("main", [x, w], attrs={"num_input": 1}):
         with bb.dataflow():
@@ -154,9 +154,9 @@ def test_a_weight_matmul_reads_its_weight_packed_at_compile_time(rows, packed):
     mod = bb.get()
     transform, deploy = pipeline.lift_weight_transforms(mod)
     rng = np.random.default_rng(0)
-    xs, ws = rng.standard_normal((rows, 96), "float32"), rng.standard_normal((96, 64), "float32")
+    xs, ws = rng.standard_normal((rows, 96), "float32"), rng.standard_normal((96, n), "float32")
     (wt,) = pipeline.transform_weights(transform, [ws])
-    assert wt.shape == ((4, 96, 16) if packed else (96, 64))
+    assert wt.shape == (packed or (96, n))
     target = tvm.target.Target({"kind": "llvm", "num-cores": 2})
     got = relax.VirtualMachine(pipeline.build(deploy, target), tvm.cpu())["main"](
         tvm.runtime.tensor(xs), tvm.runtime.tensor(wt)).numpy()
