@@ -166,11 +166,12 @@ def test_a_weight_matmul_reads_its_weight_packed_at_compile_time(rows, n, packed
     np.testing.assert_array_equal(got, want)
 
 
-@pytest.mark.parametrize("width, as_matmul", [(4, True), (16, False)])
+@pytest.mark.parametrize("width, as_matmul", [(4, True), (30, True), (16, False)])
 def test_a_conv_with_narrow_output_rows_runs_as_im2col_and_a_packed_matmul(width, as_matmul):
-    """Output rows narrower than a vector (VGG's 4x4 blocks) gave the conv schedule nothing to vectorise:
-    such a conv becomes im2col + matmul with the output channels innermost, its weight transposed and
-    packed at compile time; wider convs stay convs. Same result as TVM's own conv."""
+    """Output rows narrower than a vector (VGG's 4x4 blocks) or not a multiple of it gave the conv
+    schedule nothing or predicated loads to vectorise: such a conv becomes im2col + matmul with the
+    output channels innermost, its weight transposed and packed at compile time; rows that are a
+    multiple of 8 stay convs. Same result as TVM's own conv."""
     import numpy as np
     from tvm import relax
 
