@@ -41,6 +41,12 @@ A training step's wall time on a device is modelled as
   kernel is its elapsed time (the thread spins until the pool is done), so wall = CPU / share holds
   for both.
 
+* Machine: every absolute time the model holds (per-call kernel times, the overhead, tuning latencies)
+  is in units of the host's reference step (the CPU time of one fixed compiled training step on the
+  bare host, `calibrate` in measure.py, median over the profile's measuring processes), and the
+  cache-conflict features use the caches of the machine that runs the kernel. A model fitted on one
+  machine predicts another from that machine's record (`predict_parts(..., host=)`).
+
 `FlopsBaseline` is the FLOPs-coefficient model: step = a x training FLOPs / nominal GFLOP/s + b.
 Both are evaluated on whole-step measured wall times.
 """
@@ -69,7 +75,15 @@ DEVICE = ["log_share", "log_cpus"]
 KERNEL_DEVICE = DEVICE + ["log_share_x_log_work", "log_cpus_x_parallel"]
 OVERHEAD = ["one", "builtin_calls", "kernel_calls", "n_params", "kernel_mbytes", "kernels_cpu"]
 SIGNED = {"kernel_mbytes"}  # the instrument's refill, taken back out of the kernels' sum (overhead_fit)
-VERSION = 8
+VERSION = 9
+
+
+def host_log(host: dict | None) -> float:
+    """log seconds of the host's reference step (`calibrate` in measure.py): the unit every absolute time
+    of the model is in, so a model fitted on one machine predicts another through its calibration.
+    0 where a profile predates calibration (its times stay in seconds)."""
+    ref = (host or {}).get("ref_step_s")
+    return math.log(ref) if ref else 0.0
 
 
 def norm(device: dict) -> float:
@@ -105,10 +119,19 @@ def is_kernel(symbol: str, meta: dict) -> bool:
     return not symbol.startswith("vm.builtin") and symbol in meta["kernels"]
 
 
-def _kernel_row(static: dict, calls: float, device: dict, context: list[float]) -> list[float]:
+def _kernel_row(static: dict, calls: float, device: dict, context: list[float], host: dict | None) -> list[float]:
     kind = static.get("kind", "other")
     kind = kind if kind in KINDS else "other"
     row = [1.0 if kind == k else 0.0 for k in KINDS]
+    static = dict(static)
+    if host and "l1" in host and "inner_stride" in static:
+        # set conflicts depend on the caches of the machine that runs the kernel, not the one that
+        # compiled the profile's steps (Zen 4: 32 KiB 8-way L1d; Zen 5: 48 KiB 12-way)
+        from edgetvm.latte.training import stream_overflow
+
+        ext, stride = int(static.get("inner_extent", 0)), int(static.get("inner_stride", 0))
+        static["inner_l1_overflow"] = stream_overflow(ext, stride, host["l1"])
+        static["inner_l2_overflow"] = stream_overflow(ext, stride, host["l2"])
     for f in STATIC:
         v = float(static.get(f, 0.0))
         row.append(math.log1p(v) if f in LOGGED else v)
@@ -116,9 +139,10 @@ def _kernel_row(static: dict, calls: float, device: dict, context: list[float]) 
     # What tuning measured for the chosen schedule, per unit of work (missing for default kernels: the
     # trees route them apart): 8 trials leave schedules 30-80 GFLOP/s apart on alike matmuls, which
     # loop-structure features alone told apart to +-30-250% per kernel on held-out architectures.
+    # In host units: tuning ran on the machine that runs the step, and its seconds are that machine's.
     tune_s = float(static.get("tune_s", 0.0))
-    row.append(math.log(tune_s) - _log_work(static.get("flops", 0.0), static.get("bytes", 0.0)) if tune_s > 0
-               else float("nan"))
+    row.append(math.log(tune_s) - host_log(host) - _log_work(static.get("flops", 0.0), static.get("bytes", 0.0))
+               if tune_s > 0 else float("nan"))
     row.append(calls)
     row += context
     # The trees see the speed of one core of the device (the kind of CPU), not its share of it: a
@@ -148,14 +172,16 @@ def prior_margin(X: np.ndarray) -> np.ndarray:
 WORK_CENTER = math.log(1e5) - math.log(1e9)  # a mid-sized kernel's work, so log(share) alone means its effect
 
 
-def rows_for_model(meta: dict, calls: dict[str, float], device: dict) -> tuple[list[str], np.ndarray]:
-    """Feature rows of the TIR kernels one step calls on `device`; `calls` maps symbol -> calls per step."""
+def rows_for_model(meta: dict, calls: dict[str, float], device: dict,
+                   host: dict | None = None) -> tuple[list[str], np.ndarray]:
+    """Feature rows of the TIR kernels one step calls on `device` emulated on (or being) `host`; `calls`
+    maps symbol -> calls per step."""
     ks = meta["kernels"]
     syms = sorted(s for s in calls if is_kernel(s, meta))
     context = [math.log1p(sum(ks[s]["flops"] * calls[s] for s in syms)),
                math.log1p(sum(ks[s]["bytes"] * calls[s] for s in syms)),
                float(sum(calls[s] for s in syms))]
-    X = np.array([_kernel_row(ks[s], calls[s], device, context) for s in syms], dtype=np.float64)
+    X = np.array([_kernel_row(ks[s], calls[s], device, context, host) for s in syms], dtype=np.float64)
     return syms, X
 
 
@@ -200,23 +226,34 @@ class LatteModel:
     """Per-kernel XGBoost + overhead + wall/CPU calibration; `predict_step` is the whole step's wall time."""
 
     def __init__(self, booster=None, overhead: list[float] | None = None, wall: list[float] | None = None,
-                 device: list[float] | None = None, overhead_cpus: float = 0.0):
+                 device: list[float] | None = None, overhead_cpus: float = 0.0, host: dict | None = None,
+                 drop: tuple[str, ...] = ()):
         self.booster = booster
         self.overhead = overhead or [0.0] * len(OVERHEAD)
         self.wall = wall or [0.0, 0.0, 0.0]
         self.device = device or [0.0] * len(KERNEL_DEVICE)
         self.overhead_cpus = overhead_cpus
+        self.host = host            # the machine the model was fitted on: predictions default to it
+        self.drop = tuple(drop)     # features withheld from the trees (ablations); "device_rows": no share effect
+
+    def _withheld(self, X: np.ndarray) -> np.ndarray:
+        for f in self.drop:
+            if f in FEATURES:
+                X[:, FEATURES.index(f)] = np.nan
+        return X
 
     @staticmethod
     def dataset(measurements: list[dict], metas: dict[str, dict]):
-        """(X, y, weight, device rows, kernel ids): one row per TIR kernel, y = log CPU seconds per call,
-        weighted by the kernel's share of its step (the big kernels decide a step's time) plus a floor."""
-        Xs, ys, ws, ds, ks = [], [], [], [], []
+        """(X, y, weight, device rows, kernel ids, log host unit): one row per TIR kernel, y = log CPU
+        seconds per call, weighted by the kernel's share of its step (the big kernels decide a step's
+        time) plus a floor."""
+        Xs, ys, ws, ds, ks, hs = [], [], [], [], [], []
         for m in measurements:
             meta = metas[m["dir"]]
             parts = decompose(m, meta)
             calls = {s: k["calls"] for s, k in m["kernels"].items()}
-            syms, X = rows_for_model(meta, calls, m["device"])
+            syms, X = rows_for_model(meta, calls, m["device"], m.get("host"))
+            hs.append(np.full(len(syms), host_log(m.get("host"))))
             t = np.array([parts["per_call_s"][s] for s in syms])
             c = np.array([calls[s] for s in syms])
             Xs.append(X)
@@ -224,7 +261,7 @@ class LatteModel:
             ws.append(0.2 / len(syms) + t * c / max(parts["kernels_s"], 1e-12))
             ds.append(kernel_device_rows(m["device"], X))
             ks += [(m["dir"], s) for s in syms]
-        return np.vstack(Xs), np.concatenate(ys), np.concatenate(ws), np.vstack(ds), ks
+        return np.vstack(Xs), np.concatenate(ys), np.concatenate(ws), np.vstack(ds), ks, np.concatenate(hs)
 
     @staticmethod
     def device_effect(y: np.ndarray, w: np.ndarray, D: np.ndarray, kernels: list) -> list[float]:
@@ -249,9 +286,12 @@ class LatteModel:
     def fit(self, measurements: list[dict], metas: dict[str, dict], seed: int = 0) -> "LatteModel":
         import xgboost as xgb
 
-        X, y, w, D, kernels = self.dataset(measurements, metas)
-        self.device = self.device_effect(y, w, D, kernels)
-        dtrain = xgb.DMatrix(X, label=y, weight=w, base_margin=prior_margin(X) + D @ np.array(self.device),
+        X, y, w, D, kernels, H = self.dataset(measurements, metas)
+        X = self._withheld(X)
+        self.device = [0.0] * D.shape[1] if "device_rows" in self.drop else self.device_effect(y - H, w, D, kernels)
+        hosts = [m["host"] for m in measurements if m.get("host")]
+        self.host = hosts[0] if hosts else None
+        dtrain = xgb.DMatrix(X, label=y, weight=w, base_margin=prior_margin(X) + H + D @ np.array(self.device),
                              feature_names=FEATURES)
         params = {"max_depth": 6, "eta": 0.05, "subsample": 0.8, "colsample_bytree": 0.8,
                   "min_child_weight": 2, "objective": "reg:squarederror", "seed": seed, "nthread": 2}
@@ -262,9 +302,10 @@ class LatteModel:
             meta = metas[m["dir"]]
             parts = decompose(m, meta)
             calls = {s: k["calls"] for s, k in m["kernels"].items()}
-            A.append(overhead_row(meta, calls) + [parts["kernels_s"]])
-            b.append(parts["overhead_s"])
-            w.append(1.0 / parts["cpu_step_s"])
+            unit = math.exp(host_log(m.get("host")))  # in host units, like the kernels
+            A.append(overhead_row(meta, calls) + [parts["kernels_s"] / unit])
+            b.append(parts["overhead_s"] / unit)
+            w.append(unit / parts["cpu_step_s"])
             cpus.append(float(m["device"]["cpus"]))
         self.overhead, self.overhead_cpus = self.overhead_fit(np.array(A), np.array(b), np.array(w), np.array(cpus))
         # wall/CPU: the share of a core the host leaves (c) by a search, a and d (a second core may run
@@ -306,26 +347,32 @@ class LatteModel:
         e = minimize_scalar(lambda e: solve(e)[1], bounds=(-3.0, 3.0), method="bounded").x if lc.std() > 0 else 0.0
         return [float(v) for v in solve(e)[0]], float(e)
 
-    def predict_parts(self, meta: dict, device: dict, calls: dict[str, float] | None = None) -> dict:
-        """Predicted wall seconds of one step on `device`, with its kernels and overhead separately."""
+    def predict_parts(self, meta: dict, device: dict, calls: dict[str, float] | None = None,
+                      host: dict | None = None) -> dict:
+        """Predicted wall seconds of one step on `device` emulated on `host` (default: the machine the
+        model was fitted on), with its kernels and overhead separately."""
         import xgboost as xgb
 
         calls = dict(meta["calls"]) if calls is None else calls
-        syms, X = rows_for_model(meta, calls, device)
-        margin = prior_margin(X) + kernel_device_rows(device, X) @ np.array(self.device)
+        host = host or self.host
+        syms, X = rows_for_model(meta, calls, device, host)
+        X = self._withheld(X)
+        margin = prior_margin(X) + host_log(host) + kernel_device_rows(device, X) @ np.array(self.device)
         per_call = np.exp(self.booster.predict(xgb.DMatrix(X, base_margin=margin, feature_names=FEATURES)))
         kernels_cpu = per_call * np.array([calls[s] for s in syms])
         kernels = float(kernels_cpu.sum())
-        overhead_cpu = max(0.0, float(np.dot(self.overhead, overhead_row(meta, calls) + [kernels]))) \
-            * float(device["cpus"]) ** self.overhead_cpus
+        unit = math.exp(host_log(host))
+        overhead_cpu = max(0.0, float(np.dot(self.overhead, overhead_row(meta, calls) + [kernels / unit]))) \
+            * unit * float(device["cpus"]) ** self.overhead_cpus
         factor = math.exp(wall_log(device, self.wall)) / norm(device)
         return {"step_s": (kernels + overhead_cpu) * factor,
                 "kernels_s": kernels * factor, "overhead_s": overhead_cpu * factor,
                 "kernel_s": {s: float(t) * factor for s, t in zip(syms, kernels_cpu)}}
 
-    def predict_step(self, meta: dict, device: dict, calls: dict[str, float] | None = None) -> float:
+    def predict_step(self, meta: dict, device: dict, calls: dict[str, float] | None = None,
+                     host: dict | None = None) -> float:
         """Predicted wall seconds of one training step of the compiled model `meta` on `device`."""
-        return self.predict_parts(meta, device, calls)["step_s"]
+        return self.predict_parts(meta, device, calls, host)["step_s"]
 
     def save(self, path: str | Path) -> None:
         path = Path(path)
@@ -334,7 +381,8 @@ class LatteModel:
         (path / "features.json").write_text(json.dumps({"version": VERSION, "features": FEATURES,
                                                         "overhead": dict(zip(OVERHEAD, self.overhead)),
                                                         "wall": self.wall, "device": self.device,
-                                                        "overhead_cpus": self.overhead_cpus}))
+                                                        "overhead_cpus": self.overhead_cpus,
+                                                        "host": self.host, "drop": list(self.drop)}))
 
     @classmethod
     def load(cls, path: str | Path) -> "LatteModel":
@@ -352,7 +400,7 @@ class LatteModel:
         b = xgb.Booster()
         b.load_model(str(f))
         return cls(b, [saved["overhead"][k] for k in OVERHEAD], saved["wall"], saved["device"],
-                   saved["overhead_cpus"])
+                   saved["overhead_cpus"], saved.get("host"), tuple(saved.get("drop", ())))
 
 
 class FlopsBaseline:

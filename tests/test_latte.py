@@ -369,6 +369,78 @@ def test_a_device_gets_its_quota_but_no_more_of_a_core_than_the_host_leaves():
         assert abs(p / m["step_s"] - 1) < 0.02, (m["profile"], p, m["step_s"])
 
 
+def _on_host(metas, ms, speed, l1=None):
+    """The synthetic profile as another machine measures it: every time (kernels, overhead, tuning
+    latencies) divided by `speed`, its reference step too, and its own L1 cache."""
+    import copy
+
+    metas, ms = copy.deepcopy(metas), copy.deepcopy(ms)
+    host = {"ref_step_s": 1e-3 / speed, "l1": l1 or {"size": 32768, "ways": 8, "line": 64},
+            "l2": {"size": 1 << 20, "ways": 8, "line": 64}, "cpu": f"x{speed:g}"}
+    for meta in metas.values():
+        for k in meta["kernels"].values():
+            k["tune_s"] /= speed
+    for m in ms:
+        for k in m["kernels"].values():
+            k["time_s"] /= speed
+        m["cpu_step_s"] /= speed
+        m["step_s"] /= speed
+        m["host"] = host
+    return metas, ms, host
+
+
+def test_predictions_follow_the_machines_speed_not_the_one_it_was_fitted_on():
+    """A model fitted on one machine predicts a machine with 1.7x faster cores (its reference step, every
+    kernel, the overhead and the tuning latencies 1.7x shorter) from that machine's calibration alone.
+    Fails as soon as any absolute time (a fitted slope, the overhead, a tuning latency) is machine-bound."""
+    from edgetvm.costmodels.latte import LatteModel
+
+    metas, ms = _synthetic(devices=[(1.0, 1), (0.5, 1), (0.25, 1), (2.0, 2)], schedules=("default", "tuned"))
+    metas_a, ms_a, _ = _on_host(metas, ms, 1.0)
+    metas_b, ms_b, host_b = _on_host(metas, ms, 1.7)
+    model = LatteModel().fit(ms_a, metas_a)
+    for a, b in zip(ms_a, ms_b):
+        pa = model.predict_step(metas_a[a["dir"]], a["device"])
+        pb = model.predict_step(metas_b[b["dir"]], b["device"], host=host_b)
+        assert abs(pb * 1.7 / pa - 1) < 1e-4  # float32 margins, (b["arch_name"], b["schedule"], b["profile"])
+        assert abs(pb / b["step_s"] - 1) < 0.1, (b["arch_name"], b["schedule"], b["profile"], pb, b["step_s"])
+
+
+def test_cache_conflicts_are_those_of_the_machine_that_runs_the_kernel():
+    """Column walks whose stride maps them into few L1 sets run 3x slower. On a machine with half the L1
+    sets, strides that were harmless conflict: the model fitted on the first machine predicts the second
+    from its cache geometry."""
+    from edgetvm.costmodels.latte import LatteModel
+
+    big = {"size": 65536, "ways": 8, "line": 64}      # 128 sets
+    small = {"size": 16384, "ways": 4, "line": 64}    # 64 sets
+    metas, ms = {}, []
+    for host_l1 in (big, small):
+        host = {"ref_step_s": 1e-3, "l1": host_l1, "l2": {"size": 1 << 20, "ways": 8, "line": 64}}
+        for stride, ext, scale in itertools.product((4096, 6144, 8192, 2560, 3072, 4608), (64, 96, 128), (1, 4)):
+            d = f"/nonexistent/{stride}-{ext}-{scale}"
+            ks = {f"fused_matmul{i}": {"kind": "matmul", "flops": 2e4 * scale * (i + 1), "bytes": 8e3 * scale,
+                                       "inner_extent": ext, "inner_stride": stride + 64 * i} for i in range(4)}
+            metas[d] = {"kernels": ks, "calls": {k: 1.0 for k in ks}, "n_params": 4,
+                        "flops_per_sample": 1e4 * scale, "batch": 32}
+            dev = {"name": "full", "cpu_quota": 1.0, "cpus": 1, "nominal_gflops": 32.0, "mem_bandwidth_gbs": 8.0,
+                   "memory_mib": 512, "description": ""}
+            kernels = {k: {"calls": 1.0, "time_s": v["flops"] * 1e-9 *
+                           (3.0 if training.stream_overflow(ext, v["inner_stride"], host_l1) > 1 else 1.0)}
+                       for k, v in ks.items()}
+            cpu = sum(v["time_s"] for v in kernels.values()) + 50e-6
+            ms.append({"arch_name": d, "width": 1.0, "schedule": "default", "dir": d, "profile": "full",
+                       "device": dev, "clock": "thread_cpu", "kernels": kernels, "cpu_step_s": cpu, "step_s": cpu,
+                       "host": host})
+    on_big, on_small = ms[:len(ms) // 2], ms[len(ms) // 2:]
+    flipped = [m for m, n in zip(on_big, on_small) if n["step_s"] > 1.1 * m["step_s"]]
+    assert flipped, "some strides conflict only on the small cache"
+    model = LatteModel().fit(on_big, metas)
+    for m in on_small:
+        p = model.predict_step(metas[m["dir"]], m["device"], host=m["host"])
+        assert abs(p / m["step_s"] - 1) < 0.1, (m["dir"], p, m["step_s"])
+
+
 def test_split_never_trains_on_a_held_out_compiled_step():
     from edgetvm.latte.pipeline import split
 
@@ -501,10 +573,48 @@ def test_flower_simulation_all_methods_with_crashes():
     """One Flower simulation (Ray) runs LATTE and the baselines; injected crashes do not stop rounds."""
     hist = fed.simulate(_plan(3, crash_rate=0.3))
     assert set(hist) == set(fed.METHODS)
+    assert len(hist["latte"].rounds) == len(hist["fedavg"].rounds) == 3
+    fedavg_time = hist["fedavg"].rounds[-1]["sim_time_s"]
     for m, h in hist.items():
-        assert len(h.rounds) == 3
         assert all(r["accuracy"] is not None for r in h.rounds)
         assert all(r["round_s"] > 0 for r in h.rounds)
+        if m in ("heterofl", "fedrolex"):  # shorter rounds than FedAvg's: more of them, in FedAvg's time
+            assert len(h.rounds) > 3 and h.rounds[-2]["sim_time_s"] < fedavg_time
     assert any(r["failed"] for h in hist.values() for r in h.rounds)
-    lat = hist["latte"].rounds[-1]["sim_time_s"]
-    assert lat < hist["fedavg"].rounds[-1]["sim_time_s"]
+    assert hist["latte"].rounds[-1]["sim_time_s"] < fedavg_time
+
+
+def test_baselines_run_to_fedavgs_simulated_time_not_a_round_count():
+    """HeteroFL's round waits for its slowest sub-model, shorter than FedAvg's full model on the slowest
+    device: it gets as many rounds as fill FedAvg's time, so time-to-accuracy compares equal budgets."""
+    plan = _plan(10)
+    Strategy = fed._strategy_class()
+    fedavg = Strategy("fedavg", plan, fed.History("fedavg"))
+    heterofl = Strategy("heterofl", plan, fed.History("heterofl"))
+    round_of = lambda s: max(plan.measured_step(plan.fleet[a.client], a.width) * a.steps  # noqa: E731
+                             for a in s.allocation(1) if a.width is not None)
+    budget = 10 * round_of(fedavg)
+    n = fed.rounds_for(heterofl, plan, budget)
+    assert n > 10 and (n - 1) * round_of(heterofl) < budget <= n * round_of(heterofl) + 1e-12
+    assert fed.rounds_for(fedavg, plan, budget) == 10
+
+
+def test_throttled_devices_get_windows_of_many_cfs_periods_unthrottled_ones_many_short_windows():
+    """A throttled device's window lasts many CFS periods (or it is one of the minimum 5); a device that is
+    never throttled has no periods to straddle and gets many short windows."""
+    from edgetvm.latte.measure import MAX_WINDOWS, MIN_PERIODS, MIN_WINDOWS, windows_for
+
+    for p in devices.list_profiles():
+        n = windows_for(p, 0.1, 0.01)
+        if p.cpu_quota >= p.cpus:
+            assert n == MAX_WINDOWS, p.name
+        else:
+            assert MIN_WINDOWS <= n <= MAX_WINDOWS
+            assert n == MIN_WINDOWS or 0.1 / p.speed / n >= MIN_PERIODS * 0.01, p.name
+
+
+@pytest.mark.skipif(__import__("platform").machine() != "x86_64", reason="x86 CPU model names")
+def test_mcpu_names_a_cpu_model_the_host_can_run():
+    training.check_cpu("x86-64")  # every x86-64 host runs the baseline
+    with pytest.raises(UserError, match="--mcpu not-a-cpu: not a CPU model LLVM knows"):
+        training.check_cpu("not-a-cpu")

@@ -30,6 +30,11 @@ def cmd_profile(args) -> None:
     from edgetvm.latte.pipeline import profile_fleet
 
     profs = [load_profile(n) for n in args.device] if args.device else list_profiles()
+    if args.mcpu:
+        from edgetvm.latte.training import check_cpu
+
+        check_cpu(args.mcpu)
+        os.environ["EDGETVM_LATTE_MCPU"] = args.mcpu  # the compile cache and the measuring processes see it
     t0 = time.time()
     session = None
     if args.rpc or args.tracker:
@@ -163,6 +168,8 @@ def add_latte_parser(subparsers) -> argparse.ArgumentParser:
                                                     "on the board behind this RPC server")
     s.add_argument("--tracker", metavar="HOST:PORT", help="... or on the board registered at this RPC tracker")
     s.add_argument("--key", help="the key the board registered under at --tracker")
+    s.add_argument("--mcpu", metavar="CPU", help="compile for this older CPU model the host also runs (e.g. haswell: "
+                   "no AVX-512), a second CPU configuration to test the cost model across machines")
     s.add_argument("--repeats", type=int, default=2,
                    help="measure every device this many times, each by a fresh process; times are the median "
                         "and the spread is the noise floor (default 2)")

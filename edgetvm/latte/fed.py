@@ -323,6 +323,10 @@ class Plan:
     seed: int = 0
     crash_rate: float = 0.0
     rounds: int = 30
+    # Methods after this one run until its simulated time is spent, however many rounds that takes (a
+    # method with shorter rounds gets more of them), not a fixed round count. None: `rounds` for all.
+    same_time_as: str | None = "fedavg"
+    max_rounds: int = 400
     on_round: object = None
     Xte: np.ndarray | None = None
     yte: np.ndarray | None = None
@@ -332,6 +336,16 @@ class Plan:
 
     def predicted_step(self, profile, width) -> float:
         return self.predicted[(profile.name, width)]
+
+
+def rounds_for(strategy, plan: Plan, budget: float) -> int:
+    """Rounds that fill `budget` simulated seconds for a method whose allocation does not change between
+    rounds: each round waits for its slowest client's measured training time (a crash only shortens it)."""
+    times = [plan.measured_step(plan.fleet[a.client], a.width) * a.steps
+             for a in strategy.allocation(1) if a.width is not None]
+    if not times or max(times) <= 0:
+        return plan.rounds
+    return int(min(plan.max_rounds, max(1, math.ceil(budget / max(times) - 1e-9))))
 
 
 def simulate(plan: Plan, methods=METHODS, verbose: bool = False) -> dict[str, History]:
@@ -350,11 +364,15 @@ def simulate(plan: Plan, methods=METHODS, verbose: bool = False) -> dict[str, Hi
 
     @server.main()
     def main(grid: Grid, context: Context) -> None:
+        budget = None
         for m in methods:
             h = histories.setdefault(m, History(m))
             s = Strategy(m, plan, h)
+            rounds = plan.rounds if budget is None else rounds_for(s, plan, budget)
             s.start(grid=grid, initial_arrays=ArrayRecord(init_params(plan.arch, plan.seed)),
-                    num_rounds=plan.rounds, evaluate_fn=s.evaluate, timeout=600)
+                    num_rounds=rounds, evaluate_fn=s.evaluate, timeout=600)
+            if m == plan.same_time_as and h.rounds:
+                budget = h.rounds[-1]["sim_time_s"]
 
     run_simulation(server_app=server, client_app=make_client_app(), num_supernodes=len(plan.fleet),
                    backend_config={"client_resources": {"num_cpus": 2, "num_gpus": 0.0},

@@ -17,6 +17,8 @@ HELD_OUT_PROFILES = ("tablet-old", "iot-gw")
 # Architectures also compiled with MetaSchedule-tuned kernels: two the model trains on, and the two
 # held-out ones (whose tuned steps it then predicts without having seen them either).
 TUNED_ARCHS = ("mlp-a", "cnn-a", "mlp-d", "cnn-c")
+# The step every measuring process times on the bare host first: the cost model's unit of time.
+REFERENCE = ("mlp-a", 1.0)
 
 
 def progress(done: int, total: int, what: str, stream=sys.stderr) -> None:
@@ -75,8 +77,10 @@ def profile_fleet(profiles: list[Profile], arch_names=None, widths=models.WIDTHS
     arch_names = list(arch_names or models.ARCHS)
     compiled = compile_family(arch_names, widths, quiet, tuned_archs)
     metas = {c["dir"]: training.load_meta(Path(c["dir"])) for c in compiled}
+    reference = str(training.compile_trainer(models.ARCHS[REFERENCE[0]], REFERENCE[1]))
     per: dict[tuple, list] = {}
     runs: dict[str, dict] = {}
+    hosts: list[dict] = []
     total = len(profiles) * repeats
     for rep in range(repeats):
         for i, p in enumerate(profiles):
@@ -86,7 +90,7 @@ def profile_fleet(profiles: list[Profile], arch_names=None, widths=models.WIDTHS
             if p.name in runs and runs[p.name].get("failed"):
                 continue
             try:
-                res = _measure(p, compiled, min_time, session)
+                res = _measure(p, compiled, min_time, session, reference)
             except RuntimeError as e:
                 print(f"\nwarning: {e}; profile {p.name} left out", file=sys.stderr)
                 runs[p.name] = {"failed": str(e)}
@@ -95,13 +99,19 @@ def profile_fleet(profiles: list[Profile], arch_names=None, widths=models.WIDTHS
             r["cgroup_peak_bytes"] = max(r["cgroup_peak_bytes"], res["cgroup_peak_bytes"])
             r["throttled_s"] += res["throttled_s"]
             r["wall_s"] += res["wall_s"]
+            if res.get("host"):
+                hosts.append(res["host"])
             for x in res["results"]:
                 per.setdefault((p.name, x["arch_name"], x["width"], x.get("schedule", "default")), []).append((p, x))
     if not quiet:
         progress(total, total, "measured")
     measurements = [combine(reps) for reps in per.values()]
+    host = combine_hosts(hosts)
+    for m in measurements:
+        if m["profile"] not in boards:
+            m["host"] = host  # one calibration for the whole profile: per-process noise stays out of the unit
     runs = {k: v for k, v in runs.items() if "failed" not in v}
-    data = {"measurements": measurements, "metas": metas, "runs": runs, "repeats": repeats,
+    data = {"measurements": measurements, "metas": metas, "runs": runs, "repeats": repeats, "host": host,
             "profiles": {p.name: p.to_dict() for p in profiles}}
     if out is not None:
         out = Path(out)
@@ -135,7 +145,19 @@ def combine(reps: list) -> dict:
     return m
 
 
-def _measure(p: Profile, compiled, min_time, session=None):
+def combine_hosts(hosts: list[dict]) -> dict | None:
+    """The machine's record from every measuring process's calibration: the median reference step."""
+    import numpy as np
+
+    if not hosts:
+        return None
+    out = dict(hosts[0])
+    out["ref_step_s"] = float(np.median([h["ref_step_s"] for h in hosts]))
+    out["ref_step_s_runs"] = [h["ref_step_s"] for h in hosts]
+    return out
+
+
+def _measure(p: Profile, compiled, min_time, session=None, reference=None):
     if p.board:
         from edgetvm.latte.remote import check_board, measure_board
 
@@ -147,30 +169,32 @@ def _measure(p: Profile, compiled, min_time, session=None):
             raise RuntimeError(f"measuring on board {p.name} failed: {e}") from None
     from edgetvm.latte.measure import measure_profile
 
-    return measure_profile(p, compiled, min_time=min_time)
+    return measure_profile(p, compiled, min_time=min_time, reference=reference)
 
 
-def noise_floor(data: dict) -> dict | None:
+def noise_floor(data: dict, measurements: list[dict] | None = None) -> dict | None:
     """Repeatability of the whole-step wall time: the same compiled step on the same profile, measured by
-    separate processes. `pair_mape`: mean |run1 - run2| / mean; `floor_mape`: the MAPE a perfect model
-    would still score against the median of the repeats (about half the pairwise figure for 2 runs);
-    `within10`: share of pairs within +-10% of each other."""
+    separate processes. `pair_mape`: mean |run_i - run_j| / mean over every pair of runs; `floor_mape`:
+    the MAPE a perfect model would still score against the median of the repeats (about half the
+    pairwise figure for 2 runs); `within10`: share of pairs within +-10% of each other. Over
+    `measurements` (e.g. one test set) when given."""
+    import itertools
+
     import numpy as np
 
     rel, per_profile = [], {}
-    for m in data["measurements"]:
+    ms = data["measurements"] if measurements is None else measurements
+    for m in ms:
         r = m.get("step_s_runs") or []
-        if len(r) < 2:
-            continue
-        a, b = r[0], r[1]
-        d = abs(a - b) / ((a + b) / 2)
-        rel.append(d)
-        per_profile.setdefault(m["profile"], []).append(d)
+        for a, b in itertools.combinations(r, 2):
+            d = abs(a - b) / ((a + b) / 2)
+            rel.append(d)
+            per_profile.setdefault(m["profile"], []).append(d)
     if not rel:
         return None
     rel = np.array(rel)
-    n = len(next(m["step_s_runs"] for m in data["measurements"] if len(m.get("step_s_runs") or []) >= 2))
-    return {"n": int(len(rel)), "repeats": n, "pair_mape": float(rel.mean() * 100),
+    n = int(np.median([len(m["step_s_runs"]) for m in ms if len(m.get("step_s_runs") or []) >= 2]))
+    return {"n": sum(len(m.get("step_s_runs") or []) >= 2 for m in ms), "repeats": n, "pair_mape": float(rel.mean() * 100),
             "pair_median": float(np.median(rel) * 100), "within10": float((rel <= 0.10).mean() * 100),
             "floor_mape": float(rel.mean() * 100 / 2 * math.sqrt(2 / n)),
             "per_profile": {k: float(np.mean(v) * 100) for k, v in sorted(per_profile.items())}}
@@ -228,7 +252,7 @@ def _evaluate(latte, flops, ms, metas) -> dict:
     from edgetvm.costmodels.latte import decompose, errors
 
     true = [m["step_s"] for m in ms]
-    parts = [latte.predict_parts(metas[m["dir"]], m["device"]) for m in ms]
+    parts = [latte.predict_parts(metas[m["dir"]], m["device"], host=m.get("host")) for m in ms]
     ours = [p["step_s"] for p in parts]
     base = [flops.predict_step(metas[m["dir"]], m["device"]) for m in ms]
     meas_ov = [decompose(m, metas[m["dir"]]) for m in ms]
@@ -264,6 +288,7 @@ def fit_and_evaluate(data: dict, held_archs=HELD_OUT_ARCHS, held_profiles=HELD_O
     for name, ms in sets.items():
         if ms:
             report["sets"][name] = _evaluate(latte, flops, ms, metas)
+            report["sets"][name]["noise"] = noise_floor(data, ms)
     if save is not None:
         # The model the allocator uses: fitted on every profiled device (they are the fleet), still
         # never on the federated architecture, which stays an unseen architecture for it.
@@ -278,21 +303,25 @@ def format_report(report: dict) -> str:
     lines = [f"estimator: whole-step wall time (kernels + per-step overhead), {report['n_train']} training "
              f"measurements; held out: archs {', '.join(report['held_out_archs'])}; "
              f"profiles {', '.join(report['held_out_profiles'])}",
-             f"{'test set':<18} {'n':>4} {'LATTE MAPE':>11} {'<=10%':>7} {'FLOPs MAPE':>11} {'<=10%':>7} "
-             f"{'overhead pred/meas':>19}"]
+             f"{'test set':<18} {'n':>4} {'LATTE MAPE':>11} {'<=10%':>7} {'perfect':>8} {'FLOPs MAPE':>11} "
+             f"{'<=10%':>7} {'overhead pred/meas':>19}"]
     for name, s in report["sets"].items():
+        nz = s.get("noise")
+        perfect = f"{nz['floor_mape']:>7.1f}%" if nz else f"{'?':>8}"
         lines.append(f"{name:<18} {s['latte']['n']:>4} {s['latte']['mape']:>10.1f}% {s['latte']['within10']:>6.0f}% "
-                     f"{s['flops']['mape']:>10.1f}% {s['flops']['within10']:>6.0f}% "
+                     f"{perfect} {s['flops']['mape']:>10.1f}% {s['flops']['within10']:>6.0f}% "
                      f"{s['overhead_share_pred']:>8.0f}% / {s['overhead_share_meas']:.0f}%")
         if len(s.get("by_schedule", {})) > 1:  # the same set split by which kernels TVM ran
             for sched, e in s["by_schedule"].items():
                 lines.append(f"{'  ' + sched + ' schedule':<18} {e['latte']['n']:>4} {e['latte']['mape']:>10.1f}% "
-                             f"{e['latte']['within10']:>6.0f}% {e['flops']['mape']:>10.1f}% {e['flops']['within10']:>6.0f}%")
+                             f"{e['latte']['within10']:>6.0f}% {'':>8} {e['flops']['mape']:>10.1f}% "
+                             f"{e['flops']['within10']:>6.0f}%")
     nz = report.get("noise")
     if nz:
         lines.append(f"noise floor: {nz['n']} steps measured {nz['repeats']}x by separate processes differ by "
                      f"{nz['pair_mape']:.1f}% on average (median {nz['pair_median']:.1f}%, {nz['within10']:.0f}% "
-                     f"within +-10%); a perfect model would score about {nz['floor_mape']:.1f}% MAPE")
+                     f"within +-10%); a perfect model would score about {nz['floor_mape']:.1f}% MAPE "
+                     f"(column 'perfect': the same for each test set)")
     else:
         lines.append("noise floor: unknown (profile with --repeats 2 or more)")
     return "\n".join(lines)
@@ -330,4 +359,36 @@ def format_cv(cv: dict) -> str:
     for name, s in cv.items():
         lines.append(f"{name:<28} {s['latte']['n']:>4} {s['latte']['mape']:>10.1f}% {s['latte']['within10']:>6.0f}% "
                      f"{s['flops']['mape']:>10.1f}% {s['flops']['within10']:>6.0f}%")
+    return "\n".join(lines)
+
+
+def cross_machine(fit_data: dict, test_data: dict) -> dict:
+    """Fit on one machine's profile (its training split) and predict the steps measured on another, each
+    with the other machine's calibration and caches: MAPE per test set of the other profile (the
+    training architectures and devices, seen only on the first machine, then the held-out sets) next
+    to that profile's own noise floor."""
+    from edgetvm.costmodels.latte import LatteModel, errors
+
+    metas_a, metas_b = current_metas(fit_data), current_metas(test_data)
+    train, _ = split(fit_data)
+    model = LatteModel().fit(train, metas_a)
+    seen, sets = split(test_data)
+    out = {"fit_host": model.host, "test_host": test_data.get("host"), "sets": {}}
+    for name, ms in {"same archs+devices": seen, **sets}.items():
+        if not ms:
+            continue
+        pred = [model.predict_step(metas_b[m["dir"]], m["device"], host=m.get("host")) for m in ms]
+        nz = noise_floor(test_data, ms)
+        out["sets"][name] = {**errors(pred, [m["step_s"] for m in ms]), "floor": nz["floor_mape"] if nz else None}
+    return out
+
+
+def format_cross(cross: dict) -> str:
+    a, b = cross["fit_host"] or {}, cross["test_host"] or {}
+    lines = [f"across machines: fitted on {a.get('cpu', '?')} (reference step {a.get('ref_step_s', 0) * 1e3:.2f} ms), "
+             f"predicting {b.get('cpu', '?')} (reference step {b.get('ref_step_s', 0) * 1e3:.2f} ms)",
+             f"{'test set':<20} {'n':>4} {'LATTE MAPE':>11} {'<=10%':>7} {'perfect':>8}"]
+    for name, e in cross["sets"].items():
+        fl = f"{e['floor']:>7.1f}%" if e["floor"] is not None else f"{'?':>8}"
+        lines.append(f"{name:<20} {e['n']:>4} {e['mape']:>10.1f}% {e['within10']:>6.0f}% {fl}")
     return "\n".join(lines)

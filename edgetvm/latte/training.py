@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edgetvm.errors import UserError
 from edgetvm.latte import models
 
 BATCH = 32
@@ -33,11 +34,38 @@ TUNED_KINDS = ("matmul", "conv2d", "conv2d_transpose")
 CACHE = Path(os.environ.get("EDGETVM_CACHE", Path.home() / ".cache" / "edgetvm")) / "latte"
 
 
+def target_cpu() -> str:
+    """The CPU model the family is compiled for: this host's, or $EDGETVM_LATTE_MCPU, an older model the
+    host also runs (e.g. haswell on a Zen 4: the same steps without AVX-512, a second CPU configuration
+    for checking that the cost model carries across machines; `edgetvm latte profile --mcpu`)."""
+    import tvm
+
+    return os.environ.get("EDGETVM_LATTE_MCPU") or tvm.target.codegen.llvm_get_system_cpu()
+
+
+def check_cpu(name: str) -> None:
+    """Refuses a CPU model LLVM does not know or this host cannot run."""
+    import tvm
+    from tvm.target import codegen
+
+    if not codegen.llvm_is_valid_cpu(name, codegen.llvm_get_system_triple()):
+        raise UserError(f"--mcpu {name}: not a CPU model LLVM knows; try e.g. haswell, skylake, znver2")
+    t = tvm.target.Target({"kind": "llvm", "mcpu": name})
+    host = tvm.target.Target({"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu()})
+    isa = ("sse", "ssse", "avx", "fma", "bmi", "f16c", "popcnt", "lzcnt", "movbe", "aes", "pclmul", "sha", "gfni",
+           "vaes", "vpclmul", "amx", "adx")  # instruction sets, not tuning flags like fast-15bytenop
+    missing = [f for f in codegen.llvm_get_cpu_features(t)
+               if f.startswith(isa) and not codegen.llvm_cpu_has_features([f], host)]
+    if missing:
+        raise UserError(f"--mcpu {name}: this host lacks {', '.join(sorted(missing)[:4])}; "
+                        f"give an older CPU model than {codegen.llvm_get_system_cpu()}")
+
+
 def host_target(cores: int | None = None):
     """The host CPU; `cores` is what MetaSchedule sizes parallel loops for (the fleet's devices have one)."""
     import tvm
 
-    t = {"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu()}
+    t = {"kind": "llvm", "mcpu": target_cpu()}
     if cores:
         t["num-cores"] = cores
     return tvm.target.Target(t)
@@ -265,7 +293,7 @@ def cache_dir(arch: dict, width: float, batch: int = BATCH, schedule: str = "def
     import tvm
 
     key = {"arch": models.sub_arch(arch, width), "batch": batch, "lr": LR, "tvm": tvm.__version__,
-           "cpu": tvm.target.codegen.llvm_get_system_cpu(), "v": 3}
+           "cpu": target_cpu(), "v": 3}
     if schedule != "default":
         key.update(schedule=schedule, trials=TUNE_TRIALS)
     return CACHE / hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
