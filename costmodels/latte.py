@@ -367,7 +367,8 @@ class LatteModel:
         factor = math.exp(wall_log(device, self.wall)) / norm(device)
         return {"step_s": (kernels + overhead_cpu) * factor,
                 "kernels_s": kernels * factor, "overhead_s": overhead_cpu * factor,
-                "kernel_s": {s: float(t) * factor for s, t in zip(syms, kernels_cpu)}}
+                "kernel_s": {s: float(t) * factor for s, t in zip(syms, kernels_cpu)},
+                "per_call_cpu_s": {s: float(t) for s, t in zip(syms, per_call)}}
 
     def predict_step(self, meta: dict, device: dict, calls: dict[str, float] | None = None,
                      host: dict | None = None) -> float:

@@ -49,13 +49,11 @@ def kernel_residuals(model, measurements: list[dict], metas: dict) -> list[tuple
         meta = metas[m["dir"]]
         meas = decompose(m, meta)["per_call_s"]
         calls = {s: k["calls"] for s, k in m["kernels"].items()}
-        pred = model.predict_parts(meta, m["device"], calls, m.get("host"))["kernel_s"]
-        wall = _wall_factor(model, m["device"])
+        pred = model.predict_parts(meta, m["device"], calls, m.get("host"))["per_call_cpu_s"]
         for s, t in meas.items():
             if s not in pred:
                 continue
-            # predicted wall seconds per step of this kernel, back to CPU seconds per call
-            p = pred[s] / calls[s] / wall
+            p = pred[s]
             key = (meta["kernels"][s].get("kind", "other"), m.get("schedule", "default"))
             a = acc.setdefault(key, [0.0, 0.0, 0.0])
             w = t * calls[s]
@@ -65,12 +63,6 @@ def kernel_residuals(model, measurements: list[dict], metas: dict) -> list[tuple
     total = sum(a[0] for a in acc.values()) or 1.0
     return sorted(((k, a[0] / total * 100, (math.exp(a[1] / a[0]) - 1) * 100, (math.exp(a[2] / a[0]) - 1) * 100)
                    for k, a in acc.items()), key=lambda r: -r[1])
-
-
-def _wall_factor(model, device: dict) -> float:
-    from edgetvm.costmodels.latte import norm, wall_log
-
-    return math.exp(wall_log(device, model.wall)) / norm(device)
 
 
 def ablation(data: dict, groups: dict = GROUPS) -> list[tuple]:
