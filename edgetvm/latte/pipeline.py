@@ -77,7 +77,8 @@ def profile_fleet(profiles: list[Profile], arch_names=None, widths=models.WIDTHS
     arch_names = list(arch_names or models.ARCHS)
     compiled = compile_family(arch_names, widths, quiet, tuned_archs)
     metas = {c["dir"]: training.load_meta(Path(c["dir"])) for c in compiled}
-    reference = str(training.compile_trainer(models.ARCHS[REFERENCE[0]], REFERENCE[1]))
+    reference = (str(training.compile_trainer(models.ARCHS[REFERENCE[0]], REFERENCE[1]))
+                 if any(not p.board for p in profiles) else None)  # boards are not calibrated
     per: dict[tuple, list] = {}
     runs: dict[str, dict] = {}
     hosts: list[dict] = []
