@@ -56,7 +56,8 @@ class Command:
         exe = VENV_BIN / "edgetvm"
         cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "edgetvm.cli"]
         with open(self.out, "w") as out, open(self.err, "w") as err:
-            self.proc = subprocess.Popen(cmd + [str(a) for a in argv], stdout=out, stderr=err)
+            self.proc = subprocess.Popen(cmd + [str(a) for a in argv], stdout=out, stderr=err,
+                                         preexec_fn=_as_a_foreground_command)
         self.pid = self.proc.pid
 
     @property
@@ -102,6 +103,13 @@ class Command:
         for r in self.owned():
             if r.kind == "cgroup":
                 cgroup.remove(Path(r.name))
+
+
+def _as_a_foreground_command() -> None:
+    # Ctrl-C reaches a command started at a terminal. A suite started in the background by a script
+    # (`bash dev.sh test &`, CI runners) inherits SIGINT ignored, as POSIX shells ignore it for
+    # background jobs, and so would the command: it would rightly stay deaf to the test's Ctrl-C.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _kill(pid: int) -> None:
