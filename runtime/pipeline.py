@@ -203,6 +203,8 @@ def run_plan(plan_dir, frames: int = 20, distinct: int = 4, log=print) -> RunRes
                 if got:
                     continue
                 _check(devices, feed_error)
+                if (sink_dir / "error.json").exists():
+                    raise UserError(f"the pipeline stopped: {json.loads((sink_dir / 'error.json').read_text())['error']}")
                 if time.perf_counter() - last > STALL_S:
                     raise UserError(f"the pipeline made no progress for {STALL_S:.0f} s "
                                     f"({len(pending)} frames outstanding)")

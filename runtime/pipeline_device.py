@@ -16,8 +16,11 @@ client: its stage head, or the previous stage's head, or, for the first head, th
 
 A head runs two threads: the worker (scatter the band inputs, its own band, gather) and the forwarder
 (the previous frame's values to the next head), so compute and sending overlap and several frames are
-in flight along the chain. The first failure (a peer that stops answering) is kept and raised by the
-next `put`, naming the device, so it travels back up the chain to the coordinator.
+in flight along the chain. The first failure (a peer that stops answering, a part that fails) is kept and
+raised by the next `put`, naming the device, so it travels back up the chain to the coordinator; it
+is also sent down the chain (`put` of frame -1 with the message) to the sink, which writes it where
+the coordinator looks for results: a failure far down the chain stops the run at once, even when no
+further frame would be put to carry it back up.
 """
 
 from __future__ import annotations
@@ -105,9 +108,15 @@ class _Node:
     def _guard(self, loop) -> None:
         try:
             loop()
-        except Exception as e:  # noqa: BLE001 - kept for the next put
-            if self.error is None:
-                self.error = str(e) if str(e).startswith("device '") else f"device '{self.name}': {_short(e)}"
+        except Exception as e:  # noqa: BLE001 - kept for the next put, and sent down the chain
+            self.fail(str(e) if str(e).startswith("device '") else f"device '{self.name}': {_short(e)}")
+
+    def fail(self, message: str) -> None:
+        if self.error is None:
+            import sys
+
+            print(f"edgetvm pipeline: {message}", file=sys.stderr, flush=True)  # into the device's log
+            self.error = message
 
     def put(self, frame: int, names: list[str], arrays: list) -> None:
         while True:
@@ -156,10 +165,16 @@ class _Node:
     def _forward(self) -> None:
         nxt = self.next
         names = self.cfg["send"]
+        fn = nxt.deliver if self.cfg["next"]["config"]["role"] == "sink" else nxt.put
         while True:
-            frame, values = self.outbox.get()
+            if self.error is not None:
+                fn(-1, json.dumps({"error": self.error}))  # if the next device is gone, the run sees it
+                return
+            try:
+                frame, values = self.outbox.get(timeout=0.2)
+            except queue.Empty:
+                continue
             arrays = [values[n] for n in names]
-            fn = nxt.deliver if self.cfg["next"]["config"]["role"] == "sink" else nxt.put
             try:
                 fn(frame, json.dumps(names), *nxt.tensors(arrays))
             except Exception as e:  # noqa: BLE001
@@ -175,6 +190,9 @@ def start(config_json: str) -> str:
 
 
 def put(frame, names_json, *tensors) -> int:
+    if int(frame) < 0:  # a failure up the chain
+        _node.fail(json.loads(names_json)["error"])
+        return 0
     _node.put(int(frame), json.loads(names_json), [t.numpy() for t in tensors])
     return 0
 
@@ -189,6 +207,10 @@ def deliver(frame, names_json, *tensors) -> int:
     import numpy as np
 
     d = _node.dir
+    if int(frame) < 0:  # a failure up the chain, for the coordinator
+        (d / ".error.json").write_text(names_json)
+        os.replace(d / ".error.json", d / "error.json")
+        return 0
     tmp = d / f".f{int(frame)}.npz"
     np.savez(tmp, **dict(zip(json.loads(names_json), [t.numpy() for t in tensors])))
     os.replace(tmp, d / f"f{int(frame)}.npz")  # the coordinator sees the whole file or none

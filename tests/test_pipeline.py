@@ -144,6 +144,29 @@ def test_pso_within_5_percent_of_exhaustive(seed, n):
     assert got.period_s <= best.period_s * 1.05
 
 
+@pytest.mark.parametrize("name", ["resnet", "vgg"])
+def test_a_cut_between_layers_sends_what_the_kernel_graph_says_crosses_it(name):
+    """Layer l is kernel l of the fused graph, residual blocks included (fusion computes a block's
+    shortcut before its second convolution, the bindings after it): cut after any layer, the part
+    before returns exactly the values the kernel graph says later layers (or the outputs) read."""
+    from edgetvm.partition import split
+    from edgetvm.partition.pipeline.plan import kernel_layers
+    from edgetvm.passes import graph_cut, row_slices
+
+    m = split.load_model(zoo.path(name), None)
+    can = row_slices.canonical(m.deploy)
+    g = m.graph
+    groups = kernel_layers(can, g, len(m.weights))
+    assert groups is not None and len(groups) == len(g.ops)
+    for j in range(1, len(groups)):
+        before = [b for grp in groups[:j] for b in grp]
+        after = [b for grp in groups[j:] for b in grp]
+        _, sigs, _, _ = graph_cut.emit_parts(can, [before, after], len(m.weights))
+        later = {v for op in g.ops[j:] for v in op["reads"]} | set(g.outputs)
+        crossing = {op["out"] for op in g.ops[:j]} & later
+        assert set(sigs[0].outputs) == {f"v{groups[int(v[1:])][-1]}" for v in crossing}, f"cut after layer {j - 1}"
+
+
 def test_fleet_that_cannot_hold_the_model():
     p = _problem(0, 2)
     for d in p.devices:
@@ -254,6 +277,29 @@ def test_real_run_with_row_bands(tmp_path):
     res = run_plan(out, frames=4, log=lambda *a: None)
     assert res.identical and len(res.latencies_s) == 4
     assert not _mine(before, os.getpid())
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(bool(_can_emulate()), reason="needs root, cgroups and network namespaces")
+def test_a_stage_failing_far_down_the_chain_stops_the_run_with_its_message(tmp_path, monkeypatch):
+    """The last stage's part fails on the first frame: its error travels down to the sink and the
+    run stops naming that device, instead of waiting for a result that will never come."""
+    from edgetvm.partition.pipeline import plan as plans
+    from edgetvm.runtime import pipeline
+
+    monkeypatch.setattr(pipeline, "STALL_S", 600.0)  # a stall would end the run with another message
+    f = fleets.load_fleet("fleet-3")
+    prep = plans.prepare(zoo.path("vgg"), f)
+    decision = plans.plan(prep, "dp")
+    assert len(decision["stages"]) >= 2
+    out = plans.write_plan(prep, f, decision, tmp_path / "plan")
+    last = decision["stages"][-1]["devices"][0]
+    wfile = out / f"s{len(decision['stages']) - 1}-{last}.npz"
+    with np.load(wfile) as z:
+        arrays = [z[k] for k in sorted(z.files, key=lambda k: int(k.split("_")[1]))]
+    np.savez(wfile, *arrays[:-1])  # loads, but the stage's function is called one weight short
+    with pytest.raises(UserError, match=rf"the pipeline stopped: device '{last}'"):
+        pipeline.run_plan(out, frames=2, log=lambda *a: None)
 
 
 @pytest.mark.slow

@@ -48,12 +48,12 @@ def prepare(model_path, fleet: Fleet, log=lambda *a: None, shapes=None, calibrat
                         "with `edgetvm partition --tracker` first; emulated devices only for now")
     m = split.load_model(model_path, shapes)
     can = row_slices.canonical(m.deploy)
-    groups = row_slices.layers(can)
-    bindings = graph_cut.bindings_of(can)
     g = m.graph
-    if len(groups) != len(g.ops):
-        raise UserError(f"{Path(model_path).name}: its {len(groups)} layers do not map to the {len(g.ops)} "
+    groups = kernel_layers(can, g, len(m.weights))
+    if groups is None:
+        raise UserError(f"{Path(model_path).name}: its layers do not map one to one onto the {len(g.ops)} "
                         f"kernel calls of the fused graph; pipeline planning needs one kernel per layer")
+    bindings = graph_cut.bindings_of(can)
     heights, windows = {}, []
     main = can["main"]
     for k, v in enumerate(main.params[:int(main.attrs["num_input"])]):
@@ -91,6 +91,67 @@ def prepare(model_path, fleet: Fleet, log=lambda *a: None, shapes=None, calibrat
     elif calibrate:
         problem.overhead = dict(calibrate)
     return Prepared(m, can, groups, problem)
+
+
+def kernel_layers(can, graph, num_weights: int) -> list[list[int]] | None:
+    """The canonical module's bindings grouped as fusion grouped them into the graph's kernels: layer l
+    holds the bindings of kernel l, so a cut between layers means the same on both sides. None when
+    they do not map one to one.
+
+    Grouping the bindings by their own order (row_slices.layers) is not enough: fusion may compute a
+    residual block's shortcut before its second convolution while the bindings have it after, and
+    then attaches the join (add, relu) to the other branch; layer l of one would be a different
+    kernel of the other, and a stage would send values the next stage does not read."""
+    from tvm import relax
+
+    from edgetvm.passes import graph_cut, row_slices
+
+    bindings = graph_cut.bindings_of(can)
+    main = can["main"]
+    num_input = int(main.attrs["num_input"])
+    weight_index = {p: i for i, p in enumerate(main.params[num_input:num_input + num_weights])}
+    index = {b.var: i for i, b in enumerate(bindings)}
+    reads = [list(relax.analysis.free_vars(b.value)) for b in bindings]
+    anchors = [i for i, b in enumerate(bindings) if row_slices.op_name(b.value) not in row_slices.ELEMENTWISE]
+    if len(anchors) != len(graph.ops):
+        return None
+    # A kernel with weights is found by them; one without (mean, reshape) by its place among those.
+    by_weight = {}
+    for i in anchors:
+        for v in reads[i]:
+            if v in weight_index:
+                by_weight.setdefault(weight_index[v], i)
+    owner: dict[int, int] = {}
+    free = iter([i for i in anchors if not any(v in weight_index for v in reads[i])])
+    for l, op in enumerate(graph.ops):
+        hits = {by_weight[w] for w in op["weights"] if w in by_weight}
+        i = hits.pop() if len(hits) == 1 else (next(free, None) if not op["weights"] else None)
+        if i is None or i in owner:
+            return None
+        owner[i] = l
+    # An elementwise binding belongs to the last kernel it reads from, as fusion appends it there.
+    for i, b in enumerate(bindings):
+        if i in owner:
+            continue
+        srcs = [owner[index[v]] for v in reads[i] if v in index]
+        if not srcs:
+            return None
+        owner[i] = max(srcs)
+    groups = [[] for _ in graph.ops]
+    for i in sorted(owner):
+        groups[owner[i]].append(i)
+    try:
+        graph_cut.check_closed(can, groups)
+    except ValueError:
+        return None
+    # The same dataflow on both sides: each layer reads exactly the layers its kernel reads.
+    inputs = {v: f"in{k}" for k, v in enumerate(main.params[:num_input])}
+    for l, (op, grp) in enumerate(zip(graph.ops, groups)):
+        got = {inputs[v] if v in inputs else f"v{owner[index[v]]}"
+               for i in grp for v in reads[i] if v in inputs or (v in index and owner[index[v]] != l)}
+        if got != set(op["reads"]):
+            return None
+    return groups
 
 
 def _check_capacity(model_path, fleet: Fleet, graph, sizes: list[int]) -> None:
@@ -191,6 +252,10 @@ def write_plan(prep: Prepared, fleet: Fleet, decision: dict, out) -> Path:
             sig, func = sigs[k], mod[f"p{k}"]
             ins, outs = prep.problem.crossing(i, j)
             carry = [cname[v] for v in outs if cname[v] not in sig.outputs]
+            received = list(m.graph.inputs) if s == 0 else stages_json[-1]["outputs"] + stages_json[-1]["carry"]
+            if missing := [v for v in sig.inputs + carry if v not in received]:
+                # A plan whose stage waits for a value nobody sends would stall its first frame.
+                raise RuntimeError(f"stage {s} needs {missing}, which the stage before it does not send")
             entries = []
             bands = st["bands"] or [None]
             for dev_name, band in zip(st["devices"], bands):
