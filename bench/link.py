@@ -8,7 +8,10 @@ a device profile (no CPU quota: the link is what is measured). Each tensor size 
 bytes / median seconds, next to the profile's nominal bandwidth (bytes/s = Mbit/s * 1e6 / 8). A
 transfer whose nominal time is over --long-s seconds is repeated 3 times only. Also per link: the
 median round trip of an RPC call that moves almost no data (the added delay shows there), and a reference
-row over the unshaped loopback to a local server. Downloads are checked bit-identical.
+row over the unshaped loopback to a local server, next to plain TCP over the same loopback: TVM 0.27's
+RPC serializes a tensor's bytes one at a time on the sending side (~25 ns a byte, ~40 MB/s a core on
+the machine this was written on), so on an unshaped or fast link RPC, not the link, sets the rate,
+and a device under a CPU quota pays it out of its quota. Downloads are checked bit-identical.
 Needs root (network namespaces, tc, cgroups).
 """
 
@@ -54,6 +57,33 @@ def transfer_s(session, nbytes: int, repeat: int) -> tuple[float, float]:
     return statistics.median(up), statistics.median(down)
 
 
+def tcp_s(nbytes: int, repeat: int) -> float:
+    """Median seconds to send `nbytes` over plain TCP on the loopback (a thread receives): the floor
+    under the RPC rows."""
+    import socket
+    import threading
+
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def receive():
+        conn, _ = listener.accept()
+        with conn:
+            for _ in range(repeat):
+                left = nbytes
+                while left:
+                    left -= len(conn.recv(min(left, 1 << 20)))
+                conn.sendall(b"k")
+
+    threading.Thread(target=receive, daemon=True).start()
+    data = np.random.default_rng(nbytes).integers(0, 256, nbytes, dtype=np.uint8).tobytes()
+    times = []
+    with socket.create_connection(listener.getsockname()) as sock:
+        for _ in range(repeat):
+            times.append(timed(lambda: (sock.sendall(data), sock.recv(1))))
+    listener.close()
+    return statistics.median(times)
+
+
 def measure(session, sizes: list[int], repeat: int, nominal_bps: float | None, long_s: float) -> list[dict]:
     rows = []
     for n in sizes:
@@ -89,8 +119,13 @@ def main(argv=None) -> int:
     with sigterm_raises():
         with EmulatedDevice(None) as server:
             session = server.session()
-            print_rows("loopback (none)", None, 0, call_rtt_s(session), measure(session, sizes, args.repeat, None, 0))
+            rows = measure(session, sizes, args.repeat, None, 0)
+            print_rows("loopback (none)", None, 0, call_rtt_s(session), rows)
             del session
+        for r in rows:
+            tcp = r["bytes"] / tcp_s(r["bytes"], args.repeat)
+            print(f"{'loopback plain TCP':18} {'':8} {'':6} {'':8} {r['bytes'] / 1e3:8.0f} {args.repeat:3d} "
+                  f"{tcp / 1e6:9.1f} {'':9}  RPC upload / TCP: {r['up_Bps'] / tcp:.3f}", flush=True)
         for profile in profiles:
             with EmulatedLink(profile) as link, EmulatedDevice(None, link=link) as device:
                 session = device.session()
