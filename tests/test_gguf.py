@@ -380,3 +380,50 @@ def test_requantized_smollm2_native_matches_numpy_reference(tmp_path, qtype, fmt
     assert requant(["smollm2-135m", qtype, "-o", str(p)]) == 0
     m, _, _ = _check_against_reference(p, tol=2e-5)
     assert m.formats == {"qkv": fmt, "o": fmt, "gu": fmt, "down": fmt, "head": "q8", "embed": "q8"}
+
+
+# ---------------------------------------------------------------- chat templates
+def test_chat_prompt_is_the_files_template_with_one_bos(tmp_path):
+    """A user's turn goes through the template the file carries; a template that writes the BOS
+    itself, in a file whose tokenizer adds one too, still starts the prompt with exactly one."""
+    from edgetvm.llm.gguf_model import load_tokenizer, model_config, render_chat
+
+    chatml = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
+              "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+    p = S.write(tmp_path / "chatml.gguf", n_layers=1, extra_kv={"tokenizer.chat_template": chatml})
+    cfg, tok = model_config(str(p)), load_tokenizer(str(p))
+    text = render_chat(chatml, "the quick", tok, cfg, system="be brief")
+    assert text == "<|im_start|>system\nbe brief<|im_end|>\n<|im_start|>user\nthe quick<|im_end|>\n<|im_start|>assistant\n"
+    assert tok.encode(text).ids[:1] == [tok.token_to_id("<|im_start|>")]  # a special token, not its letters
+
+    llama3ish = "{{ bos_token }}{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}{% endfor %}[assistant]"
+    spm = S.write(tmp_path / "spm.gguf", n_layers=1, tokenizer="spm", extra_kv={"tokenizer.chat_template": llama3ish})
+    cfg, tok = model_config(str(spm)), load_tokenizer(str(spm))
+    assert tok.encode("hello").ids[0] == cfg.bos  # this tokenizer adds the BOS itself
+    ids = tok.encode(render_chat(llama3ish, "hello", tok, cfg)).ids
+    assert ids[0] == cfg.bos and cfg.bos not in ids[1:]
+
+
+def test_chat_without_a_template_or_with_a_failing_one_is_one_line(tmp_path, capsys):
+    from edgetvm.llm import cli
+
+    plain = S.write(tmp_path / "plain.gguf", n_layers=1)
+    assert cli.main(["generate", "--model", str(plain), "--chat", "hi"]) == 2
+    err = capsys.readouterr().err
+    assert "carries no chat template" in err and len(err.strip().splitlines()) == 1, err
+    strict = "{% if messages[0]['role'] != 'system' %}{{ raise_exception('a system message is required') }}{% endif %}"
+    p = S.write(tmp_path / "strict.gguf", n_layers=1, extra_kv={"tokenizer.chat_template": strict})
+    assert cli.main(["generate", "--model", str(p), "--chat", "hi"]) == 2
+    err = capsys.readouterr().err
+    assert "a system message is required" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_generate_chat_stops_at_the_end_of_the_answers_turn(capsys):
+    """SmolLM2's own template: the answer ends with <|im_end|> (its EOS), well before --max-new."""
+    from edgetvm.llm import cli
+
+    assert cli.main(["generate", "--chat", "--max-new", "40", "-v", "What is the capital of France?"]) == 0
+    out = capsys.readouterr()
+    assert "Paris" in out.out
+    made = int(out.err.strip().splitlines()[-1].split()[0].lstrip("["))
+    assert made < 40

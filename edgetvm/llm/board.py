@@ -44,7 +44,7 @@ def compile_llm(name: str, fmt: str, board, out, kv_dtype: str = library.DEFAULT
                 log=lambda *a: None) -> Path:
     """Build the library for `board`, write library + weights + tokenizer + manifest to `out`.
     fmt: a --weights mode; `native` picks each role's exact format from the file (runtime.plan_formats)."""
-    from edgetvm.llm.gguf_model import load_tokenizer, load_weights, model_path, tensor_types
+    from edgetvm.llm.gguf_model import chat_template, load_tokenizer, load_weights, model_path, tensor_types
     from edgetvm.llm.quant import FORMATS
     from edgetvm.llm.runtime import pack_weights, plan_formats
     from edgetvm.passes import pipeline
@@ -77,7 +77,7 @@ def compile_llm(name: str, fmt: str, board, out, kv_dtype: str = library.DEFAULT
             "inputs": [], "outputs": [], "weights": index,
             "weight_bytes": int(sum(x["nbytes"] for x in index)),
             "llm": {"model": name, "weights": fmt, "formats": formats, "notes": notes + packed.notes,
-                    "kv_dtype": kv_dtype, "tokenizer": TOKENIZER,
+                    "kv_dtype": kv_dtype, "tokenizer": TOKENIZER, "chat_template": chat_template(name),
                     "config": dataclasses.asdict(cfg), "head_tensors": n_head, "layer_tensors": n_layer},
         }
         art_mod.write_manifest(stage, manifest)
@@ -160,6 +160,7 @@ class BoardModel:
         from tokenizers import Tokenizer
 
         self.tokenizer = Tokenizer.from_file(str(art.path / llm["tokenizer"]))
+        self.chat_template = llm.get("chat_template")
         self.weight_bytes = m["weight_bytes"]
         board = m["board"]
         if remote is None:

@@ -109,9 +109,10 @@ def cmd_generate(args) -> None:
         budget = args.kv_budget or 256
     if plan is not None:
         plan.check_kv(budget)
+    prompt = _chat_prompt(args, m) if args.chat or args.system else args.prompt
     t0 = time.perf_counter()
     n, t1 = 0, None
-    for piece in generate(m, args.prompt, max_new=args.max_new, policy=args.kv_policy, budget=budget,
+    for piece in generate(m, prompt, max_new=args.max_new, policy=args.kv_policy, budget=budget,
                           sinks=args.sinks):
         sys.stdout.write(piece)
         sys.stdout.flush()
@@ -223,6 +224,21 @@ def cmd_compile_llm(args) -> None:
           + "".join(f"; {n}" for n in m["llm"].get("notes", [])))
 
 
+def _chat_prompt(args, m) -> str:
+    """The prompt as one user turn of the model's own chat template (read from its GGUF, or from the
+    artifact compile-llm wrote)."""
+    from edgetvm.llm.gguf_model import chat_template, render_chat
+
+    template = getattr(m, "chat_template", None) if args.artifact else chat_template(args.model)
+    if not template:
+        source = f"the artifact {args.artifact}" if getattr(args, "artifact", None) else args.model
+        raise UserError(f"--chat: {source} carries no chat template (tokenizer.chat_template); drop --chat and "
+                        f"write the prompt in the model's own format"
+                        + (", or compile the artifact again with this edgetvm" if getattr(args, "artifact", None)
+                           else ""))
+    return render_chat(template, args.prompt, m.tokenizer, m.cfg, args.system)
+
+
 def add_llm_parsers(subparsers) -> None:
     c = subparsers.add_parser("compile-llm", help="compile the LLM for a board: library, weights, tokenizer, manifest")
     c.add_argument("--model", default="smollm2-135m", help="a llama-family GGUF file, or smollm2-135m")
@@ -237,6 +253,9 @@ def add_llm_parsers(subparsers) -> None:
     _common(g)
     g.add_argument("prompt")
     g.add_argument("--max-new", type=_positive, default=48, help="tokens to generate (default 48)")
+    g.add_argument("--chat", action="store_true", help="send the prompt as a user's turn through the model's "
+                   "own chat template (from its GGUF), and stop at the end of the answer's turn")
+    g.add_argument("--system", default=None, help="a system message before the user's (implies --chat)")
     g.add_argument("-v", "--verbose", action="store_true", help="print tokens/s to stderr")
     g.set_defaults(func=cmd_generate)
     p = subparsers.add_parser("ppl", help="perplexity of a text file with a budgeted KV cache")

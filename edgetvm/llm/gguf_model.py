@@ -324,6 +324,35 @@ def chat_template(name: str) -> str | None:
     return None if t is None else str(t.contents())
 
 
+def render_chat(template: str, user: str, tokenizer, cfg, system: str | None = None) -> str:
+    """The prompt a chat model was trained on: the file's Jinja chat template over one user message
+    (and a system one), ending where the assistant's turn begins. Rendered in Jinja's sandbox, as
+    transformers does: the template is code that came with a downloaded file. A BOS the template
+    writes is left to the tokenizer when it adds one itself, so the prompt starts with exactly one."""
+    from jinja2 import TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise TemplateError(message)
+
+    def token(i: int) -> str:
+        return (tokenizer.id_to_token(i) or "") if i >= 0 else ""
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = raise_exception
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
+    bos = token(cfg.bos)
+    try:
+        text = env.from_string(template).render(messages=messages, add_generation_prompt=True, bos_token=bos,
+                                                eos_token=token(cfg.eos))
+    except TemplateError as e:
+        raise UserError(f"the model's chat template failed: {str(e).splitlines()[0]}; drop --chat and write the "
+                        f"prompt in the model's own format") from None
+    if bos and text.startswith(bos) and tokenizer.encode("").ids[:1] == [cfg.bos]:
+        text = text[len(bos):]
+    return text
+
+
 def load_raw(name: str = "smollm2-135m") -> dict:
     """{tensor name: (GGUF type name, raw data as stored (memory-mapped), (rows, cols))}: the
     quantized blocks uint8 [rows, bytes per row], float tensors as their arrays."""
