@@ -146,7 +146,10 @@ def main(argv=None) -> None:
                          "weight bytes (e.g. 0.5,0.25) against the unbudgeted run, interleaved; see budget_bench")
     args = ap.parse_args(argv)
     if args.target:
-        return board_bench(args)
+        from edgetvm.runtime.signals import sigterm_raises
+
+        with sigterm_raises():  # `kill` unwinds too: the emulated board and its mounts are removed
+            return board_bench(args)
     if args.memory_budgets:
         return budget_bench(args)
 
@@ -308,7 +311,8 @@ def board_bench(args) -> None:
     from edgetvm.llm.board import BoardModel, cached_artifact, open_llm_artifact
     from edgetvm.llm.runtime import generate
     from edgetvm.runtime import emulated_board
-    from edgetvm.runtime.session import connect
+    from edgetvm.runtime.session import connect, parse_address
+    from edgetvm.runtime.wire import CountingProxy
     from edgetvm.targets import load_board
 
     fmt = args.weights.split(",")[-1]
@@ -324,22 +328,30 @@ def board_bench(args) -> None:
                 sys.exit(f"no emulated board for {board.arch}: give --rpc HOST:PORT of a {board.name}")
             emu = stack.enter_context(emulated_board.EmulatedBoard())
             rpc = f"127.0.0.1:{emu.port}"
-        bm = BoardModel(art, connect(rpc), rpc)
-        upload = bm.bytes_sent
+        # The session goes through a counting relay: what each step costs the board's link, measured.
+        host, port = parse_address(rpc, "--rpc")
+        proxy = CountingProxy(host, port)
+        stack.callback(proxy.close)
+        bm = BoardModel(art, connect(f"127.0.0.1:{proxy.port}"), rpc)
+        upload, upload_wire = bm.bytes_sent, proxy.counts()
         s = bm.session("streaming", 64)
         ids = bm.tokenizer.encode(prompt).ids
-        got, sent = [s.greedy_prefill(ids)], [bm.bytes_sent]
+        got = [s.greedy_prefill(ids)]
+        wire = [proxy.counts()]
         for _ in range(args.tokens - 1):
             got.append(s.greedy_next(got[-1]))
-            sent.append(bm.bytes_sent)
+            wire.append(proxy.counts())
         hwm = _group_hwm(emu.proc.pid) if emu else None
     text = bm.tokenizer.decode(got)
-    per_step = (sent[-1] - sent[0]) / max(1, len(sent) - 1)
+    steps = max(1, len(wire) - 1)
+    per_step = [(wire[-1][k] - wire[0][k]) / steps for k in (0, 1)]
     kv = library.state_bytes(bm.cfg, bm.kv_dtype, 64) // 2  # a decode step reads about half the state: K, V, rotated K
     print(f"{board.name} ({board.arch}) over {rpc}{' (emulated: qemu-aarch64)' if emu else ''}, {fmt} weights")
     print(f"  greedy tokens equal the host build's: {text == ''.join(want)} ({len(got)} tokens: {text!r})")
-    print(f"  uploaded once: {upload / 2**20:.1f} MiB of weights; per decode step over the link: {per_step:.0f} B sent "
-          f"(the token fed back stays on the board), 4 B received")
+    print(f"  uploaded once: {upload / 2**20:.1f} MiB of weights ({upload_wire[0] / 2**20:.1f} MiB on the wire, "
+          f"library and session set-up included)")
+    print(f"  per decode step on the wire (TCP payload through a counting relay, RPC framing and handles "
+          f"included): {per_step[0]:.0f} B sent, {per_step[1]:.0f} B received; the token fed back stays on the board")
     print(f"  memory read per decoded token on the board: {bm.weight_bytes / 2**20:.1f} MiB of weights + up to "
           f"{kv / 2**20:.2f} MiB of KV cache (64 tokens)")
     if hwm:

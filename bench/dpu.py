@@ -39,7 +39,8 @@ def replay_on_board(result: dict, workdir: Path) -> dict:
     from tvm import rpc
 
     from edgetvm.runtime import emulated_board
-    from edgetvm.update.patch import CountingProxy, apply_rpc, deploy_rpc
+    from edgetvm.runtime.wire import CountingProxy
+    from edgetvm.update.patch import apply_rpc, deploy_rpc
 
     out = {}
     with emulated_board.EmulatedBoard(functions=True) as board:

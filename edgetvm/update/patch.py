@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import tempfile
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +19,7 @@ import numpy as np
 from edgetvm.errors import UserError
 from edgetvm.runtime import patch as rpatch
 from edgetvm.runtime.artifact import Artifact, open_artifact
+from edgetvm.runtime.wire import CountingProxy
 
 
 def check_k(k: float, flag: str = "-k") -> float:
@@ -135,65 +134,6 @@ def apply_local(artifact: str | Path, blob: bytes) -> dict:
         raise UserError(f"patch refused, {artifact} unchanged: {e}") from None
     open_artifact(artifact)
     return report
-
-
-class CountingProxy:
-    """A TCP relay on 127.0.0.1 that counts the bytes it passes each way: bytes on the wire, measured (TCP
-    payload: what the RPC session really sent, its framing and the call's other arguments included)."""
-
-    def __init__(self, host: str, port: int):
-        self.target = (host, port)
-        self.sent = self.received = 0
-        self.lock = threading.Lock()
-        self.sockets: list[socket.socket] = []
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True, name="edgetvm-proxy").start()
-
-    def _accept(self) -> None:
-        # Every connection is relayed: session.connect probes the address with a bare connect first.
-        while True:
-            try:
-                client, _ = self.listener.accept()
-                upstream = socket.create_connection(self.target, timeout=30)
-            except OSError:
-                return
-            upstream.settimeout(None)
-            with self.lock:
-                self.sockets += [client, upstream]
-            threading.Thread(target=self._pump, args=(client, upstream, "sent"), daemon=True).start()
-            threading.Thread(target=self._pump, args=(upstream, client, "received"), daemon=True).start()
-
-    def _pump(self, src: socket.socket, dst: socket.socket, counter: str) -> None:
-        try:
-            while data := src.recv(1 << 16):
-                dst.sendall(data)
-                with self.lock:
-                    setattr(self, counter, getattr(self, counter) + len(data))
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
-    def counts(self) -> tuple[int, int]:
-        with self.lock:
-            return self.sent, self.received
-
-    def close(self) -> None:
-        """Stop relaying: the board sees the session end even while a client object still holds it (TVM's
-        server serves one session at a time, so a lingering one would block the next)."""
-        self.listener.close()
-        with self.lock:
-            for s in self.sockets:
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-                s.close()
 
 
 def remote_functions(session):
