@@ -10,8 +10,11 @@ not by relax.transform.Gradient, so that it holds only what the selected slices 
   - no gradient of a frozen weight, and no backward pass below the lowest updated layer;
   - a conv or linear layer whose weight is updated keeps only the selected input channels of its input
     (dW[:, S] needs x[:, S] only); a frozen one keeps nothing (its input gradient needs its weight only);
-  - a ReLU keeps its sign mask (bool, one byte an element; not its float input), a ReLU followed by a
-    2x2 max pool keeps one bool mask for both (where the input was positive and the maximum);
+  - a ReLU keeps its sign mask, one bit an element (not its float input), packed eight to a byte by a
+    kernel that reads the ReLU's output (so conv + bias + ReLU still fuse) and unpacked by the kernel that
+    applies it; a ReLU followed by a non-overlapping max pool keeps one bit for both (where the input was
+    positive and the maximum). `mask_bits=8` keeps one bool byte an element instead (the earlier build, for
+    comparison: the same arithmetic, so the same gradients to the bit);
   - the step returns the updated slices W[:, S] - lr * dW[:, S] (plain SGD), not whole tensors; `lr` is
     one number or {name: one step size per selected channel} (p-Meta's learned, channel-wise rates).
 Mean softmax cross-entropy over the batch, like train.py's steps. Max-pool gradients go to every input
@@ -22,7 +25,7 @@ from __future__ import annotations
 
 import numpy as np
 import tvm
-from tvm import relax
+from tvm import relax, te, tirx
 
 _OPS = {name: tvm.ir.Op.get(f"relax.{name}") for name in
         ("nn.conv2d", "add", "reshape", "nn.relu", "nn.max_pool2d", "matmul")}
@@ -42,11 +45,95 @@ def selected(mask: dict, name: str) -> np.ndarray:
     return np.zeros(0, np.int64) if m is None else np.flatnonzero(np.asarray(m, bool))
 
 
+# ---- one-bit masks --------------------------------------------------------------------------------
+# A mask of shape S is kept as ceil(prod(S) / 8) bytes, bit b of byte i being element 8 i + b of S in C
+# order. Packing and unpacking are TE kernels: relax has no bit-level tensor ops, and one kernel each way
+# means the bool mask never exists at full size.
+
+def _unravel(idx, shape):
+    coords = []
+    for d in reversed(shape):
+        coords.append(tirx.floormod(idx, d))
+        idx = tirx.floordiv(idx, d)
+    return coords[::-1]
+
+
+def _packed_len(shape) -> int:
+    return (int(np.prod(shape)) + 7) // 8
+
+
+def _pack(shape, cond):
+    """A TE function (*tensors) -> uint8 (ceil(n / 8),): bit j set where cond(tensors, coords of element j)."""
+    total = int(np.prod(shape))
+
+    def f(*tensors):
+        def byte(i):
+            acc = None
+            for b in range(8):
+                idx = i * 8 + b
+                # past the last element: a valid index to read, a zero bit
+                coords = _unravel(tirx.min(idx, total - 1), shape)
+                on = tirx.all(idx < total, cond(tensors, coords))
+                term = tirx.if_then_else(on, tirx.const(1 << b, "uint8"), tirx.const(0, "uint8"))
+                acc = term if acc is None else acc | term
+            return acc
+        return te.compute((_packed_len(shape),), byte, name="mask_bits")
+    return f
+
+
+def _bit(bits, coords, shape):
+    """Element `coords` of a mask of `shape` packed by _pack, as float32 0 or 1."""
+    idx = coords[0]
+    for c, d in zip(coords[1:], shape[1:]):
+        idx = idx * d + c
+    return tirx.Cast("float32", (bits[tirx.floordiv(idx, 8)] >> tirx.Cast("uint8", tirx.floormod(idx, 8)))
+                     & tirx.const(1, "uint8"))
+
+
+def _pool_window_max(k):
+    """Where the input (C order, cropped to whole windows) equals its window's maximum and, with `positive`,
+    is above zero: the elements a ReLU + max pool (or a max pool) passes gradients to."""
+    def cond(tensors, coords, positive):
+        x, z = tensors
+        n, c, r, s = coords
+        v = x[n, c, r, s]
+        eq = v == z[n, c, tirx.floordiv(r, k[0]), tirx.floordiv(s, k[1])]
+        return tirx.all(eq, v > tirx.const(0.0, "float32")) if positive else eq
+    return cond
+
+
+def _unpack_pool(k, in_hw, crop_hw):
+    """TE (g pooled, bits) -> the gradient at the pool's input: g up-sampled over each window times its bit,
+    zero in the rows and columns the pool dropped; the same products as repeat * mask, then pad."""
+    def f(g, bits):
+        n_, c_ = (int(v) for v in g.shape[:2])
+        shape = (n_, c_, *crop_hw)
+
+        def val(n, c, r, s):
+            inside = tirx.all(r < crop_hw[0], s < crop_hw[1])
+            rr, ss = tirx.min(r, crop_hw[0] - 1), tirx.min(s, crop_hw[1] - 1)
+            return tirx.if_then_else(inside, g[n, c, tirx.floordiv(rr, k[0]), tirx.floordiv(ss, k[1])]
+                                     * _bit(bits, (n, c, rr, ss), shape), tirx.const(0.0, "float32"))
+        return te.compute((n_, c_, *in_hw), val, name="unpack_pool")
+    return f
+
+
+def _unpack_mul(shape):
+    """TE (g, bits) -> g times the mask (a ReLU's backward)."""
+    def f(g, bits):
+        return te.compute(shape, lambda *co: g[co] * _bit(bits, co, shape), name="unpack_relu")
+    return f
+
+
 def adapt_step(mod: tvm.IRModule, mask: dict, lr: float | dict = 0.01, output: str = "update",
-               func: str = "backbone") -> tvm.IRModule:
-    """`mod` plus `adapt_step(x, y, *params) -> (loss, *slices)` updating only `mask`'s slices of `func`'s params."""
+               func: str = "backbone", mask_bits: int = 1) -> tvm.IRModule:
+    """`mod` plus `adapt_step(x, y, *params) -> (loss, *slices)` updating only `mask`'s slices of `func`'s params;
+    ReLU and max-pool masks kept with `mask_bits` (1 or 8) bits an element."""
     if output not in ("update", "grad"):
         raise ValueError(f"output must be 'update' or 'grad', not {output!r}")
+    if mask_bits not in (1, 8):
+        raise ValueError(f"mask_bits must be 1 (packed) or 8 (one bool byte), not {mask_bits!r}")
+    packed = mask_bits == 1
     f = mod[func]
     x_in, params = f.params[0], list(f.params[1:])
     pnames = [p.name for p in params]
@@ -143,7 +230,16 @@ def adapt_step(mod: tvm.IRModule, mask: dict, lr: float | dict = 0.01, output: s
                         # ReLU then max pool: one mask for both
                         k = nxt[3]
                         z = bb.emit(op.nn.max_pool2d(y, k, k))
-                        if needs_back:
+                        if needs_back and packed:
+                            n, c, hh, ww = _shape(y)
+                            oh, ow = _shape(z)[2:]
+                            crop_hw = (oh * k[0], ow * k[1])
+                            # y > 0 iff h > 0: reading y, not h, leaves h free to fuse into the conv
+                            cond = _pool_window_max(k)
+                            bits = bb.emit_te(_pack((n, c, *crop_hw), lambda t, co: cond(t, co, True)), y, z,
+                                              primfunc_name_hint="pack_relu_pool_mask")
+                            saved[i] = ("pool_bits", bits, k, (hh, ww), crop_hw)
+                        elif needs_back:
                             n, c, hh, ww = _shape(y)
                             oh, ow = _shape(z)[2:]
                             crop = y if (hh, ww) == (oh * k[0], ow * k[1]) else \
@@ -157,12 +253,25 @@ def adapt_step(mod: tvm.IRModule, mask: dict, lr: float | dict = 0.01, output: s
                         env[nxt[1]] = z
                         i += 2
                         continue
-                    if needs_back:
+                    if needs_back and packed:
+                        shape = _shape(y)
+                        bits = bb.emit_te(_pack(shape, lambda t, co: t[0][tuple(co)] > tirx.const(0.0, "float32")),
+                                          y, primfunc_name_hint="pack_relu_mask")
+                        saved[i] = ("relu_bits", bits, shape)
+                    elif needs_back:
                         saved[i] = ("relu", bb.emit(op.greater(h, relax.const(0.0))))
                 elif kind == "pool":
                     k = info
                     y = bb.emit(op.nn.max_pool2d(h, k, k))
-                    if needs_back:
+                    if needs_back and packed:
+                        n, c, hh, ww = _shape(h)
+                        oh, ow = _shape(y)[2:]
+                        crop_hw = (oh * k[0], ow * k[1])
+                        cond = _pool_window_max(k)
+                        bits = bb.emit_te(_pack((n, c, *crop_hw), lambda t, co: cond(t, co, False)), h, y,
+                                          primfunc_name_hint="pack_pool_mask")
+                        saved[i] = ("pool_bits", bits, k, (hh, ww), crop_hw)
+                    elif needs_back:
                         n, c, hh, ww = _shape(h)
                         oh, ow = _shape(y)[2:]
                         crop = h if (hh, ww) == (oh * k[0], ow * k[1]) else \
@@ -215,7 +324,12 @@ def adapt_step(mod: tvm.IRModule, mask: dict, lr: float | dict = 0.01, output: s
                     if entry is None:           # a pool whose mask the ReLU below it keeps for both
                         entry = saved[i - 1]
                         i -= 1
-                    if entry[0] == "relu":
+                    if entry[0] == "relu_bits":
+                        g = bb.emit_te(_unpack_mul(entry[2]), g, entry[1], primfunc_name_hint="unpack_relu_mask")
+                    elif entry[0] == "pool_bits":
+                        _, bits, k, in_hw, crop_hw = entry
+                        g = bb.emit_te(_unpack_pool(k, in_hw, crop_hw), g, bits, primfunc_name_hint="unpack_pool_mask")
+                    elif entry[0] == "relu":
                         g = bb.emit(op.multiply(g, op.astype(entry[1], "float32")))
                     else:
                         _, m, k, (hh, ww) = entry
@@ -248,9 +362,10 @@ def adapt_step(mod: tvm.IRModule, mask: dict, lr: float | dict = 0.01, output: s
                 outs.append(bb.emit(op.subtract(w, op.multiply(rate, grads[name]))))
             result = bb.emit_output(relax.Tuple(outs))
         bb.emit_func_output(result)
-    step = bb.get()["adapt_step"].with_attr("global_symbol", "adapt_step")
+    built = bb.get()
     out_mod = tvm.IRModule(dict(mod.functions_items()), attrs=mod.attrs)
-    out_mod["adapt_step"] = step
+    for gv, fn in built.functions_items():    # the step and its mask-packing kernels
+        out_mod[gv] = fn.with_attr("global_symbol", "adapt_step") if gv.name_hint == "adapt_step" else fn
     return relax.transform.Normalize()(out_mod)
 
 

@@ -132,6 +132,21 @@ def _ops(mod, func="adapt_step"):
     return out
 
 
+def _packed_masks(mod, func="adapt_step"):
+    """Shapes of the masks the step keeps: the outputs of its mask-packing kernels, which must be uint8."""
+    from tvm import relax
+
+    shapes = []
+    for blk in mod[func].body.blocks:
+        for b in blk.bindings:
+            v = b.value
+            if isinstance(v, relax.Call) and v.op.same_as(tvm.ir.Op.get("relax.call_tir")) \
+                    and v.args[0].name_hint.startswith("pack_"):
+                assert str(b.var.ty.dtype) == "uint8"
+                shapes.append(tuple(int(d) for d in b.var.ty.shape))
+    return shapes
+
+
 def test_the_step_computes_only_needed_gradients_and_keeps_fewer_activations():
     top = {"conv4.weight": np.ones(8, bool), "fc1.weight": np.ones(8, bool), "fc1.bias": np.ones(5, bool)}
     full_ir = st.step_module(SMALL, 10, st.full_mask(SMALL), 0.1, conv_as_matmul=False)
@@ -147,8 +162,12 @@ def test_the_step_computes_only_needed_gradients_and_keeps_fewer_activations():
     assert count(top_ir, "relax.nn.conv2d", data_layout="CNHW") == 1
     assert count(top_ir, "relax.nn.conv2d_transpose") == 0
     assert count(bias_ir, "relax.nn.conv2d", data_layout="CNHW") == 0
-    # ReLU + pool keep one bool mask each, no float copy; frozen layers below the lowest keep none
-    assert count(full_ir, "relax.logical_and") == 4 and count(top_ir, "relax.logical_and") == 1
+    # ReLU + pool keep one packed bit mask each, no float copy; frozen layers below the lowest keep none
+    # (a pool keeps bits of the whole windows only: 7x7 -> 6x6, 3x3 -> 2x2)
+    assert _packed_masks(full_ir) == [(10 * 8 * 28 * 28 // 8,), (10 * 8 * 14 * 14 // 8,), (10 * 8 * 6 * 6 // 8,),
+                                      (10 * 8 * 2 * 2 // 8,)]
+    assert _packed_masks(top_ir) == [(10 * 8 * 2 * 2 // 8,)]
+    assert count(full_ir, "relax.logical_and") == 0 and count(full_ir, "relax.equal") == 0
     # planned memory (Relax's planner + kernel scratch): fewer activations kept, less memory
     p_full = st.planned_memory(full_ir, "adapt_step")
     p_top = st.planned_memory(top_ir, "adapt_step")
@@ -156,6 +175,49 @@ def test_the_step_computes_only_needed_gradients_and_keeps_fewer_activations():
     assert p_top.inputs == p_full.inputs == p_tvm.inputs
     assert p_top.planned < 0.6 * p_full.planned
     assert p_full.dynamic <= 1.05 * p_tvm.dynamic
+
+
+POOL_FIRST = train.Model("pool_first", (1, 13, 13), (train.Conv(4, 3, 1), train.MaxPool(2), train.ReLU(),
+                                                       train.Flatten(), train.Linear(5)))
+
+
+@pytest.mark.parametrize("model", [SMALL, pytest.param(train.vgg_small(5, channels=(4, 6), hidden=13),
+                                                        marks=pytest.mark.slow),
+                                   train.mlp(5, hidden=(13, 7)), POOL_FIRST], ids=lambda m: m.name)
+def test_one_bit_masks_give_the_same_steps_to_the_bit_as_byte_masks(model):
+    """ReLU + pool (Conv4: a 7x7 map pooled to 3x3 drops a row and a column), ReLU alone (vgg_small, mlp with
+    widths that are not multiples of 8) and a max pool alone (pool_first, 13x13 -> 6x6): packing the masks
+    eight to a byte changes no bit of the losses or the adapted weights over three steps, and the gradients
+    still equal TVM's own."""
+    rng = np.random.default_rng(4)
+    x, y = rng.random((7, *model.input_shape), dtype=np.float32), (np.arange(7) % 5).astype(np.int64)
+    params = train.init_params(model, 3)
+    mask = st.full_mask(model)
+    first = sorted(mask)[0]
+    mask[first] = np.arange(len(mask[first])) % 2 == 0          # a partial selection too
+    runs = {bits: st.MaskedStep(model, len(x), mask, lr=0.05, mask_bits=bits, conv_as_matmul=False).adapt(x, y, params, 3)
+            for bits in (1, 8)}
+    (p1, l1), (p8, l8) = runs[1], runs[8]
+    assert l1 == l8
+    for n in params:
+        assert np.array_equal(p1[n], p8[n]), n
+    assert any(not np.array_equal(p1[n], params[n]) for n in params)
+    loss_ref, ref = _reference_grads(model, x, y, params)
+    loss, got = st.MaskedStep(model, len(x), st.full_mask(model), output="grad", mask_bits=1).run(x, y, params)
+    assert loss == pytest.approx(loss_ref, rel=1e-5)
+    for n, g in got.items():
+        np.testing.assert_allclose(g, ref[n], rtol=1e-4, atol=1e-6 * np.abs(ref[n]).max())
+
+
+def test_one_bit_masks_lower_planned_memory():
+    """Conv4-32, 5-shot, every layer updated: the 28x28 block's mask alone is 25 x 32 x 28 x 28 bytes as
+    bools (627 KB) and 78 KB as bits."""
+    m = train.conv4(5, channels=32)
+    byte, bit = (st.planned_memory(st.step_module(m, 25, st.full_mask(m), 0.1, conv_as_matmul=False, mask_bits=b),
+                                   "adapt_step") for b in (8, 1))
+    assert bit.dynamic < byte.dynamic - (25 * 32 * 28 * 28 * 7) // 8, (bit, byte)
+    with pytest.raises(ValueError, match="mask_bits"):
+        st.step_module(m, 25, st.full_mask(m), 0.1, mask_bits=4)
 
 
 def test_bad_masks_are_one_line_user_errors():
@@ -311,3 +373,73 @@ def test_adapt_run_on_the_emulated_aarch64_board(artifact, tmp_path, capsys):
     with np.load(tmp_path / "here.npz") as a, np.load(tmp_path / "board.npz") as b:
         for n in a.files:
             np.testing.assert_allclose(b[n], a[n], rtol=1e-4, atol=1e-5)
+
+
+# ---- a memory budget for the selection ---------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_fit_budget_drops_the_least_important_until_the_planned_step_fits():
+    from edgetvm.adapt import budget as bu
+
+    planner = bu.Planner(SMALL, 10)
+    full = st.full_mask(SMALL)
+    # importance: the learned step sizes, here rising with depth and varying across channels
+    rng = np.random.default_rng(0)
+    imp = {n: (1 + names_i) * rng.uniform(0.5, 1.0, len(m)) for names_i, (n, m) in enumerate(full.items())}
+    everything = planner(full)
+    top = planner({n: v for n, v in full.items() if n.split(".")[0] in ("conv3", "conv4", "fc1")})
+    budget = (everything + top) // 2
+    fit = bu.fit_budget(SMALL, imp, budget, 10, planner=planner)
+    assert fit.planned <= budget < everything and fit.planned == planner(fit.mask) and fit.dropped
+    for n, m in fit.mask.items():
+        assert m.any() and n in full
+        # within a parameter, every channel kept is at least as important as every channel dropped
+        if (~m).any():
+            assert imp[n][m].min() >= imp[n][~m].max(), n
+    # the top layers are cheap and the most important: they all stay
+    for n in ("conv4.weight", "conv4.bias", "fc1.weight", "fc1.bias"):
+        assert fit.mask[n].all(), n
+    # a budget the mask already fits changes nothing
+    same = bu.fit_budget(SMALL, imp, everything, 10, planner=planner)
+    assert same.dropped == [] and all(np.array_equal(same.mask[n], full[n]) for n in full)
+    # below the classifier's bias alone: unreachable, said in one line
+    with pytest.raises(UserError, match="cannot be met") as e:
+        bu.fit_budget(SMALL, imp, bu.floor_bytes(SMALL, 10, planner) - 1, 10, planner=planner)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.slow
+def test_meta_train_with_a_memory_budget_keeps_a_selection_that_fits(tmp_path):
+    """p-Meta meta-trained under a budget (plumbing: 8 channels, 4 iterations, checks every 2): every
+    meta-validation check and the kept selection plan within it; the planner agrees afresh."""
+    from edgetvm.adapt import budget as bu
+    from edgetvm.adapt import meta
+
+    planner = bu.Planner(SMALL, 5 * 2)
+    full = st.full_mask(SMALL)
+    top = planner({n: v for n, v in full.items() if n.split(".")[0] in ("conv3", "conv4", "fc1")})
+    budget_mib = (top + 64) / bu.MIB
+    cfg = meta.MetaConfig(method="pmeta", iterations=4, channels=8, meta_batch=2, inner_steps=2, val_every=2,
+                          val_tasks=3, memory_budget=budget_mib, budget_shots=2)
+    learner = meta.meta_train(cfg)
+    checks = [r for r in learner.history if "val_accuracy" in r]
+    assert len(checks) == 2 and all(r["planned_mib"] <= budget_mib for r in checks)
+    assert "budget_dropped" in checks[0]     # a full start does not fit: the first check dropped structures
+    assert 0 < learner.planned <= budget_mib * bu.MIB
+    assert planner(learner.mask()) == learner.planned
+    assert not any(learner.mask().get(n, np.zeros(1, bool)).any() for n in ("conv1.weight", "conv1.bias"))
+    meta.save(learner, tmp_path / "art")
+    assert meta.load(tmp_path / "art").planned == learner.planned
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--method", "maml", "--memory-budget", "5"], "fits p-Meta's learned selection"),
+    (["--memory-budget", "-1"], "give a positive number of MiB"),
+    (["--memory-budget", "0.01"], "below the smallest step"),
+])
+def test_bad_memory_budgets_are_one_line_and_exit_2(tmp_path, capsys, argv, message):
+    assert _cli("adapt", "meta-train", "--iterations", "1", "--channels", "8", "--quiet", "-o", tmp_path / "a",
+                *argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and message in err, err
+    assert not (tmp_path / "a").exists()

@@ -40,6 +40,11 @@ def add_adapt_parser(sub) -> None:
     m.add_argument("--meta-batch", type=int, default=4, help="tasks per meta-update")
     m.add_argument("--channels", type=int, default=32)
     m.add_argument("--sparsity", type=float, default=2.0, help="p-Meta: weight of the memory-aware sparsity")
+    m.add_argument("--memory-budget", type=float, default=0.0, metavar="MIB",
+                   help="p-Meta: the adaptation step's planned memory must fit this (MiB, the memory-lean step, "
+                        "above the loaded weights; 0: no budget): the least important channels and layers are "
+                        "dropped until it does")
+    m.add_argument("--budget-shots", type=int, default=5, help="images per class the budget is planned at")
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("-o", "--output", required=True, help="the artifact directory to write")
     m.add_argument("--png", help="write meta-validation accuracy per iteration here")
@@ -79,7 +84,8 @@ def cmd_meta_train(args) -> None:
     cfg = meta.MetaConfig(method=args.method, n_way=args.n_way, k_shot=args.k_shot, q_query=args.q_query,
                           inner_steps=args.steps, inner_lr=args.inner_lr, meta_lr=args.meta_lr,
                           meta_batch=args.meta_batch, iterations=args.iterations, channels=args.channels,
-                          sparsity=args.sparsity, seed=args.seed, val_every=max(args.iterations // 10, 1))
+                          sparsity=args.sparsity, memory_budget=args.memory_budget,
+                          budget_shots=args.budget_shots, seed=args.seed, val_every=max(args.iterations // 10, 1))
     cfg.check()
     out = Path(args.output)
     if not out.resolve().parent.is_dir() or not os.access(out.resolve().parent, os.W_OK):
@@ -103,6 +109,9 @@ def cmd_meta_train(args) -> None:
     meta.save(learner, out)
     print(f"wrote {out}: {cfg.method}, {cfg.n_way}-way, updates "
           + ", ".join(f"{n} {int(m.sum())}" for n, m in learner.mask().items()))
+    if cfg.memory_budget:
+        print(f"memory budget {cfg.memory_budget:g} MiB at {cfg.budget_shots}-shot: the step plans "
+              f"{learner.planned / 2**20:.2f} MiB")
     if args.png:
         _plot(learner, Path(args.png))
         print(f"wrote {args.png}")

@@ -24,7 +24,7 @@ MIB = 1 << 20
 
 
 def export(model, batch: int, mask: dict | None, rates, params: dict, x: np.ndarray, y: np.ndarray, out,
-           kind: str = "masked", conv_as_matmul: bool = True, target=None) -> Path:
+           kind: str = "masked", conv_as_matmul: bool = True, target=None, mask_bits: int = 1) -> Path:
     """Compile a step into `out`/step.so with its inputs (arrays.npz) and how to call it (meta.json)."""
     from edgetvm import train
     from edgetvm.adapt import step as st
@@ -37,7 +37,7 @@ def export(model, batch: int, mask: dict | None, rates, params: dict, x: np.ndar
         mask = st.check_mask(model, mask)
         lr = {n: np.asarray(rates[n], np.float32).reshape(-1)[mask[n]] for n in mask} if isinstance(rates, dict) \
             else float(rates)
-        mod = st.step_module(model, batch, mask, lr, "update", conv_as_matmul)
+        mod = st.step_module(model, batch, mask, lr, "update", conv_as_matmul, mask_bits)
         func, updated = "adapt_step", [n for n in names if n in mask]
         idx = {n: np.flatnonzero(mask[n]).tolist() for n in updated}
     elif kind == "full":

@@ -11,6 +11,10 @@ Every method meta-trains the same Conv4 (train.conv4) on N-way K-shot tasks of k
           its input, whose channels the weight gradient keeps, and the depth the backward pass must reach);
           channels whose step size reaches 0 are frozen: at deployment they are left out of the mask and
           the compiled step (passes/adapt_step.py) computes and keeps nothing for them.
+With a memory budget (`memory_budget` MiB of planned step memory at `budget_shots` images per class), p-Meta's
+selection is fitted to it at every meta-validation check (adapt/budget.py: the channels and layers with the
+smallest learned step sizes are dropped until the planner's figure fits); what a fit drops stays frozen for
+the rest of meta-training, so every checkpoint kept fits the budget and the weights learn around the cut.
 The step sizes' meta-gradient is first-order too: d L_query / d alpha = -sum over inner steps of
 (query gradient at the adapted weights) * (that step's support gradient), summed over each channel's slice.
 Simplification (stated in docs/adapt.md): p-Meta's attention is task-conditioned (computed from each task's
@@ -57,6 +61,9 @@ class MetaConfig:
     # p-Meta: the step sizes' own meta learning rate and the sparsity weight
     rate_lr: float = 3e-3
     sparsity: float = 2.0
+    # p-Meta: planned memory (MiB, the memory-lean step) the selection must fit at budget_shots images a class
+    memory_budget: float = 0.0
+    budget_shots: int = 5
     seed: int = 0
     val_every: int = 50
     val_tasks: int = 30
@@ -69,6 +76,13 @@ class MetaConfig:
                 raise UserError(f"--{k.replace('_', '-')} must be at least 1, not {getattr(self, k)}")
         if self.n_way < 2:
             raise UserError("--n-way must be at least 2 (one class is no classification task)")
+        if self.memory_budget < 0 or not math.isfinite(self.memory_budget):
+            raise UserError(f"--memory-budget {self.memory_budget}: give a positive number of MiB (0: no budget)")
+        if self.memory_budget and self.method != "pmeta":
+            raise UserError(f"--memory-budget fits p-Meta's learned selection; {self.method} updates a fixed set "
+                            "(use --method pmeta)")
+        if self.budget_shots < 1:
+            raise UserError(f"--budget-shots must be at least 1, not {self.budget_shots}")
 
 
 def forward_fn(model: train.Model, batch: int):
@@ -143,6 +157,7 @@ class Learner:
     rates: dict
     history: list = field(default_factory=list)
     best_iteration: int = 0     # the meta-validation best, whose weights these are
+    planned: int = 0            # with a memory budget: planned bytes of the kept selection's step
 
     @property
     def model(self) -> train.Model:
@@ -203,6 +218,23 @@ def meta_train(config: MetaConfig, progress=None) -> Learner:
     rng = np.random.default_rng([config.seed, 7])
     learner = Learner(config, params, rates)
     best = (-1.0, 0, None, None)
+    fitted = None     # with a budget: the last fit's mask; what it left out stays frozen
+    if config.memory_budget:
+        from edgetvm.adapt import budget as bu
+
+        budget = int(config.memory_budget * bu.MIB)
+        planner = bu.Planner(model, config.n_way * config.budget_shots)
+        floor = bu.floor_bytes(model, planner.batch, planner)
+        if floor > budget:
+            raise UserError(f"--memory-budget {config.memory_budget:g} MiB is below the smallest step "
+                            f"({bu.floor_name(model)} only: {floor / bu.MIB:.2f} MiB planned at "
+                            f"{planner.batch} support images); raise it")
+
+        def fit() -> "bu.Fit":
+            f = bu.fit_budget(model, rates, budget, planner.batch, planner=planner)
+            for n in rates:
+                rates[n] = np.where(f.mask.get(n, False), rates[n], 0.0).astype(np.float32)
+            return f
     t0 = time.perf_counter()
     for it in range(config.iterations):
         meta_g = {n: np.zeros_like(p) for n, p in params.items()}
@@ -225,11 +257,20 @@ def meta_train(config: MetaConfig, progress=None) -> Learner:
             rate_opt.step(rates, rate_g)
             for n in rates:   # proximal L1 step, weighted by memory cost; the attention stays in [0, 1]
                 rates[n] = np.clip(rates[n] - config.rate_lr * lam[n], 0.0, config.inner_lr).astype(np.float32)
+            if fitted is not None:   # what a budget fit dropped stays dropped
+                for n in rates:
+                    rates[n] = np.where(fitted.get(n, False), rates[n], 0.0).astype(np.float32)
             if not any(r.any() for r in rates.values()):   # never nothing: keep the classifier's bias
                 rates["fc1.bias"][:] = config.inner_lr
         record = {"iteration": it + 1, "query_loss": qloss, "query_accuracy": qacc,
                   "updated_share": learner.updated_share(), "seconds": time.perf_counter() - t0}
         if config.val_every and ((it + 1) % config.val_every == 0 or it + 1 == config.iterations):
+            if config.memory_budget:   # fit before validating: every checkpoint kept fits the budget
+                f = fit()
+                fitted = f.mask
+                record |= {"planned_mib": f.planned / bu.MIB, "updated_share": learner.updated_share()}
+                if f.dropped:
+                    record["budget_dropped"] = f.dropped
             record["val_accuracy"] = evaluate_host(learner, fs, "val", config.k_shot, config.val_tasks,
                                                    seed=config.seed + 1000, grads=g, fwd=fwd)["accuracy"]
         learner.history.append(record)
@@ -240,6 +281,9 @@ def meta_train(config: MetaConfig, progress=None) -> Learner:
             progress(it + 1, record)
     if best[2] is not None:
         learner.params, learner.rates, learner.best_iteration = best[2], best[3], best[1]
+    if config.memory_budget:   # the kept checkpoint's selection, fitted (a no-op unless never checked)
+        rates = learner.rates
+        learner.planned = fit().planned
     return learner
 
 
@@ -299,6 +343,7 @@ def save(learner: Learner, path) -> None:
     try:
         meta = {"kind": "edgetvm-adapt", "version": 1, "config": asdict(learner.config),
                 "history": learner.history, "best_iteration": learner.best_iteration, "updated_share": learner.updated_share(),
+                "planned_bytes": learner.planned,
                 "mask": {n: int(m.sum()) for n, m in learner.mask().items()}}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         arrays = {f"param/{n}": a for n, a in learner.params.items()}
@@ -332,7 +377,8 @@ def load(path) -> Learner:
             rates = {k[5:]: z[k] for k in z.files if k.startswith("rate/")}
     except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as e:
         raise UserError(f"{path} is not a meta-trained model ({e}); make one with `edgetvm adapt meta-train`") from None
-    learner = Learner(config, params, rates, meta.get("history", []), int(meta.get("best_iteration", 0)))
+    learner = Learner(config, params, rates, meta.get("history", []), int(meta.get("best_iteration", 0)),
+                      int(meta.get("planned_bytes", 0)))
     shapes = train.param_shapes(learner.model)
     if set(params) != set(shapes) or any(params[n].shape != s for n, s in shapes.items()):
         raise UserError(f"{path}: its weights do not fit Conv4 with {config.channels} channels; make it again "

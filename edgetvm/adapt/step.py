@@ -71,12 +71,14 @@ def _mask_key(mask: dict) -> tuple:
 
 
 def step_module(model: train.Model, batch: int, mask: dict, lr: float | dict, output: str = "update",
-                conv_as_matmul: bool = True) -> tvm.IRModule:
-    """The masked step as a module holding only `adapt_step`."""
+                conv_as_matmul: bool = True, mask_bits: int = 1) -> tvm.IRModule:
+    """The masked step as a module holding only `adapt_step` (ReLU / max-pool masks of `mask_bits` bits an
+    element: 1, or 8 for the unpacked bool masks, kept for comparison)."""
     from edgetvm.passes.adapt_step import adapt_step
 
-    mod = adapt_step(tvm.IRModule({"backbone": train.backbone(model, batch)}), mask, lr, output)
-    mod = tvm.IRModule({"adapt_step": mod["adapt_step"]})
+    mod = adapt_step(tvm.IRModule({"backbone": train.backbone(model, batch)}), mask, lr, output,
+                     mask_bits=mask_bits)
+    mod = tvm.IRModule({gv: f for gv, f in mod.functions_items() if gv.name_hint != "backbone"})
     if conv_as_matmul:
         from edgetvm.passes.conv_im2col import conv_as_matmul as rewrite
 
@@ -103,7 +105,7 @@ class MaskedStep:
     """The compiled masked step on this machine: run(x, y, params) -> (loss, {name: new slice or gradient})."""
 
     def __init__(self, model: train.Model, batch: int, mask: dict, lr: float | dict = 0.05, output: str = "update",
-                 conv_as_matmul: bool = True):
+                 conv_as_matmul: bool = True, mask_bits: int = 1):
         self.model, self.batch, self.output = model, int(batch), output
         self.mask = check_mask(model, mask)
         if isinstance(lr, dict):   # per-channel rates: over the selected channels only
@@ -116,8 +118,9 @@ class MaskedStep:
         self.shapes = train.param_shapes(model)
         self.names = list(self.shapes)
         self.updated = [n for n in self.names if n in self.mask]
-        key = ("adapt", model, self.batch, _mask_key(self.mask), lr_key, output, conv_as_matmul)
-        ex = train._build(key, lambda: step_module(model, self.batch, self.mask, self.lr, output, conv_as_matmul))
+        key = ("adapt", model, self.batch, _mask_key(self.mask), lr_key, output, conv_as_matmul, mask_bits)
+        ex = train._build(key, lambda: step_module(model, self.batch, self.mask, self.lr, output, conv_as_matmul,
+                                                   mask_bits))
         self.dev = tvm.cpu()
         self._f = relax.VirtualMachine(ex, self.dev)["adapt_step"]
 
