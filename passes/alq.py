@@ -4,16 +4,19 @@ compute with the bases directly.
 `pack_weights(mod, weights, packed)` rewrites `main` of an imported model (weights as parameters, named
 as in the ONNX file): every `matmul(x, W)` and stride-1 ungrouped `conv2d(x, W)` whose weight W is in
 `packed` (edgetvm/quant/multibit.py's packed form: nbases, words, alpha) is replaced by a call to a
-kernel of this file, W leaves `main`'s parameters and its three packed arrays join them, so the weight
-file holds the bits and the float weight exists nowhere.
+kernel of this file, W leaves `main`'s parameters and its packed arrays join them (the bits and alphas as
+packed, nbases as a row index: `row_index`), so the weight file holds the bits and the float weight exists
+nowhere. A bias add and a ReLU that only follow the layer move into its kernel.
 
-The kernels (TIR, any CPU target: x86 and aarch64 alike) work one output row at a time, in parallel over
-rows: for each group of the row with at least one basis, decode the group's weights once,
-w_j = sum_i (bit_ij ? alpha_i : -alpha_i) (the order multibit.unpack adds them, so the weights equal the
-numpy reference's exactly), and multiply them in; a group without bases is skipped (no work, as it has
-no bits). Convolutions first gather their input as columns (K padded to whole groups, the positions to
-whole vectors), so the kernel runs axpys along the positions: vectorised, no horizontal sums. Small
-batches of a linear layer use the dot form, with a vector of partial sums per row.
+The kernels (TIR, any CPU target: x86 and aarch64 alike) never decode a weight. With b_i in {-1, +1},
+sum_j w_j x_j = sum_i alpha_i sum_j b_ij x_j, and sum_j b_ij x_j over a quad of 4 inputs is one of 16
+signed sums: per block of output positions the kernel tabulates them (16 per quad of inputs, read in place
+from the NCHW input: no im2col matrix), then each basis costs one table lookup per quad, indexed by its 4
+bits, and one multiply by alpha. Work is proportional to the bases, like the storage: a weight at 1 bit
+costs a quarter of a lookup per output, a group without bases costs nothing (the kernels visit a row's
+bases through the row index, not its groups), and a short row (conv1's 25 weights in a group of 64) costs
+its own quads only. Each lookup adds a vector over the block's positions (up to 8 output rows x 8
+columns); a linear layer at batch 1 has one position, its 16 table entries per quad built as one vector.
 """
 
 from __future__ import annotations
@@ -23,9 +26,9 @@ import tvm
 from tvm import relax
 from tvm.script import tirx as T
 
-LANES = 16          # float32 lanes per partial-sum vector (AVX-512 width, two NEON registers... LLVM splits)
-DOT_MAX_ROWS = 16   # up to this many input rows, a linear layer uses the dot form
 CHUNK_TASKS = 16    # parallel tasks per kernel: enough to balance a few cores
+TABLE_ROWS = 128    # rows of a layer per copy of the table (more copies: more parallel tasks, more builds)
+PV_MAX = 8          # output rows per position block (x 8 columns): up to 64 lanes per table entry
 
 
 def _scheduled(f, name: str):
@@ -34,151 +37,182 @@ def _scheduled(f, name: str):
     return f.with_attrs({"tir.is_scheduled": True, "tir.noalias": True, "op_pattern": 8})
 
 
-def dense_kernel(M: int, Kp: int, R: int, NG: int, group: int, NB: int):
-    """Y (M, R) = X (M, Kp) @ W^T, W the packed (R, NG * group) rows; the dot form, for small M."""
-    words = group // 32
-    chunks = group // LANES
-    CHUNKS = min(R, CHUNK_TASKS)
-    PER_CHUNK = -(-R // CHUNKS)
-
-    @T.prim_func
-    def alq_dense(x: T.Buffer((M, Kp), "float32"), nbases: T.Buffer((R, NG), "uint8"),
-                  bits: T.Buffer((NB, words), "uint32"), alpha: T.Buffer((NB,), "float16"),
-                  y: T.Buffer((M, R), "float32")):
-        start = T.alloc_buffer((R,), "int32")
-        total = T.alloc_buffer((1,), "int32", scope="local")
-        total[0] = 0
-        for r in range(R):
-            start[r] = total[0]
-            for g in range(NG):
-                total[0] = total[0] + T.Cast("int32", nbases[r, g])
-        for ch in T.parallel(CHUNKS):
-            # scratch allocated once per chunk of rows: per row it cost more than the row's work
-            w = T.alloc_buffer((LANES,), "float32", scope="local")
-            acc = T.alloc_buffer((M, LANES), "float32", scope="local")
-            off = T.alloc_buffer((1,), "int32", scope="local")
-            for rr in range(PER_CHUNK):
-                r = T.bind(ch * PER_CHUNK + rr)
-                if r < R:
-                    off[0] = start[r]
-                    for m in range(M):
-                        for l in T.vectorized(LANES):
-                            acc[m, l] = T.float32(0)
-                    for g in range(NG):
-                        nb = T.bind(T.Cast("int32", nbases[r, g]))
-                        if nb > 0:
-                            # LANES weights at a time, decoded in registers (a wider decode stored and
-                            # re-read in pieces stalled on store forwarding)
-                            for c in range(chunks):
-                                for l in T.vectorized(LANES):
-                                    w[l] = T.float32(0)
-                                for i in range(nb):
-                                    a = T.bind(T.Cast("float32", alpha[off[0] + i]))
-                                    word = T.bind(bits[off[0] + i, c * LANES // 32])
-                                    for l in T.vectorized(LANES):
-                                        w[l] = w[l] + T.Select(
-                                            (word >> T.Cast("uint32", c * LANES % 32 + l)) & T.uint32(1) == T.uint32(1),
-                                            a, -a)
-                                for m in range(M):
-                                    for l in T.vectorized(LANES):
-                                        acc[m, l] = acc[m, l] + w[l] * x[m, g * group + c * LANES + l]
-                            off[0] = off[0] + nb
-                    for m in range(M):
-                        y[m, r] = T.float32(0)
-                        for l in range(LANES):
-                            y[m, r] = y[m, r] + acc[m, l]
-
-    return _scheduled(alq_dense, f"alq_dense_{M}x{Kp}x{R}_{NB}")
+def _tree_sum(terms: list):
+    """A balanced sum: independent adds for the out-of-order core, in registers (no buffer round trip)."""
+    while len(terms) > 1:
+        terms = [terms[i] + terms[i + 1] if i + 1 < len(terms) else terms[i] for i in range(0, len(terms), 2)]
+    return terms[0]
 
 
-def cols_kernel(Kp: int, Mp: int, R: int, NG: int, group: int, NB: int):
-    """Y^T (R, Mp) = W (R, Kp) @ X^T (Kp, Mp): the axpy form, for convolutions and large batches."""
-    words = group // 32
-    # a block of up to 64 positions accumulates in registers over the whole row (8 AVX2 / 16 NEON
-    # vectors: enough independent FMAs to hide their latency); each block decodes the row's groups
-    # again, 1/64 of its FMAs per basis
-    VB = next(v for v in (64, 32, LANES) if Mp % v == 0)
-    TASKS = R * (Mp // VB)
+def group_dtype(NG: int) -> str:
+    """The row index's group numbers: a byte per basis up to 256 groups per row (16384 weights at 64)."""
+    return "uint8" if NG <= 256 else "uint16"
+
+
+def row_index(nbases: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, groups) for nbases (R, NG): row r's bases are rows[r]:rows[r + 1] of the words and alphas (stored
+    by row, group, basis), basis o belongs to group groups[o]. The kernels visit bases, not groups: an empty
+    group costs nothing, and the index is smaller than nbases where most groups are empty."""
+    R, NG = nbases.shape
+    per_group = nbases.reshape(-1).astype(np.int64)
+    rows = np.concatenate([[0], np.cumsum(nbases.sum(axis=1, dtype=np.int64))]).astype(np.int32)
+    groups = np.repeat(np.tile(np.arange(NG), R), per_group).astype(group_dtype(NG))
+    return rows, groups
+
+
+def lut_kernel(N: int, C: int, H: int, W: int, KH: int, KW: int, R: int, NG: int, group: int, NB: int,
+               relu: bool = False, dense: bool = False):
+    """y (N, R, OH, OW) = the valid, stride-1 correlation of x (N, C, H, W) with the packed (R, C*KH*KW) rows, plus
+    bias (R,), then ReLU if `relu`; computed by table lookups. `dense`: a linear layer, y (M, R) = x (M, K) @ W^T
+    + bias, computed as the 1x1 case with N = H = 1, C = K and the M inputs as the positions along W."""
+    OH, OW = H - KH + 1, W - KW + 1
+    K = C * KH * KW
+    K4 = -(-K // 4)                        # inputs in quads: one table of 16 signed sums per quad
+    # positions per table entry: a contiguous run of up to 8 columns in up to PV_MAX output rows (more lanes per
+    # lookup), while each image keeps at least two blocks for two cores
+    VB = next(v for v in (8, 4, 2, 1) if OW % v == 0)
+    PV = next(v for v in (8, 4, 2, 1)
+              if v == 1 or (VB > 1 and v <= PV_MAX and OH % v == 0 and OH // v * (OW // VB) >= 2))
+    L = PV * VB
+    CPG = group // 4                       # quads per group
+    LAST = K4 - (NG - 1) * CPG             # quads of the last group: its padding is never looked up
+    NPOS = N * (OH // PV) * (OW // VB)
+    RC = max(1, min(-(-CHUNK_TASKS // NPOS), R // TABLE_ROWS))
+    PER = -(-R // RC)
+    TASKS = NPOS * RC
     CHUNKS = min(TASKS, CHUNK_TASKS)
     PER_CHUNK = -(-TASKS // CHUNKS)
+    words = group // 32
+
+    XS, YS = ((W, K), (W, R)) if dense else ((N, C, H, W), (N, R, OH, OW))
+    NB1, GDT = max(NB, 1), group_dtype(NG)   # a weight without bases keeps one dummy (_artifact_arrays)
+
+    def tap(x, q, b, pv, l, n, oh0, ow0):
+        k = q * 4 + b   # input k = (c, kh, kw) read in place: no im2col matrix
+        if dense:
+            return T.if_then_else(k < K, x[ow0 + l, T.min(k, K - 1)], T.float32(0))
+        return T.if_then_else(k < K, x[n, T.min(k // (KH * KW), C - 1), oh0 + pv + k // KW % KH, ow0 + l + k % KW],
+                              T.float32(0))
+
+    def signed(p, v):
+        return _tree_sum([T.Select((p >> b) & 1 == 1, v[b], -v[b]) for b in range(4)])
+
+    def basis(tab, g, w, quads, l):
+        # one table entry per quad of the basis: its 4 bits pick the signs
+        return _tree_sum([tab[((g * CPG + m) * 16 + T.Cast("int32", (w[m // 8] >> T.uint32(m % 8 * 4)) & T.uint32(15)))
+                              * L + l] for m in range(quads)])
+
+    def finish(v):
+        return T.max(v, T.float32(0)) if relu else v
 
     @T.prim_func
-    def alq_cols(xt: T.Buffer((Kp, Mp), "float32"), nbases: T.Buffer((R, NG), "uint8"),
-                 bits: T.Buffer((NB, words), "uint32"), alpha: T.Buffer((NB,), "float16"),
-                 yt: T.Buffer((R, Mp), "float32")):
-        start = T.alloc_buffer((R,), "int32")
-        total = T.alloc_buffer((1,), "int32", scope="local")
-        total[0] = 0
-        for r in range(R):
-            start[r] = total[0]
-            for g in range(NG):
-                total[0] = total[0] + T.Cast("int32", nbases[r, g])
+    def alq_lut(x: T.Buffer(XS, "float32"), rows: T.Buffer((R + 1,), "int32"),
+                groups: T.Buffer((NB1,), GDT), bits: T.Buffer((NB1, words), "uint32"),
+                alpha: T.Buffer((NB1,), "float16"), bias: T.Buffer((R,), "float32"),
+                y: T.Buffer(YS, "float32")):
         for ch in T.parallel(CHUNKS):
-            # scratch allocated once per chunk of tasks: per task it cost more than small tasks' work
-            w = T.alloc_buffer((group,), "float32", scope="local")
-            acc = T.alloc_buffer((VB,), "float32", scope="local")
-            off = T.alloc_buffer((1,), "int32", scope="local")
+            # scratch allocated once per chunk of tasks: each allocation is a call into the runtime
+            tab = T.alloc_buffer((K4 * 16 * L,), "float32")
+            acc = T.alloc_buffer((L,), "float32", scope="local")
             for tt in range(PER_CHUNK):
-                rb = T.bind(ch * PER_CHUNK + tt)
-                if rb < TASKS:
-                    r = T.bind(rb // (Mp // VB))
-                    b = T.bind(rb % (Mp // VB))
-                    off[0] = start[r]
-                    for l in T.vectorized(VB):
-                        acc[l] = T.float32(0)
-                    for g in range(NG):
-                        nb = T.bind(T.Cast("int32", nbases[r, g]))
-                        if nb > 0:
-                            for j in T.vectorized(group):
-                                w[j] = T.float32(0)
-                            for i in range(nb):
-                                a = T.bind(T.Cast("float32", alpha[off[0] + i]))
-                                for q in range(words):   # one word broadcast to 32 lanes, each shifted by its lane
-                                    word = T.bind(bits[off[0] + i, q])
-                                    for j in T.vectorized(32):
-                                        w[q * 32 + j] = w[q * 32 + j] + T.Select(
-                                            (word >> T.Cast("uint32", j)) & T.uint32(1) == T.uint32(1), a, -a)
-                            for j in range(group):
-                                wj = T.bind(w[j])
+                task = T.bind(ch * PER_CHUNK + tt)
+                if task < TASKS:
+                    pb = T.bind(task // RC)
+                    rc = T.bind(task % RC)
+                    n = T.bind(pb // ((OH // PV) * (OW // VB)))
+                    oh0 = T.bind(pb // (OW // VB) % (OH // PV) * PV)
+                    ow0 = T.bind(pb % (OW // VB) * VB)
+                    # tab[q, p] = sum_b (bit b of p ? x[4q+b] : -x[4q+b]) at each of the L positions
+                    if L == 1:   # a quad's 16 entries are one vector, the signs from the lane number
+                        for q in range(K4):
+                            for p in T.vectorized(16):
+                                tab[q * 16 + p] = signed(p, [tap(x, q, b, 0, 0, n, oh0, ow0) for b in range(4)])
+                    else:        # each entry a vector over the positions, from the quad's 4 inputs read once
+                        for q in range(K4):
+                            for pv in T.unroll(PV):
                                 for l in T.vectorized(VB):
-                                    acc[l] = acc[l] + wj * xt[g * group + j, b * VB + l]
-                            off[0] = off[0] + nb
-                    for l in T.vectorized(VB):
-                        yt[r, b * VB + l] = acc[l]
+                                    v0 = T.bind(tap(x, q, 0, pv, l, n, oh0, ow0))
+                                    v1 = T.bind(tap(x, q, 1, pv, l, n, oh0, ow0))
+                                    v2 = T.bind(tap(x, q, 2, pv, l, n, oh0, ow0))
+                                    v3 = T.bind(tap(x, q, 3, pv, l, n, oh0, ow0))
+                                    for p in T.unroll(16):
+                                        tab[(q * 16 + p) * L + pv * VB + l] = signed(p, [v0, v1, v2, v3])
+                    for rr in range(PER):
+                        r = T.bind(rc * PER + rr)
+                        if r < R:
+                            for l in T.vectorized(L):
+                                acc[l] = T.float32(0)
+                            # the row's bases only: an empty group is never visited
+                            for o in range(rows[r], rows[r + 1]):
+                                g = T.bind(T.Cast("int32", groups[o]))
+                                a = T.bind(T.Cast("float32", alpha[o]))
+                                if g < NG - 1:
+                                    for l in T.vectorized(L):
+                                        acc[l] = acc[l] + a * basis(tab, g, [bits[o, j] for j in range(words)], CPG, l)
+                                else:
+                                    for l in T.vectorized(L):
+                                        acc[l] = acc[l] + a * basis(tab, g, [bits[o, j] for j in range(words)], LAST, l)
+                            for pv in range(PV):
+                                for l in T.vectorized(VB):
+                                    if dense:
+                                        y[ow0 + l, r] = finish(acc[l] + bias[r])
+                                    else:
+                                        y[n, r, oh0 + pv, ow0 + l] = finish(acc[pv * VB + l] + bias[r])
 
-    return _scheduled(alq_cols, f"alq_cols_{Kp}x{Mp}x{R}_{NB}")
-
-
-def im2col(x, KH: int, KW: int, pad: tuple[int, int, int, int], Kp: int, Mp: int):
-    """X^T (Kp, Mp) as a TE compute (the default schedule parallelises and vectorises it; measured 1.7-3x
-    faster than a hand-written TIR gather here): row c*KH*KW + kh*KW + kw, column n*OH*OW + oh*OW + ow
-    holds the padded input under that kernel tap; rows past C*KH*KW and columns past N*OH*OW are 0."""
-    from tvm import te, tirx
-
-    N, C, H, W = (int(s) for s in x.shape)
-    top, left, bottom, right = pad
-    OH, OW = H + top + bottom - KH + 1, W + left + right - KW + 1
-    K, M = C * KH * KW, N * OH * OW
-
-    def tap(k, m):
-        c, kh, kw = k // (KH * KW), k // KW % KH, k % KW
-        n, ih, iw = m // (OH * OW), m // OW % OH + kh - top, m % OW + kw - left
-        inside = tirx.all(k < K, m < M, ih >= 0, ih < H, iw >= 0, iw < W)
-        clamp = lambda v, hi: tirx.max(tirx.min(v, hi - 1), 0)  # noqa: E731 (in bounds even where unused)
-        return tirx.if_then_else(inside, x[clamp(n, N), clamp(c, C), clamp(ih, H), clamp(iw, W)],
-                                 tirx.const(0, "float32"))
-
-    return te.compute((Kp, Mp), tap, name="alq_im2col")
-
-
-def _round_up(n: int, m: int) -> int:
-    return -(-n // m) * m
+    shape = f"{W}x{K}_{R}" if dense else f"{N}x{C}x{H}x{W}_{R}x{KH}x{KW}"
+    return _scheduled(alq_lut, f"alq_lut_{shape}_{NB}" + ("_relu" if relu else ""))
 
 
 # ---- the rewrite ---------------------------------------------------------------------------------------------
 
 _MATMUL = tvm.ir.Op.get("relax.matmul")
 _CONV = tvm.ir.Op.get("relax.nn.conv2d")
+_ADD = tvm.ir.Op.get("relax.add")
+_RELU = tvm.ir.Op.get("relax.nn.relu")
+_RESHAPE = tvm.ir.Op.get("relax.reshape")
+
+
+def _epilogues(func: relax.Function) -> dict:
+    """conv2d / matmul call -> (bias parameter, relu?, [the add and relu calls]) wherever the call's only use
+    is a per-output bias add (a vector parameter, or its reshape to (1, R, 1, 1)) and that add's only use, if
+    any, a ReLU: the kernel can apply them to its outputs in registers."""
+    values, users = {}, {}
+    for block in func.body.blocks:
+        for b in block.bindings:
+            values[b.var] = b.value
+            for v in relax.analysis.free_vars(b.value):
+                users.setdefault(v, []).append((b.var, b.value))
+    for v in relax.analysis.free_vars(func.body.body):
+        users.setdefault(v, []).append((None, None))
+    params = set(func.params)
+
+    def only_call(var, op):
+        u = users.get(var, [])
+        ok = len(u) == 1 and isinstance(u[0][1], relax.Call) and u[0][1].op == op
+        return u[0] if ok else (None, None)
+
+    out = {}
+    for var, val in values.items():
+        if not (isinstance(val, relax.Call) and val.op in (_CONV, _MATMUL)):
+            continue
+        add_var, add = only_call(var, _ADD)
+        if add is None or not add.args[0].same_as(var):
+            continue
+        bias = add.args[1]
+        b_val = values.get(bias)
+        if isinstance(b_val, relax.Call) and b_val.op == _RESHAPE:
+            bias = b_val.args[0]
+        shape = _static(bias) if bias in params else None
+        out_shape = _static(var)
+        if shape is None or out_shape is None or len(shape) != 1 or shape[0] != out_shape[1]:
+            continue
+        if val.op == _MATMUL and _static(add.args[1]) != shape:
+            continue
+        if val.op == _CONV and _static(add.args[1]) not in (shape, (1, shape[0], 1, 1)):
+            continue
+        _, relu = only_call(add_var, _RELU)
+        out[val] = (bias, relu is not None, [add] + ([relu] if relu is not None else []))
+    return out
 
 
 def _static(expr) -> tuple[int, ...] | None:
@@ -197,19 +231,28 @@ def _packed_shapes(p: dict) -> tuple[int, int, int, int]:
 class _Rewrite(relax.PyExprMutator):
     def __init__(self, mod, by_var: dict):
         super().__init__(mod)
-        self.by_var = by_var      # weight Var -> (packed dict, (nbases, words, alpha) Vars)
+        self.by_var = by_var      # weight Var -> (packed dict, (rows, groups, words, alpha) Vars)
         self.used = set()
+        self.epilogues = {}       # original conv / matmul call -> _epilogues' entry
+        self.absorbed = set()     # original add / relu calls a kernel computes
+
+    def visit_function_(self, func):
+        self.epilogues = _epilogues(func)
+        return super().visit_function_(func)
 
     def _packed(self, w):
         return self.by_var.get(w) if isinstance(w, relax.Var) else None
 
     def visit_call_(self, call):
+        if call in self.absorbed:   # already in its kernel's output: the binding aliases that output
+            return self.visit_expr(call.args[0])
+        original = call
         call = self.visit_expr_post_order(call)
         if call.op == _MATMUL:
             hit = self._packed(call.args[1])
             x_shape = _static(call.args[0])
             if hit is not None and x_shape is not None and len(x_shape) == 2:
-                return self._dense(call, hit, x_shape)
+                return self._dense(call, hit, x_shape, self._epilogue(original, hit))
         if call.op == _CONV:
             hit = self._packed(call.args[1])
             a = call.attrs
@@ -217,66 +260,66 @@ class _Rewrite(relax.PyExprMutator):
             if (hit is not None and x_shape is not None and a.data_layout == "NCHW" and a.kernel_layout == "OIHW"
                     and int(a.groups) == 1 and all(int(s) == 1 for s in a.strides)
                     and all(int(d) == 1 for d in a.dilation) and a.out_layout == "NCHW"):
-                return self._conv(call, hit, x_shape)
+                return self._conv(call, hit, x_shape, self._epilogue(original, hit))
         return call
 
-    def _dense(self, call, hit, x_shape):
-        packed, (nb, words, alpha) = hit
-        R, NG, group, NB = _packed_shapes(packed)
-        M, K = x_shape
-        Kp = NG * group
-        self.used.add(call.args[1])
-        bb = self.builder_
-        x = call.args[0]
-        if Kp != K:
-            x = bb.emit(relax.op.nn.pad(x, [0, 0, 0, Kp - K]))
-        if M <= DOT_MAX_ROWS:
-            f = dense_kernel(M, Kp, R, NG, group, NB)
-            gv = bb.add_func(f, f.attrs["global_symbol"])
-            return relax.call_tir(gv, [x, nb, words, alpha], relax.TensorType((M, R), "float32"))
-        Mp = _round_up(M, LANES)
-        xt = bb.emit(relax.op.permute_dims(x))
-        if Mp != M:
-            xt = bb.emit(relax.op.nn.pad(xt, [0, 0, 0, Mp - M]))
-        f = cols_kernel(Kp, Mp, R, NG, group, NB)
-        gv = bb.add_func(f, f.attrs["global_symbol"])
-        yt = bb.emit(relax.call_tir(gv, [xt, nb, words, alpha], relax.TensorType((R, Mp), "float32")))
-        if Mp != M:
-            yt = bb.emit(relax.op.strided_slice(yt, [1], [0], [M]))
-        return relax.op.permute_dims(yt)
+    def _epilogue(self, call, hit) -> tuple:
+        """(bias, relu) the kernel applies: the model's, whose add and relu calls it absorbs, or zeros."""
+        if call in self.epilogues:
+            bias, relu, calls = self.epilogues[call]
+            self.absorbed.update(calls)
+            return bias, relu
+        R = int(hit[0]["nbases"].shape[0])
+        return relax.const(np.zeros(R, np.float32)), False
 
-    def _conv(self, call, hit, x_shape):
-        packed, (nb, words, alpha) = hit
+    def _lut(self, x, hit, x_shape, KH, KW, epilogue, dense=False):
+        packed, (rows, groups, words, alpha) = hit
         R, NG, group, NB = _packed_shapes(packed)
         N, C, H, W = x_shape
-        shape = tuple(int(s) for s in packed["shape"])
-        O, Cw, KH, KW = shape
+        bias, relu = epilogue
+        f = lut_kernel(N, C, H, W, KH, KW, R, NG, group, NB, relu, dense)
+        gv = self.builder_.add_func(f, f.attrs["global_symbol"])
+        shape = (W, R) if dense else (N, R, H - KH + 1, W - KW + 1)
+        return relax.call_tir(gv, [x, rows, groups, words, alpha, bias], relax.TensorType(shape, "float32"))
+
+    def _dense(self, call, hit, x_shape, epilogue):
+        M, K = x_shape
+        self.used.add(call.args[1])
+        return self._lut(call.args[0], hit, (1, K, 1, M), 1, 1, epilogue, dense=True)
+
+    def _conv(self, call, hit, x_shape, epilogue):
+        O, Cw, KH, KW = (int(s) for s in hit[0]["shape"])
+        N, C, H, W = x_shape
         pad = tuple(int(p) for p in call.attrs.padding)
         if len(pad) == 2:
             pad = (pad[0], pad[1], pad[0], pad[1])
-        OH, OW = H + pad[0] + pad[2] - KH + 1, W + pad[1] + pad[3] - KW + 1
-        M = N * OH * OW
-        Kp, Mp = NG * group, _round_up(M, LANES)
         self.used.add(call.args[1])
-        bb = self.builder_
-        xt = bb.emit_te(im2col, call.args[0], KH, KW, pad, Kp, Mp, primfunc_name_hint="alq_im2col")
-        f = cols_kernel(Kp, Mp, R, NG, group, NB)
-        gv = bb.add_func(f, f.attrs["global_symbol"])
-        yt = bb.emit(relax.call_tir(gv, [xt, nb, words, alpha], relax.TensorType((R, Mp), "float32")))
-        if Mp != M:
-            yt = bb.emit(relax.op.strided_slice(yt, [1], [0], [M]))
-        if N == 1:  # (R, OH*OW) is already NCHW: no transpose kernel
-            return relax.op.reshape(yt, (1, R, OH, OW))
-        y = bb.emit(relax.op.reshape(yt, (R, N, OH, OW)))
-        return relax.op.permute_dims(y, [1, 0, 2, 3])
+        x = call.args[0]
+        if any(pad):
+            top, left, bottom, right = pad
+            x = self.builder_.emit(relax.op.nn.pad(x, [0, 0, 0, 0, top, bottom, left, right]))
+            H, W = H + top + bottom, W + left + right
+        return self._lut(x, hit, (N, C, H, W), KH, KW, epilogue)
 
 
-PACKED_FIELDS = ("nbases", "words", "alpha")
+PACKED_FIELDS = ("rows", "groups", "words", "alpha")
+
+
+def _artifact_arrays(p: dict) -> dict[str, np.ndarray]:
+    """What the kernels take for a packed weight: nbases as a row index (row_index), the bits and alphas as packed.
+    A weight whose bases were all pruned keeps one dummy basis, never read: no stored array and no kernel argument
+    is ever zero-length (one fewer case for the weight file, the runtimes and the boards)."""
+    rows, groups = row_index(p["nbases"])
+    words, alpha = p["words"], p["alpha"]
+    if len(alpha) == 0:
+        groups, alpha = np.zeros(1, groups.dtype), np.zeros(1, alpha.dtype)
+        words = np.zeros((1,) + words.shape[1:], words.dtype)
+    return {"rows": rows, "groups": groups, "words": np.ascontiguousarray(words), "alpha": np.ascontiguousarray(alpha)}
 
 
 def pack_weights(mod: tvm.IRModule, weights: list[np.ndarray], packed: dict[str, dict]):
     """(module, weights) with every conv/matmul weight named in `packed` computed by the bit-packed
-    kernels: the weight's parameter is replaced by its packed arrays, "<name>.nbases", ".words", ".alpha"."""
+    kernels: the weight's parameter is replaced by its packed arrays, "<name>.rows", ".groups", ".words", ".alpha"."""
     main = mod["main"]
     num_input = int(main.attrs["num_input"])
     params = list(main.params)
@@ -284,9 +327,10 @@ def pack_weights(mod: tvm.IRModule, weights: list[np.ndarray], packed: dict[str,
     missing = sorted(set(packed) - set(by_name))
     if missing:
         raise ValueError(f"the model has no weight named {', '.join(missing)}")
-    by_var, new_vars = {}, {}
+    by_var, new_vars, arrays = {}, {}, {}
     for name, p in packed.items():
-        vs = tuple(relax.Var(f"{name}.{f}", relax.TensorType(p[f].shape, str(p[f].dtype)))
+        arrays[name] = _artifact_arrays(p)
+        vs = tuple(relax.Var(f"{name}.{f}", relax.TensorType(arrays[name][f].shape, str(arrays[name][f].dtype)))
                    for f in PACKED_FIELDS)
         by_var[by_name[name]] = (p, vs)
         new_vars[name] = vs
@@ -301,7 +345,7 @@ def pack_weights(mod: tvm.IRModule, weights: list[np.ndarray], packed: dict[str,
     new_weights = [weights[i] for i in keep]
     for name, vs in new_vars.items():
         new_params += list(vs)
-        new_weights += [np.ascontiguousarray(packed[name][f]) for f in PACKED_FIELDS]
+        new_weights += [arrays[name][f] for f in PACKED_FIELDS]
     func = relax.Function(new_params, body.body, body.ret_ty, body.is_pure, body.attrs, body.span)
     out = rw.builder_.get()
     out["main"] = func

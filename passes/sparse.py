@@ -27,14 +27,39 @@ import tvm
 from tvm import relax
 from tvm.script import tirx as T
 
-# The im2col gather, the static-shape helper and the kernel attributes are ALQ's (passes/alq.py): the
-# same layout questions, answered once.
-from edgetvm.passes.alq import _CONV, _MATMUL, _round_up, _scheduled, _static, im2col
+# The static-shape helper and the kernel attributes are ALQ's (passes/alq.py): the same questions, answered once.
+from edgetvm.passes.alq import _CONV, _MATMUL, _scheduled, _static
 
 LANES = 16              # rows per vector (masks.LANES: the store pads rows to it)
 DOT_MAX_ROWS = 16       # up to this many input rows, a linear layer uses the dense (dot) form
 SUBNET_INPUT = "subnet"
 FIELDS = ("idx", "val", "counts")
+
+
+def im2col(x, KH: int, KW: int, pad: tuple[int, int, int, int], Kp: int, Mp: int):
+    """X^T (Kp, Mp) as a TE compute (the default schedule parallelises and vectorises it; measured 1.7-3x
+    faster than a hand-written TIR gather here): row c*KH*KW + kh*KW + kw, column n*OH*OW + oh*OW + ow
+    holds the padded input under that kernel tap; rows past C*KH*KW and columns past N*OH*OW are 0."""
+    from tvm import te, tirx
+
+    N, C, H, W = (int(s) for s in x.shape)
+    top, left, bottom, right = pad
+    OH, OW = H + top + bottom - KH + 1, W + left + right - KW + 1
+    K, M = C * KH * KW, N * OH * OW
+
+    def tap(k, m):
+        c, kh, kw = k // (KH * KW), k // KW % KH, k % KW
+        n, ih, iw = m // (OH * OW), m // OW % OH + kh - top, m % OW + kw - left
+        inside = tirx.all(k < K, m < M, ih >= 0, ih < H, iw >= 0, iw < W)
+        clamp = lambda v, hi: tirx.max(tirx.min(v, hi - 1), 0)  # noqa: E731 (in bounds even where unused)
+        return tirx.if_then_else(inside, x[clamp(n, N), clamp(c, C), clamp(ih, H), clamp(iw, W)],
+                                 tirx.const(0, "float32"))
+
+    return te.compute((Kp, Mp), tap, name="im2col")
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
 
 
 def dense_kernel(M: int, K: int, Rp: int, N0: int, L: int, itype: str = "int32"):
@@ -64,7 +89,7 @@ def dense_kernel(M: int, K: int, Rp: int, N0: int, L: int, itype: str = "int32")
 
 def cols_kernel(K: int, Mp: int, R: int, Rp: int, N0: int, L: int, itype: str = "int32"):
     """Y^T (R, Mp) = W_subnet (R, K) @ X^T (K, Mp): the axpy form, for convolutions."""
-    # a block of up to 64 positions accumulates in registers over the row's ranks (as alq.cols_kernel)
+    # a block of up to 64 positions accumulates in registers over the row's ranks
     VB = next(v for v in (64, 32, LANES) if Mp % v == 0)
 
     @T.prim_func

@@ -7,6 +7,7 @@ import pytest
 
 from edgetvm import train
 from edgetvm.cli import main
+from edgetvm.passes import alq as alq_pass
 from edgetvm.quant import alq, baselines, multibit
 from edgetvm.quant.cli import Result, write_onnx
 from edgetvm.runtime import emulated_board
@@ -172,15 +173,80 @@ def test_compiled_bit_packed_kernels_equal_the_numpy_reference_and_store_only_th
     assert main(["compile", str(d / "q.onnx"), "-o", str(d / "host")]) == 0
     art = open_artifact(d / "host")
     names = [w["name"] for w in art.manifest["weights"]]
-    assert "fc1.weight" not in names and {"fc1.weight.words", "fc1.weight.alpha", "fc1.weight.nbases"} <= set(names)
-    packed = sum(multibit.packed_bytes(p) for p in res.packed.values())
+    assert "fc1.weight" not in names and {f"fc1.weight.{f}" for f in alq_pass.PACKED_FIELDS} <= set(names)
+    stored = sum(a.nbytes for p in res.packed.values() for a in alq_pass._artifact_arrays(p).values())
     floats = sum(p.size * 4 for n, p in res.params.items() if n.endswith(".weight"))
     biases = sum(p.size * 4 for n, p in res.params.items() if n.endswith(".bias"))
-    assert art.manifest["weight_bytes"] <= packed + biases + 64 * len(names)   # the file holds the bits
-    assert packed * 40 < floats
+    assert art.manifest["weight_bytes"] <= stored + biases + 64 * len(names)   # the file holds the bits
+    assert stored * 40 < floats
     assert main(["run", str(d / "host"), "--input", f"x={d / 'x.npy'}", "--output", str(d / "y.npz"),
                  "--repeat", "1"]) == 0
     np.testing.assert_allclose(np.load(d / "y.npz")["logits"], _numpy_lenet(res.params, x), rtol=1e-4, atol=1e-4)
+
+
+def test_the_kernels_visit_each_rows_bases_with_their_groups():
+    nbases = np.array([[2, 0, 1], [0, 0, 0], [1, 3, 0]], np.uint8)
+    rows, groups = alq_pass.row_index(nbases)
+    np.testing.assert_array_equal(rows, [0, 3, 3, 7])            # row 1 has no basis: an empty range
+    np.testing.assert_array_equal(groups, [0, 0, 2, 0, 1, 1, 1])  # bases in (row, group, basis) order
+
+
+def _run_kernel(f, *arrays):
+    import tvm
+
+    lib = tvm.compile(tvm.IRModule({"main": f}), target={"kind": "llvm"})
+    args = [tvm.runtime.tensor(a) for a in arrays]
+    lib["main"](*args)
+    return args[-1].numpy()
+
+
+@pytest.mark.parametrize("N, C, H, W, O, KH, KW, group, bits, relu", [
+    (1, 1, 12, 12, 6, 5, 5, 64, 3.5, True),    # 25-weight rows: one short group, 4 output rows per block
+    (2, 3, 9, 13, 7, 3, 3, 32, 1.0, False),    # a batch, odd widths (one position per block), 27 = 32 - 5
+    (1, 5, 7, 16, 9, 2, 3, 128, 2.0, True),    # groups of 128
+    (1, 4, 6, 6, 5, 3, 3, 32, 0.0, False),     # no basis at all: the bias alone
+])
+def test_the_lookup_kernel_computes_the_convolution_with_the_decoded_weights(N, C, H, W, O, KH, KW, group, bits, relu):
+    w = RNG.normal(size=(O, C, KH, KW)).astype(np.float32)
+    p = multibit.pack(_pruned("c.weight", w, bits, group, max_bases=4))
+    R, NG = p["nbases"].shape
+    x = RNG.normal(size=(N, C, H, W)).astype(np.float32)
+    bias = RNG.normal(size=O).astype(np.float32)
+    OH, OW = H - KH + 1, W - KW + 1
+    arrays = alq_pass._artifact_arrays(p)
+    got = _run_kernel(alq_pass.lut_kernel(N, C, H, W, KH, KW, R, NG, group, len(p["alpha"]), relu),
+                      x, *(arrays[f] for f in alq_pass.PACKED_FIELDS), bias, np.zeros((N, O, OH, OW), np.float32))
+    cols = np.stack([x[:, :, i:i + OH, j:j + OW] for i in range(KH) for j in range(KW)], axis=2)
+    want = np.einsum("ok,nkm->nom", multibit.unpack(p).reshape(O, -1), cols.reshape(N, C * KH * KW, OH * OW))
+    want = want.reshape(N, O, OH, OW) + bias[None, :, None, None]
+    np.testing.assert_allclose(got, np.maximum(want, 0) if relu else want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("M, K, R, group, bits", [(1, 800, 50, 64, 0.3), (20, 70, 90, 32, 0.8)])
+def test_the_lookup_kernel_computes_a_linear_layer_with_the_decoded_weights(M, K, R, group, bits):
+    w = RNG.normal(size=(K, R)).astype(np.float32)              # (in, out), as train.py's linear weights
+    p = multibit.pack(_pruned("f.weight", w, bits, group))
+    x = RNG.normal(size=(M, K)).astype(np.float32)
+    bias = RNG.normal(size=R).astype(np.float32)
+    arrays = alq_pass._artifact_arrays(p)
+    got = _run_kernel(alq_pass.lut_kernel(1, K, 1, M, 1, 1, R, p["nbases"].shape[1], group, len(p["alpha"]),
+                                          dense=True),
+                      x, *(arrays[f] for f in alq_pass.PACKED_FIELDS), bias, np.zeros((M, R), np.float32))
+    np.testing.assert_allclose(got, x @ multibit.unpack(p) + bias, rtol=1e-5, atol=1e-5)
+
+
+def test_bias_and_relu_run_inside_the_kernels(tmp_path):
+    from edgetvm.passes import model_import
+
+    model, res = _network()
+    write_onnx(model, res, tmp_path / "q.onnx")
+    m, inputs = model_import.prepare(tmp_path / "q.onnx", None)
+    mod, weights = model_import.import_model(m, inputs)
+    out, _ = alq_pass.apply(mod, weights, res.packed)
+    ops = {b.value.op.name for block in out["main"].body.blocks for b in block.bindings
+           if isinstance(b.value, __import__("tvm").relax.Call) and hasattr(b.value.op, "name")}
+    # LeNet5's 4 convolutions and linear layers, their 4 bias adds and 3 ReLUs: 4 kernel calls
+    assert {"relax.nn.conv2d", "relax.matmul", "relax.add", "relax.nn.relu"}.isdisjoint(ops)
 
 
 def test_batched_inputs_and_padded_convolutions_use_the_same_kernels_correctly(tmp_path):

@@ -164,7 +164,8 @@ def pack(mb: MultiBit) -> dict[str, np.ndarray]:
     nbases = mb.active.sum(axis=2).astype(np.uint8)
     sel = mb.active                                                   # (R, G, M), row-major = (r, g, i) order
     signs = mb.bases[sel]                                             # (n_bases, group)
-    bits = (signs > 0).astype(np.uint64).reshape(len(signs), -1, WORD)
+    # the word count from the group, not from the data: a layer whose bases were all pruned has none
+    bits = (signs > 0).astype(np.uint64).reshape(len(signs), mb.group // WORD, WORD)
     words = (bits << np.arange(WORD, dtype=np.uint64)).sum(axis=2).astype(np.uint32)
     return {"nbases": nbases, "words": np.ascontiguousarray(words),
             "alpha": mb.alpha[sel].astype(np.float16), "shape": np.array(mb.shape, np.int64),
