@@ -4,9 +4,10 @@ TVM's RPC has no byte counters of its own; what a session costs a board's link (
 the calls' other arguments, not only the tensors' payload) is what this relay passes each way. Used
 by weight patches (edgetvm/update) and the LLM runtime on a board (bench/decode.py --target).
 
-The relay runs in a process of its own. In the client's process it would deadlock on the first large
-call: TVM's client sends with the GIL held, blocks once the socket's buffer is full, and the relay's
-threads, which would drain that buffer, wait for the GIL (seen uploading 108 MB of LLM weights).
+The relay runs in a process of its own: as threads of the client's process it stalled for good
+uploading 108 MB of LLM weights to the emulated board (neither side used CPU after the library loaded).
+The cause is not pinned down (TVM's calls release the GIL while they send and receive: checked with a
+spinning thread), and a relay that shares nothing with the client cannot be caught in it.
 
     python -m edgetvm.runtime.wire HOST PORT    prints its own port, then answers each line on stdin
                                                 with "SENT RECEIVED"; exits when stdin closes

@@ -24,9 +24,9 @@ print(json.dumps({"same": same, "sent": after[0] - before[0], "received": after[
 
 
 def test_a_large_upload_through_the_relay_completes_and_is_counted_each_way():
-    """32 MB is far beyond the sockets' buffers: a relay that needed the client's GIL while TVM sends
-    with it held would never pass it on (this hung uploading an LLM's weights). The client runs in a
-    process of its own, so that such a hang fails the test instead of stopping the suite."""
+    """32 MB is far beyond the sockets' buffers (a relay in the client's own process once stalled on an
+    LLM's 108 MB upload). The client runs in a process of its own, so that a hang fails the test
+    instead of stopping the suite."""
     with EmulatedDevice(None) as server:
         host, port = server.address
         r = subprocess.run([sys.executable, "-c", CLIENT, host, str(port)], capture_output=True, text=True,
