@@ -117,13 +117,17 @@ def main(argv=None) -> int:
                         rows.append(row)
                         continue
                     row.update(measured_fps=res.throughput_fps, latency_ms=res.latency_s * 1e3,
-                               max_abs_diff=res.max_abs_diff, wall_s=time.perf_counter() - t)
+                               max_abs_diff=res.max_abs_diff, wall_s=time.perf_counter() - t,
+                               quota_used=res.quota_used, throttled_share=res.throttled_share)
                 rows.append(row)
                 meas = (f"measured {row['measured_fps']:6.2f} ({row['measured_fps'] / row['predicted_fps'] - 1:+.0%}), "
                         f"latency {row['latency_ms']:.0f} ms, max|diff| {row['max_abs_diff']:.2g}"
                         if "measured_fps" in row else "")
                 print(f"  {LABEL[method]:<20} predicted {row['predicted_fps']:6.2f} frames/s  {meas}  "
                       f"{row['layout']}", flush=True)
+                if "quota_used" in row:
+                    print("  " + " " * 20 + " CPU used of each device's quota: " + ", ".join(
+                        f"{n} {u:.0%}" for n, u in row["quota_used"].items()), flush=True)
 
     print("\n== summary (frames/s; ratios against the best single device of the same model and fleet)")
     key = "measured_fps" if not args.no_run else "predicted_fps"

@@ -34,6 +34,7 @@ import numpy as np
 from edgetvm.errors import UserError
 from edgetvm.runtime.device import EmulatedDevice
 from edgetvm.runtime.link import SUBNET, EmulatedLink, _run
+from edgetvm.runtime.pipeline_device import pack
 from edgetvm.runtime.signals import deferred
 
 STALL_S = 60.0      # no result for this long (and every device alive): the run is stuck
@@ -63,6 +64,26 @@ def join_switch(link: EmulatedLink) -> None:
     Path(f"/proc/sys/net/ipv4/conf/{link.host_veth}/forwarding").write_text("1")
 
 
+def device_cpu(dev: "FleetDevice") -> tuple[float, float]:
+    """(CPU seconds, throttled seconds) so far of every process in the device's cgroup: its server and its
+    sessions, all threads."""
+    import os
+
+    tick = os.sysconf("SC_CLK_TCK")
+    cpu = 0.0
+    for pid in (dev.cgroup.cg.cpu / "cgroup.procs").read_text().split():
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # exited meanwhile
+        cpu += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+    throttled = 0.0
+    for line in (dev.cgroup.cg.cpu / "cpu.stat").read_text().splitlines():
+        if line.startswith("throttled_time "):
+            throttled = int(line.split()[1]) / 1e9
+    return cpu, throttled
+
+
 @dataclass
 class RunResult:
     frames: int
@@ -71,9 +92,18 @@ class RunResult:
     max_abs_diff: float
     identical: bool
     devices: list[str] = field(default_factory=list)
+    # per device, while frames streamed: CPU used over what its quota allowed, and the share of the time
+    # its cgroup was throttled (a device near 1.0 of its quota is the one that sets the pace)
+    quota_used: dict = field(default_factory=dict)
+    throttled_share: dict = field(default_factory=dict)
+    arrivals_s: list[float] = field(default_factory=list)   # each result's arrival, from the first put
 
     @property
     def throughput_fps(self) -> float:
+        """Steady state: results per second from the first result to the last. Counting from the first put
+        would charge the pipeline's fill (a whole frame's latency, several periods deep) to 20 frames."""
+        if len(self.arrivals_s) >= 2 and self.arrivals_s[-1] > self.arrivals_s[0]:
+            return (len(self.arrivals_s) - 1) / (self.arrivals_s[-1] - self.arrivals_s[0])
         return self.frames / self.seconds
 
     @property
@@ -178,9 +208,11 @@ def run_plan(plan_dir, frames: int = 20, distinct: int = 4, log=print) -> RunRes
                 for f in range(start, start + count):
                     x = inputs[f % distinct]
                     submitted[f] = time.perf_counter()
-                    put(f, names, *[tvm.runtime.tensor(a, sess.cpu()) for a in x])
+                    put(f, names, pack(x))
             except BaseException as e:  # noqa: BLE001
                 feed_error.append(e)
+
+        arrivals: list[float] = []
 
         def collect(start: int, count: int) -> tuple[list[float], float, float]:
             lat, worst, last = [], 0.0, time.perf_counter()
@@ -198,6 +230,7 @@ def run_plan(plan_dir, frames: int = 20, distinct: int = 4, log=print) -> RunRes
                             worst = max(worst, float(np.abs(a.astype(np.float64) - b).max()) if a.shape == b.shape
                                         else float("inf"))
                         lat.append(t - submitted[f])
+                        arrivals.append(t)
                         pending.discard(f)
                         got, last = True, t
                 if got:
@@ -217,14 +250,22 @@ def run_plan(plan_dir, frames: int = 20, distinct: int = 4, log=print) -> RunRes
         collect(0, 1)
         th.join()
         log(f"streaming {frames} frames")
+        cpu0 = {n: device_cpu(d) for n, d in devices.items()}
         t0 = time.perf_counter()
         th = threading.Thread(target=feed, args=(1, frames), daemon=True)
         th.start()
+        arrivals.clear()
         lat, worst, t1 = collect(1, frames)
+        cpu1 = {n: device_cpu(d) for n, d in devices.items()}
         th.join()
         with contextlib.suppress(Exception):
             sess._sess = None
-        return RunResult(frames, t1 - t0, lat, worst, worst == 0.0, used)
+        wall = t1 - t0
+        quota = {n: fleet_devs[n]["cpu_quota"] for n in devices}
+        return RunResult(frames, wall, lat, worst, worst == 0.0, used,
+                         {n: (cpu1[n][0] - cpu0[n][0]) / (wall * quota[n]) for n in devices},
+                         {n: (cpu1[n][1] - cpu0[n][1]) / wall for n in devices},
+                         sorted(a - t0 for a in arrivals))
 
 
 def _reason(e: BaseException, devices: dict) -> str:

@@ -167,6 +167,18 @@ def test_a_cut_between_layers_sends_what_the_kernel_graph_says_crosses_it(name):
         assert set(sigs[0].outputs) == {f"v{groups[int(v[1:])][-1]}" for v in crossing}, f"cut after layer {j - 1}"
 
 
+def test_a_calls_tensors_travel_as_one_blob_shapes_and_dtypes_kept():
+    """Slices, 0-d values, empty and integer arrays come back equal, with their shapes and dtypes."""
+    from edgetvm.runtime.pipeline_device import pack, unpack
+
+    x = np.arange(48, dtype=np.float32).reshape(1, 3, 4, 4)
+    arrays = [x[:, :, 1:3], np.float32(2.5), np.zeros((2, 0), np.float32), np.arange(5, dtype=np.int64)]
+    got = unpack(pack(arrays))
+    assert [g.shape for g in got] == [np.asarray(a).shape for a in arrays]
+    assert [g.dtype for g in got] == [np.asarray(a).dtype for a in arrays]
+    assert all(np.array_equal(g, a) for g, a in zip(got, arrays))
+
+
 def test_fleet_that_cannot_hold_the_model():
     p = _problem(0, 2)
     for d in p.devices:

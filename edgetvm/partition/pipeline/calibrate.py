@@ -2,8 +2,8 @@
 
 The per-layer profiles time the kernels alone. A frame through the pipeline also costs every device
 processor time its kernels' profiles do not show, and under a device's CPU quota that time comes out
-of the same processor: each RPC call it receives (TVM's unpacking, the tensor into numpy), each call it
-makes (the tensor made on the session, TVM's packing, the socket), and a stage head's numpy work on
+of the same processor: each RPC call it receives (TVM's unpacking, the blob's arrays), each call it
+makes (the arrays packed into one blob, TVM's serializing, the socket), and a stage head's numpy work on
 bands (slicing each band's input rows out of the frame, joining the output rows). As CutEdge measures a
 device's per-frame overhead from its cgroup's CPU time (runtime/cutedge.py), this starts one device of
 each kind of the fleet (its profile's cgroups, behind its link's shaping) and measures, in its session
@@ -31,10 +31,10 @@ def calibrate(fleet, log=lambda *a: None) -> dict[str, dict]:
     """Per device kind of `fleet`: {"call_recv_s", "byte_recv_s", "call_send_s", "byte_send_s",
     "byte_join_s"} in seconds of the device (CPU seconds over its quota). Needs root (cgroups, namespaces)."""
     import numpy as np
-    import tvm
 
     from edgetvm.runtime.device import EmulatedDevice
     from edgetvm.runtime.pipeline import FleetDevice
+    from edgetvm.runtime.pipeline_device import pack
     from edgetvm.runtime.link import EmulatedLink
 
     kinds = {}
@@ -55,10 +55,10 @@ def calibrate(fleet, log=lambda *a: None) -> dict[str, dict]:
             per = {}
             for size in (SMALL, LARGE):
                 a = np.ones(size // 4, "float32")
-                recv(tvm.runtime.tensor(a, sess.cpu()))
+                recv(pack([a]))
                 c0 = cpu()
                 for _ in range(CALLS):
-                    recv(tvm.runtime.tensor(a, sess.cpu()))
+                    recv(pack([a]))
                 per[size] = (cpu() - c0) / CALLS
             q = d.profile.cpu_quota
             call_recv, byte_recv = _fit(per[SMALL] / q, per[LARGE] / q)

@@ -72,9 +72,12 @@ def cmd_run(args) -> int:
     res = run_plan(args.plan, args.frames, log=lambda msg: print(msg, flush=True))
     pr = plan["predicted"]
     err = res.throughput_fps / pr["throughput_fps"] - 1
-    print(f"{res.frames} frames in {res.seconds:.2f} s: {res.throughput_fps:.2f} frames/s "
+    print(f"{res.frames} frames in {res.seconds:.2f} s ({res.frames / res.seconds:.2f} frames/s with the pipeline's "
+          f"fill): {res.throughput_fps:.2f} frames/s from the first result to the last "
           f"(predicted {pr['throughput_fps']:.2f}, {err:+.0%}), median latency {res.latency_s * 1e3:.1f} ms "
           f"(predicted {pr['latency_s'] * 1e3:.1f})")
+    print("per device while streaming, CPU used of its quota (throttled share of the time): "
+          + ", ".join(f"{n} {res.quota_used[n]:.0%} ({res.throttled_share[n]:.0%})" for n in res.quota_used))
     print(f"outputs against the single-device build: max |diff| {res.max_abs_diff:.3g}"
           f"{' (bit-identical)' if res.identical else ''}")
     return 0 if res.max_abs_diff <= 1e-4 else 1
