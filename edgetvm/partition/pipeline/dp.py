@@ -138,14 +138,16 @@ class Problem:
         return nbytes * 8 / (PAYLOAD_SHARE * min(rates)) + PER_TENSOR_S * tensors
 
     def _cpu(self, d: int, recv: tuple[int, float] = (0, 0.0), send: tuple[int, float] = (0, 0.0),
-             join_bytes: float = 0.0) -> float:
-        """Device seconds d spends per frame on (calls, bytes) received and sent and on band slicing
-        and joining: processor time its kernels' profiles do not count and its quota still pays for."""
+             join_bytes: float = 0.0, frames: int = 0) -> float:
+        """Device seconds d spends per frame on (calls, bytes) received and sent, on band slicing and
+        joining, and on `frames` rounds of a node's own work (calibrate.py: the VM call, the queues, the
+        threads' hand-offs; a band's device is charged one too, for its call's VM glue): processor time its
+        kernels' profiles do not count and its quota still pays for."""
         o = (self.overhead or {}).get(self.devices[d].kind)
         if not o:
             return 0.0
         return (recv[0] * o["call_recv_s"] + recv[1] * o["byte_recv_s"] + send[0] * o["call_send_s"]
-                + send[1] * o["byte_send_s"] + join_bytes * o["byte_join_s"])
+                + send[1] * o["byte_send_s"] + join_bytes * o["byte_join_s"] + frames * o.get("frame_s", 0.0))
 
     # -------------------------------------------------------------- one stage
 
@@ -187,7 +189,7 @@ class Problem:
                     continue
                 b_in = sum(self.graph.values[v] * need.get(v, 0) / self.heights[v] for v in ins)
                 b_out = out_bytes * (o1 - o0) / height
-                mate_cpu = self._cpu(d, recv=(1, b_in), send=(1, b_out))
+                mate_cpu = self._cpu(d, recv=(1, b_in), send=(1, b_out), frames=1)
                 head_cpu = self._cpu(head, send=(1, b_in), recv=(1, b_out), join_bytes=b_in)
                 cpu[d] = mate_cpu
                 cpu[head] = cpu.get(head, 0.0) + head_cpu
@@ -212,7 +214,7 @@ class Problem:
         receive = self.transfer(in_bytes, prev_head, head, len(ins))
         # Every device's processor per frame: its kernels and the calibrated costs of its calls. The
         # head's worker and forwarder threads overlap in time but share its quota.
-        head_io = self._cpu(head, recv=(1, in_bytes), send=(1, out_bytes))
+        head_io = self._cpu(head, recv=(1, in_bytes), send=(1, out_bytes), frames=1)
         cpu[head] = cpu.get(head, 0.0) + head_io
         busy_s = max(comp[d] + cpu.get(d, 0.0) for d in devs)
         forward += self._cpu(head, send=(1, out_bytes))
