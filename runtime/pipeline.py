@@ -34,7 +34,7 @@ import numpy as np
 from edgetvm.errors import UserError
 from edgetvm.runtime.device import EmulatedDevice
 from edgetvm.runtime.link import SUBNET, EmulatedLink, _run
-from edgetvm.runtime.pipeline_device import pack
+from edgetvm.runtime.tensors import pack
 from edgetvm.runtime.signals import deferred
 
 STALL_S = 60.0      # no result for this long (and every device alive): the run is stuck

@@ -14,8 +14,8 @@ client: its stage head, or the previous stage's head, or, for the first head, th
     edgetvm.pipe.compute(blob) -> blob              a band of rows (a stage's non-head device)
     edgetvm.pipe.deliver(frame, names_json, blob)   the sink: results into a file for the coordinator
 
-A blob is a call's tensors as one bytes argument (`pack`: a JSON header of shapes and dtypes, then the
-arrays' bytes). Passing each tensor as a TVM tensor made on the receiving session costs two round trips
+A blob is a call's tensors as one bytes argument (runtime/tensors.pack: a JSON header of shapes and
+dtypes, then the arrays' bytes). Passing each tensor as a TVM tensor made on the receiving session costs two round trips
 (allocate, copy) before the call's own, each one waking the receiving device: under a tenth of a CPU
 that was most of a call's cost. One bytes argument is one round trip.
 
@@ -37,33 +37,10 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from edgetvm.runtime.tensors import pack, unpack
+
 QUEUE_FRAMES = 2
 _node = None
-
-
-def pack(arrays) -> bytes:
-    """Arrays as one bytes value: u32 header length, the JSON header [[shape, dtype], ...], the data."""
-    import numpy as np
-
-    arrays = [np.asarray(a) for a in arrays]
-    # not np.ascontiguousarray: it turns a 0-d array into shape (1,)
-    arrays = [a if a.flags.c_contiguous else a.copy(order="C") for a in arrays]
-    head = json.dumps([[list(a.shape), a.dtype.str] for a in arrays]).encode()
-    return b"".join([len(head).to_bytes(4, "little"), head, *(memoryview(a.reshape(-1)).cast("B") for a in arrays)])
-
-
-def unpack(blob) -> list:
-    """The arrays of a `pack`ed blob (read-only views of it, no copy)."""
-    import numpy as np
-
-    blob = memoryview(blob)
-    n = int.from_bytes(blob[:4], "little")
-    off, out = 4 + n, []
-    for shape, dtype in json.loads(bytes(blob[4:off])):
-        a = np.frombuffer(blob, dtype, int(np.prod(shape, dtype=np.int64)), off).reshape(shape)
-        out.append(a)
-        off += a.nbytes
-    return out
 
 
 class _Part:

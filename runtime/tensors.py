@@ -30,6 +30,31 @@ def to_tvm(a, dev=None):
     return tvm.runtime.tensor(native(a), dev if dev is not None else tvm.cpu())
 
 
+def pack(arrays) -> bytes:
+    """Arrays as one bytes value, for an RPC call's single argument: u32 header length, the JSON header
+    [[shape, dtype], ...], then each array's bytes. (A TVM tensor made on the receiving session costs two
+    round trips, allocate and copy, before the call's own; one bytes argument travels in the call.)"""
+    import json
+
+    arrays = [native(a) for a in arrays]
+    head = json.dumps([[list(a.shape), a.dtype.str] for a in arrays]).encode()
+    return b"".join([len(head).to_bytes(4, "little"), head, *(memoryview(a.reshape(-1)).cast("B") for a in arrays)])
+
+
+def unpack(blob) -> list[np.ndarray]:
+    """The arrays of a `pack`ed blob (read-only views of it, no copy)."""
+    import json
+
+    blob = memoryview(blob)
+    n = int.from_bytes(blob[:4], "little")
+    off, out = 4 + n, []
+    for shape, dtype in json.loads(bytes(blob[4:off])):
+        a = np.frombuffer(blob, dtype, int(np.prod(shape, dtype=np.int64)), off).reshape(shape)
+        out.append(a)
+        off += a.nbytes
+    return out
+
+
 def checked_inputs(infos, inputs: dict) -> list[np.ndarray]:
     """The model's inputs in its order, each checked against the shape and dtype it was compiled for."""
     unknown = set(inputs) - {i.name for i in infos}

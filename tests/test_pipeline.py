@@ -169,7 +169,7 @@ def test_a_cut_between_layers_sends_what_the_kernel_graph_says_crosses_it(name):
 
 def test_a_calls_tensors_travel_as_one_blob_shapes_and_dtypes_kept():
     """Slices, 0-d values, empty and integer arrays come back equal, with their shapes and dtypes."""
-    from edgetvm.runtime.pipeline_device import pack, unpack
+    from edgetvm.runtime.tensors import pack, unpack
 
     x = np.arange(48, dtype=np.float32).reshape(1, 3, 4, 4)
     arrays = [x[:, :, 1:3], np.float32(2.5), np.zeros((2, 0), np.float32), np.arange(5, dtype=np.int64)]

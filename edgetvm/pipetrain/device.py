@@ -3,21 +3,25 @@ host-side proxy with the same methods as stages.Stage.
 
     edgetvm.ptrain.load(config_json) -> "ok"       the stage's library, weights and optimizer state (files
                                                     written by the coordinator before the run)
-    edgetvm.ptrain.forward(mb, keep, a) -> y
-    edgetvm.ptrain.backward(mb, gy) -> ga           (stage 0: an empty tensor)
-    edgetvm.ptrain.backward_last(mb, gl, labels) -> ga
+    edgetvm.ptrain.forward(mb, keep, blob(a)) -> blob(y)
+    edgetvm.ptrain.backward(mb, blob(gy)) -> blob(ga)       (stage 0: no array)
+    edgetvm.ptrain.backward_last(mb, gl, blob(labels)) -> blob(ga)
     edgetvm.ptrain.step() -> "ok"                   the optimizer on the accumulated gradients
     edgetvm.ptrain.get(kind, i) -> tensor           kind: "param", "state" or "grad"
-    edgetvm.ptrain.set_grads(*tensors) -> 0         replicas: the summed gradients
+    edgetvm.ptrain.set_grads(blob(grads)) -> 0      replicas: the summed gradients
     edgetvm.ptrain.info() -> JSON                   counts, busy seconds (compute, measured here), losses
 
 Activations and gradients travel as the calls' arguments and results: device -> coordinator -> next
-device (TVM RPC sessions are a star), each over the devices' own shaped links.
+device (TVM RPC sessions are a star), each over the devices' own shaped links. They travel as one bytes
+value a call (runtime/tensors.pack): a TVM tensor made on the session and read back costs three more
+round trips a call (allocate, copy, fetch), each waking a device that has a fraction of a CPU.
 """
 
 from __future__ import annotations
 
 import json
+
+from edgetvm.runtime.tensors import pack, unpack
 
 _stage = None
 
@@ -38,32 +42,21 @@ def load(config_json: str) -> str:
     return "ok"
 
 
-def _t(a):
-    import numpy as np
-    import tvm
+# A stage's kernels take TVM tensors made from the arrays (stages._tensor copies them: a stashed input is
+# the stage's own, not a view of a call's argument).
 
-    if a is None:
-        return tvm.runtime.tensor(np.zeros((0,), "float32"), tvm.cpu())
-    return a if isinstance(a, tvm.runtime.Tensor) else tvm.runtime.tensor(a, tvm.cpu())
+def forward(mb, keep, blob) -> bytes:
+    return pack([_stage.forward(int(mb), unpack(blob)[0], keep=bool(keep))])
 
 
-# The tensors a call receives go to the stage's kernels as they are, and its results come back as
-# TVM tensors: no numpy copies on the device's quota.
-
-def forward(mb, keep, a):
-    import tvm
-
-    # A call's argument lives only as long as the call: the stashed input must be the stage's own copy.
-    x = a.copyto(tvm.cpu()) if keep else a
-    return _stage.forward(int(mb), x, keep=bool(keep), raw=True)
+def backward(mb, blob) -> bytes:
+    ga = _stage.backward(int(mb), unpack(blob)[0])
+    return pack([] if ga is None else [ga])
 
 
-def backward(mb, g):
-    return _t(_stage.backward(int(mb), g, raw=True))
-
-
-def backward_last(mb, gl, labels):
-    return _t(_stage.backward_last(int(mb), labels, float(gl), raw=True))
+def backward_last(mb, gl, blob) -> bytes:
+    ga = _stage.backward_last(int(mb), unpack(blob)[0], float(gl))
+    return pack([] if ga is None else [ga])
 
 
 def step() -> str:
@@ -72,12 +65,14 @@ def step() -> str:
 
 
 def get(kind: str, i: int):
+    import tvm
+
     arrays = {"param": _stage.params, "state": _stage.optimizer_state, "grad": _stage.get_grads}[kind]()
-    return _t(arrays[int(i)])
+    return tvm.runtime.tensor(arrays[int(i)], tvm.cpu())
 
 
-def set_grads(*tensors) -> int:
-    _stage.set_grads([t.numpy() for t in tensors])
+def set_grads(blob) -> int:
+    _stage.set_grads([a.copy() for a in unpack(blob)])
     return 0
 
 
@@ -110,25 +105,18 @@ class RemoteStage:
         self._busy = self._cpu = 0.0
         self.peak_stash = 0
 
-    def _t(self, a):
-        import numpy as np
-        import tvm
-
-        a = np.asarray(a)
-        return tvm.runtime.tensor(a if a.flags.c_contiguous else a.copy(), self.sess.cpu())
-
     def forward(self, mb: int, a, keep: bool = True):
-        return self._forward(int(mb), bool(keep), self._t(a)).numpy()
+        return unpack(self._forward(int(mb), bool(keep), pack([a])))[0].copy()
 
     def backward(self, mb: int, g):
-        out = self._backward(int(mb), self._t(g)).numpy()
-        return None if out.size == 0 else out
+        out = unpack(self._backward(int(mb), pack([g])))
+        return out[0].copy() if out else None
 
     def backward_last(self, mb: int, labels, gl: float):
         import numpy as np
 
-        out = self._backward_last(int(mb), float(gl), self._t(np.asarray(labels, np.int64))).numpy()
-        return None if out.size == 0 else out
+        out = unpack(self._backward_last(int(mb), float(gl), pack([np.asarray(labels, np.int64)])))
+        return out[0].copy() if out else None
 
     def step(self) -> None:
         self._step()
@@ -162,4 +150,4 @@ class RemoteStage:
         return self._arrays("grad", "n_grads")
 
     def set_grads(self, grads) -> None:
-        self._set_grads(*[self._t(g) for g in grads])
+        self._set_grads(pack(grads))

@@ -58,7 +58,7 @@ def _node_cpu_s(sess, dev, part: dict, work, sink_addr) -> float:
     and one call of the probe's clock)."""
     import numpy as np
 
-    from edgetvm.runtime.pipeline_device import pack
+    from edgetvm.runtime.tensors import pack
 
     out = work / f"sink-{dev.port}"
     out.mkdir()
@@ -94,7 +94,7 @@ def calibrate(fleet, log=lambda *a: None) -> dict[str, dict]:
 
     from edgetvm.runtime.device import EmulatedDevice
     from edgetvm.runtime.pipeline import FleetDevice
-    from edgetvm.runtime.pipeline_device import pack
+    from edgetvm.runtime.tensors import pack
     from edgetvm.runtime.link import EmulatedLink
 
     kinds = {}
