@@ -5,9 +5,13 @@
 
 For each network: train the dense model (checkpointed in --workdir, reused), then all subnets jointly
 (edgetvm/sparse/train.py) and, for each level, an independently pruned (same row-balanced masks, by
-magnitude) and retrained network with as many epochs as the joint training. Everything is compiled for
+magnitude) and retrained network with as many epochs as the joint training, and a slimmable-width network
+(edgetvm/sparse/slimmable.py: one store, width k the first channels of every hidden layer) trained
+jointly over K widths from the same dense network with the same weighted loss and epochs, each width
+sized so its MACs match DRESS subnet k's as closely as integer channel counts allow. Everything is compiled for
 the host: the DRESS model into one artifact (sparse kernels, one store, a `subnet` input), the dense
-network with the default pipeline, and each pruned network into its own one-subnet sparse artifact.
+network with the default pipeline, each pruned network into its own one-subnet sparse artifact, and each
+slimmable width as a narrower dense network with the default pipeline.
 Per subnet it reports
   accuracy        test accuracy of the subnet, and of the independently pruned network at that sparsity
   nonzeros        of the sparse weights (the first layer stays dense, see sparse/train.py)
@@ -15,6 +19,8 @@ Per subnet it reports
   latency ratio   median batch-1 latency over the dense build's, both default schedules, measured
                   alternately in this run (this machine is shared and loaded: figures are noisy)
   peak MiB        the resident set a fresh process adds to run the artifact once on that subnet
+and per slimmable width: its channels, MACs against the DRESS subnet's, accuracy, and latency ratio (the
+narrow dense build over the full dense build, timed in the same alternation);
 then storage (one store against K separately stored pruned models), the switching cost, and a budget
 trace replayed on this machine against a single dense model and against K separately stored pruned
 models that must be loaded when the choice changes (only one fits the memory budget at a time).
@@ -43,6 +49,7 @@ from edgetvm.runtime import subnets as rt  # noqa: E402
 from edgetvm.runtime.artifact import open_artifact  # noqa: E402
 from edgetvm.runtime.session import Runner  # noqa: E402
 from edgetvm.sparse import masks  # noqa: E402
+from edgetvm.sparse import slimmable as sl  # noqa: E402
 from edgetvm.sparse import train as st  # noqa: E402
 from edgetvm.sparse.cli import parse_levels, write_onnx  # noqa: E402
 from edgetvm.targets import load_board  # noqa: E402
@@ -92,6 +99,9 @@ def bench_model(name: str, args) -> dict:
     joint_s = time.perf_counter() - t
     independent = [st.pruned_retrained(model, ds, s, fp32.params, args.epochs, lr=args.lr, seed=args.seed,
                                        progress=progress) for s in levels]
+    dress_macs = sl.dress_macs(model, levels)
+    widths = sl.match_widths(model, dress_macs)
+    slim = sl.joint_train(model, ds, widths, fp32.params, args.epochs, lr=args.lr, seed=args.seed, progress=progress)
     board = load_board("host")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -104,25 +114,35 @@ def bench_model(name: str, args) -> dict:
             one = st.Subnets((s,), params, {n: masks.ranking(n, params[n]) for n in st.sparse_weights(model)}, [acc])
             write_onnx(model, one, tmp / f"pruned{k}.onnx")
             pruned_arts.append(compile_model(tmp / f"pruned{k}.onnx", board, tmp / f"pruned{k}").path)
+        slim_runners = []
+        for k in range(len(widths)):
+            onnx.save(train.to_onnx(slim.model(model, k), slim.width_params(model, k), batch=1), tmp / f"slim{k}.onnx")
+            slim_art = compile_model(tmp / f"slim{k}.onnx", board, tmp / f"slim{k}").path
+            slim_runners.append(Runner(open_artifact(slim_art)))
 
         x = {"x": ds.test.x[:1]}
         sr = rt.SubnetRunner(open_artifact(dress_art))
         dense = Runner(open_artifact(dense_art))
-        dense_ms, sub_ms = [], [[] for _ in levels]
-        for _ in range(args.rounds_timing):     # alternate, so that load changes hit both alike
+        dense_ms, sub_ms, slim_ms = [], [[] for _ in levels], [[] for _ in levels]
+        for _ in range(args.rounds_timing):     # alternate, so that load changes hit all alike
             dense_ms.append(median_ms(dense, x, args.repeat))
             for k in range(len(levels)):
                 sub_ms[k].append(median_ms(sr.runner, {**x, "subnet": np.array([k], np.int32)}, args.repeat))
+                slim_ms[k].append(median_ms(slim_runners[k], x, args.repeat))
         d_ms = statistics.median(dense_ms)
         dress_table = sr.dress
         rows = []
         for k, s in enumerate(levels):
             info = dress_table["subnets"][k]
             rows.append({"sparsity": s, "accuracy": sub.accuracy[k], "independent_accuracy": independent[k][1],
+                         "macs": dress_macs[k],
                          "nonzeros": info["nonzeros"], "weight_bytes": info["weight_bytes"],
                          "latency_ms": statistics.median(sub_ms[k]),
                          "latency_ratio": statistics.median(sub_ms[k]) / d_ms,
                          "peak_bytes": peak_bytes(dress_art, k)})
+        slim_rows = [{"width": list(widths[k]), "macs": slim.macs[k], "dress_macs": dress_macs[k],
+                      "accuracy": slim.accuracy[k], "latency_ms": statistics.median(slim_ms[k]),
+                      "latency_ratio": statistics.median(slim_ms[k]) / d_ms} for k in range(len(levels))]
         separate = sum(open_artifact(a).manifest["weight_bytes"] for a in pruned_arts)
         one_store = open_artifact(dress_art).manifest["weight_bytes"]
 
@@ -135,7 +155,10 @@ def bench_model(name: str, args) -> dict:
         dense_peak = peak_bytes(dense_art)
     return {"model": name, "data": ds.name, "train_images": len(ds.train), "dense_accuracy": dense_acc,
             "dense_latency_ms": d_ms, "dense_peak_bytes": dense_peak, "training_seconds": joint_s,
-            "subnets": rows, "one_store_bytes": one_store, "separate_bytes": separate,
+            "subnets": rows, "slimmable": slim_rows, "dense_macs": sl.macs(model),
+            "slimmable_training_seconds": sum(h["seconds"] for h in slim.history),
+            "full_width": list(sl.full_width(model)),
+            "one_store_bytes": one_store, "separate_bytes": separate,
             "switch": switch, "trace": {"dress": summary(dress_run), "dense": dense_run, "separate": sep_run}}
 
 
@@ -219,6 +242,15 @@ def main(argv=None) -> int:
             print(f"  {s['sparsity']:>8.0%} {100 * s['accuracy']:>8.2f} {100 * s['independent_accuracy']:>8.2f} "
                   f"{s['nonzeros']:>9,} {s['weight_bytes'] / 1024:>10.1f} {s['latency_ms']:>7.3f} "
                   f"{s['latency_ratio']:>7.2f} {s['peak_bytes'] / 2**20:>8.1f}")
+        print(f"  slimmable, same MACs (one store; width = channels of each hidden layer, of "
+              f"{'/'.join(map(str, r['full_width']))}; dense {r['dense_macs']:,} MACs):")
+        print(f"  {'sparsity':>8} {'DRESS MACs':>10} {'width':>12} {'slim MACs':>10} {'MAC diff':>8} {'slim %':>7} "
+              f"{'DRESS %':>7} {'ms':>7} {'x dense':>7}")
+        for s, w in zip(r["subnets"], r["slimmable"]):
+            print(f"  {s['sparsity']:>8.0%} {w['dress_macs']:>10,} {'/'.join(map(str, w['width'])):>12} "
+                  f"{w['macs']:>10,} {(w['macs'] - w['dress_macs']) / w['dress_macs']:>+8.2%} "
+                  f"{100 * w['accuracy']:>7.2f} {100 * s['accuracy']:>7.2f} {w['latency_ms']:>7.3f} "
+                  f"{w['latency_ratio']:>7.2f}")
         print(f"  storage: one store {r['one_store_bytes']:,} bytes vs {r['separate_bytes']:,} for "
               f"{len(r['subnets'])} separate pruned models")
         sw = r["switch"]

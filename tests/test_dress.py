@@ -304,3 +304,121 @@ def test_the_subnets_built_for_rpi4_equal_the_reference_on_the_emulated_board(le
                          "--output", str(d / "yb.npz"), "--repeat", "1", "--rpc", f"127.0.0.1:{board.port}"]) == 0
             np.testing.assert_allclose(np.load(d / "yb.npz")["logits"], _numpy_net(model, sub.subnet_params(k), x),
                                        rtol=1e-4, atol=1e-4)
+
+
+# ---- the slimmable-width baseline ---------------------------------------------------------------------------
+
+from edgetvm.sparse import slimmable as sl  # noqa: E402
+
+SMALL = train.lenet5(channels=(2, 3), hidden=4)
+
+
+def test_macs_are_the_hand_count_for_the_full_a_narrow_and_a_dress_network():
+    # conv1 2 filters x 25 taps x 24*24, conv2 3 x 50 x 8*8, fc1 4 x 48 (3 channels of 4*4), fc2 10 x 4
+    assert sl.macs(SMALL) == 2 * 25 * 576 + 3 * 50 * 64 + 4 * 48 + 10 * 4 == 38_632
+    assert sl.macs(sl.narrow(SMALL, (1, 2, 3))) == 1 * 25 * 576 + 2 * 25 * 64 + 3 * 32 + 10 * 3
+    # DRESS at 50%: the first layer dense, every other row does half its entries
+    assert sl.dress_macs(SMALL, (0.0, 0.5)) == [38_632, 2 * 25 * 576 + 3 * 25 * 64 + 4 * 24 + 10 * 2]
+
+
+def test_a_narrower_width_reads_a_prefix_of_the_wider_ones_weights_and_computes_the_zeroed_full_network():
+    params = {n: RNG.normal(size=s).astype(np.float32) for n, s in train.param_shapes(SMALL).items()}
+    widths = [(2, 3, 4), (2, 2, 3), (1, 1, 2)]
+    views = [sl.take(params, sl.narrow(SMALL, wd)) for wd in widths]
+    assert all(np.array_equal(views[0][n], params[n]) for n in params)       # the full width is the store
+    for wide, thin in zip(views, views[1:]):
+        for n, p in thin.items():
+            np.testing.assert_array_equal(p, wide[n][tuple(slice(0, d) for d in p.shape)])
+    x = RNG.random((2, 1, 28, 28)).astype(np.float32)
+    for wd, v in zip(widths, views):
+        # channels a width drops, zeroed in the full network, output relu(0) = 0 and add nothing after: so
+        # the narrow network must equal it (fc1's rows follow the channel-major flatten)
+        zeroed = {n: np.zeros_like(p) for n, p in params.items()}
+        for n, p in v.items():
+            zeroed[n][tuple(slice(0, d) for d in p.shape)] = p
+        np.testing.assert_allclose(_numpy_net(sl.narrow(SMALL, wd), v, x), _numpy_net(SMALL, zeroed, x),
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_widths_match_the_dress_subnets_macs_and_stay_nested():
+    model = train.lenet5()
+    targets = sl.dress_macs(model, LEVELS)
+    widths = sl.match_widths(model, targets)
+    assert widths[0] == sl.full_width(model) and sl.macs(model) == targets[0]
+    for a, b in zip(widths, widths[1:]):
+        assert all(y <= x for x, y in zip(a, b))
+    for t, wd in zip(targets, widths):
+        got = sl.macs(sl.narrow(model, wd))
+        assert abs(got - t) <= 0.01 * t
+        # no uniform-fraction width (each layer round(f * C)) is closer: the floor/ceil search covers it
+        for f in np.arange(1, 101) / 100:
+            u = tuple(max(1, round(f * c)) for c in sl.full_width(model))
+            if all(y <= x for x, y in zip(widths[max(0, widths.index(wd) - 1)], u)):
+                assert abs(got - t) <= abs(sl.macs(sl.narrow(model, u)) - t)
+
+
+def _toy_data(n=256):
+    """Learnable in a few steps: class c is a bright 6x6 patch at the c-th of 10 places, over noise."""
+    from edgetvm import data
+
+    rng = np.random.default_rng(5)
+    y = rng.integers(0, 10, n)
+    x = 0.1 * rng.random((n, 1, 28, 28)).astype(np.float32)
+    for i, c in enumerate(y):
+        r, q = divmod(int(c), 5)
+        x[i, 0, 2 + 12 * r:8 + 12 * r, 1 + 5 * q:7 + 5 * q] += 1.0
+    split = data.Split(x, y.astype(np.int64))
+    return data.DataSet("toy", split, data.Split(x[:0], y[:0].astype(np.int64)), split, tuple("0123456789"), 0)
+
+
+# An MLP compiles its step in half a LeNet's time (each width is a step of its own); the LeNet case is slow.
+MLP, MLP_WIDTHS = train.mlp(hidden=(16, 8)), [(16, 8), (8, 4)]
+
+
+@pytest.mark.parametrize("model, widths", [
+    (MLP, MLP_WIDTHS),
+    pytest.param(train.lenet5(channels=(4, 6), hidden=16), [(4, 6, 16), (2, 3, 8)], marks=pytest.mark.slow)])
+def test_one_slimmable_step_moves_the_store_by_the_weighted_sum_of_each_widths_padded_gradient(model, widths):
+    from edgetvm import data
+
+    ds = _toy_data(64)
+    params = train.init_params(model, seed=4)
+    c = np.array([0.25, 0.75])
+    got = sl.joint_train(model, ds, widths, params, 1, loss_weights=2 * c, lr=1.0, momentum=0.0, progress=False)
+    x, y = next(iter(data.batches(ds.train, 64, 0, 0)))
+    want = {n: p.copy() for n, p in params.items()}
+    for k, wd in enumerate(widths):
+        m = sl.narrow(model, wd)
+        t = train.Trainer(m, 64)
+        t.set_params(sl.take(params, m))
+        for n, g in t.gradients(x, y)[1].items():
+            want[n][tuple(slice(0, d) for d in g.shape)] -= c[k] * g
+    for n in want:
+        np.testing.assert_allclose(got.params[n], want[n], rtol=1e-4, atol=1e-6)
+    assert got.macs == [sl.macs(sl.narrow(model, wd)) for wd in widths]
+
+
+def test_a_short_joint_run_lowers_every_widths_loss():
+    model, widths = MLP, MLP_WIDTHS
+    ds = _toy_data()
+    params = train.init_params(model, seed=4)
+
+    def losses(p):
+        out = []
+        for wd in widths:
+            m = sl.narrow(model, wd)
+            t = train.Trainer(m, 64)
+            t.set_params(sl.take(p, m))
+            out.append(train.evaluate(t, ds.train)["loss"])
+        return out
+
+    before = losses(params)
+    got = sl.joint_train(model, ds, widths, params, 3, lr=0.05, progress=False)
+    after = losses(got.params)
+    assert all(a < 0.8 * b for a, b in zip(after, before)), (before, after)
+    assert len(got.accuracy) == 2 and all(0 <= a <= 1 for a in got.accuracy)
+
+
+def test_widths_that_are_not_nested_are_refused():
+    with pytest.raises(ValueError, match="not nested"):
+        sl.joint_train(SMALL, _toy_data(64), [(1, 2, 3), (2, 2, 3)], train.init_params(SMALL), 1, progress=False)

@@ -7,7 +7,9 @@ sum_k c_k * dL_k/dW * M_k (the gradient of the weighted loss sum_k c_k L_k with 
 weights: a weight a subnet does not use gets none of its gradient). Momentum SGD on the sum, in numpy.
 The rows are re-ranked by magnitude at the start of every epoch after the first, so the nesting follows
 the weights as they train; the last epoch's ranking is the one the artifact stores (the subnets are
-exactly what that epoch trained).
+exactly what that epoch trained). The loop itself (`weighted_descent`) also trains the slimmable-width
+baseline (sparse/slimmable.py), where a subnet is a narrower network instead of a mask, so that the two
+differ only in what a subnet is.
 
 Which weights are sparse: every conv and linear weight but the first layer's (it reads the raw pixels
 and holds a tiny share of the weights and work; pruning it hurts most for least gain).
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 
@@ -69,35 +72,39 @@ def accuracies(trainer: train.Trainer, params: dict, mks: dict, levels, split) -
     return out
 
 
-def joint_train(model: train.Model, ds: data_mod.DataSet, levels, params: dict, epochs: int,
-                loss_weights=None, lr: float = 0.01, momentum: float = 0.9, batch: int = 64, seed: int = 0,
-                progress: bool = True) -> Subnets:
-    """Train all subnets of `params` (a pretrained dense network) jointly; see the module docstring."""
-    levels = masks.check_levels(levels)
-    c = check_loss_weights(loss_weights, len(levels))
-    names = sparse_weights(model)
-    trainer = train.Trainer(model, batch, seed=seed)
-    w = {n: np.array(p, np.float32) for n, p in params.items()}
+@dataclass
+class View:
+    """One subnet's view of the shared weights: the trainer that computes its loss and gradient, the
+    parameters it takes from the shared weights, and its gradient carried back onto them (zero where the
+    subnet reads nothing)."""
+    trainer: train.Trainer
+    take: Callable[[dict], dict]
+    give: Callable[[dict], dict]
+
+
+def weighted_descent(ds: data_mod.DataSet, w: dict, views_at: Callable[[int, dict], list], c: np.ndarray,
+                     epochs: int, lr: float, momentum: float, batch: int, seed: int, progress: bool,
+                     label: str = "joint") -> list[dict]:
+    """Train the shared weights `w` (in place) along sum_k c_k * give_k(dL_k/dtheta_k), momentum SGD in numpy:
+    the one loop behind DRESS's sparse subnets and the slimmable widths. `views_at(epoch, w)` gives the
+    subnets' views for an epoch (DRESS re-ranks its rows there). Returns the per-epoch history."""
     vel = {n: np.zeros_like(p) for n, p in w.items()}
     history = []
-    orders = {n: masks.ranking(n, w[n]) for n in names}
     for epoch in range(epochs):
         t0 = time.perf_counter()
-        if epoch > 0:
-            orders = {n: masks.ranking(n, w[n]) for n in names}
-        mks = {n: masks.masks(n, w[n], levels, orders[n]) for n in names}
-        losses = np.zeros(len(levels))
+        views = views_at(epoch, w)
+        losses = np.zeros(len(views))
         steps = 0
         for x, y in data_mod.batches(ds.train, batch, seed, epoch):
             total = {n: np.zeros_like(p) for n, p in w.items()}
-            for k in range(len(levels)):
+            for k, v in enumerate(views):
                 if c[k] == 0:
                     continue
-                trainer.set_params(masked(w, mks, k))
-                loss, g = trainer.gradients(x, y)
+                v.trainer.set_params(v.take(w))
+                loss, g = v.trainer.gradients(x, y)
                 losses[k] += loss
-                for n in total:
-                    total[n] += c[k] * (g[n] * mks[n][k] if n in mks else g[n])
+                for n, gn in v.give(g).items():
+                    total[n] += c[k] * gn
             for n in w:
                 vel[n] = momentum * vel[n] + total[n]
                 w[n] -= lr * vel[n]
@@ -107,8 +114,32 @@ def joint_train(model: train.Model, ds: data_mod.DataSet, levels, params: dict, 
         history.append(record)
         if progress:
             import sys
-            print(f"joint epoch {epoch + 1}/{epochs}  losses {' '.join(f'{v:.3f}' for v in record['loss'])}  "
+            print(f"{label} epoch {epoch + 1}/{epochs}  losses {' '.join(f'{v:.3f}' for v in record['loss'])}  "
                   f"{record['seconds']:.1f} s", file=sys.stderr)
+    return history
+
+
+def joint_train(model: train.Model, ds: data_mod.DataSet, levels, params: dict, epochs: int,
+                loss_weights=None, lr: float = 0.01, momentum: float = 0.9, batch: int = 64, seed: int = 0,
+                progress: bool = True) -> Subnets:
+    """Train all subnets of `params` (a pretrained dense network) jointly; see the module docstring."""
+    levels = masks.check_levels(levels)
+    c = check_loss_weights(loss_weights, len(levels))
+    names = sparse_weights(model)
+    trainer = train.Trainer(model, batch, seed=seed)
+    w = {n: np.array(p, np.float32) for n, p in params.items()}
+    orders = {n: masks.ranking(n, w[n]) for n in names}
+
+    def views_at(epoch, w):
+        nonlocal orders
+        if epoch > 0:
+            orders = {n: masks.ranking(n, w[n]) for n in names}
+        mks = {n: masks.masks(n, w[n], levels, orders[n]) for n in names}
+        return [View(trainer, lambda w, k=k: masked(w, mks, k),
+                     lambda g, k=k: {n: (g[n] * mks[n][k] if n in mks else g[n]) for n in g})
+                for k in range(len(levels))]
+
+    history = weighted_descent(ds, w, views_at, c, epochs, lr, momentum, batch, seed, progress)
     # the subnets are the masks the last epoch trained (re-ranking now would hand the sparse subnets
     # weights they were not trained with)
     mks = {n: masks.masks(n, w[n], levels, orders[n]) for n in names}
