@@ -102,6 +102,18 @@ def _pool_window_max(k):
     return cond
 
 
+def _pool_bits(bb, x, pooled, k, positive: bool, name: str) -> tuple:
+    """What the backward pass keeps of a max pool of x (with `positive`: of a ReLU then the pool): one bit
+    an element of the whole windows, where x is its window's maximum (and above zero)."""
+    n, c, hh, ww = _shape(x)
+    oh, ow = _shape(pooled)[2:]
+    crop_hw = (oh * k[0], ow * k[1])
+    cond = _pool_window_max(k)
+    bits = bb.emit_te(_pack((n, c, *crop_hw), lambda t, co: cond(t, co, positive)), x, pooled,
+                      primfunc_name_hint=name)
+    return ("pool_bits", bits, k, (hh, ww), crop_hw)
+
+
 def _unpack_pool(k, in_hw, crop_hw):
     """TE (g pooled, bits) -> the gradient at the pool's input: g up-sampled over each window times its bit,
     zero in the rows and columns the pool dropped; the same products as repeat * mask, then pad."""
@@ -231,14 +243,8 @@ def adapt_step(mod: tvm.IRModule, mask: dict, lr: float | dict = 0.01, output: s
                         k = nxt[3]
                         z = bb.emit(op.nn.max_pool2d(y, k, k))
                         if needs_back and packed:
-                            n, c, hh, ww = _shape(y)
-                            oh, ow = _shape(z)[2:]
-                            crop_hw = (oh * k[0], ow * k[1])
                             # y > 0 iff h > 0: reading y, not h, leaves h free to fuse into the conv
-                            cond = _pool_window_max(k)
-                            bits = bb.emit_te(_pack((n, c, *crop_hw), lambda t, co: cond(t, co, True)), y, z,
-                                              primfunc_name_hint="pack_relu_pool_mask")
-                            saved[i] = ("pool_bits", bits, k, (hh, ww), crop_hw)
+                            saved[i] = _pool_bits(bb, y, z, k, positive=True, name="pack_relu_pool_mask")
                         elif needs_back:
                             n, c, hh, ww = _shape(y)
                             oh, ow = _shape(z)[2:]
@@ -264,13 +270,7 @@ def adapt_step(mod: tvm.IRModule, mask: dict, lr: float | dict = 0.01, output: s
                     k = info
                     y = bb.emit(op.nn.max_pool2d(h, k, k))
                     if needs_back and packed:
-                        n, c, hh, ww = _shape(h)
-                        oh, ow = _shape(y)[2:]
-                        crop_hw = (oh * k[0], ow * k[1])
-                        cond = _pool_window_max(k)
-                        bits = bb.emit_te(_pack((n, c, *crop_hw), lambda t, co: cond(t, co, False)), h, y,
-                                          primfunc_name_hint="pack_pool_mask")
-                        saved[i] = ("pool_bits", bits, k, (hh, ww), crop_hw)
+                        saved[i] = _pool_bits(bb, h, y, k, positive=False, name="pack_pool_mask")
                     elif needs_back:
                         n, c, hh, ww = _shape(h)
                         oh, ow = _shape(y)[2:]
