@@ -144,6 +144,14 @@ def test_pso_within_5_percent_of_exhaustive(seed, n):
     assert got.period_s <= best.period_s * 1.05
 
 
+def test_of_placements_predicted_equally_fast_the_search_keeps_the_one_with_fewest_devices(monkeypatch):
+    """A device that adds no throughput still adds its calls and a hop to the prediction's error."""
+    p = _problem(0, 4)
+    monkeypatch.setattr(dp, "partition", lambda problem, stages: (0.01, [0] + [problem.n] * len(stages)))
+    for result in (pso.Search(p).exhaustive(), pso.Search(p).pso(seed=0)):
+        assert sum(len(st) for st in result.stages) == 1, result.stages
+
+
 @pytest.mark.parametrize("name", ["resnet", "vgg"])
 def test_a_cut_between_layers_sends_what_the_kernel_graph_says_crosses_it(name):
     """Layer l is kernel l of the fused graph, residual blocks included (fusion computes a block's

@@ -30,6 +30,7 @@ from edgetvm.partition.pipeline import dp
 
 INF = math.inf
 MAX_EXHAUSTIVE = 5
+DEVICE_TIE = 0.01   # 1% of the period per extra device: a tie-break, not a cost model
 
 
 @dataclass
@@ -72,13 +73,16 @@ class Search:
         return stages[: self.p.n]
 
     def fitness(self, stages: list[tuple[int, ...]]) -> float:
+        """The placement's period, made DEVICE_TIE longer per device beyond the first: of two placements
+        predicted equally fast, the one with fewer devices wins (a device that adds no throughput still
+        adds its calls, and every prediction has an error the extra hop only widens)."""
         key = self.canonical(stages)
         if key not in self.cache:
             if self.p.force_bands and all(len(st) == 1 for st in stages):
                 self.cache[key] = (INF, [])  # --bands: a placement without a shared stage does not count
             else:
                 self.cache[key] = dp.partition(self.p, stages)
-        return self.cache[key][0]
+        return self.cache[key][0] * (1 + DEVICE_TIE * (sum(len(st) for st in stages) - 1))
 
     def solve(self, stages) -> tuple[float, list[int]]:
         self.fitness(stages)
