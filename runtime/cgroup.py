@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import signal
@@ -130,3 +131,15 @@ def _empty(path: Path) -> None:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def cgroup_cpu_ns(cpu_dir: Path) -> int:
+    """CPU time (ns) that the processes of a cgroup have used, all their threads counted."""
+    total = 0
+    with contextlib.suppress(OSError):
+        for pid in (cpu_dir / "cgroup.procs").read_text().split():
+            with contextlib.suppress(OSError):
+                for task in os.listdir(f"/proc/{pid}/task"):
+                    with contextlib.suppress(OSError, ValueError, IndexError):
+                        total += int(Path(f"/proc/{pid}/task/{task}/schedstat").read_text().split()[0])
+    return total

@@ -47,22 +47,11 @@ import numpy as np
 
 from edgetvm.partition.cutedge.controller import PAYLOAD_SHARE, Observation
 from edgetvm.partition.cutedge.simulate import Result, SlotRecord
+from edgetvm.runtime.cgroup import cgroup_cpu_ns
 from edgetvm.runtime.signals import deferred
 
 MIN_RATE_MBIT = 0.05       # tbf needs a rate; the slowest a slot's chosen rate is shaped to
 SETUP_RATE_MBIT = 1000     # while the parts and weights are uploaded
-
-
-def cgroup_cpu_ns(cpu_dir: Path) -> int:
-    """CPU time (ns) that the processes of a cgroup have used, all their threads counted."""
-    total = 0
-    with contextlib.suppress(OSError):
-        for pid in (cpu_dir / "cgroup.procs").read_text().split():
-            with contextlib.suppress(OSError):
-                for task in os.listdir(f"/proc/{pid}/task"):
-                    with contextlib.suppress(OSError, ValueError, IndexError):
-                        total += int(Path(f"/proc/{pid}/task/{task}/schedstat").read_text().split()[0])
-    return total
 
 
 class Actuators:

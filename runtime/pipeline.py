@@ -65,23 +65,10 @@ def join_switch(link: EmulatedLink) -> None:
 
 
 def device_cpu(dev: "FleetDevice") -> tuple[float, float]:
-    """(CPU seconds, throttled seconds) so far of every process in the device's cgroup: its server and its
-    sessions, all threads."""
-    import os
+    """(CPU seconds, throttled seconds) so far of the device's cgroup: its server and its sessions."""
+    from edgetvm.runtime.cgroup import cgroup_cpu_ns
 
-    tick = os.sysconf("SC_CLK_TCK")
-    cpu = 0.0
-    for pid in (dev.cgroup.cg.cpu / "cgroup.procs").read_text().split():
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue  # exited meanwhile
-        cpu += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
-    throttled = 0.0
-    for line in (dev.cgroup.cg.cpu / "cpu.stat").read_text().splitlines():
-        if line.startswith("throttled_time "):
-            throttled = int(line.split()[1]) / 1e9
-    return cpu, throttled
+    return cgroup_cpu_ns(dev.cgroup.cg.cpu) / 1e9, dev.cgroup.throttled_us() / 1e6
 
 
 @dataclass

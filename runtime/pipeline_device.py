@@ -15,7 +15,7 @@ client: its stage head, or the previous stage's head, or, for the first head, th
     edgetvm.pipe.deliver(frame, names_json, blob)   the sink: results into a file for the coordinator
 
 A blob is a call's tensors as one bytes argument (runtime/tensors.pack: a JSON header of shapes and
-dtypes, then the arrays' bytes). Passing each tensor as a TVM tensor made on the receiving session costs two round trips
+dtypes, then the arrays' bytes). A TVM tensor made on the receiving session costs two round trips
 (allocate, copy) before the call's own, each one waking the receiving device: under a tenth of a CPU
 that was most of a call's cost. One bytes argument is one round trip.
 

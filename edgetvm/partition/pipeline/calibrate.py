@@ -10,7 +10,7 @@ each kind of the fleet (its profile's cgroups, behind its link's shaping) and me
 process, CPU seconds per call and per byte for receiving and for sending, and per byte for the band
 slicing and joining; divided by the kind's CPU quota they are device seconds, what dp.Problem adds to
 each device's busy time per frame. Last, the node itself: a head node with a one-kernel part streams
-frames to a sink, and what its cgroup's processes spend per frame beyond those calls is the node's own
+frames to a sink, and what its session process spends per frame beyond those calls is the node's own
 work (the VM call and its tensor conversions, the queues, the hand-offs between its threads), which
 no kernel profile and no call probe sees.
 """
