@@ -142,7 +142,7 @@ def main(argv=None) -> int:
     from edgetvm.partition.cutedge import controller
 
     print(f"\nCutEdge with a mean-latency target set to each baseline's mean latency (V = {max(vs):g}):")
-    cuts = controller.candidate_cuts(s.costs, s.envelope, s.overhead_s)
+    cuts = controller.candidate_cuts(s.costs, s.envelope, s.measured)
     for b in base:
         if b["unfinished"]:
             continue
@@ -163,15 +163,21 @@ def main(argv=None) -> int:
         print(f"\ntestbed: the first {args.testbed_slots} slots ({args.testbed_slots * ts.arrivals.slot_s:.0f} s), "
               f"real time, against the simulation of the same slots")
         with open_testbed(ts, list(ts.cuts), work / "splits") as tb:
-            ts.overhead_s = tb.calibrate()
-            print(f"  measured: a frame costs the device {ts.overhead_s * 1e3:.2f} ms at f_max beyond its kernels "
-                  f"(RPC call, hand-over to the sender; counted in both below)")
-            rows = []
+            ts.measured = tb.calibrate(rate_mbit=ts.link.mean_rate())
+            for line in cli.describe_measured(ts):
+                print(f"  {line}")
+            rows, stages = [], []
             for pol_sim, pol_run in zip(cli.policies(ts, tvs, None, False), cli.policies(ts, tvs, None, False)):
-                rs = dict(simulate(pol_sim, ts.energy, ts.arrivals, ts.link).summary(), mode="simulated")
-                rt = dict(tb.run(pol_run).summary(), mode="testbed")
-                rows += [rs, rt]
+                sim, real = simulate(pol_sim, ts.energy, ts.arrivals, ts.link), tb.run(pol_run)
+                rows += [dict(sim.summary(), mode="simulated"), dict(real.summary(), mode="testbed")]
+                stages.append((pol_sim.name, sim.stage_means_ms(), real.stage_means_ms()))
         cli.print_table(rows)
+        print("  where a frame's time goes (mean ms per finished frame: waiting for a stage, then in it; busy times charged)")
+        names = list(stages[0][1])
+        print("  " + f"{'method':18s} {'mode':10s}" + "".join(f"{n:>13s}" for n in names))
+        for name, sim_st, real_st in stages:
+            for mode, st in (("simulated", sim_st), ("testbed", real_st)):
+                print("  " + f"{name:18s} {mode:10s}" + "".join(f"{st[n]:13.2f}" for n in names))
         for rs, rt in zip(rows[::2], rows[1::2]):
             de = rt["energy_per_frame_mj"] / rs["energy_per_frame_mj"] - 1
             dl = rt["latency_mean_ms"] / rs["latency_mean_ms"] - 1

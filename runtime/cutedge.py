@@ -96,6 +96,11 @@ class _Frame:
     arrival: float
     cut: object
     done: float | None = None
+    marks: dict = field(default_factory=dict)   # stage -> [start, end] (simulate.STAGES)
+
+    def finished(self) -> bool:
+        # The server may finish a frame before the device thread has noted when its send call returned.
+        return self.done is not None and self.marks["device"][1] is not None
 
 
 @dataclass
@@ -231,6 +236,7 @@ class Testbed:
                 with self.lock:
                     self.in_device.popleft()
                     self.current = (fr, time.perf_counter())
+                fr.marks["device"] = [self.current[1], None]
                 values = {}
                 if fr.cut.device:
                     outs = r.device.call([self.placed[v] for v in parts["device"]["inputs"]] + r.device.weights)
@@ -242,26 +248,30 @@ class Testbed:
                     self.pushed += sum(int(np.prod(t.shape)) * np.dtype(t.dtype).itemsize for t in tensors)
                 self.send(self.link.host_address, self.receiver.port, fr.id,
                           int(rate * 1e6 / 8 * PAYLOAD_SHARE), *tensors)
+                fr.marks["device"][1] = time.perf_counter()
         except BaseException as e:  # noqa: BLE001 - reported by run()
             self.errors.append(e)
 
     def _on_message(self, tag, payloads, first, last) -> None:
         with self.lock:
             self.messages.append(_Message(tag, first, last, sum(map(len, payloads))))
-        self.srvq.put((tag, payloads))
+        self.srvq.put((tag, payloads, first, last))
 
     def _server_loop(self) -> None:
         try:
             while (item := self.srvq.get()) is not None:
-                tag, payloads = item
+                tag, payloads, first, last = item
                 fr = self.frames[tag]
+                fr.marks["send"] = [first, last]
+                fr.marks["server"] = [time.perf_counter(), None]
                 r = self.runners[fr.cut.device]
                 cross = {c["value"]: c for c in r.manifest["crossing"]}
                 ins = r.manifest["parts"]["server"]["inputs"]
                 values = {v: np.frombuffer(p, dtype=cross[v]["dtype"]).reshape(cross[v]["shape"])
                           for v, p in zip(ins, payloads)}
                 r.server_step(values)
-                fr.done = time.perf_counter()
+                fr.marks["server"][1] = time.perf_counter()
+                fr.done = fr.marks["server"][1]
         except BaseException as e:  # noqa: BLE001
             self.errors.append(e)
 
@@ -293,25 +303,41 @@ class Testbed:
             time.sleep(0.002)
         return True
 
-    def calibrate(self, frames: int = 20) -> float:
-        """Device time (s at f_max) a frame costs beyond its kernels: the RPC call that drives it and the
-        hand-over to the sender, measured as the cgroup's CPU time over frames of the cheapest cut."""
-        from edgetvm.partition.cutedge.controller import make_cut
+    def calibrate(self, frames: int = 6, rounds: int = 5, rate_mbit: float | None = None):
+        """What a frame of every compiled cut costs here at f_max (controller.Measured), frames one at a
+        time, the link at `rate_mbit` (the capacity trace's mean): the processor's busy time (the
+        cgroup's CPU time over its quota: kernels, the RPC call, the hand-over to the sender), the device
+        stage's wall time beyond it (the calls' round trips, which do not scale with the clock), the
+        server's wall time. Rounds of `frames` frames per cut, cuts taking turns; the median round
+        counts (single batches varied by up to 5x for the cheap cuts)."""
+        from edgetvm.partition.cutedge.controller import Measured, Stage, make_cut
 
-        d = min(self.runners, key=lambda k: (self.s.costs.parts(k)["device_s"], len(k)))
-        cut = make_cut(self.s.costs, d)
-        self.act.set_clock(self.s.energy.f_max)
+        rounds_of: dict = {d: [] for d in self.runners}
         try:
+            self.act.set_rate(rate_mbit or SETUP_RATE_MBIT)
+            self.act.set_clock(self.s.energy.f_max)
             q = self.act.quota_cpus(self.s.energy.f_max)
-            ns0 = cgroup_cpu_ns(self.act.cpu_dir)
-            batch = [self._admit(cut, time.perf_counter()) for _ in range(frames)]
-            self._wait(lambda: all(f.done is not None for f in batch), 120)
-            cpu_s = (cgroup_cpu_ns(self.act.cpu_dir) - ns0) / 1e9 / frames
+            for _ in range(rounds):
+                for d in self.runners:
+                    cut = make_cut(self.s.costs, d)
+                    ns0, batch = cgroup_cpu_ns(self.act.cpu_dir), []
+                    for _ in range(frames):
+                        batch.append(self._admit(cut, time.perf_counter()))
+                        if not self._wait(batch[-1].finished, 60):
+                            raise RuntimeError(f"calibrating cut {cut.label}: a frame not done in 60 s")
+                    work = (cgroup_cpu_ns(self.act.cpu_dir) - ns0) / 1e9 / frames / q
+                    wall = [float(np.median([x.marks[k][1] - x.marks[k][0] for x in batch])) for k in ("device", "server")]
+                    rounds_of[d].append((work, wall[0], wall[1]))
+                    self.frames.clear()
         finally:
             self.act.restore()
+            self.act.set_rate(SETUP_RATE_MBIT)
             self.frames.clear()
-        self.overhead_s = max(0.0, cpu_s / q - cut.work_s)
-        return self.overhead_s
+        out = {}
+        for d, rs in rounds_of.items():
+            work, stage, server = np.median(np.array(rs), axis=0)
+            out[d] = Stage(work_s=float(work), call_s=max(float(stage - work), 0.0), server_s=float(server))
+        return Measured(out)
 
     # ------------------------------------------------------------------ observing
 
@@ -360,11 +386,11 @@ class Testbed:
                 act = policy.decide(obs)
                 policy.update(obs, act)
                 self.act.set_clock(act.f_mhz)
+                for _ in range(A):  # before the rate: tc takes milliseconds, the frames' sending comes later
+                    mine.append(self._admit(act.cut, start))
                 self.act.set_rate(act.rate_mbit)
                 quotas.append(self.act.quota_cpus(act.f_mhz))
                 acts.append((obs, act))
-                for _ in range(A):
-                    mine.append(self._admit(act.cut, start))
                 res.arrived += A
                 t += 1
             marks.append((time.perf_counter(), cgroup_cpu_ns(self.act.cpu_dir)))
@@ -383,6 +409,8 @@ class Testbed:
         for fr in mine:
             if fr.done is not None:
                 res.latencies_s.append(fr.done - fr.arrival)
+                if fr.finished():
+                    res.frames.append((fr.arrival, fr.marks))
                 if fr.done <= t0 + horizon * tau:
                     res.completed_in_horizon += 1
         res.unfinished = sum(f.done is None for f in mine)
@@ -425,6 +453,7 @@ def open_testbed(setup, cuts, splits_dir: Path, log=print):
     splits = compile_cuts(setup, cuts, splits_dir, log)
     prof = LinkProfile(name="cutedge", description="capacity from a trace", bandwidth_mbit=SETUP_RATE_MBIT)
     with EmulatedLink(prof) as link, EmulatedDevice(setup.device, link=link) as device:
+        link.unshaped(device.port)   # the RPC calls that drive the device are not its radio's traffic
         tb = Testbed(setup, link, device, splits, log)
         try:
             yield tb

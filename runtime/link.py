@@ -84,6 +84,19 @@ def _run(*argv: str) -> str:
     return proc.stdout
 
 
+def _run_all(argvs: list[list[str]]) -> None:
+    """Commands started together, each checked as _run does."""
+    procs = [(argv, subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+             for argv in argvs]
+    errors = []
+    for argv, proc in procs:
+        _, err = proc.communicate()
+        if proc.returncode:
+            errors.append(f"`{' '.join(argv)}` failed: {err.strip()}")
+    if errors:
+        raise RuntimeError("; ".join(errors))
+
+
 def _run_quietly(*argv: str) -> None:
     """For removal: what is already gone is fine."""
     subprocess.run(argv, capture_output=True)
@@ -160,6 +173,7 @@ class EmulatedLink:
         self.device_veth: str | None = None
         self.host_address = self.device_address = ""
         self._relays: dict[int, subprocess.Popen] = {}
+        self.unshaped_ports: list[int] = []
 
     # ------------------------------------------------------------------ making and removing
 
@@ -209,6 +223,7 @@ class EmulatedLink:
                 _kill_processes_in(self.netns)
                 _run_quietly("ip", "netns", "del", self.netns)
             self.netns = self.host_veth = self.device_veth = None
+            self.unshaped_ports = []
 
     def __enter__(self) -> "EmulatedLink":
         try:
@@ -229,20 +244,50 @@ class EmulatedLink:
     def _dev(self, side: list[str]) -> str:
         return self.device_veth if side else self.host_veth
 
+    def _tbf_at(self) -> list[str]:
+        """Where each end's tbf sits: the root, or under class 1:2 of the htb qdisc `unshaped` puts first."""
+        return ["parent", "1:2", "handle", "20:"] if self.unshaped_ports else ["root"]
+
     def set_rate(self, mbit: float | str) -> None:
         """Changes the bandwidth of both directions at once (a number in Mbit/s or "10Mbit")."""
         mbit = parse_bandwidth(mbit)
-        for side in self._sides():
-            _run("tc", *side, "qdisc", "change", "dev", self._dev(side), "root", *tbf_args(mbit))
+        # Both ends at once: a controller changes the rate every slot, and each tc takes ~3 ms.
+        _run_all([["tc", *side, "qdisc", "change", "dev", self._dev(side), *self._tbf_at(), *tbf_args(mbit)]
+                  for side in self._sides()])
         self.rate_mbit = mbit
 
+    def unshaped(self, port: int) -> None:
+        """Lets the TCP traffic of the device's `port` (a server in the namespace) bypass the shaping in
+        both directions: a control connection that drives the device must not queue behind the data
+        the device sends over the link (an emulation's need; a real device is not driven over its
+        radio). Each end's root becomes an htb qdisc with two unlimited classes: 1:1 for that port, 1:2
+        (everything else) holding the tbf as before."""
+        if not self.unshaped_ports:
+            for side in self._sides():
+                dev = self._dev(side)
+                _run("tc", *side, "qdisc", "del", "dev", dev, "root")
+                # This kernel has no prio qdisc: an htb root whose two classes never limit (10 Gbit/s),
+                # the shaping left to the same tbf as before, under the default class.
+                _run("tc", *side, "qdisc", "add", "dev", dev, "root", "handle", "1:", "htb", "default", "2")
+                for cls in ("1:1", "1:2"):
+                    _run("tc", *side, "class", "add", "dev", dev, "parent", "1:", "classid", cls, "htb",
+                         "rate", "10gbit", "burst", "1mb", "cburst", "1mb", "quantum", "60000")
+                _run("tc", *side, "qdisc", "add", "dev", dev, "parent", "1:2", "handle", "20:",
+                     *tbf_args(self.rate_mbit))
+        for side in self._sides():
+            # The device end sends from the port, the host end to it.
+            match = "sport" if side else "dport"
+            _run("tc", *side, "filter", "add", "dev", self._dev(side), "parent", "1:", "protocol", "ip",
+                 "prio", "1", "u32", "match", "ip", match, str(port), "0xffff", "flowid", "1:1")
+        self.unshaped_ports.append(port)
+
     def qdiscs(self) -> dict[str, dict]:
-        """The root qdisc of each end as the kernel reports it: {"host": {...}, "device": {...}} with
+        """The shaping qdisc of each end as the kernel reports it: {"host": {...}, "device": {...}} with
         kind, rate_mbit, burst_bytes and latency_ms."""
         out = {}
         for name, side in zip(("host", "device"), self._sides()):
-            root = next(q for q in json.loads(_run("tc", "-j", *side, "qdisc", "show", "dev", self._dev(side)))
-                        if q.get("root"))
+            qs = json.loads(_run("tc", "-j", *side, "qdisc", "show", "dev", self._dev(side)))
+            root = next(q for q in qs if (q.get("handle") == "20:" if self.unshaped_ports else q.get("root")))
             opts = root.get("options", {})
             out[name] = {"kind": root["kind"], "rate_mbit": opts.get("rate", 0) * 8 / 1e6,
                          "burst_bytes": opts.get("burst"), "latency_ms": opts.get("lat", 0) / 1e3}

@@ -149,6 +149,43 @@ def test_larger_V_spends_less_energy_and_keeps_more_backlog_in_simulation():
         assert simulate(b, ENERGY, a, c).summary()["energy_per_frame_mj"] > energy[-1]
 
 
+def test_a_frames_time_splits_into_waiting_for_and_being_in_each_stage():
+    cuts = controller.candidate_cuts(chain_costs())
+    a, c = traces.poisson(25, 300, seed=3), traces.lognormal_ar1("lte-verizon", 300, seed=4)
+    res = simulate(CutEdge(cuts, ENERGY, 0.1, 100), ENERGY, a, c)
+    st = res.stage_means_ms()
+    in_stages = sum(st[k] for k in ("device wait", "device", "send wait", "send", "server wait", "server"))
+    assert in_stages == pytest.approx(res.summary()["latency_mean_ms"], rel=1e-9)
+    assert st["cpu busy"] * len(res.latencies_s) == pytest.approx(sum(s.cpu_busy_s for s in res.slots) * 1e3)
+
+
+def test_waiting_on_calls_lengthens_the_device_stage_but_costs_no_energy():
+    from dataclasses import replace
+
+    cut = controller.make_cut(chain_costs(), frozenset(range(3)))
+    a, c = traces.Trace("arrivals", 100, np.ones(200, int)), traces.Trace("link", 100, np.full(200, 20.0))
+    plain = simulate(controller.Fixed("plain", cut, ENERGY), ENERGY, a, c)
+    calls = simulate(controller.Fixed("calls", replace(cut, call_s=0.004), ENERGY), ENERGY, a, c)
+    assert calls.stage_means_ms()["device"] == pytest.approx(plain.stage_means_ms()["device"] + 4.0)
+    assert calls.summary()["latency_mean_ms"] == pytest.approx(plain.summary()["latency_mean_ms"] + 4.0)
+    assert calls.summary()["energy_j"] == pytest.approx(plain.summary()["energy_j"])
+
+
+def test_testbed_measurements_replace_the_profile_and_other_cuts_get_the_median_excess():
+    costs = chain_costs(device_ms=3.0, server_ms=0.3)
+    d2, d4 = frozenset(range(2)), frozenset(range(4))
+    m = controller.Measured({d2: controller.Stage(0.008, 0.001, 0.002), d4: controller.Stage(0.016, 0.0, 0.001)})
+    c2 = controller.make_cut(costs, d2, measured=m)
+    assert (c2.work_s, c2.call_s, c2.server_s) == (0.008, 0.001, 0.002)
+    # Excess over the profile: device 8 - 6 and 16 - 12 ms (median 3), server 2 - 1.2 and 1 - 0.6 ms (0.6).
+    c3 = controller.make_cut(costs, frozenset(range(3)), measured=m)
+    assert c3.work_s == pytest.approx(0.009 + 0.003) and c3.server_s == pytest.approx(0.0009 + 0.0006)
+    # The candidates are the profile's cuts (the ones a testbed compiles), costed as measured.
+    for c in controller.candidate_cuts(costs, measured=m):
+        assert c.device in {p.device for p in controller.candidate_cuts(costs)}
+        assert c.work_s == controller.make_cut(costs, c.device, measured=m).work_s
+
+
 # ---------------------------------------------------------------------------------- bad input
 
 

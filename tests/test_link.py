@@ -5,6 +5,7 @@ nothing the link or the device made outlives them."""
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -89,6 +90,47 @@ def test_the_link_is_shaped_in_the_kernel_on_both_ends_and_its_rate_can_change()
         inside = subprocess.run(["ip", "-n", link.netns, "-o", "link"], capture_output=True, text=True).stdout
         assert link.device_veth in inside and link.host_veth not in inside
         link.set_rate("5Mbit")
+        assert [q["rate_mbit"] for q in link.qdiscs().values()] == [5.0, 5.0]
+        netns, veth = link.netns, link.host_veth
+    assert _remains(netns, veth) == []
+
+
+def _class_bytes(link) -> dict[str, int]:
+    """Bytes sent through each htb class of the host end."""
+    out = subprocess.run(["tc", "-s", "class", "show", "dev", link.host_veth], capture_output=True, text=True).stdout
+    # tc prints no JSON for htb classes: "class htb 1:1 ..." then " Sent N bytes ..."
+    return {m[0]: int(m[1]) for m in re.findall(r"class htb (\S+) .*\n\s*Sent (\d+) bytes", out)}
+
+
+def _send_into_namespace(link, port: int, nbytes: int) -> None:
+    sink = ("import socket; s = socket.create_server(('%s', %d)); print('ready', flush=True); c, _ = s.accept()\n"
+            "while c.recv(65536): pass" % (link.device_address, port))
+    proc = subprocess.Popen(link.netns_command([sys.executable, "-c", sink]), stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        import socket
+        with socket.create_connection((link.device_address, port), timeout=30) as c:
+            c.sendall(b"x" * nbytes)
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@needs_root
+def test_an_unshaped_port_bypasses_the_shaping_and_the_rest_stays_shaped():
+    with EmulatedLink("wifi-20mbit") as link:
+        link.unshaped(47001)
+        assert {end: (q["kind"], q["rate_mbit"]) for end, q in link.qdiscs().items()} == \
+            {"host": ("tbf", 20.0), "device": ("tbf", 20.0)}
+        before = _class_bytes(link)
+        _send_into_namespace(link, 47001, 300_000)
+        mid = _class_bytes(link)
+        assert mid["1:1"] - before["1:1"] >= 300_000 and mid["1:2"] - before["1:2"] < 30_000
+        _send_into_namespace(link, 47002, 300_000)
+        after = _class_bytes(link)
+        assert after["1:2"] - mid["1:2"] >= 300_000 and after["1:1"] - mid["1:1"] < 30_000
+        link.set_rate("5Mbit")   # the tbf under the default class, on both ends
         assert [q["rate_mbit"] for q in link.qdiscs().values()] == [5.0, 5.0]
         netns, veth = link.netns, link.host_veth
     assert _remains(netns, veth) == []

@@ -80,7 +80,7 @@ class Setup:
     envelope: object
     arrivals: object       # traces.Trace
     link: object
-    overhead_s: float = 0.0  # device time per frame beyond its kernels (measured on the testbed)
+    measured: object = None  # controller.Measured: the cuts' costs on the testbed, once measured
 
 
 def load_traces(arrivals: str, link: str, slots: int | None):
@@ -129,14 +129,24 @@ def prepare(model_path, device_name: str, server_name: str, arrivals: str, link:
     return Setup(m, costs, energy, device, server, controller.candidate_cuts(costs, env), env, a, c)
 
 
+def describe_measured(s: Setup) -> list[str]:
+    """One line per measured cut: its costs on the testbed against its profile."""
+    lines = ["a frame's costs measured here, which the simulation then uses (at f_max; profiled sums in brackets):"]
+    for d, m in sorted(s.measured.cuts.items(), key=lambda kv: len(kv[0])):
+        p = s.costs.parts(d)
+        lines.append(f"  {len(d)}/{len(s.costs.graph.ops)} ops on the device: processor {m.work_s * 1e3:.2f} ms "
+                     f"({p['device_s'] * 1e3:.2f}) + waiting on calls {m.call_s * 1e3:.2f} ms, server {m.server_s * 1e3:.2f} ms ({p['server_s'] * 1e3:.2f})")
+    return lines
+
+
 def policies(s: Setup, vs: list[float], latency_target_ms: float | None, with_baselines: bool) -> list:
     from edgetvm.partition.cutedge import controller
 
     target = latency_target_ms / 1e3 if latency_target_ms else None
-    cuts = controller.candidate_cuts(s.costs, s.envelope, s.overhead_s)
+    cuts = controller.candidate_cuts(s.costs, s.envelope, s.measured)
     out = [controller.CutEdge(cuts, s.energy, s.arrivals.slot_s, v, target) for v in vs]
     if with_baselines:
-        out += controller.baselines(s.costs, s.energy, s.link.mean_rate(), s.envelope, s.overhead_s)
+        out += controller.baselines(s.costs, s.energy, s.link.mean_rate(), s.envelope, s.measured)
     return out
 
 
@@ -170,9 +180,9 @@ def cmd_cutedge(args) -> None:
 
         cuts = list(s.cuts) + [c for p in policies(s, vs, None, baselines) for c in p.fixed_cuts()]
         with open_testbed(s, cuts, out / "splits") as tb:
-            s.overhead_s = tb.calibrate()
-            print(f"  testbed: a frame costs the device {s.overhead_s * 1e3:.2f} ms at f_max beyond its kernels "
-                  f"(RPC call, hand-over to the sender); the simulation below counts it too")
+            s.measured = tb.calibrate(rate_mbit=s.link.mean_rate())
+            for line in describe_measured(s):
+                print(f"  testbed: {line}")
             rows = [dict(simulate(p, s.energy, s.arrivals, s.link).summary(), mode="simulated")
                     for p in policies(s, vs, args.latency_target, baselines)]
             for p in policies(s, vs, args.latency_target, baselines):

@@ -51,36 +51,76 @@ PAYLOAD_SHARE = 0.90
 class Cut:
     """One way to split a frame: its device ops, their time at f_max, what crosses, the server's time."""
     device: frozenset[int]
-    work_s: float         # device seconds at f_max
+    work_s: float         # device seconds at f_max (processor busy: what its energy is charged for)
     bytes: int            # crossing bytes (data inputs and results the server needs included)
     server_s: float
     label: str = ""
+    call_s: float = 0.0   # device stage wall time beyond the processor's (the testbed's RPC round trips)
+
+    def stage_time(self, speed: float) -> float:
+        return self.call_s + self.work_s / speed
 
 
-def make_cut(costs: cutlib.Costs, device: frozenset[int], label: str = "", overhead_s: float = 0.0) -> Cut:
-    """`overhead_s`: device time (at f_max) every frame costs beyond its kernels, whatever the cut
-    (measured on the testbed: the RPC call and the hand-over to the sender; 0 in a plain simulation)."""
+@dataclass(frozen=True)
+class Stage:
+    """A cut's costs measured on the testbed: processor busy time (s at f_max), the device stage's wall
+    time beyond it (call_s, not scaling with the clock), and the server's wall time."""
+    work_s: float
+    call_s: float
+    server_s: float
+
+
+@dataclass(frozen=True)
+class Measured:
+    """What a frame of each cut compiled on the testbed costs there: {device set: Stage}. The device part
+    runs as one RPC call followed by the hand-over to the sender: it keeps the processor busy longer
+    than its kernels' profiled sum (by 2-3 ms for ocr_cls on sbc-a53). A cut not compiled there costs
+    its profile plus the median excess of the measured ones."""
+    cuts: dict
+
+    def stage(self, costs: cutlib.Costs, device: frozenset[int]) -> Stage:
+        if device in self.cuts:
+            return self.cuts[device]
+        p = costs.parts(device)
+        if not self.cuts:
+            return Stage(p["device_s"], 0.0, p["server_s"])
+        profiled = [costs.parts(d) for d in self.cuts]
+        dev = max(float(np.median([m.work_s - q["device_s"] for m, q in zip(self.cuts.values(), profiled)])), 0.0)
+        srv = max(float(np.median([m.server_s - q["server_s"] for m, q in zip(self.cuts.values(), profiled)])), 0.0)
+        return Stage(p["device_s"] + dev, 0.0, p["server_s"] + srv)
+
+
+def make_cut(costs: cutlib.Costs, device: frozenset[int], label: str = "", measured: Measured | None = None) -> Cut:
+    """A cut's costs from the per-layer profiles, or, with `measured`, as the testbed measured them."""
     p = costs.parts(device)
     n = len(costs.graph.ops)
-    return Cut(frozenset(device), p["device_s"] + overhead_s, int(p["bytes"]), p["server_s"],
-               label or ("device" if len(device) == n else "server" if not device else f"{len(device)}/{n}"))
+    label = label or ("device" if len(device) == n else "server" if not device else f"{len(device)}/{n}")
+    if measured is None:
+        return Cut(frozenset(device), p["device_s"], int(p["bytes"]), p["server_s"], label)
+    m = measured.stage(costs, frozenset(device))
+    return Cut(frozenset(device), m.work_s, int(p["bytes"]), m.server_s, label, m.call_s)
 
 
-def candidate_cuts(costs: cutlib.Costs, envelope: cutlib.Envelope | None = None, overhead_s: float = 0.0) -> list[Cut]:
+def candidate_cuts(costs: cutlib.Costs, envelope: cutlib.Envelope | None = None, measured: Measured | None = None) -> list[Cut]:
     """Every split point in topological order and CIC's envelope cuts, less those another cut beats on
     device work and bytes at once: the device's energy and queues depend on those two alone, so no
     choice of clock or rate can prefer a dominated cut (of two equal ones, the lesser server time stays).
     The server's time enters only the latency a frame sees."""
-    cands = {d: make_cut(costs, d, overhead_s=overhead_s) for d in cutlib.prefixes(costs)}
+    def undominated(cands):
+        keep: list[Cut] = []
+        for c in sorted(cands, key=lambda c: (c.work_s, c.bytes, c.server_s, -len(c.device))):
+            if not any(k.work_s <= c.work_s and k.bytes <= c.bytes for k in keep):
+                keep.append(c)
+        return keep
+
+    # Which cuts, from the profiles (the testbed compiles these); their costs, as measured where known.
+    cands = {d: make_cut(costs, d) for d in cutlib.prefixes(costs)}
     if envelope is not None:
         for d in envelope.cuts:
-            cands.setdefault(d, make_cut(costs, d, overhead_s=overhead_s))
-    items = sorted(cands.values(), key=lambda c: (c.work_s, c.bytes, c.server_s, -len(c.device)))
-    keep: list[Cut] = []
-    for c in items:
-        dominated = any(k.work_s <= c.work_s and k.bytes <= c.bytes for k in keep)
-        if not dominated:
-            keep.append(c)
+            cands.setdefault(d, make_cut(costs, d))
+    keep = undominated(cands.values())
+    if measured is not None:
+        keep = undominated([make_cut(costs, c.device, measured=measured) for c in keep])
     return keep
 
 
@@ -202,9 +242,9 @@ class PerSlot(Policy):
     latency objective, at the top clock and full capacity: frequency-unaware."""
 
     def __init__(self, method: str, costs: cutlib.Costs, energy, envelope=None, payload_share: float = PAYLOAD_SHARE,
-                 overhead_s: float = 0.0, memo: bool = True):
+                 measured: Measured | None = None, memo: bool = True):
         self.name, self.costs, self.f = method, costs, energy.f_max
-        self.overhead_s = overhead_s
+        self.measured = measured
         # DADS's min-cut for a capacity is computed once per distinct capacity value (to 4 significant
         # digits); each is a full networkx min-cut. The time of each decision is kept in decide_s.
         self.memo: dict | None = {} if memo else None
@@ -227,28 +267,28 @@ class PerSlot(Policy):
             if self.name == "dads" and self.memo is not None:
                 self.memo[key] = d
         if d not in self._cuts:
-            self._cuts[d] = make_cut(self.costs, d, overhead_s=self.overhead_s)
+            self._cuts[d] = make_cut(self.costs, d, measured=self.measured)
         return Action(self._cuts[d], self.f, obs.capacity_mbit)
 
     def fixed_cuts(self) -> list[Cut]:
         # DADS's min-cut is always a cut of CIC's envelope (they cost the same: tests/test_partition.py).
         for d in self.env.cuts:
-            self._cuts.setdefault(d, make_cut(self.costs, d, overhead_s=self.overhead_s))
+            self._cuts.setdefault(d, make_cut(self.costs, d, measured=self.measured))
         return list(self._cuts.values())
 
 
 def neurosurgeon_cut(costs: cutlib.Costs, mean_capacity_mbit: float, payload_share: float = PAYLOAD_SHARE,
-                     overhead_s: float = 0.0) -> Cut:
+                     measured: Measured | None = None) -> Cut:
     link = cutlib.Link(mean_capacity_mbit * 1e6 * payload_share, 0.0)
     d = cutlib.neurosurgeon(costs, link)
-    return make_cut(costs, d, f"neurosurgeon {len(d)}/{len(costs.graph.ops)}", overhead_s)
+    return make_cut(costs, d, f"neurosurgeon {len(d)}/{len(costs.graph.ops)}", measured)
 
 
-def baselines(costs: cutlib.Costs, energy, mean_capacity_mbit: float, envelope=None, overhead_s: float = 0.0) -> list[Policy]:
+def baselines(costs: cutlib.Costs, energy, mean_capacity_mbit: float, envelope=None, measured: Measured | None = None) -> list[Policy]:
     """The static and frequency-unaware policies CutEdge is compared with."""
     n = len(costs.graph.ops)
-    return [Fixed("device-only", make_cut(costs, frozenset(range(n)), "device", overhead_s), energy),
-            Fixed("server-only", make_cut(costs, frozenset(), "server", overhead_s), energy),
-            Fixed("neurosurgeon", neurosurgeon_cut(costs, mean_capacity_mbit, overhead_s=overhead_s), energy),
-            PerSlot("dads", costs, energy, envelope, overhead_s=overhead_s),
-            PerSlot("cic", costs, energy, envelope, overhead_s=overhead_s)]
+    return [Fixed("device-only", make_cut(costs, frozenset(range(n)), "device", measured=measured), energy),
+            Fixed("server-only", make_cut(costs, frozenset(), "server", measured=measured), energy),
+            Fixed("neurosurgeon", neurosurgeon_cut(costs, mean_capacity_mbit, measured=measured), energy),
+            PerSlot("dads", costs, energy, envelope, measured=measured),
+            PerSlot("cic", costs, energy, envelope, measured=measured)]

@@ -23,16 +23,26 @@ import numpy as np
 from edgetvm.partition.cutedge.controller import PAYLOAD_SHARE, Action, Observation, Policy
 
 
+STAGES = ("device", "send", "server")
+
+
+def _mark(fr, stage: str, start: float, end: float | None = None) -> None:
+    m = fr.marks.setdefault(stage, [start, start])
+    if end is not None:
+        m[1] = end
+
+
 @dataclass
 class Frame:
     id: int
     arrival: float
     cut: object
-    work_left: float          # s at f_max
+    work_left: float          # share of its device stage still to go (1 at arrival)
     bytes_left: float
     server_left: float
     ready: float = 0.0        # when it reached its current stage
     done: float | None = None
+    marks: dict = field(default_factory=dict)   # stage -> [start, end], as the testbed records them
 
 
 @dataclass
@@ -60,6 +70,28 @@ class Result:
     completed_in_horizon: int = 0
     arrived: int = 0
     unfinished: int = 0
+    frames: list = field(default_factory=list)   # (arrival, marks) of every finished frame
+
+    def stage_means_ms(self) -> dict:
+        """Mean time a finished frame spent waiting for and in each stage (device, send, server), and the
+        device's processor and radio busy time per finished frame (what its energy is charged for), ms."""
+        out, prev = {}, None
+        for stage in STAGES:
+            waits, runs = [], []
+            for arrival, marks in self.frames:
+                if stage not in marks:
+                    continue
+                start, end = marks[stage]
+                before = arrival if prev is None else marks.get(prev, (arrival, arrival))[1]
+                waits.append(start - before)
+                runs.append(end - start)
+            out[f"{stage} wait"] = float(np.mean(waits) * 1e3) if waits else 0.0
+            out[stage] = float(np.mean(runs) * 1e3) if runs else 0.0
+            prev = stage
+        n = max(len(self.latencies_s), 1)
+        out["cpu busy"] = sum(s.cpu_busy_s for s in self.slots) / n * 1e3
+        out["radio busy"] = sum(s.tx_busy_s for s in self.slots) / n * 1e3
+        return out
 
     def summary(self) -> dict:
         lat = np.array(self.latencies_s) if self.latencies_s else np.array([np.nan])
@@ -77,7 +109,8 @@ class Result:
 
 
 def _serve_work(queue: deque, start: float, end: float, speed: float, out: list) -> float:
-    """Device stage: FIFO at `speed` (s of f_max work per s); finished frames to `out` with their time.
+    """Device stage: FIFO, a frame taking its cut's stage_time at `speed` (s of f_max work per s), the
+    processor busy for work_s / speed of it, spread evenly; finished frames to `out` with their time.
     Returns the busy time."""
     now, busy = start, 0.0
     while queue and now < end:
@@ -85,16 +118,20 @@ def _serve_work(queue: deque, start: float, end: float, speed: float, out: list)
         begin = max(now, fr.ready)
         if begin >= end:
             break
-        need = fr.work_left / speed
+        total = fr.cut.stage_time(speed)
+        need = fr.work_left * total       # work_left: the share of the stage still to go
+        share_busy = (fr.cut.work_s / speed) / total if total > 0 else 0.0
+        _mark(fr, "device", begin)
         if begin + need <= end:
-            busy += need
+            busy += need * share_busy
             now = begin + need
             fr.work_left = 0.0
             fr.ready = now
+            _mark(fr, "device", begin, now)
             out.append(queue.popleft())
         else:
-            fr.work_left -= (end - begin) * speed
-            busy += end - begin
+            fr.work_left -= (end - begin) / total
+            busy += (end - begin) * share_busy
             now = end
     return busy
 
@@ -107,11 +144,13 @@ def _serve_bytes(queue: deque, start: float, end: float, bytes_per_s: float, out
         if begin >= end:
             break
         need = fr.bytes_left / bytes_per_s
+        _mark(fr, "send", begin)
         if begin + need <= end:
             busy += need
             now = begin + need
             fr.bytes_left = 0.0
             fr.ready = now
+            _mark(fr, "send", begin, now)
             out.append(queue.popleft())
         else:
             fr.bytes_left -= (end - begin) * bytes_per_s
@@ -127,10 +166,12 @@ def _serve_server(queue: deque, start: float, end: float, done: list) -> None:
         begin = max(now, fr.ready)
         if begin >= end:
             break
+        _mark(fr, "server", begin)
         if begin + fr.server_left <= end:
             now = begin + fr.server_left
             fr.server_left = 0.0
             fr.done = now
+            _mark(fr, "server", begin, now)
             done.append(queue.popleft())
         else:
             fr.server_left -= end - begin
@@ -156,12 +197,13 @@ def simulate(policy: Policy, energy, arrivals, capacity, drain_slots: int | None
         A = int(a[t]) if t < horizon else 0
         cap = float(c[t % len(c)])
         t0 = t * tau
-        obs = Observation(t, A, cap, sum(f.work_left for f in devq) * 1e3, sum(f.bytes_left for f in sendq) / 1e3)
+        obs = Observation(t, A, cap, sum(f.work_left * f.cut.work_s for f in devq) * 1e3,
+                          sum(f.bytes_left for f in sendq) / 1e3)
         act: Action = policy.decide(obs)
         policy.update(obs, act)
         for _ in range(A):
             cut = act.cut
-            devq.append(Frame(fid, t0, cut, cut.work_s, float(cut.bytes), cut.server_s, ready=t0))
+            devq.append(Frame(fid, t0, cut, 1.0, float(cut.bytes), cut.server_s, ready=t0))
             fid += 1
         res.arrived += A
         speed = energy.speed(act.f_mhz)
@@ -176,6 +218,7 @@ def simulate(policy: Policy, energy, arrivals, capacity, drain_slots: int | None
         _serve_server(srvq, t0, t0 + tau, finished)
         for fr in finished:
             res.latencies_s.append(fr.done - fr.arrival)
+            res.frames.append((fr.arrival, fr.marks))
             if fr.done <= horizon * tau:
                 res.completed_in_horizon += 1
         e = float(energy.busy_power_w(act.f_mhz)) * cpu_busy + float(energy.radio.power_w(act.rate_mbit, cap)) * tx_busy
