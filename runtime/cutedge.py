@@ -326,12 +326,12 @@ class Testbed:
                         if not self._wait(batch[-1].finished, 60):
                             raise RuntimeError(f"calibrating cut {cut.label}: a frame not done in 60 s")
                     work = (cgroup_cpu_ns(self.act.cpu_dir) - ns0) / 1e9 / frames / q
-                    wall = [float(np.median([x.marks[k][1] - x.marks[k][0] for x in batch])) for k in ("device", "server")]
-                    rounds_of[d].append((work, wall[0], wall[1]))
+                    stage, server = (float(np.median([x.marks[k][1] - x.marks[k][0] for x in batch]))
+                                     for k in ("device", "server"))
+                    rounds_of[d].append((work, stage, server))
                     self.frames.clear()
         finally:
-            self.act.restore()
-            self.act.set_rate(SETUP_RATE_MBIT)
+            self.act.restore()   # the clock and the rate the testbed was set up with
             self.frames.clear()
         out = {}
         for d, rs in rounds_of.items():
