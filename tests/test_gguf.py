@@ -26,7 +26,8 @@ def _rows(ty, N, K, seed=0):
 
 
 # ---------------------------------------------------------------- blocks -> kernel formats, exactly
-@pytest.mark.parametrize("ty,fmt", [("Q4_0", "q4"), ("Q4_0", "q8"), ("Q4_0", "q8_16"), ("Q4_1", "q4"), ("Q4_K", "q4"),
+@pytest.mark.parametrize("ty,fmt", [("Q4_0", "q4s"), ("Q4_0", "q4"), ("Q4_0", "q8"), ("Q4_0", "q8_16"), ("Q4_1", "q4"),
+                                    ("Q4_K", "q4"),
                                     ("Q5_0", "q8"), ("Q5_0", "q8_16"), ("Q8_0", "q8"), ("Q8_0", "q8_16"),
                                     ("Q6_K", "q8_16"), ("F16", "fp32"), ("Q4_K", "q8m_16"), ("Q6_K", "q8m_16"),
                                     ("Q4_1", "q8m_16"), ("Q4_0", "q8m_16"), ("Q5_0", "q8m_16"), ("Q8_0", "q8m_16")])
@@ -51,10 +52,11 @@ def test_inexact_pairs_are_refused():
         quant.from_gguf("Q6_K", data, 32, 256, "q4")
 
 
-@pytest.mark.parametrize("fmt,ty", [("q8_16", "Q6_K"), ("q4", "Q4_K"), ("q8m_16", "Q4_K"), ("q8m_16", "Q6_K")])
+@pytest.mark.parametrize("fmt,ty", [("q8_16", "Q6_K"), ("q4", "Q4_K"), ("q8m_16", "Q4_K"), ("q8m_16", "Q6_K"),
+                                    ("q4s", "Q4_0")])
 def test_matmul_kernel_with_gguf_blocks_matches_numpy(fmt, ty):
-    """The q8 kernel with groups of 16 (Q6_K), with mins (Q4_K and Q6_K alike) and the q4 kernel on Q4_K
-    blocks, prefill and decode."""
+    """The q8 kernel with groups of 16 (Q6_K), with mins (Q4_K and Q6_K alike), the q4 kernel on Q4_K
+    blocks and the symmetric q4s kernel on Q4_0 blocks, prefill and decode."""
     import tvm
 
     from edgetvm.llm import kernels, quant
@@ -91,7 +93,10 @@ def test_plan_formats_picks_an_exact_format_per_role_or_requantizes_a_mix():
     cfg = Config(n_layers=3, d_model=256, n_heads=4, n_kv_heads=2, head_dim=64, d_ff=512, vocab=320)
     base = {"qkv": "Q4_K", "o": "Q4_0", "gu": "Q5_0", "down": "Q6_K", "head": "Q8_0"}
     f, notes = plan_formats(cfg, _types(cfg, base))
-    assert f == {"qkv": "q4", "o": "q4", "gu": "q8", "down": "q8_16", "head": "q8", "embed": "q8"} and notes == []
+    assert f == {"qkv": "q4", "o": "q4s", "gu": "q8", "down": "q8_16", "head": "q8", "embed": "q8"} and notes == []
+    # Q4_0 with Q4_1 in one role: only q4 (with its min) holds both
+    f, notes = plan_formats(cfg, _types(cfg, base, {(1, "o"): "Q4_1"}))
+    assert f["o"] == "q4" and notes == []
     # Q4_K_M-like: attn_v's role mixes Q5_0 and Q8_0 (exact in q8), ffn_down Q4_K and Q6_K (q8 per 16 with mins)
     f, notes = plan_formats(cfg, _types(cfg, {**base, "qkv": "Q5_0", "down": "Q4_K"},
                                         {(1, "qkv"): "Q8_0", (2, "down"): "Q6_K"}))
@@ -160,8 +165,8 @@ def test_model_by_path_matches_numpy_reference(files, case):
     assert cfg.qkv_bias == (kw["arch"] == "qwen2") and cfg.rope_neox == (kw["arch"] == "qwen2")
     assert cfg.tied == kw.get("tied", True)
     m, _, _ = _check_against_reference(files[case])
-    want = {"llama-gqa4-hd32": {"qkv": "q8", "o": "q4", "gu": "q4", "down": "fp32", "head": "q8"},
-            "qwen2-bias-untied": {"qkv": "q4", "o": "q8", "gu": "q8", "down": "q4", "head": "fp32", "embed": "fp32"},
+    want = {"llama-gqa4-hd32": {"qkv": "q8", "o": "q4s", "gu": "q4", "down": "fp32", "head": "q8"},
+            "qwen2-bias-untied": {"qkv": "q4s", "o": "q8", "gu": "q8", "down": "q4", "head": "fp32", "embed": "fp32"},
             "kquant-mqa-spm": {"qkv": "q4", "o": "q4", "gu": "q4", "down": "q8_16", "head": "q8_16"}}[case]
     assert {r: m.formats[r] for r in want} == want and m.notes == []
 
@@ -327,7 +332,7 @@ def test_cli_generate_and_ppl_by_path(files, tmp_path, capsys):
     p = str(files["llama-gqa4-hd32"])
     assert cli.main(["generate", "--model", p, "-v", "--max-new", "5", "--kv-budget", "32", "the quick"]) == 0
     out = capsys.readouterr()
-    assert "weights native: qkv q8, o q4, gu q4, down fp32, head q8" in out.err
+    assert "weights native: qkv q8, o q4s, gu q4, down fp32, head q8" in out.err
     f = tmp_path / "t.txt"
     f.write_text("the quick brown fox jumps over the lazy dog. " * 3)
     assert cli.main(["ppl", "--model", p, "--weights", "fp32", f"{f}"]) == 0
@@ -338,7 +343,7 @@ def test_cli_generate_and_ppl_by_path(files, tmp_path, capsys):
 @pytest.mark.parametrize("case", ["qwen2-bias-untied", pytest.param("kquant-mqa-spm", marks=pytest.mark.slow),
                                   pytest.param("q4-head", marks=pytest.mark.slow), "q4k-q6k-down"])
 def test_compile_llm_artifact_equals_the_python_runtime(files, tmp_path, case, capsys):
-    """compile-llm of a file by path (untied fp32 embedding and head, q8_16 and q4 heads doubling as the
+    """compile-llm of a file by path (untied fp32 embedding and head, q8_16 and q4s heads doubling as the
     embedding): the library's logits and greedy token equal the Python runtime's on the same cache."""
     from edgetvm.llm import cli
     from edgetvm.llm.board import BoardModel, open_llm_artifact
@@ -357,6 +362,8 @@ def test_compile_llm_artifact_equals_the_python_runtime(files, tmp_path, case, c
     assert bm.formats == m.formats and bm.weights == "native" and m.notes == []
     if case == "q4k-q6k-down":
         assert m.formats["down"] == "q8m_16"
+    if case == "q4-head":
+        assert m.formats["head"] == m.formats["qkv"] == "q4s"
     ids = list(range(3, 23))
     a = bm.session("full", 32).forward(ids)
     b = m.session("full", 32, kv_dtype="float32").forward(ids)
@@ -366,7 +373,7 @@ def test_compile_llm_artifact_equals_the_python_runtime(files, tmp_path, case, c
 
 # ---------------------------------------------------------------- the real model, requantized
 @pytest.mark.slow
-@pytest.mark.parametrize("qtype,fmt", [("Q8_0", "q8"), ("Q4_0", "q4")])
+@pytest.mark.parametrize("qtype,fmt", [("Q8_0", "q8"), ("Q4_0", "q4s")])
 def test_requantized_smollm2_native_matches_numpy_reference(tmp_path, qtype, fmt):
     """SmolLM2-135M requantized with the gguf package (`python -m edgetvm.llm.requant`): its blocks
     kept as stored give the reference's logits (computed from gguf.quants.dequantize) within 2e-5."""
@@ -380,6 +387,52 @@ def test_requantized_smollm2_native_matches_numpy_reference(tmp_path, qtype, fmt
     assert requant(["smollm2-135m", qtype, "-o", str(p)]) == 0
     m, _, _ = _check_against_reference(p, tol=2e-5)
     assert m.formats == {"qkv": fmt, "o": fmt, "gu": fmt, "down": fmt, "head": "q8", "embed": "q8"}
+
+
+# ---------------------------------------------------------------- Q4_0 as the symmetric q4s
+def test_q4_0_file_runs_in_q4s_exactly_and_reads_20_bytes_per_32_weights(tmp_path):
+    """Every role Q4_0 (the tied head too): native picks q4s everywhere, the logits are the numpy
+    reference's (gguf.quants.dequantize weights) to rounding, and both the resident weights and the
+    board's memory estimate count 16 bytes of nibbles + one fp32 scale per 32 weights."""
+    from edgetvm.llm import library, quant
+    from edgetvm.llm.runtime import pack_weights, role_shape
+
+    p = S.write(tmp_path / "q40.gguf", d=128, heads=4, kv_heads=2, d_ff=256, seed=11,
+                types={r: "Q4_0" for r in ("qkv", "o", "gu", "down", "head")})
+    m, _, _ = _check_against_reference(p, tol=3e-5)  # 1.5e-5 measured, as q4 on the same blocks
+    assert set(m.formats.values()) == {"q4s"} and m.notes == []
+    cfg = m.cfg
+    for role in ("qkv", "o", "gu", "down", "head"):
+        K, N = role_shape(cfg, role)
+        assert quant.weight_bytes(K, N, "q4s") * 32 == K * N * 20
+    linear = sum(K * N for K, N in (role_shape(cfg, r) for r in ("qkv", "o", "gu", "down")))
+    head_bytes, layer_bytes = library.group_bytes(cfg, m.formats)
+    assert layer_bytes == 2 * 4 * cfg.d_model + linear * 20 // 32
+    # the estimate is what the packed arrays hold, and what each decoded token reads
+    packed = pack_weights(str(p), m.formats)
+    assert layer_bytes == sum(a.nbytes for a in (*packed.layers[0][0], *packed.layers[0][1]))
+    rope_bytes = 2 * 4 * cfg.max_pos * (cfg.head_dim // 2)
+    assert head_bytes == 4 * cfg.d_model + sum(a.nbytes for a in packed.head) + rope_bytes
+    assert m.weight_bytes == cfg.n_layers * layer_bytes + sum(a.nbytes for a in packed.head)
+    assert library.group_bytes(cfg, {**m.formats, **{r: "q4" for r in ("qkv", "o", "gu", "down")}})[1] \
+        == 2 * 4 * cfg.d_model + linear * 24 // 32
+
+
+def test_q4s_board_embedding_rows_equal_the_dequantized_table():
+    """The board reads token embeddings out of a tied q4s head: rows (q - 8) d, as gguf dequantizes them."""
+    import tvm
+    from gguf.quants import dequantize
+
+    from edgetvm.llm import kernels, kvdevice, quant
+
+    V, d = 64, 96
+    data, raw = _rows("Q4_0", V, d, seed=5)
+    packed = quant.from_gguf("Q4_0", data, V, d, "q4s")
+    f = tvm.compile(tvm.IRModule({"main": kvdevice.make_embed(d, V, "q4s")}), target=kernels.cpu_target())["main"]
+    ids = np.array([0, 31, 32, 63, 7], np.int32)
+    x = tvm.runtime.tensor(np.zeros((len(ids), d), np.float32))
+    f(tvm.runtime.tensor(ids), *[tvm.runtime.tensor(a) for a in packed], x)
+    np.testing.assert_array_equal(x.numpy(), dequantize(data, raw).reshape(V, d)[ids])
 
 
 # ---------------------------------------------------------------- chat templates

@@ -214,7 +214,8 @@ def make_embed(d_model: int, vocab: int, fmt: str):
     """Rows of the token embedding for the first n of m ids (nll feeds n tokens and scores the next), read from the tied head's weights (its transpose): no separate
     table on the board. fp32: embt [d, V]; q8: the head's strips, q [V/32, d, 32] int8 with scales
     [V/32, d/32, 32] (the GGUF's Q8_0 values: the same fp32 products as its dequantized table);
-    q8_16: scales per 16 (Q6_K); q4: nibbles [V/32, d/2, 32] with d, m [V/32, d/32, 32] (w = d q + m).
+    q8_16: scales per 16 (Q6_K); q4: nibbles [V/32, d/2, 32] with d, m [V/32, d/32, 32] (w = d q + m);
+    q4s: the same nibbles with d alone (w = d (q - 8)).
     An untied model passes its token embedding in the same layout."""
     d, V, TJ, G = d_model, vocab, 32, 32
     if fmt == "fp32":
@@ -264,6 +265,21 @@ def make_embed(d_model: int, vocab: int, fmt: str):
                                                                                            IDS[t] % TJ]
 
         return embed_q4
+    if fmt == "q4s":
+        @T.prim_func
+        def embed_q4s(ids_h: T.handle, q_h: T.handle, d_h: T.handle, x_h: T.handle):
+            T.func_attr(_attrs())
+            n = T.int64()
+            m = T.int64()
+            IDS = T.match_buffer(ids_h, (m,), "int32")
+            Q = T.match_buffer(q_h, (V // TJ, d // 2, TJ), "uint8")
+            DD = T.match_buffer(d_h, (V // TJ, d // G, TJ), "float32")
+            X = T.match_buffer(x_h, (n, d), "float32")
+            for t, i in T.grid(n, d):
+                X[t, i] = T.Cast("float32", ((T.Cast("int32", Q[IDS[t] // TJ, i // 2, IDS[t] % TJ]) >> T.Cast(
+                    "int32", (i % 2) * 4)) & 15) - 8) * DD[IDS[t] // TJ, i // G, IDS[t] % TJ]
+
+        return embed_q4s
     G = 16 if fmt == "q8_16" else 32
 
     @T.prim_func

@@ -3,9 +3,10 @@ and a fixed-capacity KV cache driven by a policy.
 
 Weights: `weights="native"` keeps each role's (q/k/v, o, gate/up, down, head) blocks as stored
 where one of our kernel formats holds every layer's tensors of that role exactly (`plan_formats`:
-Q4_0/Q4_1/Q4_K -> q4, Q8_0/Q5_0 -> q8, Q6_K -> q8 with groups of 16, a mix of Q4_K and Q6_K ->
-q8 with groups of 16 and mins, F16/F32 -> fp32); a role whose layers mix types with no common
-exact format is requantized to q8 (the error is reported).
+Q4_0 -> q4s (symmetric, no min), Q4_1/Q4_K (or Q4_0 mixed with them) -> q4, Q8_0/Q5_0 -> q8, Q6_K
+-> q8 with groups of 16, a mix of Q4_K and Q6_K -> q8 with groups of 16 and mins, F16/F32 -> fp32);
+a role whose layers mix types with no common exact format is requantized to q8 (the error is
+reported).
 `weights="fp32"` dequantizes everything once to fp32, pre-transposed to [in, out], and the
 matmuls are TVM's (our CPU schedule); `"q8"`/`"q4"` force those formats for every layer.
 The quantized formats run our own dequantizing matmul kernels (TIR, `edgetvm.llm.quant`).
@@ -77,6 +78,8 @@ def weight_types(K: int, N: int, fmt: str) -> list:
         return [relax.TensorType((NB, K, TJ), "int8"), T((NB, KG, TJ))]
     if fmt == "q8m_16":
         return [relax.TensorType((NB, K, TJ), "int8"), T((NB, KG, TJ)), T((NB, KG, TJ))]
+    if fmt == "q4s":
+        return [relax.TensorType((NB, K // 2, TJ), "uint8"), T((NB, KG, TJ))]
     return [relax.TensorType((NB, K // 2, TJ), "uint8"), T((NB, KG, TJ)), T((NB, KG, TJ))]
 
 
@@ -202,8 +205,8 @@ def plan_formats(cfg, types: dict, weights: str = "native") -> tuple[dict, list]
             if fmt != "fp32" and not all(fmt in quant.EXACT[t] for t in tys):
                 notes.append(f"{role}: {'/'.join(tys)} requantized to {fmt}")
         else:
-            common = [f for f in ("q4", "q8", "q8_16", "q8m_16", "fp32") if all(f in quant.EXACT[t] for t in tys)
-                      and _fits(f, K, N)]
+            common = [f for f in ("q4s", "q4", "q8", "q8_16", "q8m_16", "fp32")
+                      if all(f in quant.EXACT[t] for t in tys) and _fits(f, K, N)]
             if common:
                 fmt = common[0]
             elif all(quant.EXACT[t] == ("fp32",) for t in tys) or not _fits("q8", K, N):
