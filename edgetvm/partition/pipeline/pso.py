@@ -30,7 +30,7 @@ from edgetvm.partition.pipeline import dp
 
 INF = math.inf
 MAX_EXHAUSTIVE = 5
-DEVICE_TIE = 0.01   # 1% of the period per extra device: a tie-break, not a cost model
+DEVICE_TIE = 0.05   # 5% of the period per extra device
 
 
 @dataclass
