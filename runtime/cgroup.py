@@ -143,4 +143,3 @@ def cgroup_cpu_ns(cpu_dir: Path) -> int:
                     with contextlib.suppress(OSError, ValueError, IndexError):
                         total += int(Path(f"/proc/{pid}/task/{task}/schedstat").read_text().split()[0])
     return total
-
