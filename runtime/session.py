@@ -5,6 +5,7 @@ from __future__ import annotations
 import platform
 import socket
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,14 +36,17 @@ def _reachable(host: str, port: int, what: str, hint: str) -> None:
 
 
 def connect(rpc_addr: str | None = None, tracker_addr: str | None = None, key: str | None = None,
-            session_timeout: int = 0):
-    """An RPC session to a board, or None for this machine."""
+            session_timeout: int = 0, relay: Callable[[str, int], tuple[str, int]] | None = None):
+    """An RPC session to a board, or None for this machine. `relay(host, port)` -> the address to dial
+    instead of the board's (a counting relay), also for the board a tracker hands out."""
     if rpc_addr and tracker_addr:
         raise UserError("give either --rpc or --tracker, not both")
     if rpc_addr:
         host, port = parse_address(rpc_addr, "--rpc")
         _reachable(host, port, "RPC server", "start one on the board with "
                    "`python -m tvm.exec.rpc_server --host 0.0.0.0 --port PORT` (or `edgetvm board emulate`)")
+        if relay:
+            host, port = relay(host, port)
         return rpc.connect(host, port, session_timeout=session_timeout)
     if tracker_addr:
         if not key:
@@ -56,7 +60,22 @@ def connect(rpc_addr: str | None = None, tracker_addr: str | None = None, key: s
             raise UserError(f"no board is registered under key '{key}' at tracker {host}:{port} "
                             f"(keys there: {', '.join(sorted(keys)) or 'none'}); start the board's server "
                             f"with --tracker {host}:{port} --key {key}")
-        return tracker.request(key, priority=1, session_timeout=session_timeout)
+        if relay is None:
+            return tracker.request(key, priority=1, session_timeout=session_timeout)
+        # The tracker answers with the board's address and a match key, then TVM dials the board itself
+        # (tvm.rpc.client.connect, a module global): dial the relay instead, for this request only.
+        from tvm.rpc import client
+
+        dial = client.connect
+
+        def through_relay(url, port, *args, **kwargs):
+            return dial(*relay(url, port), *args, **kwargs)
+
+        client.connect = through_relay
+        try:
+            return tracker.request(key, priority=1, session_timeout=session_timeout, max_retry=1)
+        finally:
+            client.connect = dial
     if key:
         raise UserError("--key only makes sense with --tracker HOST:PORT")
     return None

@@ -229,3 +229,41 @@ def test_apply_over_rpc_on_the_emulated_board(arts, tmp_path, capsys):
     assert manifest["files"] == here["files"] and board_hash == here["files"][here["weights_file"]]
     sent = int(out.rsplit(", ", 1)[-1].split()[0].replace(",", ""))   # "..., N bytes sent on the wire"
     assert len(blob) <= sent < len(blob) + 4096   # the patch plus the call's framing, measured
+
+
+def test_apply_through_a_tracker_counts_the_bytes_on_the_wire(arts, deployed, tmp_path, capsys):
+    """A board found by its tracker key gets the patch as one found by address does: applied there, and the
+    bytes the session sent measured by the relay, not computed."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from tvm import rpc
+
+    d, old, new = arts
+    mask = select_top({k: np.abs(new[k] - old[k]) for k in old}, 0.01)
+    blob = make_patch(open_artifact(deployed), new, mask)
+    (tmp_path / "p").write_bytes(blob)
+    board_dir = tmp_path / "board"
+    shutil.copytree(deployed, board_dir / "mlp")   # what an earlier deploy left on the board
+    port = emulated_board.free_port()
+    with emulated_board.RPCTracker() as tracker:
+        server = subprocess.Popen([sys.executable, str(Path(rpatch.__file__)), "--host", "127.0.0.1",
+                                   "--port", str(port), "--tracker", tracker.address, "--key", "patch-board"],
+                                  env={**os.environ, "EDGETVM_DEPLOY_DIR": str(board_dir)})
+        try:
+            for _ in range(100):
+                if "patch-board" in str(rpc.connect_tracker(tracker.host, tracker.port).summary()):
+                    break
+                time.sleep(0.1)
+            assert main(["update", "apply", "mlp", str(tmp_path / "p"), "--tracker", tracker.address,
+                         "--key", "patch-board"]) == 0
+        finally:
+            server.kill()
+            server.wait()
+    out = capsys.readouterr().out
+    apply_local(deployed, blob)
+    assert _snapshot(board_dir / "mlp") == _snapshot(deployed)
+    sent = int(out.rsplit(", ", 1)[-1].split()[0].replace(",", ""))
+    assert len(blob) <= sent < len(blob) + 4096

@@ -147,20 +147,24 @@ def remote_functions(session):
 def apply_rpc(artifact: str, blob: bytes, rpc: str | None = None, tracker: str | None = None,
               key: str | None = None) -> dict:
     """Send the patch to a board and apply it there (edgetvm.update.apply). `artifact` is the deployed
-    artifact's directory on the board (relative: under its EDGETVM_DEPLOY_DIR). With --rpc, the
-    session goes through a CountingProxy and the report's `wire_bytes` are measured."""
+    artifact's directory on the board (relative: under its EDGETVM_DEPLOY_DIR). The session goes through a
+    CountingProxy (also for the board a tracker hands out), so the report's `wire_bytes` are measured."""
     from edgetvm.runtime.session import _reachable, connect, parse_address
 
     proxy = None
+
+    def relay(host: str, port: int) -> tuple[str, int]:
+        nonlocal proxy
+        proxy = CountingProxy(host, port)
+        return "127.0.0.1", proxy.port
+
     if rpc:
         host, port = parse_address(rpc, "--rpc")
         # The proxy would accept and then fail: check the board itself first, with the usual one-line error.
         _reachable(host, port, "RPC server", "start one on the board with `python runtime/patch.py --host "
                    "0.0.0.0 --port PORT` (or `edgetvm board emulate`)")
-        proxy = CountingProxy(host, port)
-        rpc = f"127.0.0.1:{proxy.port}"
     try:
-        session = connect(rpc, tracker, key)
+        session = connect(rpc, tracker, key, relay=relay)
         if session is None:
             raise UserError("apply over RPC needs --rpc HOST:PORT or --tracker HOST:PORT --key KEY")
         fns = remote_functions(session)
