@@ -267,3 +267,31 @@ def test_apply_through_a_tracker_counts_the_bytes_on_the_wire(arts, deployed, tm
     assert _snapshot(board_dir / "mlp") == _snapshot(deployed)
     sent = int(out.rsplit(", ", 1)[-1].split()[0].replace(",", ""))
     assert len(blob) <= sent < len(blob) + 4096
+
+
+def test_a_partial_update_of_a_conv_nets_parameters_patches_its_packed_weights(tmp_path):
+    """The compiler stores a conv's filters packed ([OC/16, C*9, 16]) under new names: a DPU update chosen
+    among the parameters still lands on exactly those values, and the patched artifact holds the new
+    parameters."""
+    from edgetvm.update.patch import WeightMap
+
+    model = train.vgg_small(channels=(16, 32), hidden=32)
+    old = train.init_params(model, seed=0)
+    onnx.save(train.to_onnx(model, old), tmp_path / "m.onnx")
+    compile_model(tmp_path / "m.onnx", load_board("host"), tmp_path / "art", log=lambda m: None)
+    art = open_artifact(tmp_path / "art")
+    wmap = WeightMap(tmp_path / "m.onnx")
+    stored = float_weights(art)
+    assert set(stored) != set(old)   # packed under other names: what the map is for
+    assert all(np.array_equal(wmap.stored(old)[n].reshape(-1), stored[n].reshape(-1)) for n in stored)
+    assert all(np.array_equal(a, old[n]) for n, a in wmap.params_of(stored).items())
+
+    rng = np.random.default_rng(0)
+    new = {n: (a + rng.normal(0, 0.01, a.shape)).astype(np.float32) for n, a in old.items()}
+    mask = select_top({n: np.abs(new[n] - old[n]) for n in old}, 0.01)
+    cand = {n: np.where(mask[n], new[n], old[n]) for n in old}
+    blob = make_patch(art, wmap.stored(cand), wmap.stored(mask, False))
+    report = apply_local(tmp_path / "art", blob)
+    assert report["changed"] == sum(int(m.sum()) for m in mask.values())
+    held = wmap.params_of(float_weights(open_artifact(tmp_path / "art")))
+    assert all(np.array_equal(held[n], cand[n]) for n in old)

@@ -33,6 +33,71 @@ def float_weights(art: Artifact) -> dict[str, np.ndarray]:
     return {w["name"]: np.array(a) for w, a in zip(art.manifest["weights"], art.weights()) if w["dtype"] == "float32"}
 
 
+class WeightMap:
+    """Where every value of a compiled artifact's weights comes from among the model's parameters.
+
+    The compiler packs and transposes weights before they are stored (passes/pipeline.py,
+    `main_transform_params`), so a conv's filters are stored as, say, `lv3` [2, 288, 16]. Those transforms
+    only move values, so each stored value is one parameter value: a partial update of the parameters is a
+    partial update of the stored weights at the mapped positions, and the stored weights give back the
+    parameters the device holds. Found by running the model's own transform on coded values."""
+
+    def __init__(self, model_path: str | Path):
+        from edgetvm.passes import model_import, pipeline
+
+        model, inputs = model_import.prepare(Path(model_path), None)
+        mod, weights = model_import.import_model(model, inputs)
+        self.params = {n: w.shape for n, w in zip(pipeline.weight_names(mod), weights)}
+        transform, deploy = pipeline.lift_weight_transforms(mod)
+        self.names = pipeline.weight_names(deploy)
+        big = [n for n, w in zip(self.params, weights) if w.size >= 2**24]
+        if big:
+            raise UserError(f"'{big[0]}' has 2^24 values or more: float32 cannot code its positions; "
+                            f"diff two compiled artifacts instead (edgetvm update diff OLD NEW)")
+        # Stored value -> (parameter, flat position): two passes of exactly representable codes, 0 for a
+        # value no parameter gave (padding).
+        run = lambda fill: pipeline.transform_weights(transform, [fill(i, w) for i, w in enumerate(weights)])
+        which = run(lambda i, w: np.full(w.shape, i + 1, np.float32))
+        where = run(lambda i, w: np.arange(1, w.size + 1, dtype=np.float32).reshape(w.shape))
+        self.source = {n: (np.rint(a).astype(np.int64).reshape(-1) - 1, np.rint(b).astype(np.int64).reshape(-1) - 1)
+                       for n, a, b in zip(self.names, which, where)}
+        rng = np.random.default_rng(0)
+        probe = [rng.standard_normal(w.shape).astype(np.float32) for w in weights]
+        got = pipeline.transform_weights(transform, probe)
+        for n, g in zip(self.names, got):
+            if not np.array_equal(g.reshape(-1), self._gather(n, [p.reshape(-1) for p in probe])):
+                raise UserError(f"the compiler computes the stored weight '{n}' from the parameters (a folded "
+                                f"batch norm?), it does not only move them: diff two compiled artifacts instead "
+                                f"(edgetvm update diff OLD NEW)")
+
+    def _gather(self, name: str, flat: list[np.ndarray], fill=0) -> np.ndarray:
+        t, pos = self.source[name]
+        out = np.full(t.shape, fill, dtype=flat[0].dtype)
+        ok = t >= 0
+        for i in np.unique(t[ok]):
+            sel = t == i
+            out[sel] = flat[i][pos[sel]]
+        return out
+
+    def stored(self, params: dict[str, np.ndarray], fill=0) -> dict[str, np.ndarray]:
+        """The stored weights for these parameters (by the artifact's weight names, flat)."""
+        flat = [np.asarray(params[n]).reshape(-1) for n in self.params]
+        return {n: self._gather(n, flat, fill) for n in self.names}
+
+    def params_of(self, stored: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The parameters an artifact holds, from its stored weights (the inverse of `stored`)."""
+        order = list(self.params)
+        out = {n: np.zeros(int(np.prod(s)), np.float32) for n, s in self.params.items()}
+        for n in self.names:
+            t, pos = self.source[n]
+            v = np.asarray(stored[n]).reshape(-1)
+            ok = t >= 0
+            for i in np.unique(t[ok]):
+                sel = t == i
+                out[order[i]][pos[sel]] = v[sel]
+        return {n: out[n].reshape(s) for n, s in self.params.items()}
+
+
 def make_patch(base: Artifact, new: dict[str, np.ndarray], masks: dict[str, np.ndarray] | None = None,
                coding: str = "f32", meta: dict | None = None) -> bytes:
     """A patch that writes `new[name]` into `base`'s weight file where masks[name] is true (everywhere the
