@@ -82,29 +82,63 @@ def main(argv=None) -> int:
     ap.add_argument("--epochs-initial", type=int, default=5)
     ap.add_argument("--epochs-update", type=int, default=2)
     ap.add_argument("--epochs-finetune", type=int, default=2)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", default="0", help="comma-separated seeds; every setup runs once per seed (default 0)")
     ap.add_argument("--board", action="store_true", help="replay the patches on an emulated aarch64 board")
     ap.add_argument("--workdir", help="keep the deployed artifacts and patches here")
     ap.add_argument("--json", help="write all figures here")
     args = ap.parse_args(argv)
+    try:
+        seeds = [int(x) for x in args.seeds.split(",")]
+    except ValueError:
+        ap.error(f"--seeds {args.seeds!r} is not a comma-separated list of integers")
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for setup in args.setups.split(","):
             model, data = setup.split(":")
-            cfg = dpu.Config(model=model, data=data, rounds=args.rounds, k=args.k, train_limit=args.train_limit,
-                             epochs_initial=args.epochs_initial, epochs_update=args.epochs_update,
-                             epochs_finetune=args.epochs_finetune, seed=args.seed)
-            work = Path(args.workdir or tmp) / f"{model}-{data}"
-            t0 = time.perf_counter()
-            res = dpu.simulate(cfg, work, lambda text: print(text, file=sys.stderr) if ":" in text else None)
-            res["seconds"] = time.perf_counter() - t0
-            if args.board:
-                res["board"] = replay_on_board(res, work)
-            results[setup] = res
-            report(setup, res)
+            runs = []
+            for seed in seeds:
+                cfg = dpu.Config(model=model, data=data, rounds=args.rounds, k=args.k, train_limit=args.train_limit,
+                                 epochs_initial=args.epochs_initial, epochs_update=args.epochs_update,
+                                 epochs_finetune=args.epochs_finetune, seed=seed)
+                work = Path(args.workdir or tmp) / f"{model}-{data}-seed{seed}"
+                t0 = time.perf_counter()
+                res = dpu.simulate(cfg, work, lambda text: print(text, file=sys.stderr) if ":" in text else None)
+                res["seconds"] = time.perf_counter() - t0
+                if args.board:
+                    res["board"] = replay_on_board(res, work)
+                runs.append(res)
+                report(f"{setup} seed {seed}", res)
+            results[setup] = {"runs": runs, "over_seeds": over_seeds(runs)}
+            if len(runs) > 1:
+                report_seeds(setup, seeds, results[setup]["over_seeds"])
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     return 0
+
+
+def over_seeds(runs: list[dict]) -> dict:
+    """Per method: each seed's mean accuracy difference to full updating and byte share, with their mean."""
+    out = {}
+    for m in runs[0]["summary"]:
+        diffs = [r["summary"][m].get("accuracy_diff_to_full", 0.0) for r in runs]
+        shares = [r["summary"][m]["bytes_share"] for r in runs]
+        out[m] = {"acc_diffs": diffs, "mean_acc_diff": float(sum(diffs) / len(diffs)),
+                  "min_acc_diff": min(diffs), "max_acc_diff": max(diffs),
+                  "bytes_shares": shares, "mean_bytes_share": float(sum(shares) / len(shares)),
+                  "updates": sum(r["summary"][m]["updates"] for r in runs),
+                  "rounds": sum(r["config"]["rounds"] for r in runs)}
+    return out
+
+
+def report_seeds(setup: str, seeds: list[int], agg: dict) -> None:
+    print(f"\n{setup} over seeds {','.join(map(str, seeds))}: accuracy difference to full updating (points, "
+          f"mean of each seed's rounds) and bytes per round as a share of a full update")
+    print(f"{'method':<10} {'mean diff':>9} {'min':>7} {'max':>7} {'of full':>8} {'updates':>8}   per seed")
+    for m, a in agg.items():
+        per = " ".join(f"{100 * d:+.2f}" for d in a["acc_diffs"])
+        print(f"{m:<10} {100 * a['mean_acc_diff']:+9.2f} {100 * a['min_acc_diff']:+7.2f} "
+              f"{100 * a['max_acc_diff']:+7.2f} {100 * a['mean_bytes_share']:7.2f}% "
+              f"{a['updates']:>4}/{a['rounds']:<3}   {per}")
 
 
 def report(setup: str, res: dict) -> None:
