@@ -77,7 +77,7 @@ def compile_model(model_path: str | Path, board: Board, out: str | Path,
         mod, weights = alq.apply(mod, weights, packed)
     subnets = sparse.subnets_in(model) if model_import.is_onnx(model) else None  # `edgetvm dress` writes ONNX
     if subnets:  # nested sparse subnets over one weight store: the `subnet` input picks one per call
-        mod, weights, stores = sparse.apply(mod, weights, subnets)
+        mod, weights, stores = sparse.apply(mod, weights, subnets, board.target())
         inputs = sparse.with_subnet_input(inputs)
     seconds["import"] = time.perf_counter() - t0
 

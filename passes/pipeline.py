@@ -53,7 +53,13 @@ def lift_weight_transforms(mod: tvm.IRModule, pack_matmuls: bool = True) -> tupl
     def keep(entry: str, drop: str) -> tvm.IRModule:
         # The importer emits some operators as PrimFuncs beside main: keep those each side still calls.
         part = tvm.IRModule({gv: f for gv, f in lifted.functions.items() if gv.name_hint != drop})
-        return relax.transform.DeadCodeElimination(entry_functions=[entry])(part)
+        part = relax.transform.DeadCodeElimination(entry_functions=[entry])(part)
+        # DeadCodeElimination keeps every PrimFunc with a global symbol; a kernel only `main` calls may need
+        # the board's target (passes/sparse.py's AVX-512 kernel), and the host compiles this side generically
+        called = {gv for f in part.functions.values() if isinstance(f, relax.Function)
+                  for gv in relax.analysis.all_global_vars(f)}
+        return tvm.IRModule({gv: f for gv, f in part.functions.items()
+                             if isinstance(f, relax.Function) or gv in called}, attrs=part.attrs)
 
     return keep("main_transform_params", "main"), keep("main", "main_transform_params")
 
