@@ -6,7 +6,7 @@ as in the ONNX file): every `matmul(x, W)` and stride-1 ungrouped `conv2d(x, W)`
 `packed` (edgetvm/quant/multibit.py's packed form: nbases, words, alpha) is replaced by a call to a
 kernel of this file, W leaves `main`'s parameters and its packed arrays join them (the bits and alphas as
 packed, nbases as a row index: `row_index`), so the weight file holds the bits and the float weight exists
-nowhere. A bias add and a ReLU that only follow the layer move into its kernel.
+nowhere. A bias add, a ReLU and (convolutions) a 2x2 max pool that only follow the layer move into its kernel.
 
 The kernels (TIR, any CPU target: x86 and aarch64 alike) never decode a weight. With b_i in {-1, +1},
 sum_j w_j x_j = sum_i alpha_i sum_j b_ij x_j, and sum_j b_ij x_j over a quad of 4 inputs is one of 16
@@ -16,7 +16,10 @@ bits, and one multiply by alpha. Work is proportional to the bases, like the sto
 costs a quarter of a lookup per output, a group without bases costs nothing (the kernels visit a row's
 bases through the row index, not its groups), and a short row (conv1's 25 weights in a group of 64) costs
 its own quads only. Each lookup adds a vector over the block's positions (up to 8 output rows x 8
-columns); a linear layer at batch 1 has one position, its 16 table entries per quad built as one vector.
+columns), and the table is built and used one group at a time, so that it stays in the L1 cache.
+A linear layer at batch 1 has a single position, where a table entry would be a scalar: its kernel
+(_row_kernel) uses sum_j b_ij x_j = 2 * sum_{b_ij = +1} x_j - sum_j x_j instead, with the bits as lane masks
+of vector FMAs over the inputs.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ from tvm.script import tirx as T
 CHUNK_TASKS = 16    # parallel tasks per kernel: enough to balance a few cores
 TABLE_ROWS = 128    # rows of a layer per copy of the table (more copies: more parallel tasks, more builds)
 PV_MAX = 8          # output rows per position block (x 8 columns): up to 64 lanes per table entry
+TABLE_BYTES = 32768 # a group's table at most: the L1 data cache's size (32 KB on Zen 4 and Cortex-A72); at
+                    # 16 KB (half the lanes per lookup) LeNet5's conv2 was 1.3x slower
 
 
 def _scheduled(f, name: str):
@@ -61,21 +66,28 @@ def row_index(nbases: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def lut_kernel(N: int, C: int, H: int, W: int, KH: int, KW: int, R: int, NG: int, group: int, NB: int,
-               relu: bool = False, dense: bool = False):
+               relu: bool = False, dense: bool = False, pool: bool = False):
     """y (N, R, OH, OW) = the valid, stride-1 correlation of x (N, C, H, W) with the packed (R, C*KH*KW) rows, plus
-    bias (R,), then ReLU if `relu`; computed by table lookups. `dense`: a linear layer, y (M, R) = x (M, K) @ W^T
-    + bias, computed as the 1x1 case with N = H = 1, C = K and the M inputs as the positions along W."""
+    bias (R,), then ReLU if `relu`; computed by table lookups. `pool`: then a 2x2, stride-2 max pool, y (N, R, OH/2,
+    OW/2) (OH and OW even). `dense`: a linear layer, y (M, R) = x (M, K) @ W^T + bias, computed as the 1x1 case with
+    N = H = 1, C = K and the M inputs as the positions along W; at batch 1 by _row_kernel instead."""
+    if dense and W == 1:
+        return _row_kernel(C, R, NG, group, NB, relu)
     OH, OW = H - KH + 1, W - KW + 1
+    assert not pool or (not dense and OH % 2 == 0 and OW % 2 == 0), "pool: a 2x2 max pool of an even-sized output"
     K = C * KH * KW
     K4 = -(-K // 4)                        # inputs in quads: one table of 16 signed sums per quad
+    CPG = group // 4                       # quads per group
+    QT = min(CPG, K4)                      # quads per table: one group's (a short row's only)
+    LAST = K4 - (NG - 1) * CPG             # quads of the last group: its padding is never looked up
     # positions per table entry: a contiguous run of up to 8 columns in up to PV_MAX output rows (more lanes per
-    # lookup), while each image keeps at least two blocks for two cores
+    # lookup), while each image keeps at least two blocks for two cores and a group's table stays in the L1 cache
+    # (TABLE_BYTES); with `pool`, blocks of whole 2x2 windows (even rows and columns)
     VB = next(v for v in (8, 4, 2, 1) if OW % v == 0)
     PV = next(v for v in (8, 4, 2, 1)
-              if v == 1 or (VB > 1 and v <= PV_MAX and OH % v == 0 and OH // v * (OW // VB) >= 2))
+              if v == (2 if pool else 1) or (VB > 1 and v <= PV_MAX and OH % v == 0 and OH // v * (OW // VB) >= 2
+                                             and QT * 16 * v * VB * 4 <= TABLE_BYTES))
     L = PV * VB
-    CPG = group // 4                       # quads per group
-    LAST = K4 - (NG - 1) * CPG             # quads of the last group: its padding is never looked up
     NPOS = N * (OH // PV) * (OW // VB)
     RC = max(1, min(-(-CHUNK_TASKS // NPOS), R // TABLE_ROWS))
     PER = -(-R // RC)
@@ -84,7 +96,7 @@ def lut_kernel(N: int, C: int, H: int, W: int, KH: int, KW: int, R: int, NG: int
     PER_CHUNK = -(-TASKS // CHUNKS)
     words = group // 32
 
-    XS, YS = ((W, K), (W, R)) if dense else ((N, C, H, W), (N, R, OH, OW))
+    XS, YS = ((W, K), (W, R)) if dense else ((N, C, H, W), (N, R, OH // 2, OW // 2) if pool else (N, R, OH, OW))
     NB1, GDT = max(NB, 1), group_dtype(NG)   # a weight without bases keeps one dummy (_artifact_arrays)
 
     def tap(x, q, b, pv, l, n, oh0, ow0):
@@ -97,13 +109,23 @@ def lut_kernel(N: int, C: int, H: int, W: int, KH: int, KW: int, R: int, NG: int
     def signed(p, v):
         return _tree_sum([T.Select((p >> b) & 1 == 1, v[b], -v[b]) for b in range(4)])
 
-    def basis(tab, g, w, quads, l):
+    def basis(tab, w, quads, l):
         # one table entry per quad of the basis: its 4 bits pick the signs
-        return _tree_sum([tab[((g * CPG + m) * 16 + T.Cast("int32", (w[m // 8] >> T.uint32(m % 8 * 4)) & T.uint32(15)))
-                              * L + l] for m in range(quads)])
+        return _tree_sum([tab[(m * 16 + T.Cast("int32", (w[m // 8] >> T.uint32(m % 8 * 4)) & T.uint32(15))) * L + l]
+                          for m in range(quads)])
 
     def finish(v):
-        return T.max(v, T.float32(0)) if relu else v
+        return _finish(v, relu)
+
+    def window(acc, base, pv2, l2):
+        # the 2x2 window's maximum before the bias and ReLU: both are monotone (rounding too), so the result is
+        # bit for bit the pool of the biased, rectified outputs
+        i = base + pv2 * 2 * VB + l2 * 2
+        return T.max(T.max(acc[i], acc[i + 1]), T.max(acc[i + VB], acc[i + VB + 1]))
+
+    def next_group(rows, groups, cur, rr, r):
+        # the group of row r's next unvisited basis (NG once the row is done): bases are stored by row, then group
+        return T.if_then_else(cur[rr] < rows[r + 1], T.Cast("int32", groups[T.min(cur[rr], NB1 - 1)]), NG)
 
     @T.prim_func
     def alq_lut(x: T.Buffer(XS, "float32"), rows: T.Buffer((R + 1,), "int32"),
@@ -111,9 +133,15 @@ def lut_kernel(N: int, C: int, H: int, W: int, KH: int, KW: int, R: int, NG: int
                 alpha: T.Buffer((NB1,), "float16"), bias: T.Buffer((R,), "float32"),
                 y: T.Buffer(YS, "float32")):
         for ch in T.parallel(CHUNKS):
-            # scratch allocated once per chunk of tasks: each allocation is a call into the runtime
-            tab = T.alloc_buffer((K4 * 16 * L,), "float32")
-            acc = T.alloc_buffer((L,), "float32", scope="local")
+            # scratch allocated once per chunk of tasks (a buffer over 1 KB is a call into the runtime)
+            tab = T.alloc_buffer((QT * 16 * L,), "float32")
+            acc = T.alloc_buffer((PER * L,), "float32")      # the task's rows' sums
+            cur = T.alloc_buffer((PER,), "int32")            # each row's next basis
+            # default scope: small arrays LLVM keeps in registers (scope "local" would make them run-time workspace
+            # allocations, every accumulation a load and a store through memory)
+            s = T.alloc_buffer((L,), "float32")
+            o = T.alloc_buffer((1,), "int32")
+            used = T.alloc_buffer((1,), "int32")
             for tt in range(PER_CHUNK):
                 task = T.bind(ch * PER_CHUNK + tt)
                 if task < TASKS:
@@ -122,45 +150,143 @@ def lut_kernel(N: int, C: int, H: int, W: int, KH: int, KW: int, R: int, NG: int
                     n = T.bind(pb // ((OH // PV) * (OW // VB)))
                     oh0 = T.bind(pb // (OW // VB) % (OH // PV) * PV)
                     ow0 = T.bind(pb % (OW // VB) * VB)
-                    # tab[q, p] = sum_b (bit b of p ? x[4q+b] : -x[4q+b]) at each of the L positions
-                    if L == 1:   # a quad's 16 entries are one vector, the signs from the lane number
-                        for q in range(K4):
-                            for p in T.vectorized(16):
-                                tab[q * 16 + p] = signed(p, [tap(x, q, b, 0, 0, n, oh0, ow0) for b in range(4)])
-                    else:        # each entry a vector over the positions, from the quad's 4 inputs read once
-                        for q in range(K4):
-                            for pv in T.unroll(PV):
-                                for l in T.vectorized(VB):
-                                    v0 = T.bind(tap(x, q, 0, pv, l, n, oh0, ow0))
-                                    v1 = T.bind(tap(x, q, 1, pv, l, n, oh0, ow0))
-                                    v2 = T.bind(tap(x, q, 2, pv, l, n, oh0, ow0))
-                                    v3 = T.bind(tap(x, q, 3, pv, l, n, oh0, ow0))
-                                    for p in T.unroll(16):
-                                        tab[(q * 16 + p) * L + pv * VB + l] = signed(p, [v0, v1, v2, v3])
+                    for rr in range(PER):
+                        cur[rr] = rows[T.min(rc * PER + rr, R)]
+                        for l in T.vectorized(L):
+                            acc[rr * L + l] = T.float32(0)
+                    # group by group: the group's table (QT quads x 16 entries x L positions) is built once and stays
+                    # in the L1 cache while every row of the task adds its bases of that group (a table of the whole
+                    # row, 256 KB for LeNet5's conv2, came from the L2 cache at every lookup: 1.45x the time)
+                    for g in range(NG):
+                        used[0] = 0
+                        for rr in range(PER):
+                            if rc * PER + rr < R:
+                                if next_group(rows, groups, cur, rr, rc * PER + rr) == g:
+                                    used[0] = 1
+                        if used[0] == 1:   # a group no row of the task has bases in costs no table
+                            # tab[m, p] = sum_b (bit b of p ? x[4q+b] : -x[4q+b]) at the L positions, q = g*CPG + m
+                            if L == 1:   # a quad's 16 entries are one vector, the signs from the lane number
+                                for m in range(QT):
+                                    for p in T.vectorized(16):
+                                        tab[m * 16 + p] = signed(p, [tap(x, g * CPG + m, b, 0, 0, n, oh0, ow0)
+                                                                     for b in range(4)])
+                            else:        # each entry a vector over the positions, from the quad's 4 inputs read once
+                                for m in range(QT):
+                                    for pv in T.unroll(PV):
+                                        for l in T.vectorized(VB):
+                                            v0 = T.bind(tap(x, g * CPG + m, 0, pv, l, n, oh0, ow0))
+                                            v1 = T.bind(tap(x, g * CPG + m, 1, pv, l, n, oh0, ow0))
+                                            v2 = T.bind(tap(x, g * CPG + m, 2, pv, l, n, oh0, ow0))
+                                            v3 = T.bind(tap(x, g * CPG + m, 3, pv, l, n, oh0, ow0))
+                                            for p in T.unroll(16):
+                                                tab[(m * 16 + p) * L + pv * VB + l] = signed(p, [v0, v1, v2, v3])
+                            for rr in range(PER):
+                                r = T.bind(rc * PER + rr)
+                                if r < R:
+                                    if next_group(rows, groups, cur, rr, r) == g:
+                                        for l in T.vectorized(L):
+                                            s[l] = T.float32(0)
+                                        # the row's bases in this group only: an empty group is never visited
+                                        o[0] = cur[rr]
+                                        while o[0] < rows[r + 1] and T.Cast("int32", groups[T.min(o[0], NB1 - 1)]) == g:
+                                            a = T.bind(T.Cast("float32", alpha[o[0]]))
+                                            if g < NG - 1:
+                                                for l in T.vectorized(L):
+                                                    s[l] = s[l] + a * basis(tab, [bits[o[0], j] for j in range(words)],
+                                                                            QT, l)
+                                            else:
+                                                for l in T.vectorized(L):
+                                                    s[l] = s[l] + a * basis(tab, [bits[o[0], j] for j in range(words)],
+                                                                            LAST, l)
+                                            o[0] = o[0] + 1
+                                        cur[rr] = o[0]
+                                        for l in T.vectorized(L):
+                                            acc[rr * L + l] = acc[rr * L + l] + s[l]
                     for rr in range(PER):
                         r = T.bind(rc * PER + rr)
                         if r < R:
-                            for l in T.vectorized(L):
-                                acc[l] = T.float32(0)
-                            # the row's bases only: an empty group is never visited
-                            for o in range(rows[r], rows[r + 1]):
-                                g = T.bind(T.Cast("int32", groups[o]))
-                                a = T.bind(T.Cast("float32", alpha[o]))
-                                if g < NG - 1:
-                                    for l in T.vectorized(L):
-                                        acc[l] = acc[l] + a * basis(tab, g, [bits[o, j] for j in range(words)], CPG, l)
-                                else:
-                                    for l in T.vectorized(L):
-                                        acc[l] = acc[l] + a * basis(tab, g, [bits[o, j] for j in range(words)], LAST, l)
-                            for pv in range(PV):
-                                for l in T.vectorized(VB):
-                                    if dense:
-                                        y[ow0 + l, r] = finish(acc[l] + bias[r])
-                                    else:
-                                        y[n, r, oh0 + pv, ow0 + l] = finish(acc[pv * VB + l] + bias[r])
+                            if pool:
+                                for pv2 in range(PV // 2):
+                                    for l2 in T.vectorized(VB // 2):
+                                        y[n, r, oh0 // 2 + pv2, ow0 // 2 + l2] = finish(
+                                            window(acc, rr * L, pv2, l2) + bias[r])
+                            else:
+                                for pv in range(PV):
+                                    for l in T.vectorized(VB):
+                                        if dense:
+                                            y[ow0 + l, r] = finish(acc[rr * L + l] + bias[r])
+                                        else:
+                                            y[n, r, oh0 + pv, ow0 + l] = finish(acc[rr * L + pv * VB + l] + bias[r])
 
     shape = f"{W}x{K}_{R}" if dense else f"{N}x{C}x{H}x{W}_{R}x{KH}x{KW}"
-    return _scheduled(alq_lut, f"alq_lut_{shape}_{NB}" + ("_relu" if relu else ""))
+    return _scheduled(alq_lut, f"alq_lut_{shape}_{NB}" + ("_relu" if relu else "") + ("_pool" if pool else ""))
+
+
+SIGN_LANES = 16     # inputs per masked-sum vector of the batch-1 linear kernel (one AVX-512 / four NEON registers)
+
+
+def _row_kernel(K: int, R: int, NG: int, group: int, NB: int, relu: bool = False):
+    """y (1, R) = x (1, K) @ W^T + bias for the packed (R, K) rows, at batch 1: no table. With one position a
+    table entry would be a scalar: 16 dependent scalar lookups per 64-weight basis, each with its own index
+    arithmetic. Here, with S_g the sum of group g's inputs, sum_j b_j x_j = 2 * sum_{b_j = +1} x_j - S_g: a basis
+    is group / 16 vector steps, each adding alpha * x over 16 consecutive inputs in the lanes whose bit is set
+    (the basis' bits are the lane mask of one masked FMA on AVX-512; a select and an FMA elsewhere), and one
+    scalar alpha * S_g. Each of the group's 16-input slices has its own sum (group / 16 independent FMA chains:
+    with one sum, a basis waited for 4 FMAs in a row); a row's slices and lanes are added once at the end. x is
+    copied once per chunk into a buffer padded with zeros to whole groups (the last group needs no bounds test),
+    and its group sums are taken there."""
+    NB1, GDT = max(NB, 1), group_dtype(NG)
+    V = SIGN_LANES
+    words = group // 32
+    KP = NG * group
+    CHUNKS = max(1, min(CHUNK_TASKS, R // TABLE_ROWS))   # as many parallel tasks as the lookup kernel's
+    PER = -(-R // CHUNKS)
+
+    @T.prim_func
+    def alq_rows(x: T.Buffer((1, K), "float32"), rows: T.Buffer((R + 1,), "int32"),
+                 groups: T.Buffer((NB1,), GDT), bits: T.Buffer((NB1, words), "uint32"),
+                 alpha: T.Buffer((NB1,), "float16"), bias: T.Buffer((R,), "float32"),
+                 y: T.Buffer((1, R), "float32")):
+        for ch in T.parallel(CHUNKS):
+            xp = T.alloc_buffer((KP,), "float32")
+            gs = T.alloc_buffer((NG,), "float32")
+            # default scope: small arrays LLVM keeps in registers (scope "local" would make them run-time
+            # workspace allocations, read and written through memory at every step)
+            acc = T.alloc_buffer((group,), "float32")
+            corr = T.alloc_buffer((1,), "float32")
+            for k in range(K):
+                xp[k] = x[0, k]
+            for k in range(KP - K):
+                xp[K + k] = T.float32(0)
+            for g in range(NG):
+                for l in T.vectorized(V):
+                    acc[l] = _tree_sum([xp[g * group + c * V + l] for c in range(group // V)])
+                gs[g] = _tree_sum([acc[l] for l in range(V)])
+            for rr in range(PER):
+                r = T.bind(ch * PER + rr)
+                if r < R:
+                    for l in T.vectorized(group):
+                        acc[l] = T.float32(0)
+                    corr[0] = T.float32(0)
+                    for o in range(rows[r], rows[r + 1]):
+                        g = T.bind(T.Cast("int32", groups[o]))
+                        a = T.bind(T.Cast("float32", alpha[o]))
+                        for c in T.unroll(group // V):
+                            for l in T.vectorized(V):
+                                acc[c * V + l] = T.Select(
+                                    (bits[o, c * V // 32] >> T.Cast("uint32", c * V % 32 + l)) & T.uint32(1)
+                                    == T.uint32(1), acc[c * V + l] + a * xp[g * group + c * V + l], acc[c * V + l])
+                        corr[0] = corr[0] + a * gs[g]
+                    # the slices' sums added as vectors, then the 16 lanes: once per row
+                    for l in T.vectorized(V):
+                        acc[l] = _tree_sum([acc[c * V + l] for c in range(group // V)])
+                    y[0, r] = _finish(T.float32(2) * _tree_sum([acc[l] for l in range(V)]) - corr[0] + bias[r], relu)
+
+    return _scheduled(alq_rows, f"alq_rows_{K}_{R}_{NB}" + ("_relu" if relu else ""))
+
+
+def _finish(v, relu: bool):
+    return T.max(v, T.float32(0)) if relu else v
 
 
 # ---- the rewrite ---------------------------------------------------------------------------------------------
@@ -170,12 +296,15 @@ _CONV = tvm.ir.Op.get("relax.nn.conv2d")
 _ADD = tvm.ir.Op.get("relax.add")
 _RELU = tvm.ir.Op.get("relax.nn.relu")
 _RESHAPE = tvm.ir.Op.get("relax.reshape")
+_MAX_POOL = tvm.ir.Op.get("relax.nn.max_pool2d")
 
 
 def _epilogues(func: relax.Function) -> dict:
-    """conv2d / matmul call -> (bias parameter, relu?, [the add and relu calls]) wherever the call's only use
-    is a per-output bias add (a vector parameter, or its reshape to (1, R, 1, 1)) and that add's only use, if
-    any, a ReLU: the kernel can apply them to its outputs in registers."""
+    """conv2d / matmul call -> (bias parameter, relu?, pool?, [the add, relu and pool calls]) wherever the call's
+    only use is a per-output bias add (a vector parameter, or its reshape to (1, R, 1, 1)), that add's only use, if
+    any, a ReLU, and (convolutions) the next value's only use, if any, a 2x2 stride-2 max pool (_plain_pool): the
+    kernel applies them to its outputs in registers. The pool, a kernel of its own, cost LeNet5's float build 11 of
+    its ~100 us (batch 1, TVM's default schedule)."""
     values, users = {}, {}
     for block in func.body.blocks:
         for b in block.bindings:
@@ -210,9 +339,24 @@ def _epilogues(func: relax.Function) -> dict:
             continue
         if val.op == _CONV and _static(add.args[1]) not in (shape, (1, shape[0], 1, 1)):
             continue
-        _, relu = only_call(add_var, _RELU)
-        out[val] = (bias, relu is not None, [add] + ([relu] if relu is not None else []))
+        relu_var, relu = only_call(add_var, _RELU)
+        calls = [add] + ([relu] if relu is not None else [])
+        pool = None
+        if val.op == _CONV:
+            _, pool = only_call(add_var if relu is None else relu_var, _MAX_POOL)
+            if pool is not None and not _plain_pool(pool, out_shape):
+                pool = None
+        out[val] = (bias, relu is not None, pool is not None, calls + ([pool] if pool is not None else []))
     return out
+
+
+def _plain_pool(call, in_shape) -> bool:
+    """A 2x2, stride-2, unpadded NCHW max pool of an even-sized input: whole windows, no edge."""
+    a = call.attrs
+    return (tuple(int(v) for v in a.pool_size) == (2, 2) and tuple(int(v) for v in a.strides) == (2, 2)
+            and all(int(v) == 0 for v in a.padding) and all(int(v) == 1 for v in a.dilation)
+            and a.layout == "NCHW" and a.out_layout == "NCHW" and len(in_shape) == 4
+            and in_shape[2] % 2 == 0 and in_shape[3] % 2 == 0)
 
 
 def _static(expr) -> tuple[int, ...] | None:
@@ -264,22 +408,23 @@ class _Rewrite(relax.PyExprMutator):
         return call
 
     def _epilogue(self, call, hit) -> tuple:
-        """(bias, relu) the kernel applies: the model's, whose add and relu calls it absorbs, or zeros."""
+        """(bias, relu, pool) the kernel applies: the model's, whose add, relu and pool calls it absorbs, or zeros."""
         if call in self.epilogues:
-            bias, relu, calls = self.epilogues[call]
+            bias, relu, pool, calls = self.epilogues[call]
             self.absorbed.update(calls)
-            return bias, relu
+            return bias, relu, pool
         R = int(hit[0]["nbases"].shape[0])
-        return relax.const(np.zeros(R, np.float32)), False
+        return relax.const(np.zeros(R, np.float32)), False, False
 
     def _lut(self, x, hit, x_shape, KH, KW, epilogue, dense=False):
         packed, (rows, groups, words, alpha) = hit
         R, NG, group, NB = _packed_shapes(packed)
         N, C, H, W = x_shape
-        bias, relu = epilogue
-        f = lut_kernel(N, C, H, W, KH, KW, R, NG, group, NB, relu, dense)
+        bias, relu, pool = epilogue
+        f = lut_kernel(N, C, H, W, KH, KW, R, NG, group, NB, relu, dense, pool)
         gv = self.builder_.add_func(f, f.attrs["global_symbol"])
-        shape = (W, R) if dense else (N, R, H - KH + 1, W - KW + 1)
+        OH, OW = H - KH + 1, W - KW + 1
+        shape = (W, R) if dense else (N, R, OH // 2, OW // 2) if pool else (N, R, OH, OW)
         return relax.call_tir(gv, [x, rows, groups, words, alpha, bias], relax.TensorType(shape, "float32"))
 
     def _dense(self, call, hit, x_shape, epilogue):

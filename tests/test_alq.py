@@ -200,13 +200,18 @@ def _run_kernel(f, *arrays):
     return args[-1].numpy()
 
 
-@pytest.mark.parametrize("N, C, H, W, O, KH, KW, group, bits, relu", [
-    (1, 1, 12, 12, 6, 5, 5, 64, 3.5, True),    # 25-weight rows: one short group, 4 output rows per block
-    (2, 3, 9, 13, 7, 3, 3, 32, 1.0, False),    # a batch, odd widths (one position per block), 27 = 32 - 5
-    (1, 5, 7, 16, 9, 2, 3, 128, 2.0, True),    # groups of 128
-    (1, 4, 6, 6, 5, 3, 3, 32, 0.0, False),     # no basis at all: the bias alone
+@pytest.mark.parametrize("N, C, H, W, O, KH, KW, group, bits, relu, pool", [
+    (1, 1, 12, 12, 6, 5, 5, 64, 3.5, True, False),    # 25-weight rows: one short group, 4 output rows per block
+    (1, 1, 12, 12, 6, 5, 5, 64, 3.5, True, True),     # the same with its 2x2 max pool in the kernel
+    (2, 3, 9, 13, 7, 3, 3, 32, 1.0, False, False),    # a batch, odd widths (one position per block), 27 = 32 - 5
+    (1, 5, 7, 16, 9, 2, 3, 128, 2.0, True, False),    # groups of 128
+    (1, 5, 7, 16, 9, 2, 3, 128, 2.0, True, True),     # pooled 6x14: blocks of 2x2 positions
+    (2, 4, 10, 10, 7, 3, 3, 32, 1.5, False, True),    # a batch, two groups (36 = 32 + 4), pooled without ReLU
+    (1, 16, 6, 6, 10, 3, 3, 32, 0.3, True, False),    # 5 groups at 0.3 bits: groups no row has bases in
+    (1, 4, 6, 6, 5, 3, 3, 32, 0.0, False, False),     # no basis at all: the bias alone
 ])
-def test_the_lookup_kernel_computes_the_convolution_with_the_decoded_weights(N, C, H, W, O, KH, KW, group, bits, relu):
+def test_the_lookup_kernel_computes_the_convolution_with_the_decoded_weights(N, C, H, W, O, KH, KW, group, bits, relu,
+                                                                           pool):
     w = RNG.normal(size=(O, C, KH, KW)).astype(np.float32)
     p = multibit.pack(_pruned("c.weight", w, bits, group, max_bases=4))
     R, NG = p["nbases"].shape
@@ -214,15 +219,24 @@ def test_the_lookup_kernel_computes_the_convolution_with_the_decoded_weights(N, 
     bias = RNG.normal(size=O).astype(np.float32)
     OH, OW = H - KH + 1, W - KW + 1
     arrays = alq_pass._artifact_arrays(p)
-    got = _run_kernel(alq_pass.lut_kernel(N, C, H, W, KH, KW, R, NG, group, len(p["alpha"]), relu),
-                      x, *(arrays[f] for f in alq_pass.PACKED_FIELDS), bias, np.zeros((N, O, OH, OW), np.float32))
+    out = (N, O, OH // 2, OW // 2) if pool else (N, O, OH, OW)
+    got = _run_kernel(alq_pass.lut_kernel(N, C, H, W, KH, KW, R, NG, group, len(p["alpha"]), relu, pool=pool),
+                      x, *(arrays[f] for f in alq_pass.PACKED_FIELDS), bias, np.zeros(out, np.float32))
     cols = np.stack([x[:, :, i:i + OH, j:j + OW] for i in range(KH) for j in range(KW)], axis=2)
     want = np.einsum("ok,nkm->nom", multibit.unpack(p).reshape(O, -1), cols.reshape(N, C * KH * KW, OH * OW))
     want = want.reshape(N, O, OH, OW) + bias[None, :, None, None]
-    np.testing.assert_allclose(got, np.maximum(want, 0) if relu else want, rtol=1e-5, atol=1e-5)
+    want = np.maximum(want, 0) if relu else want
+    if pool:
+        want = want.reshape(N, O, OH // 2, 2, OW // 2, 2).max(axis=(3, 5))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("M, K, R, group, bits", [(1, 800, 50, 64, 0.3), (20, 70, 90, 32, 0.8)])
+@pytest.mark.parametrize("M, K, R, group, bits", [
+    (1, 800, 50, 64, 0.3),     # batch 1 (the masked-sum kernel): 12.5 groups, most of them empty
+    (1, 200, 30, 128, 1.5),    # batch 1, groups of 128, a partial last group
+    (1, 96, 300, 32, 2.0),     # batch 1, groups of 32, rows in several chunks
+    (20, 70, 90, 32, 0.8),     # a batch: the lookup kernel, the inputs as positions
+])
 def test_the_lookup_kernel_computes_a_linear_layer_with_the_decoded_weights(M, K, R, group, bits):
     w = RNG.normal(size=(K, R)).astype(np.float32)              # (in, out), as train.py's linear weights
     p = multibit.pack(_pruned("f.weight", w, bits, group))
@@ -235,7 +249,7 @@ def test_the_lookup_kernel_computes_a_linear_layer_with_the_decoded_weights(M, K
     np.testing.assert_allclose(got, x @ multibit.unpack(p) + bias, rtol=1e-5, atol=1e-5)
 
 
-def test_bias_and_relu_run_inside_the_kernels(tmp_path):
+def test_bias_relu_and_pool_run_inside_the_kernels(tmp_path):
     from edgetvm.passes import model_import
 
     model, res = _network()
@@ -245,8 +259,8 @@ def test_bias_and_relu_run_inside_the_kernels(tmp_path):
     out, _ = alq_pass.apply(mod, weights, res.packed)
     ops = {b.value.op.name for block in out["main"].body.blocks for b in block.bindings
            if isinstance(b.value, __import__("tvm").relax.Call) and hasattr(b.value.op, "name")}
-    # LeNet5's 4 convolutions and linear layers, their 4 bias adds and 3 ReLUs: 4 kernel calls
-    assert {"relax.nn.conv2d", "relax.matmul", "relax.add", "relax.nn.relu"}.isdisjoint(ops)
+    # LeNet5's 4 convolutions and linear layers, their 4 bias adds, 3 ReLUs and 2 max pools: 4 kernel calls
+    assert {"relax.nn.conv2d", "relax.matmul", "relax.add", "relax.nn.relu", "relax.nn.max_pool2d"}.isdisjoint(ops)
 
 
 def test_batched_inputs_and_padded_convolutions_use_the_same_kernels_correctly(tmp_path):
