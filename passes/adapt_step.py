@@ -16,7 +16,10 @@ not by relax.transform.Gradient, so that it holds only what the selected slices 
     positive and the maximum). `mask_bits=8` keeps one bool byte an element instead (the earlier build, for
     comparison: the same arithmetic, so the same gradients to the bit);
   - the step returns the updated slices W[:, S] - lr * dW[:, S] (plain SGD), not whole tensors; `lr` is
-    one number or {name: one step size per selected channel} (p-Meta's learned, channel-wise rates).
+    one number or {name: one step size per selected channel} (p-Meta's learned, channel-wise rates), both
+    compiled in as constants, or "input": the step then takes one more argument per updated parameter, in
+    `updated_names` order after the parameters, a float32 vector of one step size per selected channel
+    (p-Meta's task-conditioned attention gives each task its own rates: one compiled step serves them all).
 Mean softmax cross-entropy over the batch, like train.py's steps. Max-pool gradients go to every input
 equal to the window's maximum (TVM's to the first): they differ only on exact ties of positive values.
 """
@@ -143,6 +146,8 @@ def adapt_step(mod: tvm.IRModule, mask: dict, lr: float | dict = 0.01, output: s
     ReLU and max-pool masks kept with `mask_bits` (1 or 8) bits an element."""
     if output not in ("update", "grad"):
         raise ValueError(f"output must be 'update' or 'grad', not {output!r}")
+    if isinstance(lr, str) and lr != "input":
+        raise ValueError(f"lr must be a number, a dict of per-channel rates or 'input', not {lr!r}")
     if mask_bits not in (1, 8):
         raise ValueError(f"mask_bits must be 1 (packed) or 8 (one bool byte), not {mask_bits!r}")
     packed = mask_bits == 1
@@ -204,9 +209,12 @@ def adapt_step(mod: tvm.IRModule, mask: dict, lr: float | dict = 0.01, output: s
     ny = relax.Var("y", relax.TensorType((batch,), "int64"))
     nparams = [relax.Var(p.name, p.ty) for p in params]
     P = dict(zip(pnames, nparams))
+    # lr="input": the per-channel step sizes are arguments (one vector per updated parameter), not constants
+    rate_in = {n: relax.Var(f"rate.{n}", relax.TensorType((len(sel[n]),), "float32"))
+               for n in updated} if lr == "input" and output == "update" else {}
     op = relax.op
     bb = relax.BlockBuilder()
-    with bb.function("adapt_step", [nx, ny, *nparams]):
+    with bb.function("adapt_step", [nx, ny, *nparams, *rate_in.values()]):
         with bb.dataflow():
             env = {x_in: nx}
             saved = {}     # layer index -> what its backward needs
@@ -351,7 +359,11 @@ def adapt_step(mod: tvm.IRModule, mask: dict, lr: float | dict = 0.01, output: s
                 s = sel[name]
                 w = P[name] if len(s) == _shape(P[name])[axis] else op.take(P[name], relax.const(s.astype("int64")), mode="clip",
                                                                            axis=axis)
-                if isinstance(lr, dict):   # a step size per selected channel
+                if rate_in:                # per-channel step sizes given at run time
+                    shape = [1] * len(_shape(P[name]))
+                    shape[axis] = len(s)
+                    rate = op.reshape(rate_in[name], shape)
+                elif isinstance(lr, dict):   # a step size per selected channel
                     rate = np.asarray(lr[name], np.float32).reshape(-1)
                     rate = np.broadcast_to(rate, (len(s),)) if rate.size == 1 else rate
                     shape = [1] * len(_shape(P[name]))

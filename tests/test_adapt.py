@@ -355,10 +355,14 @@ def test_pmeta_step_runs_under_a_cgroup_limit_that_kills_full_fine_tuning(tmp_pa
 
 
 @pytest.mark.slow
-def test_adapt_run_on_the_emulated_aarch64_board(artifact, tmp_path, capsys):
+@pytest.mark.parametrize("which", ["artifact", "task_artifact"])
+def test_adapt_run_on_the_emulated_aarch64_board(which, request, tmp_path, capsys):
     """The masked step cross-compiled for rpi4 and run over TVM RPC on the emulated aarch64 board (qemu):
-    the same losses and adapted weights as the step run here (to float rounding)."""
+    the same losses and adapted weights as the step run here (to float rounding). With the task-conditioned
+    attention the statistics step runs on the board too, and picks the same layers as here."""
     from edgetvm.runtime import emulated_board
+
+    artifact = request.getfixturevalue(which)
 
     reason = emulated_board.board_unavailable_reason()
     if reason:
@@ -369,7 +373,11 @@ def test_adapt_run_on_the_emulated_aarch64_board(artifact, tmp_path, capsys):
     with emulated_board.EmulatedBoard() as board:
         assert _cli("adapt", "run", artifact, "--support", tmp_path / "s.npz", "--steps", "2", "--board", "rpi4",
                     "--rpc", f"127.0.0.1:{board.port}", "-o", tmp_path / "board.npz") == 0
-    assert "on rpi4 via 127.0.0.1" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "on rpi4 via 127.0.0.1" in out
+    if which == "task_artifact":   # the same attention here and on the board
+        lines = [l for l in out.splitlines() if l.startswith("task attention: ")]
+        assert len(lines) == 2 and lines[0].split("; updates")[1] == lines[1].split("; updates")[1], lines
     with np.load(tmp_path / "here.npz") as a, np.load(tmp_path / "board.npz") as b:
         for n in a.files:
             np.testing.assert_allclose(b[n], a[n], rtol=1e-4, atol=1e-5)
@@ -443,3 +451,211 @@ def test_bad_memory_budgets_are_one_line_and_exit_2(tmp_path, capsys, argv, mess
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and message in err, err
     assert not (tmp_path / "a").exists()
+
+
+# ---- p-Meta's task-conditioned attention ----------------------------------------------------------------------
+
+def _task_learner(static_layers=("conv2", "conv3", "conv4", "fc1"), seed=0):
+    """A p-Meta learner on SMALL with the task-conditioned attention: the union is `static_layers` (static step
+    sizes 0.05-0.1), the attention's networks small random numbers (scores strictly inside (0, 1))."""
+    from edgetvm.adapt import attention as at
+    from edgetvm.adapt import meta
+
+    rng = np.random.default_rng(seed)
+    rates = {n: (rng.uniform(0.05, 0.1, st.mask_len(s)) * (n.split(".")[0] in static_layers)).astype(np.float32)
+             for n, s in train.param_shapes(SMALL).items()}
+    att = at.TaskAttention.init(SMALL)
+    for k, v in att.theta.items():
+        att.theta[k] = (rng.normal(0, 0.05, v.shape) - (0.3 if "_b/" in k else 0.0)).astype(np.float32)
+    cfg = meta.MetaConfig(method="pmeta", attention="task", channels=8)
+    return meta.Learner(cfg, train.init_params(SMALL, seed), rates, attention=att)
+
+
+def _kanji_task(k_shot, seed):
+    fs = data.load_fewshot("kanji")
+    return data.sample_task(fs, "test", 5, k_shot, 2, np.random.default_rng(seed))[:2]
+
+
+def test_the_task_attention_differs_between_tasks_and_scales_the_static_rates_inside_the_union():
+    from edgetvm.adapt import meta
+
+    learner = _task_learner()
+    union = learner.mask()
+    adapter = meta.TaskAdapter(learner, 10)
+    (x1, y1), (x2, y2) = _kanji_task(2, 1), _kanji_task(2, 2)
+    a, b = adapter.plan(x1, y1), adapter.plan(x2, y2)
+    assert a["scores"]["layer"] != b["scores"]["layer"]
+    assert any(not np.array_equal(a["rates"][n], b["rates"][n]) for n in union)
+    for ta in (a, b):
+        for n, r in ta["rates"].items():
+            assert r.shape == learner.rates[n].shape
+            assert (r >= 0).all() and (r <= learner.rates[n] + 1e-7).all()   # scores in [0, 1] scale the rates
+            assert not r[~union.get(n, np.zeros(len(r), bool))].any()        # nothing outside the union
+        assert set(ta["mask"]) <= set(union)
+    # the statistics are one image a class: the same task with more shots (same first images) scores the same
+    idx = meta.stats_chunk(y1, 5)
+    assert list(y1[idx]) == list(range(5))
+    c = adapter.plan(np.concatenate([x1[idx], x1]), np.concatenate([y1[idx], y1]))
+    assert c["scores"]["layer"] == pytest.approx(a["scores"]["layer"])
+
+
+def test_a_layer_scored_zero_gets_no_update_and_its_activations_are_not_kept():
+    """The attention drops conv2 for every task (its layer score under the threshold) and scores two of conv4's
+    input channels 0: the task's step starts its backward pass at conv3 (no conv2 weight gradient, no mask kept
+    for conv2's ReLU/pool, less planned memory than the union's step), leaves conv2 and those channels as they
+    were, and equals the host's inner loop (full gradients, the same rates)."""
+    from edgetvm.adapt import meta
+
+    learner = _task_learner()
+    learner.attention.theta["layer_b/conv2"][:] = -5.0
+    learner.attention.theta["chan_b/conv4.weight"][:2] = -5.0
+    x, y = _task(10, 3)
+    ta = meta.TaskAdapter(learner, 10).plan(x, y)
+    assert ta["scores"]["layer"]["conv2"] == 0.0 and ta["scores"]["layer"]["conv3"] > 0
+    assert {n.split(".")[0] for n in ta["mask"]} == {"conv3", "conv4", "fc1"}
+    assert not ta["rates"]["conv2.weight"].any() and not ta["rates"]["conv4.weight"][:2].any()
+    assert ta["rates"]["conv4.weight"][2:].all()
+
+    union_ir = st.step_module(SMALL, 10, learner.mask(), "input", conv_as_matmul=False)
+    task_ir = st.step_module(SMALL, 10, ta["mask"], "input", conv_as_matmul=False)
+    cnhw = lambda mod: sum(1 for op, _, a in _ops(mod) if op == "relax.nn.conv2d"
+                           and str(getattr(a, "data_layout", "")) == "CNHW")
+    assert cnhw(union_ir) == 3 and cnhw(task_ir) == 2          # weight gradients: conv2-4 vs conv3-4
+    assert (10 * 8 * 6 * 6 // 8,) in _packed_masks(union_ir)    # conv2's ReLU + pool mask (14x14 -> 7x7 pooled)
+    assert len(_packed_masks(task_ir)) == len(_packed_masks(union_ir)) - 1
+    assert st.planned_memory(task_ir, "adapt_step").dynamic < st.planned_memory(union_ir, "adapt_step").dynamic
+
+    step = meta.TaskAdapter(learner, 10).step_for(ta["mask"])
+    adapted, _ = step.adapt(x, y, learner.params, 2, rates=ta["rates"])
+    for n in ("conv1.weight", "conv1.bias", "conv2.weight", "conv2.bias"):
+        assert np.array_equal(adapted[n], learner.params[n]), n
+    assert np.array_equal(adapted["conv4.weight"][:, :2], learner.params["conv4.weight"][:, :2])
+    assert not np.array_equal(adapted["conv4.weight"][:, 2:], learner.params["conv4.weight"][:, 2:])
+    host, _ = meta.inner_loop(meta._Grads(SMALL, 10, 10).s, learner.params, ta["rates"], x, y, 2)
+    for n in adapted:
+        np.testing.assert_allclose(adapted[n], host[n], rtol=1e-4, atol=1e-6)
+
+
+def test_a_task_whose_every_layer_scores_zero_still_updates_the_cheapest_layer():
+    """Never nothing: the union's top layer (the classifier, the cheapest step) at its static step sizes."""
+    from edgetvm.adapt import meta
+
+    learner = _task_learner()
+    for k in learner.attention.theta:
+        if k.startswith("layer_b/"):
+            learner.attention.theta[k][:] = -5.0
+    x, y = _task(10, 3)
+    ta = meta.TaskAdapter(learner, 10).plan(x, y)
+    assert set(ta["scores"]["layer"].values()) == {0.0}
+    assert sorted(ta["mask"]) == ["fc1.bias", "fc1.weight"]
+    for n, r in ta["rates"].items():
+        assert np.array_equal(r, learner.rates[n] if n.startswith("fc1") else np.zeros_like(r)), n
+
+
+def test_rates_given_at_run_time_equal_rates_compiled_in():
+    x, y = _task()
+    params = train.init_params(SMALL, 2)
+    rates = {n: np.linspace(0.01, 0.2, st.mask_len(s)).astype(np.float32) for n, s in train.param_shapes(SMALL).items()}
+    _, const = st.MaskedStep(SMALL, len(x), PARTIAL, lr=rates).run(x, y, params)
+    _, given = st.MaskedStep(SMALL, len(x), PARTIAL, lr="input").run(x, y, params, rates)
+    for n in const:
+        np.testing.assert_allclose(given[n], const[n], rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="rates"):
+        st.MaskedStep(SMALL, len(x), PARTIAL, lr="input").run(x, y, params)
+
+
+def test_the_attention_meta_gradient_is_the_chain_rule_through_the_scores():
+    """Inside the clip (every score strictly between the threshold and 1), TaskAttention.backward is the exact
+    derivative of sum(c x rates) in the attention's parameters and the static rates (central differences)."""
+    from edgetvm.adapt import attention as at
+
+    learner = _task_learner(seed=1)
+    rng = np.random.default_rng(5)
+    union = learner.mask()
+    grads = at.union_slices({n: rng.normal(size=p.shape) for n, p in learner.params.items()}, union)
+    att = learner.attention
+    ta = at.task_attention(att, learner.rates, union, grads, learner.params)
+    assert all(0.05 < s < 1 for s in ta["scores"]["layer"].values())
+    assert all(((a > 0.05) & (a < 1)).all() for a in ta["scores"]["channel"].values())
+    c = {n: rng.normal(size=r.shape) for n, r in learner.rates.items()}
+    d_static, d_theta = att.backward(c, learner.rates, union, ta["features"], ta["scores"])
+
+    def loss(theta, static):
+        t = at.task_attention(at.TaskAttention(theta, att.threshold), static, union, grads, learner.params)
+        return sum(float((c[n] * t["rates"][n].astype(np.float64)).sum()) for n in static)
+
+    theta64 = {k: v.astype(np.float64) for k, v in att.theta.items()}
+    static64 = {n: r.astype(np.float64) for n, r in learner.rates.items()}
+    for key, j in (("layer_b/conv3", 0), ("layer_u/conv2", 1), ("chan_v/conv4.weight", 0), ("chan_b/fc1.bias", 2)):
+        e = 1e-4
+        hi, lo = dict(theta64), dict(theta64)
+        hi[key], lo[key] = hi[key].copy(), lo[key].copy()
+        hi[key][j] += e
+        lo[key][j] -= e
+        fd = (loss(hi, static64) - loss(lo, static64)) / (2 * e)
+        assert d_theta[key][j] == pytest.approx(fd, rel=2e-2, abs=1e-5), key
+    hi, lo = dict(static64), dict(static64)
+    hi["conv3.weight"], lo["conv3.weight"] = hi["conv3.weight"].copy(), lo["conv3.weight"].copy()
+    hi["conv3.weight"][1] += 1e-4
+    lo["conv3.weight"][1] -= 1e-4
+    fd = (loss(theta64, hi) - loss(theta64, lo)) / 2e-4
+    assert d_static["conv3.weight"][1] == pytest.approx(fd, rel=2e-2, abs=1e-5)
+
+
+@pytest.fixture(scope="module")
+def task_artifact(tmp_path_factory):
+    """A tiny p-Meta model with the task-conditioned attention (8 channels, 3 iterations): plumbing."""
+    d = tmp_path_factory.mktemp("adapt_task")
+    assert _cli("adapt", "meta-train", "--method", "pmeta", "--attention", "task", "--iterations", "3",
+                "--channels", "8", "--meta-batch", "2", "--steps", "2", "-o", d / "art", "--quiet") == 0
+    return d / "art"
+
+
+def test_meta_training_learns_the_attention_and_run_adapts_per_task(task_artifact, tmp_path, capsys):
+    from edgetvm.adapt import meta
+
+    learner = meta.load(task_artifact)
+    assert learner.config.attention == "task" and learner.attention is not None
+    assert all("task_layers_dropped" in r for r in learner.history)
+    # the networks moved from their start (every score 1 for every task): the attention is meta-trained
+    assert any(np.abs(v).max() > 0 for k, v in learner.attention.theta.items() if "_v/" in k or "_u/" in k)
+    outs = []
+    for seed in (0, 1):
+        assert _cli("adapt", "sample", "--k-shot", "2", "--seed", seed, "-o", tmp_path / f"s{seed}.npz") == 0
+        assert _cli("adapt", "run", task_artifact, "--support", tmp_path / f"s{seed}.npz", "--steps", "2",
+                    "-o", tmp_path / f"a{seed}.npz") == 0
+        outs.append(capsys.readouterr().out)
+        with np.load(tmp_path / f"a{seed}.npz") as z:
+            changed = {n for n in z.files if not np.array_equal(z[n], learner.params[n])}
+        assert changed and changed <= set(learner.mask())
+    layer_lines = [next(l for l in o.splitlines() if l.startswith("task attention: layer scores")) for o in outs]
+    assert layer_lines[0] != layer_lines[1]        # two tasks, two attentions
+    assert "2 steps on 10 images here" in outs[0]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--method", "anil", "--attention", "task"], "--attention task is p-Meta's"),
+    (["--attention", "dynamic"], "unknown --attention 'dynamic'"),
+    (["--attention", "task", "--attention-threshold", "1.5"], "give a score in (0, 1)"),
+])
+def test_bad_attention_options_are_one_line_and_exit_2(tmp_path, capsys, argv, message):
+    assert _cli("adapt", "meta-train", "--iterations", "1", "--channels", "8", "--quiet", "-o", tmp_path / "a",
+                *argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and message in err, err
+    assert not (tmp_path / "a").exists()
+
+
+def test_an_artifact_without_its_attention_networks_is_refused_in_one_line(task_artifact, tmp_path, capsys):
+    import shutil
+
+    art = tmp_path / "art"
+    shutil.copytree(task_artifact, art)
+    with np.load(art / "weights.npz") as z:
+        arrays = {k: z[k] for k in z.files if not k.startswith("attn/")}
+    np.savez(art / "weights.npz", **arrays)
+    x, y = _kanji_task(1, 0)
+    np.savez(tmp_path / "s.npz", x=x, y=y)
+    assert _cli("adapt", "run", art, "--support", tmp_path / "s.npz", "--steps", "1") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "attention networks are missing" in err, err

@@ -1,6 +1,7 @@
 """`edgetvm adapt meta-train|sample|run`: p-Meta few-shot adaptation (see docs/adapt.md).
 
     edgetvm adapt meta-train --method pmeta --iterations 150 -o pmeta/ --png pmeta-val.png
+    edgetvm adapt meta-train --method pmeta --attention task -o pmeta-task/   # task-conditioned attention
     edgetvm adapt sample --k-shot 5 -o support.npz --query query.npz      # a test task of kanji renders
     edgetvm adapt run pmeta/ --support support.npz --steps 5 --query query.npz -o adapted.npz
     edgetvm adapt run pmeta/ --support support.npz --steps 5 --board rpi4 --rpc 127.0.0.1:9090   # on a board
@@ -45,6 +46,13 @@ def add_adapt_parser(sub) -> None:
                         "above the loaded weights; 0: no budget): the least important channels and layers are "
                         "dropped until it does")
     m.add_argument("--budget-shots", type=int, default=5, help="images per class the budget is planned at")
+    from edgetvm.adapt.meta import ATTENTIONS
+
+    m.add_argument("--attention", default="static", help=f"p-Meta's attention: {' or '.join(ATTENTIONS)} (default "
+                   "static: one learned step size per channel for every task; task: scored per task from the support "
+                   "set's first-step gradients, a layer scored 0 is left out of that task's step)")
+    m.add_argument("--attention-threshold", type=float, default=0.05,
+                   help="--attention task: scores below this are 0 (default 0.05)")
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("-o", "--output", required=True, help="the artifact directory to write")
     m.add_argument("--png", help="write meta-validation accuracy per iteration here")
@@ -85,7 +93,8 @@ def cmd_meta_train(args) -> None:
                           inner_steps=args.steps, inner_lr=args.inner_lr, meta_lr=args.meta_lr,
                           meta_batch=args.meta_batch, iterations=args.iterations, channels=args.channels,
                           sparsity=args.sparsity, memory_budget=args.memory_budget,
-                          budget_shots=args.budget_shots, seed=args.seed, val_every=max(args.iterations // 10, 1))
+                          budget_shots=args.budget_shots, seed=args.seed, val_every=max(args.iterations // 10, 1),
+                          attention=args.attention, attention_threshold=args.attention_threshold)
     cfg.check()
     out = Path(args.output)
     if not out.resolve().parent.is_dir() or not os.access(out.resolve().parent, os.W_OK):
@@ -107,8 +116,10 @@ def cmd_meta_train(args) -> None:
     bar.done(f"{cfg.method}: {cfg.iterations} iterations, val acc {100 * val['acc']:.1f}%, "
              f"updates {100 * learner.updated_share():.1f}% of the weights")
     meta.save(learner, out)
-    print(f"wrote {out}: {cfg.method}, {cfg.n_way}-way, updates "
-          + ", ".join(f"{n} {int(m.sum())}" for n, m in learner.mask().items()))
+    print(f"wrote {out}: {cfg.method}, {cfg.n_way}-way, {'may update' if learner.attention else 'updates'} "
+          + ", ".join(f"{n} {int(m.sum())}" for n, m in learner.mask().items())
+          + (" (the union; the task-conditioned attention picks layers and scales channels per task)"
+             if learner.attention else ""))
     if cfg.memory_budget:
         print(f"memory budget {cfg.memory_budget:g} MiB at {cfg.budget_shots}-shot: the step plans "
               f"{learner.planned / 2**20:.2f} MiB")
@@ -241,16 +252,29 @@ def cmd_run(args) -> None:
 
     board = load_board(args.board)
     t0 = time.perf_counter()
+    ta = None
     if args.rpc:
-        params, losses, seconds = _run_remote(learner, mask, x, y, args.steps, board, args.rpc, not args.lean)
+        params, losses, seconds, ta = _run_remote(learner, mask, x, y, args.steps, board, args.rpc, not args.lean)
     else:
         if not board.runs_on_host():
             raise UserError(f"board {args.board} runs its step over RPC: add --rpc HOST:PORT "
                             "(`edgetvm board emulate` serves an emulated aarch64 board)")
-        step = st.MaskedStep(model, len(x), mask, lr=learner.rates, conv_as_matmul=not args.lean)
-        t1 = time.perf_counter()
-        params, losses = step.adapt(x, y, learner.params, args.steps)
+        if learner.attention is not None:   # statistics step, attention, then the task's masked step
+            adapter = meta.TaskAdapter(learner, len(x), conv_as_matmul=not args.lean)
+            ta = adapter.plan(x, y)
+            step = adapter.step_for(ta["mask"])
+            t1 = time.perf_counter()
+            params, losses = step.adapt(x, y, learner.params, args.steps, rates=ta["rates"])
+        else:
+            step = st.MaskedStep(model, len(x), mask, lr=learner.rates, conv_as_matmul=not args.lean)
+            t1 = time.perf_counter()
+            params, losses = step.adapt(x, y, learner.params, args.steps)
         seconds = time.perf_counter() - t1
+    if ta is not None:
+        mask = ta["mask"]
+        print("task attention: layer scores " + ", ".join(f"{l} {s:.2f}" for l, s in ta["scores"]["layer"].items())
+              + "; updates " + ", ".join(dict.fromkeys(n.split(".")[0] for n in mask))
+              + f" (statistics step on {c.n_way} images, one a class)")
     updated = sum(int(np.prod(learner.params[n].shape)) // st.mask_len(learner.params[n].shape) * int(m.sum())
                   for n, m in mask.items())
     total = sum(int(p.size) for p in learner.params.values())
@@ -272,41 +296,59 @@ def cmd_run(args) -> None:
 
 
 def _run_remote(learner, mask, x, y, steps: int, board, rpc_addr: str, fast: bool):
-    """The masked step cross-compiled for `board`, run over TVM RPC; slices written back here between steps."""
+    """The masked step cross-compiled for `board`, run over TVM RPC; slices written back here between steps.
+    With the task-conditioned attention, the statistics step (the union's gradients on one image a class) runs
+    on the board first, the attention here, and the task's masked step is compiled with its rates."""
     import tempfile
 
     import tvm
     from tvm import relax
 
     from edgetvm import train
+    from edgetvm.adapt import meta
     from edgetvm.adapt import step as st
     from edgetvm.passes import pipeline
     from edgetvm.runtime.session import connect
 
     model = learner.model
-    lr = {n: learner.rates[n][mask[n]] for n in mask}
-    ex = pipeline.build(st.step_module(model, len(x), mask, lr, conv_as_matmul=fast), board.target())
     remote = connect(rpc_addr, session_timeout=600)
-    with tempfile.TemporaryDirectory() as d:
-        lib = Path(d) / "adapt_step.so"
-        pipeline.export(ex, str(lib), board.cross_compiler)
-        remote.upload(str(lib))
-    rlib = remote.load_module("adapt_step.so")
     dev = remote.cpu()
-    vm = relax.VirtualMachine(rlib, dev)
-    f = vm["adapt_step"]
+    size, item = remote.get_function("ffi.ArraySize"), remote.get_function("ffi.ArrayGetItem")
+
+    def load(mod, name):
+        ex = pipeline.build(mod, board.target())
+        with tempfile.TemporaryDirectory() as d:
+            lib = Path(d) / f"{name}.so"
+            pipeline.export(ex, str(lib), board.cross_compiler)
+            remote.upload(str(lib))
+        return relax.VirtualMachine(remote.load_module(f"{name}.so"), dev)["adapt_step"]
+
+    def outputs(out):
+        if not isinstance(out, (list, tuple)):   # a tuple left on the board: take it apart there
+            out = [item(out, i) for i in range(size(out))]
+        return out
+
     names = list(train.param_shapes(model))
     params = dict(learner.params)
     t = {n: tvm.runtime.tensor(params[n], dev) for n in names}
+    ta = None
+    if learner.attention is not None:
+        idx = meta.stats_chunk(y, learner.config.n_way)
+        stats = load(st.step_module(model, len(idx), mask, 0.0, output="grad", conv_as_matmul=fast), "adapt_stats")
+        out = outputs(stats(tvm.runtime.tensor(x[idx], dev), tvm.runtime.tensor(y[idx], dev),
+                            *[t[n] for n in names]))
+        ta = learner.for_task({n: out[i + 1].numpy() for i, n in enumerate(n for n in names if n in mask)})
+        mask, rates = ta["mask"], ta["rates"]
+    else:
+        rates = learner.rates
+    lr = {n: rates[n][mask[n]] for n in mask}
+    f = load(st.step_module(model, len(x), mask, lr, conv_as_matmul=fast), "adapt_step")
     xs, ys = tvm.runtime.tensor(x, dev), tvm.runtime.tensor(y, dev)
     updated = [n for n in names if n in mask]
-    size, item = remote.get_function("ffi.ArraySize"), remote.get_function("ffi.ArrayGetItem")
     losses, seconds = [], 0.0
     for _ in range(steps):
         t1 = time.perf_counter()
-        out = f(xs, ys, *[t[n] for n in names])
-        if not isinstance(out, (list, tuple)):   # a tuple left on the board: take it apart there
-            out = [item(out, i) for i in range(size(out))]
+        out = outputs(f(xs, ys, *[t[n] for n in names]))
         seconds += time.perf_counter() - t1
         losses.append(float(out[0].numpy()))
         for i, n in enumerate(updated):
@@ -318,4 +360,4 @@ def _run_remote(learner, mask, x, y, steps: int, board, rpc_addr: str, fast: boo
                 w[idx] = out[i + 1].numpy()
             params[n] = w
             t[n] = tvm.runtime.tensor(w, dev)
-    return params, losses, seconds
+    return params, losses, seconds, ta

@@ -17,8 +17,14 @@ smallest learned step sizes are dropped until the planner's figure fits); what a
 the rest of meta-training, so every checkpoint kept fits the budget and the weights learn around the cut.
 The step sizes' meta-gradient is first-order too: d L_query / d alpha = -sum over inner steps of
 (query gradient at the adapted weights) * (that step's support gradient), summed over each channel's slice.
-Simplification (stated in docs/adapt.md): p-Meta's attention is task-conditioned (computed from each task's
-support gradients); here it is one learned, static set of channel-wise step sizes, the same for every task.
+p-Meta's attention comes in two kinds (`attention`):
+  static  one learned set of channel-wise step sizes, the same for every task (the selection above);
+  task    p-Meta's task-conditioned attention (adapt/attention.py): the static selection becomes the union of
+          what any task may update, and per task small networks score its layers and channels from the
+          gradients of a first step on one support image per class; the rates are static x layer score x
+          channel score, and a layer scored 0 is left out of that task's compiled step. The networks are
+          meta-trained jointly with the backbone and the static rates by the same first-order loop (their
+          meta-gradient: TaskAttention.backward).
 
 The weights kept are those of the best meta-validation accuracy (checked every `val_every` iterations):
 short first-order runs without batch norm are unstable, and validation catches a collapse.
@@ -39,11 +45,13 @@ from tvm import relax
 
 from edgetvm import data as data_mod
 from edgetvm import train
+from edgetvm.adapt import attention as at
 from edgetvm.adapt import step as st
 from edgetvm.errors import UserError
 from edgetvm.runtime.tensors import to_tvm
 
 METHODS = ("maml", "anil", "bias", "pmeta")
+ATTENTIONS = ("static", "task")
 
 
 @dataclass
@@ -64,6 +72,10 @@ class MetaConfig:
     # p-Meta: planned memory (MiB, the memory-lean step) the selection must fit at budget_shots images a class
     memory_budget: float = 0.0
     budget_shots: int = 5
+    # p-Meta: "static" step sizes, or "task": scaled per task by the task-conditioned attention, whose
+    # scores below attention_threshold are 0
+    attention: str = "static"
+    attention_threshold: float = 0.05
     seed: int = 0
     val_every: int = 50
     val_tasks: int = 30
@@ -83,6 +95,12 @@ class MetaConfig:
                             "(use --method pmeta)")
         if self.budget_shots < 1:
             raise UserError(f"--budget-shots must be at least 1, not {self.budget_shots}")
+        if self.attention not in ATTENTIONS:
+            raise UserError(f"unknown --attention {self.attention!r}; use one of {', '.join(ATTENTIONS)}")
+        if self.attention == "task" and self.method != "pmeta":
+            raise UserError(f"--attention task is p-Meta's; {self.method} updates a fixed set (use --method pmeta)")
+        if not 0.0 < self.attention_threshold < 1.0:
+            raise UserError(f"--attention-threshold {self.attention_threshold}: give a score in (0, 1)")
 
 
 def forward_fn(model: train.Model, batch: int):
@@ -158,14 +176,22 @@ class Learner:
     history: list = field(default_factory=list)
     best_iteration: int = 0     # the meta-validation best, whose weights these are
     planned: int = 0            # with a memory budget: planned bytes of the kept selection's step
+    attention: at.TaskAttention | None = None   # attention="task": the attention networks
 
     @property
     def model(self) -> train.Model:
         return train.conv4(self.config.n_way, channels=self.config.channels)
 
     def mask(self) -> dict[str, np.ndarray]:
-        """What adaptation updates: the channels with a positive step size."""
+        """What adaptation updates: the channels with a positive step size (with the task-conditioned
+        attention: the union of what any task may update; each task updates a subset, `for_task`)."""
         return {n: r > 0 for n, r in self.rates.items() if (r > 0).any()}
+
+    def for_task(self, grads: dict) -> dict:
+        """The task-conditioned attention of one task: features, scores, mask (a subset of `mask()`) and
+        rates, from `grads`, the union slices of the gradient of a first step on one support image per class
+        (at these weights)."""
+        return at.task_attention(self.attention, self.rates, self.mask(), grads, self.params)
 
     def updated_share(self) -> float:
         """Share of the parameters the mask updates."""
@@ -176,19 +202,48 @@ class Learner:
 
 
 class _Grads:
-    """Compiled full gradients for the support and query batch sizes."""
+    """Compiled full gradients for the support and query batch sizes (and, built when first needed, for the
+    attention's statistics chunk of one image per class)."""
 
     def __init__(self, model: train.Model, support: int, query: int):
         full = st.full_mask(model)
+        self.model = model
         self.s = st.MaskedStep(model, support, full, output="grad")
         self.q = st.MaskedStep(model, query, full, output="grad")
+        self._chunk = {}
+
+    def chunk(self, batch: int) -> st.MaskedStep:
+        if batch == self.s.batch:
+            return self.s
+        if batch not in self._chunk:
+            self._chunk[batch] = st.MaskedStep(self.model, batch, st.full_mask(self.model), output="grad")
+        return self._chunk[batch]
 
 
-def inner_loop(grads: st.MaskedStep, params: dict, rates: dict, sx, sy, steps: int, keep=False):
-    """`steps` SGD steps with per-channel step sizes on the support set (host side, full gradients)."""
+def stats_chunk(y: np.ndarray, n_way: int) -> np.ndarray:
+    """Indices of the attention's statistics chunk: the first support image of each class. The statistics
+    step runs on these N images whatever the shot count, so its memory is that of a 1-shot step (over the
+    union), and its statistics are distributed as in meta-training (1-shot tasks)."""
+    return np.array([np.flatnonzero(y == c)[0] for c in range(n_way)], np.int64)
+
+
+def task_rates(learner: Learner, g: _Grads, params: dict, sx, sy) -> tuple[dict, dict | None]:
+    """(this task's attention, the full gradient of the first step if the chunk is the whole support set:
+    the inner loop reuses it) on the host, from full gradients sliced to the union."""
+    idx = stats_chunk(sy, learner.config.n_way)
+    _, grads = g.chunk(len(idx)).run(sx[idx], sy[idx], params)
+    return learner.for_task(at.union_slices(grads, learner.mask())), grads if len(idx) == len(sy) else None
+
+
+def inner_loop(grads: st.MaskedStep, params: dict, rates: dict, sx, sy, steps: int, keep=False, first=None):
+    """`steps` SGD steps with per-channel step sizes on the support set (host side, full gradients);
+    `first`: the first step's gradient if already computed (same weights, same batch)."""
     history = []
-    for _ in range(steps):
-        _, g = grads.run(sx, sy, params)
+    for i in range(steps):
+        if i == 0 and first is not None:
+            g = first
+        else:
+            _, g = grads.run(sx, sy, params)
         if keep:
             history.append(g)
         params = {n: (p - _expand(rates[n], p.shape) * g[n]).astype(np.float32) if rates[n].any() else p
@@ -216,7 +271,13 @@ def meta_train(config: MetaConfig, progress=None) -> Learner:
     opt, rate_opt = Adam(config.meta_lr), Adam(config.rate_lr)
     lam = {n: config.sparsity * c for n, c in memory_weights(model).items()}
     rng = np.random.default_rng([config.seed, 7])
-    learner = Learner(config, params, rates)
+    task = config.attention == "task"
+    att = at.TaskAttention.init(model, config.attention_threshold) if task else None
+    # scores live in [0, 1], the static rates in [0, inner_lr]: the attention's learning rate (and its proximal
+    # step) is rate_lr / inner_lr, so both move by the same share of their range per iteration
+    att_lr = config.rate_lr / config.inner_lr
+    att_opt = Adam(att_lr)
+    learner = Learner(config, params, rates, attention=att)
     best = (-1.0, 0, None, None)
     fitted = None     # with a budget: the last fit's mask; what it left out stays frozen
     if config.memory_budget:
@@ -239,24 +300,51 @@ def meta_train(config: MetaConfig, progress=None) -> Learner:
     for it in range(config.iterations):
         meta_g = {n: np.zeros_like(p) for n, p in params.items()}
         rate_g = {n: np.zeros_like(r) for n, r in rates.items()}
+        att_g = {k: np.zeros_like(v) for k, v in att.theta.items()} if task else {}
         qloss = qacc = 0.0
+        dropped_layers = 0.0
         for _ in range(config.meta_batch):
             sx, sy, qx, qy = data_mod.sample_task(fs, "train", config.n_way, config.k_shot, config.q_query, rng)
-            adapted, hist = inner_loop(g.s, params, rates, sx, sy, config.inner_steps, keep=config.method == "pmeta")
+            first, ta = None, None
+            task_r = rates
+            if task:   # this task's rates, from the first step's gradient statistics
+                ta, first = task_rates(learner, g, params, sx, sy)
+                task_r = ta["rates"]
+                dropped_layers += (len({at.layer_of(n) for n in learner.mask()}) -
+                                   len({at.layer_of(n) for n in ta["mask"]})) / config.meta_batch
+            adapted, hist = inner_loop(g.s, params, task_r, sx, sy, config.inner_steps,
+                                       keep=config.method == "pmeta", first=first)
             loss, gq = g.q.run(qx, qy, adapted)
             qloss += loss / config.meta_batch
             qacc += accuracy(fwd(qx, adapted), qy) / config.meta_batch
             for n in params:
                 meta_g[n] += gq[n] / config.meta_batch
-            if config.method == "pmeta":
+            # first-order d L_query / d rate, per channel: minus the sum over inner steps of
+            # (query gradient at the adapted weights) x (that step's support gradient)
+            if config.method == "pmeta" and not task:
                 for gs in hist:
                     for n in rates:
                         rate_g[n] -= _per_channel(gq[n] * gs[n]) / config.meta_batch
+            elif task:   # this task's, then through rate = static x layer score x channel score (attention.py)
+                d_rate = {n: -sum(_per_channel(gq[n] * gs[n]) for gs in hist) for n in rates}
+                d_static, d_att = att.backward(d_rate, rates, learner.mask(), ta["features"], ta["scores"])
+                for n in rates:
+                    rate_g[n] += d_static[n] / config.meta_batch
+                for k, v in d_att.items():
+                    att_g[k] += v / config.meta_batch
         opt.step(params, meta_g)
         if config.method == "pmeta":
             rate_opt.step(rates, rate_g)
             for n in rates:   # proximal L1 step, weighted by memory cost; the attention stays in [0, 1]
                 rates[n] = np.clip(rates[n] - config.rate_lr * lam[n], 0.0, config.inner_lr).astype(np.float32)
+            if task:
+                att_opt.step(att.theta, att_g)
+                # the same memory-weighted proximal step on each layer's score offset: per task, an expensive
+                # layer must earn its place from the task's statistics (a layer dropped per task is memory
+                # saved on that task)
+                for k in att.theta:
+                    if k.startswith("layer_b/"):
+                        att.theta[k] = (att.theta[k] - att_lr * lam[f"{k[8:]}.weight"]).astype(np.float32)
             if fitted is not None:   # what a budget fit dropped stays dropped
                 for n in rates:
                     rates[n] = np.where(fitted.get(n, False), rates[n], 0.0).astype(np.float32)
@@ -264,6 +352,8 @@ def meta_train(config: MetaConfig, progress=None) -> Learner:
                 rates["fc1.bias"][:] = config.inner_lr
         record = {"iteration": it + 1, "query_loss": qloss, "query_accuracy": qacc,
                   "updated_share": learner.updated_share(), "seconds": time.perf_counter() - t0}
+        if task:
+            record["task_layers_dropped"] = dropped_layers   # mean over the iteration's tasks
         if config.val_every and ((it + 1) % config.val_every == 0 or it + 1 == config.iterations):
             if config.memory_budget:   # fit before validating: every checkpoint kept fits the budget
                 f = fit()
@@ -276,11 +366,14 @@ def meta_train(config: MetaConfig, progress=None) -> Learner:
         learner.history.append(record)
         if record.get("val_accuracy", -1.0) > best[0]:   # keep the best on meta-validation (early stopping)
             best = (record["val_accuracy"], it + 1, {n: p.copy() for n, p in params.items()},
-                    {n: r.copy() for n, r in rates.items()})
+                    {n: r.copy() for n, r in rates.items()},
+                    {k: v.copy() for k, v in att.theta.items()} if task else None)
         if progress is not None:
             progress(it + 1, record)
     if best[2] is not None:
         learner.params, learner.rates, learner.best_iteration = best[2], best[3], best[1]
+        if task:
+            learner.attention = at.TaskAttention(best[4], config.attention_threshold)
     if config.memory_budget:   # the kept checkpoint's selection, fitted (a no-op unless never checked)
         rates = learner.rates
         learner.planned = fit().planned
@@ -299,7 +392,11 @@ def evaluate_host(learner: Learner, fs, split: str, k_shot: int, tasks: int, see
     accs = []
     for _ in range(tasks):
         sx, sy, qx, qy = data_mod.sample_task(fs, split, c.n_way, k_shot, c.q_query, rng)
-        adapted, _ = inner_loop(grads.s, learner.params, learner.rates, sx, sy, steps or c.inner_steps)
+        rates, first = learner.rates, None
+        if learner.attention is not None:
+            ta, first = task_rates(learner, grads, learner.params, sx, sy)
+            rates = ta["rates"]
+        adapted, _ = inner_loop(grads.s, learner.params, rates, sx, sy, steps or c.inner_steps, first=first)
         accs.append(accuracy(fwd(qx, adapted), qy))
     return _summary(accs)
 
@@ -316,15 +413,57 @@ def evaluate_compiled(learner: Learner, fs, split: str, k_shot: int, tasks: int,
     c = learner.config
     q = q_query or c.q_query
     model = learner.model
-    step = st.MaskedStep(model, c.n_way * k_shot, learner.mask(), lr=learner.rates, output="update")
+    device = TaskAdapter(learner, c.n_way * k_shot) if learner.attention is not None else \
+        st.MaskedStep(model, c.n_way * k_shot, learner.mask(), lr=learner.rates, output="update")
     fwd = forward_fn(model, c.n_way * q)
     rng = np.random.default_rng([seed, 11])
-    accs = []
+    accs, masks = [], {}
     for _ in range(tasks):
         sx, sy, qx, qy = data_mod.sample_task(fs, split, c.n_way, k_shot, q, rng)
-        adapted, _ = step.adapt(sx, sy, learner.params, steps or c.inner_steps)
+        if learner.attention is not None:
+            adapted, _, ta = device.adapt(sx, sy, steps or c.inner_steps)
+            key = " ".join(dict.fromkeys(at.layer_of(n) for n in ta["mask"]))   # in the model's order
+            masks[key] = masks.get(key, 0) + 1
+        else:
+            adapted, _ = device.adapt(sx, sy, learner.params, steps or c.inner_steps)
         accs.append(accuracy(fwd(qx, adapted), qy))
-    return _summary(accs)
+    out = _summary(accs)
+    if masks:   # how often each set of layers was updated (task-conditioned attention)
+        out["task_layers"] = dict(sorted(masks.items(), key=lambda kv: -kv[1]))
+    return out
+
+
+class TaskAdapter:
+    """Adaptation with the task-conditioned attention, as the device runs it: (1) the statistics step, the
+    union's compiled gradient step on one support image per class (memory of a 1-shot step over the union,
+    whatever the shot count); (2) the attention (numpy, a few hundred multiply-adds); (3) the compiled masked
+    step for the task's mask (a subset of the union, one of at most 2^layers: built once, cached by mask) with
+    the task's rates as inputs (lr="input"), run `steps` times on the whole support set."""
+
+    def __init__(self, learner: Learner, batch: int, conv_as_matmul: bool = True):
+        self.learner, self.batch, self.conv_as_matmul = learner, int(batch), conv_as_matmul
+        c = learner.config
+        self.stats = st.MaskedStep(learner.model, c.n_way, learner.mask(), output="grad",
+                                   conv_as_matmul=conv_as_matmul)
+        self.steps: dict = {}
+
+    def plan(self, x, y) -> dict:
+        """This task's attention (features, scores, mask, rates) from the statistics step."""
+        idx = stats_chunk(y, self.learner.config.n_way)
+        _, grads = self.stats.run(x[idx], y[idx], self.learner.params)
+        return self.learner.for_task(grads)
+
+    def step_for(self, mask: dict) -> st.MaskedStep:
+        key = st._mask_key(mask)
+        if key not in self.steps:
+            self.steps[key] = st.MaskedStep(self.learner.model, self.batch, mask, lr="input",
+                                            conv_as_matmul=self.conv_as_matmul)
+        return self.steps[key]
+
+    def adapt(self, x, y, steps: int) -> tuple[dict, list[float], dict]:
+        ta = self.plan(x, y)
+        params, losses = self.step_for(ta["mask"]).adapt(x, y, self.learner.params, steps, rates=ta["rates"])
+        return params, losses, ta
 
 
 # ---- artifacts -----------------------------------------------------------------------------------
@@ -348,6 +487,8 @@ def save(learner: Learner, path) -> None:
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         arrays = {f"param/{n}": a for n, a in learner.params.items()}
         arrays |= {f"rate/{n}": r for n, r in learner.rates.items()}
+        if learner.attention is not None:
+            arrays |= learner.attention.arrays()
         with open(tmp / "weights.npz", "wb") as f:
             np.savez(f, **arrays)
         if path.exists():
@@ -375,10 +516,15 @@ def load(path) -> Learner:
         with np.load(path / "weights.npz", allow_pickle=False) as z:
             params = {k[6:]: z[k] for k in z.files if k.startswith("param/")}
             rates = {k[5:]: z[k] for k in z.files if k.startswith("rate/")}
+            attn = {k: z[k] for k in z.files if k.startswith("attn/")}
     except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as e:
         raise UserError(f"{path} is not a meta-trained model ({e}); make one with `edgetvm adapt meta-train`") from None
+    attention = at.TaskAttention.from_arrays(attn, config.attention_threshold)
+    if (attention is None) != (config.attention != "task"):
+        raise UserError(f"{path}: its attention networks are {'missing' if attention is None else 'unexpected'} "
+                        f"for --attention {config.attention}; make it again with `edgetvm adapt meta-train`")
     learner = Learner(config, params, rates, meta.get("history", []), int(meta.get("best_iteration", 0)),
-                      int(meta.get("planned_bytes", 0)))
+                      int(meta.get("planned_bytes", 0)), attention)
     shapes = train.param_shapes(learner.model)
     if set(params) != set(shapes) or any(params[n].shape != s for n, s in shapes.items()):
         raise UserError(f"{path}: its weights do not fit Conv4 with {config.channels} channels; make it again "

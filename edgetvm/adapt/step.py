@@ -108,7 +108,12 @@ class MaskedStep:
                  conv_as_matmul: bool = True, mask_bits: int = 1):
         self.model, self.batch, self.output = model, int(batch), output
         self.mask = check_mask(model, mask)
-        if isinstance(lr, dict):   # per-channel rates: over the selected channels only
+        self.rates_input = isinstance(lr, str)
+        if self.rates_input:       # "input": run() takes the per-channel rates (one step for every task's rates)
+            if lr != "input" or output != "update":
+                raise ValueError(f"lr={lr!r}: a string lr must be 'input', with output='update'")
+            self.lr = lr_key = "input"
+        elif isinstance(lr, dict):   # per-channel rates: over the selected channels only
             lr = {n: np.asarray(lr[n], np.float32).reshape(-1)[self.mask[n]] for n in self.mask}
             self.lr = lr
             lr_key = tuple((n, v.tobytes()) for n, v in sorted(lr.items()))
@@ -124,11 +129,18 @@ class MaskedStep:
         self.dev = tvm.cpu()
         self._f = relax.VirtualMachine(ex, self.dev)["adapt_step"]
 
-    def run(self, x: np.ndarray, y: np.ndarray, params: dict) -> tuple[float, dict[str, np.ndarray]]:
+    def run(self, x: np.ndarray, y: np.ndarray, params: dict, rates: dict | None = None
+            ) -> tuple[float, dict[str, np.ndarray]]:
+        """One step; `rates` ({name: a step size per channel of the whole parameter}) only for lr="input"."""
         if len(x) != self.batch:
             raise ValueError(f"the step is compiled for {self.batch} samples, got {len(x)}")
+        if self.rates_input != (rates is not None):
+            raise ValueError("rates are given to run() exactly when the step was built with lr='input'")
         args = [to_tvm(np.asarray(x, np.float32), self.dev), to_tvm(np.asarray(y, np.int64), self.dev)]
         args += [to_tvm(np.asarray(params[n], np.float32), self.dev) for n in self.names]
+        if rates is not None:
+            args += [to_tvm(np.ascontiguousarray(np.asarray(rates[n], np.float32).reshape(-1)[self.mask[n]]), self.dev)
+                     for n in self.updated]
         out = self._f(*args)
         return float(out[0].numpy()), {n: out[i + 1].numpy() for i, n in enumerate(self.updated)}
 
@@ -145,11 +157,11 @@ class MaskedStep:
             out[name] = w
         return out
 
-    def adapt(self, x, y, params: dict, steps: int) -> tuple[dict, list[float]]:
+    def adapt(self, x, y, params: dict, steps: int, rates: dict | None = None) -> tuple[dict, list[float]]:
         """`steps` SGD steps on one batch (the support set); the adapted parameters and the losses."""
         losses = []
         for _ in range(steps):
-            loss, slices = self.run(x, y, params)
+            loss, slices = self.run(x, y, params, rates)
             params = self.apply(params, slices)
             losses.append(loss)
         return params, losses
