@@ -304,6 +304,12 @@ def _store_shapes(s: dict) -> tuple[int, int, int, str]:
 _POOL = tvm.ir.Op.get("relax.nn.max_pool2d")
 
 
+def _bias_relu(func: relax.Function) -> dict:
+    """conv / matmul call -> (bias, relu?, [the add and relu calls]): ALQ's epilogues without their pool,
+    since the sparse conv kernel finds the pools before and after it itself (_pools)."""
+    return {c: (bias, relu, calls[:len(calls) - pool]) for c, (bias, relu, pool, calls) in _epilogues(func).items()}
+
+
 def _is_pool2(call) -> bool:
     """A 2x2 max pool of stride 2 without padding, NCHW: what the conv kernel computes before and after."""
     if not (isinstance(call, relax.Call) and call.op == _POOL):
@@ -357,7 +363,7 @@ class _Rewrite(relax.PyExprMutator):
         self.absorbed = set()     # original add / relu / max_pool2d calls a kernel computes
 
     def visit_function_(self, func):
-        self.epilogues = _epilogues(func)
+        self.epilogues = _bias_relu(func)
         self.pool_after, self.pool_before = _pools(func, self.epilogues)
         return super().visit_function_(func)
 
