@@ -22,13 +22,16 @@ Per subnet it reports
 and per slimmable width: its channels, MACs against the DRESS subnet's, accuracy, and latency ratio (the
 narrow dense build over the full dense build, timed in the same alternation);
 then storage (one store against K separately stored pruned models), the switching cost, and a budget
-trace replayed on this machine against a single dense model and against K separately stored pruned
-models that must be loaded when the choice changes (only one fits the memory budget at a time).
+trace replayed on an emulated device (--device, default phone-hi; runtime/dress_device.py: the CPU quota
+of its cgroup follows the trace's CPU shares, its memory limit the memory budgets) for DRESS, a single
+dense model and K separately stored pruned models that must be loaded when the choice changes (only one
+fits the memory budget at a time).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import subprocess
@@ -47,6 +50,7 @@ from edgetvm.compiler import compile_model  # noqa: E402
 from edgetvm.quant.cli import limited, pretrained  # noqa: E402
 from edgetvm.runtime import subnets as rt  # noqa: E402
 from edgetvm.runtime.artifact import open_artifact  # noqa: E402
+from edgetvm.runtime.dress_device import DeviceWorker, summarize  # noqa: E402
 from edgetvm.runtime.session import Runner  # noqa: E402
 from edgetvm.sparse import masks  # noqa: E402
 from edgetvm.sparse import slimmable as sl  # noqa: E402
@@ -148,71 +152,68 @@ def bench_model(name: str, args) -> dict:
 
         sr.calibrate(x)
         switch = rt.switch_cost(sr, x)
-        trace = make_trace(sr.predicted_ms, [s["weight_bytes"] for s in sr.subnets], args.trace_length, args.seed)
-        dress_run = rt.run_trace(sr, x, trace)
-        dense_run = replay_dense(dense, x, trace, dense_acc, open_artifact(dense_art).manifest["weight_bytes"])
-        sep_run = replay_separate(pruned_arts, [a for _, a in independent], sr, x, trace)
+        dense_weight_bytes = open_artifact(dense_art).manifest["weight_bytes"]
+        # The trace runs on the emulated device: this process lets go of every artifact it mapped, or the
+        # device would find those weight pages in memory already (charged here, not to it).
+        del sr, dense, slim_runners
+        gc.collect()
         dense_peak = peak_bytes(dense_art)
+        trace = device_trace(dress_art, dense_art, pruned_arts, [a for _, a in independent], sub.accuracy, dense_acc,
+                             x, args)
     return {"model": name, "data": ds.name, "train_images": len(ds.train), "dense_accuracy": dense_acc,
             "dense_latency_ms": d_ms, "dense_peak_bytes": dense_peak, "training_seconds": joint_s,
             "subnets": rows, "slimmable": slim_rows, "dense_macs": sl.macs(model),
             "slimmable_training_seconds": sum(h["seconds"] for h in slim.history),
             "full_width": list(sl.full_width(model)),
-            "one_store_bytes": one_store, "separate_bytes": separate,
-            "switch": switch, "trace": {"dress": summary(dress_run), "dense": dense_run, "separate": sep_run}}
+            "one_store_bytes": one_store, "separate_bytes": separate, "dense_weight_bytes": dense_weight_bytes,
+            "switch": switch, "trace": trace}
 
 
-def make_trace(pred_ms, weight_bytes, n: int, seed: int) -> list:
-    """A budget that changes every few inferences: each phase allows one subnet (1.5x its predicted
-    latency, its weight bytes plus a margin), in a seeded random order; one phase in eight is below every
-    subnet (nothing fits)."""
+def device_trace(dress_art, dense_art, pruned_arts, pruned_acc, dress_acc, dense_acc, x, args) -> dict:
+    """The budget trace on emulated device --device (runtime/dress_device.py: its CPU quota follows the
+    trace's CPU shares, its memory limit the memory budgets), for DRESS, the single dense model and the K
+    separately stored pruned models (chosen by DRESS's rule and calibration; loaded when the choice
+    changes, the load counted in that inference's time). Each method in a fresh device and worker."""
+    with DeviceWorker(args.device, "dress", [dress_art], x) as dev:
+        cal = dev.calibrate()
+        trace = make_trace(cal["predicted_ms"], cal["memory_bytes"], args.trace_length, args.seed)
+        dress_run = dev.replay(trace)
+    with DeviceWorker(args.device, "dense", [dense_art], x) as dev:
+        dense_cal = dev.calibrate()
+        dense_run = dev.replay(trace)
+    plan = {k: cal[k] for k in ("subnets", "predicted_ms", "memory_bytes", "file_bytes")}
+    with DeviceWorker(args.device, "separate", pruned_arts, x, plan=plan) as dev:
+        sep_cal = dev.calibrate()
+        sep_run = dev.replay(trace)
+    sep = summarize(sep_run, pruned_acc)
+    sep["load_anon_bytes"] = sep_cal["load_anon_bytes"]
+    loads = [r["ms"] for r in sep_run["records"] if r["loaded"]]
+    sep["load_ms_median"] = statistics.median(loads) if loads else 0.0
+    return {"device": args.device, "calibration": {"dress": cal, "dense": dense_cal},
+            "dress": summarize(dress_run, dress_acc), "dense": summarize(dense_run, [dense_acc]), "separate": sep}
+
+
+
+SHARES = (1.0, 0.5, 0.25)
+
+
+def make_trace(pred_ms, memory_bytes, n: int, seed: int) -> list:
+    """A budget that changes every few inferences: each phase has a CPU share of the device's quota (1,
+    1/2 or 1/4) and allows one subnet at it (1.5x its calibrated latency scaled by 1 / share, its measured
+    memory plus 20%: the kernel's reclaim under a limit is not an exact working set), in a seeded random
+    order; one phase in eight is below every subnet (nothing fits:
+    half the fastest scaled latency, half the smallest memory)."""
     rng = np.random.default_rng(seed)
     out = []
     while len(out) < n:
         k = int(rng.integers(len(pred_ms)))
+        share = SHARES[int(rng.integers(len(SHARES)))]
         if rng.random() < 1 / 8:
-            b = rt.Budget(0.5 * min(pred_ms), min(weight_bytes) // 2)
+            b = rt.Budget(0.5 * min(pred_ms) / share, min(memory_bytes) // 2, share)
         else:
-            b = rt.Budget(1.5 * pred_ms[k], int(weight_bytes[k] * 1.05))
+            b = rt.Budget(1.5 * pred_ms[k] / share, int(memory_bytes[k] * 1.2), share)
         out += [b] * int(rng.integers(3, 8))
     return out[:n]
-
-
-def summary(run: dict) -> dict:
-    return {k: v for k, v in run.items() if k != "records"}
-
-
-def replay_dense(runner: Runner, x: dict, trace: list, acc: float, weight_bytes: int) -> dict:
-    """A single dense model: it runs whatever the budget; a miss when it is slower than the budget, and
-    an inference the memory budget does not allow counts as a miss too."""
-    args = runner.args(x)
-    misses = 0
-    for b in trace:
-        t = time.perf_counter()
-        runner.call(args)
-        ms = (time.perf_counter() - t) * 1e3
-        misses += ms > b.time_ms or weight_bytes > b.memory_bytes
-    return {"inferences": len(trace), "misses": misses, "accuracy": acc}
-
-
-def replay_separate(arts: list, accs: list, sr: rt.SubnetRunner, x: dict, trace: list) -> dict:
-    """K pruned models stored separately; the memory budget holds one at a time, so when the choice (the
-    same rule as DRESS's) changes, the new model is loaded (opened and mapped, first call) within that
-    inference's time."""
-    loaded, runner, misses, load_ms = None, None, 0, []
-    for b in trace:
-        c = sr.choose(b)
-        t = time.perf_counter()
-        if loaded != c.level:
-            runner = Runner(open_artifact(arts[c.level]))
-            loaded = c.level
-            load_ms.append((time.perf_counter() - t) * 1e3)
-        runner.run({**x, "subnet": np.array([0], np.int32)})
-        misses += c.fits and (time.perf_counter() - t) * 1e3 > b.time_ms
-    chosen = [sr.choose(b).level for b in trace]
-    return {"inferences": len(trace), "misses_where_fitting": int(misses), "loads": len(load_ms),
-            "load_ms_median": statistics.median(load_ms) if load_ms else 0.0,
-            "accuracy": float(np.mean([accs[k] for k in chosen]))}
 
 
 def main(argv=None) -> int:
@@ -226,6 +227,7 @@ def main(argv=None) -> int:
     p.add_argument("--repeat", type=int, default=100, help="timed batch-1 calls per round")
     p.add_argument("--rounds-timing", type=int, default=3)
     p.add_argument("--trace-length", type=int, default=200)
+    p.add_argument("--device", default="phone-hi", help="emulated device (targets/devices) the budget trace runs on")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", default=str(Path.home() / ".cache" / "edgetvm" / "bench-dress"))
     p.add_argument("--quiet", action="store_true")
@@ -257,11 +259,27 @@ def main(argv=None) -> int:
         print(f"  switching: {1e3 * sw['switch_ms']:.2f} us, weights shared: {sw['weights_shared']}; first call after "
               f"a switch {sw['first_call_extra_ms']:+.3f} ms vs a repeated call")
         t = r["trace"]
-        print(f"  budget trace of {t['dress']['inferences']}: DRESS accuracy {100 * t['dress']['accuracy']:.2f}%, "
-              f"misses {t['dress']['misses_where_fitting']} where a subnet fit, {t['dress']['no_fit']} without one; "
-              f"dense {100 * t['dense']['accuracy']:.2f}%, misses {t['dense']['misses']}; separate pruned "
-              f"{100 * t['separate']['accuracy']:.2f}%, misses {t['separate']['misses_where_fitting']} where one fit "
-              f"({t['separate']['loads']} loads, median {t['separate']['load_ms_median']:.1f} ms)")
+        cal = t["calibration"]["dress"]
+        print(f"  budget trace of {t['dress']['inferences']} on emulated device {t['device']} (CPU shares "
+              f"{'/'.join(f'{x:g}' for x in SHARES)} of its quota, memory limit = budget): subnets at the full quota "
+              + ", ".join(f"{ms:.3f} ms / {m / 2**20:.2f} MiB" for ms, m in zip(cal["predicted_ms"], cal["memory_bytes"]))
+              + f"; dense {t['calibration']['dense']['predicted_ms'][0]:.3f} ms / "
+              f"{t['calibration']['dense']['memory_bytes'][0] / 2**20:.2f} MiB")
+        for name, label in (("dress", "DRESS"), ("dense", "dense"), ("separate", "separate pruned")):
+            u = t[name]
+            extra = (f", {u['loads']} loads (median {u['load_ms_median']:.1f} ms; a load holds "
+                     f"{u['load_anon_bytes'] / 2**20:.2f} MiB more, added to every limit)" if name == "separate" else "")
+            misses = (f"misses {u['misses']} (it runs whatever the budget; over the memory budget counts too)"
+                      if name == "dense" else f"misses {u['misses_where_fitting']} where a subnet fit (of them "
+                      f"{u['misses_where_fitting_paging']} reading weights back from the file) + "
+                      f"{u['misses'] - u['misses_where_fitting']} where none did ({u['no_fit']} inferences)")
+            misses += f", {u['inferences_paging']} inferences read weight pages back"
+            print(f"    {label:>15}: accuracy {100 * u['accuracy']:.2f}%, {misses}, "
+                  f"{u['memory_over_budget']} over the memory budget ({u['limit_raised']} lines' limits raised to the "
+                  f"runner's own memory), throttled in {u['throttled_periods']} periods"
+                  + extra)
+            print(f"    {'':>15}  mean ms measured / predicted per share: " + ", ".join(
+                f"{s_}: {c['measured_mean_ms']:.3f} / {c['predicted_mean_ms']:.3f}" for s_, c in u["per_share"].items()))
     print(json.dumps(results))
     return 0
 

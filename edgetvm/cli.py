@@ -140,6 +140,8 @@ def cmd_run(args) -> None:
         from edgetvm.runtime.subnets import cmd_budget_trace
 
         return cmd_budget_trace(art, args)
+    if args.device:
+        raise UserError("--device applies to --budget-trace (a DRESS trace replayed on an emulated device)")
     if args.output:
         out = Path(args.output)
         if not out.resolve().parent.is_dir() or not os.access(out.resolve().parent, os.W_OK):
@@ -320,7 +322,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--link", metavar="LINK", help="split artifacts: the emulated link to run across "
                                                   "(targets/links; default: the bandwidth it was planned for)")
     s.add_argument("--budget-trace", metavar="TRACE", help="DRESS artifacts: per inference, run the most accurate "
-                   "subnet that fits the trace's next time and memory budget (lines 'TIME_MS MEMORY_MIB [xCOUNT]')")
+                   "subnet that fits the trace's next time and memory budget (lines 'TIME_MS MEMORY_MIB "
+                   "[CPU_SHARE] [xCOUNT]')")
+    s.add_argument("--device", metavar="PROFILE", help="with --budget-trace: replay it on this emulated device "
+                   "(targets/devices, e.g. phone-hi): its cgroup's CPU quota follows CPU_SHARE, its memory limit "
+                   "MEMORY_MIB")
     s.set_defaults(func=cmd_run)
 
     s = sub.add_parser("board", help="emulated boards for testing")

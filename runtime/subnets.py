@@ -6,14 +6,19 @@ prefix of each layer's store). All subnets share one library and one (mapped) we
 subnet is choosing the value of that input: no weight is copied, re-laid out or loaded.
 
 Budget trace (`edgetvm run ART --budget-trace TRACE`): a text file, one budget per line,
-    TIME_MS MEMORY_MIB [xCOUNT]
+    TIME_MS MEMORY_MIB [CPU_SHARE] [xCOUNT]
 (the next COUNT inferences, default 1, must each take at most TIME_MS and the model at most MEMORY_MIB of
-weights); blank lines and text after '#' are ignored. Per inference the runner picks the most accurate
-subnet whose predicted latency and weight bytes fit; when none fits it runs the smallest and says so. A
-budget miss is an inference whose measured latency exceeded its time budget.
+memory, with CPU_SHARE of the device's full CPU quota, default 1); blank lines and text after '#' are
+ignored. Per inference the runner picks the most accurate subnet whose predicted latency and memory fit;
+when none fits it runs the smallest and says so. A budget miss is an inference whose measured latency
+exceeded its time budget.
 
-Predicted latency is measured here, when the runner starts: the median of a few calls of each subnet on
-this device (so it reflects the device's load and quota at that time, not a model).
+On this machine (no `--device`) the run is unconstrained: the predicted latency is measured when the
+runner starts (the median of a few calls of each subnet), the memory of a subnet is the weight bytes it
+reads (manifest), and a CPU_SHARE other than 1 is refused. With `--device PROFILE` (targets/devices) the
+trace is replayed on an emulated device (runtime/dress_device.py): the CPU quota of its cgroup follows
+CPU_SHARE line by line, the cgroup's memory limit is MEMORY_MIB, and latency, memory and budget misses are
+measured there.
 """
 
 from __future__ import annotations
@@ -36,6 +41,10 @@ SUBNET_INPUT = "subnet"
 class Budget:
     time_ms: float
     memory_bytes: int
+    cpu_share: float = 1.0    # of the device's full CPU quota (its profile's cpu_quota)
+
+
+FORMAT = "'TIME_MS MEMORY_MIB [CPU_SHARE] [xCOUNT]'"
 
 
 def parse_trace(path: str | Path) -> list[Budget]:
@@ -49,21 +58,32 @@ def parse_trace(path: str | Path) -> list[Budget]:
         fields = line.split("#", 1)[0].split()
         if not fields:
             continue
-        try:
-            if len(fields) not in (2, 3):
-                raise ValueError
-            t, mem = float(fields[0]), float(fields[1])
-            count = int(fields[2][1:]) if len(fields) == 3 and fields[2].startswith("x") else (
-                1 if len(fields) == 2 else None)
-            if count is None or count < 1 or not (t > 0 and mem > 0) or not np.isfinite([t, mem]).all():
-                raise ValueError
-        except ValueError:
-            raise UserError(f"--budget-trace {path} line {no}: '{line.strip()}' is not 'TIME_MS MEMORY_MIB [xCOUNT]' "
-                            "with positive numbers, e.g. '2.5 8 x10'") from None
-        out += [Budget(t, int(mem * 2**20))] * count
+        where = f"--budget-trace {path} line {no}: '{line.strip()}'"
+        count = 1
+        if len(fields) > 2 and fields[-1].startswith("x"):
+            count = _number(fields.pop()[1:], int)
+        share = 1.0
+        if len(fields) == 3:
+            share = _number(fields.pop(), float)
+            if share is None or not 0 < share <= 1:
+                raise UserError(f"{where}: CPU_SHARE '{line.split('#', 1)[0].split()[2]}' must be a number in "
+                                "(0, 1], the share of the device's full CPU quota, e.g. '2.5 8 0.5 x10'")
+        t, mem = (_number(f, float) for f in fields) if len(fields) == 2 else (None, None)
+        if t is None or mem is None or count is None or count < 1 or not (t > 0 and mem > 0):
+            raise UserError(f"{where} is not {FORMAT} with positive numbers, e.g. '2.5 8 x10' or '2.5 8 0.5 x10'")
+        out += [Budget(t, int(mem * 2**20), share)] * count
     if not out:
         raise UserError(f"--budget-trace {path} holds no budgets; write lines like '2.5 8 x10' (ms, MiB, repeats)")
     return out
+
+
+def _number(text: str, kind):
+    """`text` as a finite int or float, or None."""
+    try:
+        v = kind(text)
+    except ValueError:
+        return None
+    return v if np.isfinite(v) else None
 
 
 @dataclass
@@ -86,7 +106,9 @@ class SubnetRunner:
         self.names = [i.name for i in art.inputs]
         self._level_args = [tvm.runtime.tensor(np.array([k], np.int32), self.runner.dev)
                             for k in range(len(self.subnets))]
-        self.predicted_ms = [float("nan")] * len(self.subnets)
+        self.predicted_ms = [float("nan")] * len(self.subnets)    # at the full CPU quota
+        # What a subnet needs of the memory budget: the weight bytes it reads, until measured on a device.
+        self.memory_bytes = [s["weight_bytes"] for s in self.subnets]
 
     def args(self, inputs: dict[str, np.ndarray], level: int) -> list:
         """Arguments for subnet `level`: the same weight tensors for every subnet, only `subnet` differs."""
@@ -97,10 +119,14 @@ class SubnetRunner:
     def call(self, args: list) -> np.ndarray:
         return self.runner.call(args)[0].numpy()
 
-    def calibrate(self, inputs: dict[str, np.ndarray], repeat: int = 5) -> list[float]:
-        for k in range(len(self.subnets)):
+    def calibrate(self, inputs: dict[str, np.ndarray], repeat: int = 5, after_first_call=None) -> list[float]:
+        """Each subnet's median latency, sparsest first; `after_first_call(k)` runs after subnet k's first
+        call (its prefix of the store then touched: runtime/dress_device.py measures its memory there)."""
+        for k in reversed(range(len(self.subnets))):
             a = self.args(inputs, k)
             self.call(a)   # warm-up: first touch of its weights
+            if after_first_call is not None:
+                after_first_call(k)
             times = []
             for _ in range(repeat):
                 t = time.perf_counter()
@@ -110,12 +136,18 @@ class SubnetRunner:
         return self.predicted_ms
 
     def smallest(self) -> int:
-        return min(range(len(self.subnets)), key=lambda k: (self.subnets[k]["weight_bytes"], self.predicted_ms[k]))
+        return min(range(len(self.subnets)), key=lambda k: (self.memory_bytes[k], self.predicted_ms[k]))
 
-    def choose(self, budget: Budget) -> Choice:
-        """The most accurate subnet (ties: the faster) that fits both budgets; else the smallest, not fitting."""
-        fit = [k for k, s in enumerate(self.subnets)
-               if self.predicted_ms[k] <= budget.time_ms and s["weight_bytes"] <= budget.memory_bytes]
+    def predicted(self, k: int, share: float = 1.0) -> float:
+        """Subnet k's latency with `share` of the full CPU quota: the calibration at the full quota scaled
+        by 1 / share (compute-bound: the kernels get `share` of the CPU time they had)."""
+        return self.predicted_ms[k] / share
+
+    def choose(self, budget: Budget, share: float = 1.0) -> Choice:
+        """The most accurate subnet (ties: the faster) that fits both budgets with `share` of the full CPU
+        quota; else the smallest, not fitting."""
+        fit = [k for k in range(len(self.subnets))
+               if self.predicted(k, share) <= budget.time_ms and self.memory_bytes[k] <= budget.memory_bytes]
         if not fit:
             return Choice(self.smallest(), False)
         return Choice(max(fit, key=lambda k: (self.subnets[k]["accuracy"] or 0.0, -self.predicted_ms[k])), True)
@@ -171,11 +203,22 @@ def run_trace(sr: SubnetRunner, inputs: dict[str, np.ndarray], trace: list[Budge
 
 
 def cmd_budget_trace(art, args) -> None:
-    """`edgetvm run ART --budget-trace TRACE`: the per-inference switching of the module docstring."""
+    """`edgetvm run ART --budget-trace TRACE [--device PROFILE]`: the per-inference switching of the module
+    docstring, here or on an emulated device."""
     from edgetvm.compiler import random_inputs
 
     trace = parse_trace(args.budget_trace)
-    sr = SubnetRunner(art, weights=args.weights)
+    device = getattr(args, "device", None)
+    if device is None and any(b.cpu_share != 1 for b in trace):
+        raise UserError(f"--budget-trace {args.budget_trace} sets CPU shares: give --device PROFILE (targets/devices, "
+                        "e.g. --device phone-hi) to replay it on an emulated device whose CPU quota follows them")
+    if device is not None:
+        from edgetvm.latte.devices import load_profile
+
+        device = load_profile(device)
+        if not art.manifest.get("dress"):
+            raise UserError(f"{art.path} has no subnets (compile a model written by `edgetvm dress`); "
+                            "--budget-trace applies to DRESS artifacts only")
     data = [i for i in art.inputs if i.name != SUBNET_INPUT]
     from edgetvm.cli import _load_inputs
 
@@ -183,6 +226,9 @@ def cmd_budget_trace(art, args) -> None:
     if not inputs:
         inputs = random_inputs(data, args.seed)
         print(f"no --input given: using random inputs (seed {args.seed})")
+    if device is not None:
+        return _budget_trace_on_device(art, device, inputs, trace)
+    sr = SubnetRunner(art, weights=args.weights)
     pred = sr.calibrate(inputs)
     print(f"subnets of {art.path} (predicted latency measured now on this machine):")
     for k, s in enumerate(sr.subnets):
@@ -198,6 +244,47 @@ def cmd_budget_trace(art, args) -> None:
     print(f"  {res['inferences']} inferences: subnets used {res['used']}, mean accuracy delivered {acc}, "
           f"budget misses {res['misses_where_fitting']} where a subnet fit (+{res['misses'] - res['misses_where_fitting']} "
           f"where none did)")
+    _print_switch(sc)
+
+
+def _print_switch(sc: dict) -> None:
     print(f"  switching: {1e3 * sc['switch_ms']:.2f} us per switch, weights shared by every subnet "
           f"({'no copy' if sc['weights_shared'] else 'COPIED'}); first call after a switch "
           f"{sc['first_call_extra_ms']:+.3f} ms against a repeated call (noisy)")
+
+
+def _budget_trace_on_device(art, profile, inputs: dict, trace: list[Budget]) -> None:
+    from edgetvm.runtime.dress_device import HEADROOM_BYTES, DeviceWorker, summarize
+
+    with DeviceWorker(profile, "dress", [art.path], inputs) as dev:
+        print(f"emulated device {profile.name} ({profile.description}): {len(dev.device.cpus)} CPU(s), quota "
+              f"{dev.full_quota_us / dev.period_us:g} CPU(s) per {dev.period_us / 1000:g} ms period at CPU share 1, "
+              f"memory limit = each line's MEMORY_MIB", flush=True)
+        cal = dev.calibrate()
+        print(f"subnets of {art.path} (measured on the device at its full quota; latency then scaled by "
+              "full quota / current quota):", flush=True)
+        for k, s in enumerate(cal["subnets"]):
+            acc = "?" if s["accuracy"] is None else f"{100 * s['accuracy']:.2f}%"
+            print(f"  subnet {k}: sparsity {s['sparsity']:.0%}  accuracy {acc}  weights {s['weight_bytes'] / 2**20:.3f} MiB"
+                  f"  memory measured {cal['memory_bytes'][k] / 2**20:.3f} MiB  {cal['predicted_ms'][k]:.3f} ms",
+                  flush=True)
+        run = dev.replay(trace)
+        sc = dev.switch_cost()
+    res = summarize(run, [s["accuracy"] for s in cal["subnets"]])
+    smallest = min(range(len(cal["subnets"])), key=lambda k: (cal["memory_bytes"][k], cal["predicted_ms"][k]))
+    if res["no_fit"]:
+        print(f"  {res['no_fit']} of {res['inferences']} budgets fit no subnet: ran the smallest (subnet "
+              f"{smallest}) for those")
+    acc = "?" if res["accuracy"] is None else f"{100 * res['accuracy']:.2f}%"
+    print(f"  {res['inferences']} inferences: subnets used {res['used']}, mean accuracy delivered {acc}, "
+          f"budget misses {res['misses_where_fitting']} where a subnet fit (+{res['misses'] - res['misses_where_fitting']} "
+          f"where none did); {res['misses_where_fitting_paging']} of those where one fit read weight pages back from "
+          f"the file (evicted under a lower memory limit), {res['inferences_paging']} inferences did")
+    for share, c in res["per_share"].items():
+        print(f"  CPU share {share}: {c['inferences']} inferences, measured mean {c['measured_mean_ms']:.3f} ms, "
+              f"predicted mean {c['predicted_mean_ms']:.3f} ms")
+    print(f"  quota: throttled in {res['throttled_periods']} CFS periods; memory: at most {res['peak_memory_bytes'] / 2**20:.3f}"
+          f" MiB held by the device after a call, {res['memory_over_budget']} inferences over their memory budget"
+          + (f"; {res['limit_raised']} line(s) with the limit raised above their budget to the runner's own memory + "
+             f"{HEADROOM_BYTES >> 10} KiB" if res["limit_raised"] else ""))
+    _print_switch(sc)

@@ -1,6 +1,7 @@
 """DRESS: nested row-sparse masks, joint training, sparse kernels over one store, run-time switching."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -233,6 +234,126 @@ def test_a_budget_trace_on_an_artifact_without_subnets_is_refused(tmp_path, caps
     (tmp_path / "t.txt").write_text("1 8\n")
     assert main(["run", str(tmp_path / "a"), "--budget-trace", str(tmp_path / "t.txt")]) == 2
     assert "has no subnets" in capsys.readouterr().err
+
+
+def test_a_trace_line_may_set_the_cpu_share_of_the_device_and_repeat_as_before(tmp_path):
+    (tmp_path / "t.txt").write_text("2.5 8 0.5 x2  # half the device's quota\n1 4 x1\n3 2 0.25\n")
+    mib = 2**20
+    assert rt.parse_trace(tmp_path / "t.txt") == [rt.Budget(2.5, 8 * mib, 0.5)] * 2 + [
+        rt.Budget(1.0, 4 * mib, 1.0), rt.Budget(3.0, 2 * mib, 0.25)]
+
+
+@pytest.mark.parametrize("line", ["1 8 1.5", "1 8 0", "1 8 -0.5", "1 8 half x2", "1 8 nan"])
+def test_a_trace_line_with_a_bad_cpu_share_exits_2_with_one_line(lenet_artifact, line, tmp_path, capsys):
+    d, _, _, _ = lenet_artifact
+    (tmp_path / "t.txt").write_text(f"1 8 x2\n{line}\n")
+    assert main(["run", str(d / "art"), "--budget-trace", str(tmp_path / "t.txt"), "--device", "phone-hi"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "line 2" in err and "CPU_SHARE" in err and len(err.splitlines()) == 1
+
+
+def test_cpu_shares_without_an_emulated_device_are_refused_with_one_line(lenet_artifact, tmp_path, capsys):
+    d, _, _, _ = lenet_artifact
+    (tmp_path / "t.txt").write_text("1 8 0.5\n")
+    assert main(["run", str(d / "art"), "--budget-trace", str(tmp_path / "t.txt")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--device" in err and len(err.splitlines()) == 1
+
+
+def test_a_lower_cpu_share_scales_the_predicted_latency_and_picks_a_smaller_subnet(lenet_artifact):
+    d, _, _, _ = lenet_artifact
+    sr = rt.SubnetRunner(open_artifact(d / "art"))
+    sr.predicted_ms = [4.0, 2.0, 1.0, 0.5]                # as if calibrated at the full quota: no timing here
+    big = rt.Budget(5.0, 10 * sr.memory_bytes[0])
+    assert sr.predicted(1, 0.5) == 4.0
+    assert sr.choose(big, 1.0) == rt.Choice(0, True)
+    assert sr.choose(big, 0.5) == rt.Choice(1, True)         # 8 / 4 / 2 / 1 ms at half the quota
+    assert sr.choose(big, 0.25) == rt.Choice(2, True)        # 16 / 8 / 4 / 2 ms
+    assert sr.choose(big, 0.05) == rt.Choice(3, False)       # 10 ms at least: nothing fits, the smallest
+
+
+def _device_or_skip():
+    from edgetvm.latte.devices import cgroups_unavailable
+
+    if reason := cgroups_unavailable():
+        pytest.skip(f"emulated devices need cgroups: {reason}")
+
+
+def _our_cgroups(pid):
+    from edgetvm.runtime import leftovers
+
+    return [r for r in leftovers.find() if r.kind == "cgroup" and r.owner == pid]
+
+
+def test_on_an_emulated_device_the_quota_and_memory_limit_follow_the_trace_and_the_choice_follows_the_quota(
+        lenet_artifact):
+    import os
+
+    from edgetvm.runtime.dress_device import DeviceWorker, summarize
+
+    _device_or_skip()
+    d, _, _, x = lenet_artifact
+    with DeviceWorker("phone-hi", "dress", [d / "art"], {"x": x}) as dev:    # 1 CPU, quota 1.0 per 10 ms
+        cgroups = [Path(p) for p in dev.device.paths.values()]
+        cal = dev.calibrate()
+        pred, mem = cal["predicted_ms"], cal["memory_bytes"]
+        assert mem == sorted(mem, reverse=True) and mem[3] < mem[0]          # measured: a sparser prefix holds less
+        t = 10 * pred[3] * 1.01        # at a tenth of the quota only the sparsest subnet's scaled prediction fits
+        roomy, tight = 64 * 2**20, max(mem[3], mem[0] // 2)
+        trace = [rt.Budget(t, roomy, 1.0)] * 5 + [rt.Budget(t, roomy, 0.1)] * 60 + [rt.Budget(t, tight, 1.0)] * 5
+        run = dev.replay(trace)
+    recs = run["records"]
+    # the worker read its cgroup's quota and memory limit during the run: they changed with the lines
+    assert [r["quota_us"] for r in recs] == [10_000] * 5 + [1_000] * 60 + [10_000] * 5
+    assert not run["lines"][2]["limit_raised"]                # above the worker's own memory: set as it is
+    assert [r["memory_limit"] for r in recs] == [roomy] * 65 + [tight // 4096 * 4096] * 5   # whole pages
+    assert run["lines"][1]["throttled_periods"] > 0           # 60 calls need more than 1 ms of CPU: throttled
+    # every choice is the rule over the calibration scaled by the quota it saw, with the memory a subnet
+    # needs then: its weight pages (calibration) + the worker's anonymous memory at that moment
+    plan = rt.SubnetRunner(open_artifact(d / "art"))
+    plan.predicted_ms = pred
+    for r, b in zip(recs, trace):
+        plan.memory_bytes = [f + r["anon_bytes"] for f in cal["file_bytes"]]
+        assert r["share"] == b.cpu_share and r["predicted_ms"] == pytest.approx(pred[r["level"]] / b.cpu_share)
+        assert rt.Choice(r["level"], r["fits"]) == plan.choose(b, b.cpu_share)
+    assert recs[0]["level"] < recs[10]["level"] == 3                       # the lower quota: a smaller subnet
+    assert all(r["memory_bytes"] <= tight for r in recs[65:])              # held under the limit set from the budget
+    assert summarize(run, [0.9, 0.8, 0.7, 0.6])["inferences"] == 70
+    assert not any(c.exists() for c in cgroups) and not _our_cgroups(os.getpid())
+
+
+def test_the_device_and_its_worker_are_gone_after_a_run_and_after_ctrl_c(lenet_artifact, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from edgetvm.runtime.leftovers import OWNER_ENV
+
+    _device_or_skip()
+    d, _, _, _ = lenet_artifact
+    (tmp_path / "short.txt").write_text("1000 64 1 x3\n1000 64 0.2 x3\n")
+    (tmp_path / "long.txt").write_text("1000 64 0.1 x1000000\n")
+    env = {k: v for k, v in os.environ.items() if k != OWNER_ENV}
+    cmd = [sys.executable, "-m", "edgetvm.cli", "run", str(d / "art"), "--device", "phone-hi", "--budget-trace"]
+    done = subprocess.Popen(cmd + [str(tmp_path / "short.txt")], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    out, err = done.communicate(timeout=300)
+    assert done.returncode == 0, err
+    assert "6 inferences" in out and "CPU share 0.2: 3 inferences" in out
+    assert not _our_cgroups(done.pid)
+    p = subprocess.Popen(cmd + [str(tmp_path / "long.txt")], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    for line in p.stdout:                     # the subnets are listed once calibrated: the trace runs then
+        if line.startswith("  subnet 3"):
+            break
+    assert _our_cgroups(p.pid)                # the device exists while the trace runs
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130 and "interrupted" in err
+    assert not _our_cgroups(p.pid)
+    assert not [r for r in __import__("edgetvm.runtime.leftovers", fromlist=["find"]).find()
+                if r.kind == "process" and r.owner == p.pid]
 
 
 # ---- training ----------------------------------------------------------------------------------------------------
