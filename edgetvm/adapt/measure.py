@@ -111,6 +111,12 @@ def measure(path, steps: int = 3, limit: int | None = None, timeout: float = 300
             p = cg.run(argv, capture_output=True, text=True, timeout=timeout, env=env)
             return {"peak": cg.max_usage, "killed": p.returncode != 0 and cg.oom_kills >= 1,
                     "returncode": p.returncode, "stderr": p.stderr[-500:]}
+    # Page cache is charged to the cgroup that first reads a page: an unmeasured warm-up run reads every file
+    # (Python modules, TVM, the step) first, so neither measured run pays for them and the difference of the
+    # two peaks is the step's own memory (the first idle run in a bench once came out 5 MiB above the step).
+    warm = subprocess.run(argv + ["--idle"], capture_output=True, text=True, timeout=timeout, env=env)
+    if warm.returncode != 0:
+        raise RuntimeError(f"the measured step failed to load: {warm.stderr[-1000:]}")
     out = {}
     for mode, extra in (("idle", ["--idle"]), ("peak", [])):
         with cgroup.Cgroup() as cg:
