@@ -186,6 +186,108 @@ def test_neox_rope_is_not_the_adjacent_pair_rotation(files):
     assert np.abs(a - b).max() > 1e-3 * np.abs(a).max() and np.abs(a - c).max() > 1e-3 * np.abs(a).max()
 
 
+def _llama_cpp_python() -> Path:
+    """The python of a venv with llama-cpp-python (bench/llamacpp_peer.py), or skip the test."""
+    import os
+
+    peer = Path(os.environ.get("EDGETVM_LLAMACPP_PYTHON", "")) if os.environ.get("EDGETVM_LLAMACPP_PYTHON") else \
+        Path(os.environ.get("EDGETVM_CACHE", Path.home() / ".cache" / "edgetvm")) / "llamacpp-venv" / "bin" / "python"
+    if not peer.exists() or subprocess.run([str(peer), "-c", "import llama_cpp"], capture_output=True).returncode:
+        pytest.skip("llama-cpp-python not built (see bench/llamacpp_peer.py)")
+    return peer
+
+
+# ---------------------------------------------------------------- RoPE scaling (Llama 3 frequency factors, linear, YaRN)
+ROPE_FREQS = np.geomspace(1.0, 8.0, 8)   # head size 16: 8 pairs, the slow ones stretched as Llama 3's are
+ROPE_CASES = {
+    "linear": dict(extra_kv={"llama.rope.scaling.type": "linear", "llama.rope.scaling.factor": 4.0}),
+    "yarn": dict(arch="qwen2", ctx=4096, extra_kv={"qwen2.rope.scaling.type": "yarn", "qwen2.rope.scaling.factor": 4.0,
+                                                   "qwen2.rope.scaling.original_context_length": 1024}),
+    "llama3-freqs": dict(rope_freqs=ROPE_FREQS),
+}
+
+
+def _rope_file(tmp_path, case):
+    return S.write(tmp_path / f"{case}.gguf", **{"n_layers": 2, "d": 64, "heads": 4, "kv_heads": 2,
+                                                 **ROPE_CASES[case]})
+
+
+def test_rope_scaling_is_read_and_applied_as_llama_cpp_applies_it(tmp_path):
+    """Angles as ggml_rope_ext makes them: linear scaling divides positions by the factor; Llama 3's
+    rope_freqs divide each pair's frequency; YaRN keeps the fast pairs, interpolates the slow ones and
+    scales the magnitude by 1 + 0.1 ln(factor); no scaling stays the plain table."""
+    import dataclasses
+
+    from edgetvm.llm import reference as R
+    from edgetvm.llm.gguf_model import model_config
+
+    cfgs = {c: model_config(str(_rope_file(tmp_path, c))) for c in ROPE_CASES}
+    plain = dataclasses.replace(cfgs["linear"], rope_scale=1.0)
+    assert not plain.rope_scaled and all(c.rope_scaled for c in cfgs.values())
+    angle = lambda cfg, n: np.arctan2(*R.rope_tables(cfg, n)[::-1])   # [n, pairs]
+    base = angle(plain, 256)
+
+    lin = R.rope_tables(cfgs["linear"], 256)
+    assert cfgs["linear"].rope_scale == 0.25 and cfgs["linear"].rope_ext == 0
+    np.testing.assert_allclose(lin[0][::4][:64], R.rope_tables(plain, 64)[0], atol=1e-6)
+
+    c3 = cfgs["llama3-freqs"]
+    np.testing.assert_allclose(c3.rope_freq_factors, ROPE_FREQS, rtol=1e-6)
+    inv = plain.rope_base ** (-np.arange(8) * 2 / 16) / ROPE_FREQS
+    np.testing.assert_allclose(R.rope_tables(c3, 8)[1][5], np.sin(5 * inv), atol=1e-6)
+
+    y = cfgs["yarn"]
+    low, high = R.yarn_corr_dims(16, 1024, y.rope_base, 32, 1)
+    assert 0 < low < high < 7, (low, high)   # the case has pairs on both sides of the ramp
+    cos, sin = R.rope_tables(y, 4)
+    mscale = 1 + 0.1 * np.log(4)
+    np.testing.assert_allclose(np.hypot(cos, sin), mscale, rtol=1e-5)
+    qp = dataclasses.replace(y, rope_neox=False)
+    ang = np.arctan2(*[t / mscale for t in R.rope_tables(qp, 4)][::-1])
+    plain_y = angle(dataclasses.replace(y, rope_scale=1.0, rope_ext=0.0), 4)
+    assert np.allclose(ang[1, : int(low)], plain_y[1, : int(low)], atol=1e-6)          # fast pairs kept
+    assert np.allclose(ang[1, int(high) + 1:], plain_y[1, int(high) + 1:] / 4, atol=1e-6)   # slow ones / 4
+    assert base.shape == (256, 8)
+
+
+@pytest.mark.parametrize("case", list(ROPE_CASES))
+def test_scaled_rope_model_matches_the_reference_and_differs_from_unscaled(tmp_path, case):
+    """The compiled model takes the scaled tables (its logits equal the numpy reference's), and the
+    scaling matters: the same weights with plain RoPE give other logits."""
+    import dataclasses
+
+    from edgetvm.llm import reference as R
+    from edgetvm.llm.gguf_model import load_weights
+
+    _, got, ref = _check_against_reference(_rope_file(tmp_path, case))
+    cfg, w = load_weights(str(tmp_path / f"{case}.gguf"))
+    ids = list(range(3, 23))
+    plain = R.forward(dataclasses.replace(cfg, rope_scale=1.0, rope_freq_factors=None, rope_ext=0.0), w, ids)
+    scaled = R.forward(cfg, w, ids)
+    assert np.abs(plain - scaled).max() > 1e-3 * np.abs(scaled).max()
+
+
+@pytest.mark.parametrize("case", list(ROPE_CASES))
+def test_scaled_rope_logits_equal_llama_cpps(tmp_path, case):
+    """Where llama-cpp-python is built (bench/llamacpp_peer.py): llama.cpp's logits on the same file and
+    tokens equal ours, so the scaling is llama.cpp's, not only our reference's."""
+    import json
+
+    peer = _llama_cpp_python()
+    from edgetvm.llm import reference as R
+    from edgetvm.llm.gguf_model import load_weights
+
+    path = _rope_file(tmp_path, case)
+    cfg, w = load_weights(str(path))
+    ids = [cfg.bos] + list(range(3, 120))
+    worker = Path(__file__).resolve().parents[1] / "bench" / "llamacpp_peer.py"
+    r = subprocess.run([str(peer), str(worker), str(path), "1", "256"], capture_output=True, text=True, timeout=300,
+                       input=json.dumps({"cmd": "ppl", "ids": ids, "logits": len(ids)}) + "\n")
+    theirs = np.asarray(json.loads(r.stdout.strip().splitlines()[-1])["logits"], np.float32)
+    ours = R.forward(cfg, w, ids)
+    assert np.abs(ours - theirs).max() < 2e-3 * np.abs(ours).max(), np.abs(ours - theirs).max() / np.abs(ours).max()
+
+
 def test_mixed_roles_exact_where_a_format_holds_both_else_q8_and_said(tmp_path):
     """ffn_down Q4_K in layer 0 and Q6_K in layer 1 (as Q4_K_M): exact in q8 per 16 with mins. attn_output
     F16 in layer 1, Q4_K in layer 0: no quantized format holds both: q8, with the error stated."""
@@ -242,12 +344,8 @@ def test_tokenizers_equal_llama_cpps_on_the_same_file(tmp_path):
     """Where llama-cpp-python is built (bench/llamacpp_peer.py): its tokenizer on the same GGUF gives
     the same ids (BOS included) for SentencePiece and each BPE pre-tokenizer."""
     import json
-    import os
 
-    peer = Path(os.environ.get("EDGETVM_LLAMACPP_PYTHON", "")) if os.environ.get("EDGETVM_LLAMACPP_PYTHON") else \
-        Path(os.environ.get("EDGETVM_CACHE", Path.home() / ".cache" / "edgetvm")) / "llamacpp-venv" / "bin" / "python"
-    if not peer.exists():
-        pytest.skip("llama-cpp-python not built (see bench/llamacpp_peer.py)")
+    peer = _llama_cpp_python()
     from edgetvm.llm.gguf_model import load_tokenizer
 
     texts = ["hello world", "hello \u00e9 w\u00f6rld", "ab hello  world\n\nab", "The year 2024 had 12345 items, isn't it?"]
@@ -289,6 +387,8 @@ def test_cli_bad_files_one_line_exit_2(tmp_path, capsys):
     for argv, msg in ((["generate", "--model", str(tmp_path / "gemma.gguf"), "hi"], "architecture 'gemma'"),
                       (["generate", "--model", str(tmp_path / "text.gguf"), "hi"], "not a readable GGUF"),
                       (["generate", "--model", str(tmp_path / "none.gguf"), "hi"], "does not exist"),
+                      (["generate", "--model", str(S.write(tmp_path / "longrope.gguf", n_layers=1, extra_kv={
+                          "llama.rope.scaling.type": "longrope"})), "hi"], "RoPE scaling 'longrope'"),
                       (["compile-llm", "--model", str(tmp_path / "cut.gguf"), "-o", str(tmp_path / "o")],
                        "truncated or damaged")):
         assert cli.main(argv) == 2
@@ -341,15 +441,17 @@ def test_cli_generate_and_ppl_by_path(files, tmp_path, capsys):
 
 # ---------------------------------------------------------------- the board library with the file's formats
 @pytest.mark.parametrize("case", ["qwen2-bias-untied", pytest.param("kquant-mqa-spm", marks=pytest.mark.slow),
-                                  pytest.param("q4-head", marks=pytest.mark.slow), "q4k-q6k-down"])
+                                  pytest.param("q4-head", marks=pytest.mark.slow), "q4k-q6k-down",
+                                  "llama3-freqs"])
 def test_compile_llm_artifact_equals_the_python_runtime(files, tmp_path, case, capsys):
     """compile-llm of a file by path (untied fp32 embedding and head, q8_16 and q4s heads doubling as the
-    embedding): the library's logits and greedy token equal the Python runtime's on the same cache."""
+    embedding, Llama 3's RoPE frequency factors through the artifact's JSON): the library's logits and greedy token equal the Python runtime's on the same cache."""
     from edgetvm.llm import cli
     from edgetvm.llm.board import BoardModel, open_llm_artifact
     from edgetvm.llm.runtime import Model
 
     p = files.get(case) or (
+        _rope_file(tmp_path, case) if case in ROPE_CASES else
         S.write(tmp_path / "q4head.gguf", types={"qkv": "Q4_0", "head": "Q4_0"}, seed=7) if case == "q4-head" else
         S.write(tmp_path / "mixed.gguf", d=256, heads=4, kv_heads=2, d_ff=512, seed=8,
                 types={"qkv": "Q4_K", "o": "Q6_K", "gu": "Q4_K", "down": "Q4_K", "head": "Q8_0"},

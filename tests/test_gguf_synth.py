@@ -86,7 +86,7 @@ def write(path: Path, arch: str = "llama", n_layers: int = 2, d: int = 64, heads
           head_dim: int | None = None, d_ff: int = 96, tokenizer: str = "gpt2", pre: str | None = None,
           types: dict | None = None, layer_types: dict | None = None, tied: bool = True, bias: bool | None = None,
           vocab: int | None = None, seed: int = 0, rope_base: float = 10000.0, eps: float = 1e-5,
-          ctx: int = 256, extra_kv: dict | None = None) -> Path:
+          ctx: int = 256, extra_kv: dict | None = None, rope_freqs=None) -> Path:
     """A GGUF file. types: {role: GGUF type} for qkv, o, gu, down, head, embed (default F32);
     layer_types: {(layer, role): type} overrides."""
     import gguf
@@ -127,7 +127,8 @@ def write(path: Path, arch: str = "llama", n_layers: int = 2, d: int = 64, heads
         w.add_eos_token_id(2)
         w.add_unk_token_id(0)
     for k, v in (extra_kv or {}).items():
-        w.add_string(k, v) if isinstance(v, str) else w.add_uint32(k, v)
+        w.add_string(k, v) if isinstance(v, str) else w.add_float32(k, v) if isinstance(v, float) else \
+            w.add_uint32(k, v)
     V = len(tokens)
 
     def t(name, shape, ty, scale):
@@ -139,6 +140,8 @@ def write(path: Path, arch: str = "llama", n_layers: int = 2, d: int = 64, heads
 
     t("token_embd.weight", (V, d), types["embed" if not tied else "head"], 0.5)
     t("output_norm.weight", (d,), "F32", 0.2)
+    if rope_freqs is not None:   # Llama 3's scaling, as its converter writes it
+        w.add_tensor("rope_freqs.weight", np.asarray(rope_freqs, np.float32))
     if not tied:
         t("output.weight", (V, d), types["head"], 0.2)
     for l in range(n_layers):

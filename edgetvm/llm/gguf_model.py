@@ -45,6 +45,25 @@ class Config:
     rope_neox: bool = False  # rotate (i, i + D/2) pairs (qwen2) instead of (2i, 2i + 1)
     qkv_bias: bool = False  # q/k/v projections have biases (qwen2)
     tied: bool = True  # the head is the token embedding
+    # RoPE scaling as llama.cpp applies it (ggml_rope_ext): every pair's angle pos * base^(-2i/D) is divided
+    # by rope_freqs.weight[i] (Llama 3.x writes its 'llama3' scaling as these factors), then times
+    # rope_scale (1 / rope.scaling.factor) where YaRN's ramp does not keep it unscaled.
+    rope_scale: float = 1.0
+    rope_freq_factors: tuple | None = None
+    rope_ext: float = 0.0  # YaRN's ramp mix: 1 for rope.scaling.type yarn, else 0 (plain linear scaling)
+    rope_attn: float = 1.0  # rope.scaling.attn_factor: cos and sin are multiplied by it
+    rope_orig_ctx: int = 0  # YaRN's original context (0: the model's context length)
+    rope_beta_fast: float = 32.0
+    rope_beta_slow: float = 1.0
+
+    def __post_init__(self):
+        # from JSON (board artifacts) the factors arrive as a list: keep the Config hashable
+        if self.rope_freq_factors is not None and not isinstance(self.rope_freq_factors, tuple):
+            object.__setattr__(self, "rope_freq_factors", tuple(float(f) for f in self.rope_freq_factors))
+
+    @property
+    def rope_scaled(self) -> bool:
+        return self.rope_scale != 1.0 or self.rope_freq_factors is not None or self.rope_attn != 1.0
 
 
 ARCHS = ("llama", "qwen2")
@@ -130,9 +149,7 @@ def config_from_gguf(reader, path="the GGUF file") -> Config:
             raise UserError(f"{path}: key and value head sizes differ; edgetvm needs them equal")
         if int(g("rope.dimension_count", D)) != D:
             raise UserError(f"{path}: RoPE rotates only part of each head; edgetvm rotates whole heads")
-        scaling = str(g("rope.scaling.type", "none"))
-        if scaling not in ("none", "") or "rope_freqs.weight" in names:
-            raise UserError(f"{path}: RoPE scaling ('{scaling}' or rope_freqs.weight) is not supported")
+        rope = _rope_scaling(reader, g, D, path)
         tokens = _field(reader, "tokenizer.ggml.tokens", [])
         vocab = int(g("vocab_size", len(tokens) or 0)) or int(next(
             t.shape[1] for t in reader.tensors if t.name == "token_embd.weight"))
@@ -143,9 +160,33 @@ def config_from_gguf(reader, path="the GGUF file") -> Config:
                       bos=int(_field(reader, "tokenizer.ggml.bos_token_id", -1)),
                       eos=int(_field(reader, "tokenizer.ggml.eos_token_id", -1)), arch=arch,
                       rope_neox=arch == "qwen2", qkv_bias="blk.0.attn_q.bias" in names,
-                      tied="output.weight" not in names)
+                      tied="output.weight" not in names, **rope)
     except KeyError as e:
         raise UserError(f"{path}: metadata key {e} is missing; the file is damaged or not a {arch} model") from None
+
+
+def _rope_scaling(reader, g, D: int, path) -> dict:
+    """Config fields of the file's RoPE scaling, read as llama.cpp reads them: the type defaults to linear,
+    the factor to none (rope.scale_linear is its old name), YaRN's ramp applies only to type yarn."""
+    kind = str(g("rope.scaling.type", "linear")) or "linear"
+    if kind not in ("none", "linear", "yarn"):
+        raise UserError(f"{path}: RoPE scaling '{kind}' is not supported; edgetvm applies none, linear, yarn and "
+                        "rope_freqs.weight (Llama 3)")
+    if float(g("rope.scaling.yarn_log_multiplier", 0.0)) != 0.0:
+        raise UserError(f"{path}: YaRN with a log multiplier (DeepSeek's) is not supported")
+    factor = float(g("rope.scaling.factor", 0.0)) or float(g("rope.scale_linear", 0.0))
+    out = {"rope_scale": 1.0 if kind == "none" or factor == 0.0 else 1.0 / factor,
+           "rope_ext": 1.0 if kind == "yarn" else 0.0, "rope_attn": float(g("rope.scaling.attn_factor", 1.0)),
+           "rope_orig_ctx": int(g("rope.scaling.original_context_length", 0)),
+           "rope_beta_fast": float(g("rope.scaling.yarn_beta_fast", 32.0)),
+           "rope_beta_slow": float(g("rope.scaling.yarn_beta_slow", 1.0))}
+    t = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
+    if t is not None:
+        if t.tensor_type.name != "F32" or int(np.prod(t.shape)) != D // 2:
+            raise UserError(f"{path}: rope_freqs.weight is {t.tensor_type.name} {tuple(int(s) for s in t.shape)}, "
+                            f"expected F32 ({D // 2},); the file is damaged")
+        out["rope_freq_factors"] = tuple(float(f) for f in np.asarray(t.data, np.float32).reshape(-1))
+    return out
 
 
 def model_config(name: str = "smollm2-135m") -> Config:

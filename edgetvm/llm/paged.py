@@ -16,6 +16,7 @@ from tvm import relax, tirx
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedKVCache
 
+from edgetvm.errors import UserError
 from edgetvm.llm import kernels
 from edgetvm.llm.gguf_model import load_tokenizer, load_weights
 from edgetvm.runtime.tensors import to_tvm
@@ -85,6 +86,8 @@ class PagedModel:
         from edgetvm.passes import pipeline
 
         self.cfg, w = load_weights(name)
+        if self.cfg.rope_scaled:   # TVM's paged KV cache computes its own RoPE from the base alone
+            raise UserError(f"{name}: the paged KV cache runtime does not apply RoPE scaling; run without it")
         self.tokenizer = load_tokenizer(name)
         cfg = self.cfg
         target = target or kernels.cpu_target()

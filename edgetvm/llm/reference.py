@@ -11,11 +11,37 @@ import numpy as np
 
 
 def rope_tables(cfg, n_pos: int | None = None):
-    """cos, sin tables [n_pos, head_dim/2] (fp32) for positions 0..n_pos-1."""
+    """cos, sin tables [n_pos, head_dim/2] (fp32) for positions 0..n_pos-1, scaled as llama.cpp's
+    ggml_rope_ext scales them (frequency factors, linear scaling, YaRN)."""
     n_pos = n_pos or cfg.max_pos
-    inv = cfg.rope_base ** (-np.arange(0, cfg.head_dim, 2, dtype=np.float64) / cfg.head_dim)
+    D = cfg.head_dim
+    i = np.arange(D // 2, dtype=np.float64)
+    inv = cfg.rope_base ** (-2 * i / D)
+    factors = getattr(cfg, "rope_freq_factors", None)
+    if factors is not None:
+        inv = inv / np.asarray(factors, np.float64)
+    scale, ext = getattr(cfg, "rope_scale", 1.0), getattr(cfg, "rope_ext", 0.0)
+    mscale = getattr(cfg, "rope_attn", 1.0)
+    if ext != 0.0:
+        # YaRN: pairs that turn fast (i below the corrected dims) keep their angle, slow ones are
+        # interpolated, a linear ramp between; the magnitude grows with log(factor)
+        low, high = yarn_corr_dims(D, cfg.rope_orig_ctx or cfg.max_pos, cfg.rope_base, cfg.rope_beta_fast,
+                                   cfg.rope_beta_slow)
+        keep = (1 - np.clip((i - low) / max(0.001, high - low), 0, 1)) * ext
+        inv = scale * inv * (1 - keep) + inv * keep
+        if scale < 1.0:
+            mscale *= 1 + 0.1 * np.log(1 / scale)
+    else:
+        inv = scale * inv
     ang = np.arange(n_pos, dtype=np.float64)[:, None] * inv[None, :]
-    return np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
+    return (mscale * np.cos(ang)).astype(np.float32), (mscale * np.sin(ang)).astype(np.float32)
+
+
+def yarn_corr_dims(n_dims: int, n_ctx_orig: int, base: float, beta_fast: float, beta_slow: float):
+    """The pair indices between which YaRN ramps from extrapolation to interpolation (ggml's corr dims):
+    where a pair turns beta times over the original context."""
+    dim = lambda beta: n_dims * np.log(n_ctx_orig / (beta * 2 * np.pi)) / (2 * np.log(base))
+    return max(0.0, float(np.floor(dim(beta_fast)))), min(n_dims - 1.0, float(np.ceil(dim(beta_slow))))
 
 
 def rope(x, pos, cos, sin, neox: bool = False):
