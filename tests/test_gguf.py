@@ -30,7 +30,10 @@ def _rows(ty, N, K, seed=0):
                                     ("Q4_K", "q4"),
                                     ("Q5_0", "q8"), ("Q5_0", "q8_16"), ("Q8_0", "q8"), ("Q8_0", "q8_16"),
                                     ("Q6_K", "q8_16"), ("F16", "fp32"), ("Q4_K", "q8m_16"), ("Q6_K", "q8m_16"),
-                                    ("Q4_1", "q8m_16"), ("Q4_0", "q8m_16"), ("Q5_0", "q8m_16"), ("Q8_0", "q8m_16")])
+                                    ("Q4_1", "q8m_16"), ("Q4_0", "q8m_16"), ("Q5_0", "q8m_16"), ("Q8_0", "q8m_16"),
+                                    ("Q5_1", "q8m_16"), ("Q5_K", "q8m_16"), ("Q2_K", "q8m_16"), ("Q3_K", "q8_16"),
+                                    ("Q3_K", "q8m_16"), ("IQ4_NL", "q8"), ("IQ4_NL", "q8m_16"), ("IQ4_XS", "q8"),
+                                    ("IQ4_XS", "q8_16")])
 def test_gguf_blocks_repack_to_exactly_the_dequantized_values(ty, fmt):
     from gguf.quants import dequantize
 
@@ -127,6 +130,10 @@ CASES = {
     "kquant-mqa-spm": dict(arch="llama", n_layers=2, d=256, heads=4, kv_heads=1, head_dim=64, d_ff=512,
                            tokenizer="llama", types={"qkv": "Q4_K", "o": "Q4_K", "gu": "Q4_K", "down": "Q6_K",
                                                      "head": "Q6_K"}),
+    # the other K-quants and Q5_1 (Q5_K_M, Q3_K_M, Q2_K files), all held exactly as int8 with scale (and min) per 16
+    "q5k-q3k-q2k": dict(arch="llama", n_layers=2, d=256, heads=4, kv_heads=2, d_ff=512,
+                        types={"qkv": "Q5_K", "o": "Q3_K", "gu": "Q2_K", "down": "Q6_K", "head": "Q5_1"},
+                        layer_types={(1, "o"): "IQ4_NL", (0, "down"): "IQ4_XS"}),
 }
 
 
@@ -167,7 +174,8 @@ def test_model_by_path_matches_numpy_reference(files, case):
     m, _, _ = _check_against_reference(files[case])
     want = {"llama-gqa4-hd32": {"qkv": "q8", "o": "q4s", "gu": "q4", "down": "fp32", "head": "q8"},
             "qwen2-bias-untied": {"qkv": "q4s", "o": "q8", "gu": "q8", "down": "q4", "head": "fp32", "embed": "fp32"},
-            "kquant-mqa-spm": {"qkv": "q4", "o": "q4", "gu": "q4", "down": "q8_16", "head": "q8_16"}}[case]
+            "kquant-mqa-spm": {"qkv": "q4", "o": "q4", "gu": "q4", "down": "q8_16", "head": "q8_16"},
+            "q5k-q3k-q2k": {"qkv": "q8m_16", "o": "q8_16", "gu": "q8m_16", "down": "q8_16", "head": "q8m_16"}}[case]
     assert {r: m.formats[r] for r in want} == want and m.notes == []
 
 

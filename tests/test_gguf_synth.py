@@ -2,7 +2,7 @@
 types per role (and per layer), a byte-level BPE or a SentencePiece vocabulary.
 
 The weights are random; quantized types are written with `gguf.quants.quantize` (Q4_0, Q4_1,
-Q5_0, Q8_0) or as random blocks with sane fp16 scales (Q4_K, Q6_K: the gguf package has no
+Q5_0, Q5_1, Q8_0) or as random blocks with sane fp16 scales (Q2_K..Q6_K, IQ4_NL, IQ4_XS: the gguf package has no
 quantizer for them, and every bit pattern of their quants is a valid block)."""
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def _quant(a: np.ndarray, ty: str, rng) -> tuple[np.ndarray, object]:
     if ty == "F16":
         return a.astype(np.float16), None
     q = getattr(Q, ty)
-    if ty in ("Q4_0", "Q4_1", "Q5_0", "Q8_0"):
+    if ty in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"):
         return quantize(a.astype(np.float32), q), q
     N, K = a.shape
     nb = N * K // 256
@@ -77,6 +77,23 @@ def _quant(a: np.ndarray, ty: str, rng) -> tuple[np.ndarray, object]:
         b = rng.integers(0, 256, (nb, 210), dtype=np.uint8)
         b[:, 192:208] = rng.integers(-127, 128, (nb, 16)).astype(np.int8).view(np.uint8)
         b[:, 208:210] = np.full(nb, 0.06 / 32 / 127, np.float16).view(np.uint8).reshape(nb, 2)
+    elif ty == "Q5_K":  # d, dmin fp16, 12 bytes of 6-bit scales/mins, 32 bytes of high bits, 128 of nibbles
+        b = rng.integers(0, 256, (nb, 176), dtype=np.uint8)
+        b[:, 0:2] = np.full(nb, 0.02 / 63 * 2, np.float16).view(np.uint8).reshape(nb, 2)
+        b[:, 2:4] = np.full(nb, 0.01 / 63 * 2, np.float16).view(np.uint8).reshape(nb, 2)
+    elif ty == "Q2_K":  # 16 bytes of scale/min nibbles, 64 bytes of 2-bit quants, fp16 d, dmin
+        b = rng.integers(0, 256, (nb, 84), dtype=np.uint8)
+        b[:, 80:82] = np.full(nb, 0.1 / 15, np.float16).view(np.uint8).reshape(nb, 2)
+        b[:, 82:84] = np.full(nb, 0.05 / 15, np.float16).view(np.uint8).reshape(nb, 2)
+    elif ty == "Q3_K":  # 32 bytes of high-bit masks, 64 of 2-bit quants, 12 of 6-bit scales, fp16 d
+        b = rng.integers(0, 256, (nb, 110), dtype=np.uint8)
+        b[:, 108:110] = np.full(nb, 0.1 / 32 / 4, np.float16).view(np.uint8).reshape(nb, 2)
+    elif ty == "IQ4_NL":  # fp16 d, 16 bytes of table indices
+        b = rng.integers(0, 256, (N * K // 32, 18), dtype=np.uint8)
+        b[:, 0:2] = np.full(len(b), 0.1 / 127, np.float16).view(np.uint8).reshape(-1, 2)
+    elif ty == "IQ4_XS":  # fp16 d, 2 + 4 bytes of 6-bit scales, 128 bytes of table indices
+        b = rng.integers(0, 256, (nb, 136), dtype=np.uint8)
+        b[:, 0:2] = np.full(nb, 0.1 / 127 / 32, np.float16).view(np.uint8).reshape(nb, 2)
     else:
         raise ValueError(ty)
     return b.reshape(N, -1), q

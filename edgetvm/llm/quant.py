@@ -178,6 +178,75 @@ def gguf_q6_k(raw, N, K):
     return q, (d[:, None] * sc).reshape(N, K // 16)
 
 
+def gguf_q5_1(raw, N, K):
+    """Q5_1 (fp16 d, fp16 m, 32 high bits, 16 bytes; w = d q + m) -> (q 0..31 [N, K], d, m [N, K/32])."""
+    b = np.ascontiguousarray(raw).reshape(N, K // 32, 24)
+    qh = b[:, :, 4:8].copy().view(np.uint32)
+    hi = ((qh >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8)
+    return (_nibbles32(b[:, :, 8:]) | (hi << 4)).reshape(N, K), _f16(b[:, :, 0:2]), _f16(b[:, :, 2:4])
+
+
+def gguf_q5_k(raw, N, K):
+    """Q5_K super-blocks of 256 (fp16 d, fp16 dmin, 12 bytes of 6-bit scales/mins, 32 bytes of high bits,
+    128 bytes of nibbles; w = d sc q - dmin min) -> (q 0..31 [N, K], d*sc, -dmin*min [N, K/32])."""
+    from gguf.quants import Q4_K
+
+    b = np.ascontiguousarray(raw).reshape(N * (K // 256), 176)
+    d, dmin = _f16(b[:, 0:2]), _f16(b[:, 2:4])
+    sc, mn = Q4_K.get_scale_min(b[:, 4:16].copy())
+    ql = (b[:, 48:].reshape(-1, 4, 1, 32) >> np.array([0, 4], np.uint8).reshape(1, 1, 2, 1)) & 15
+    qh = (b[:, 16:48].reshape(-1, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(1, 8, 1)) & 1
+    q = (ql.reshape(-1, 8, 32) | (qh << 4)).reshape(N, K)
+    return q, (d[:, None] * sc.astype(np.float32)).reshape(N, K // 32), \
+        -(dmin[:, None] * mn.astype(np.float32)).reshape(N, K // 32)
+
+
+def gguf_q2_k(raw, N, K):
+    """Q2_K super-blocks of 256 (16 bytes of 4-bit scale/min pairs, 64 bytes of 2-bit quants, fp16 d, dmin;
+    w = d sc q - dmin min per 16) -> (q 0..3 [N, K], d*sc, -dmin*min [N, K/16])."""
+    b = np.ascontiguousarray(raw).reshape(N * (K // 256), 84)
+    scales, d, dmin = b[:, :16], _f16(b[:, 80:82]), _f16(b[:, 82:84])
+    q = (b[:, 16:80].reshape(-1, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8).reshape(1, 1, 4, 1)) & 3
+    return q.reshape(N, K), (d[:, None] * (scales & 15).astype(np.float32)).reshape(N, K // 16), \
+        -(dmin[:, None] * (scales >> 4).astype(np.float32)).reshape(N, K // 16)
+
+
+def gguf_q3_k(raw, N, K):
+    """Q3_K super-blocks of 256 (32 bytes of high-bit masks, 64 bytes of 2-bit quants, 12 bytes of 6-bit
+    signed scales, fp16 d; w = d (sc - 32) (q - 4 if the mask bit is 0)) -> (int8 q -4..3 [N, K], d*sc [N, K/16])."""
+    b = np.ascontiguousarray(raw).reshape(N * (K // 256), 110)
+    hmask, qs, sb, d = b[:, :32], b[:, 32:96], b[:, 96:108], _f16(b[:, 108:110])
+    lo = (sb[:, :8].reshape(-1, 1, 8) >> np.array([0, 4], np.uint8).reshape(1, 2, 1)).reshape(-1, 16) & 15
+    hi = (sb[:, 8:].reshape(-1, 1, 4) >> np.array([0, 2, 4, 6], np.uint8).reshape(1, 4, 1)).reshape(-1, 16) & 3
+    sc = (lo | (hi << 4)).astype(np.int8) - np.int8(32)
+    ql = ((qs.reshape(-1, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8).reshape(1, 1, 4, 1)) & 3).reshape(-1, 256)
+    qh = ((hmask.reshape(-1, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(1, 8, 1)) & 1).reshape(-1, 256)
+    q = ql.astype(np.int8) - ((qh ^ 1) << 2).astype(np.int8)
+    return q.reshape(N, K), (d[:, None] * sc.astype(np.float32)).reshape(N, K // 16)
+
+
+IQ4_NL_VALUES = np.array((-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113), np.int8)
+
+
+def gguf_iq4_nl(raw, N, K):
+    """IQ4_NL (fp16 d, 16 bytes of indices into a fixed non-linear int8 table; w = d table[q]) ->
+    (int8 table values [N, K], d [N, K/32]): llama.cpp's fallback for K-quants on rows not a multiple of 256."""
+    b = np.ascontiguousarray(raw).reshape(N, K // 32, 18)
+    return IQ4_NL_VALUES[_nibbles32(b[:, :, 2:])].reshape(N, K), _f16(b[:, :, 0:2])
+
+
+def gguf_iq4_xs(raw, N, K):
+    """IQ4_XS super-blocks of 256 (fp16 d, 2 + 4 bytes of 6-bit signed scales, 128 bytes of table indices;
+    w = d (sc - 32) table[q] per 32) -> (int8 table values [N, K], d*sc [N, K/32])."""
+    b = np.ascontiguousarray(raw).reshape(N * (K // 256), 136)
+    d, hi = _f16(b[:, 0:2]), b[:, 2:4].copy().view(np.uint16)
+    lo = (b[:, 4:8].reshape(-1, 4, 1) >> np.array([0, 4], np.uint8).reshape(1, 1, 2)).reshape(-1, 8) & 15
+    hi = ((hi >> np.arange(0, 16, 2, dtype=np.uint16)) & 3).astype(np.uint8)
+    sc = (lo | (hi << 4)).astype(np.int8) - np.int8(32)
+    q = IQ4_NL_VALUES[_nibbles32(b[:, 8:].reshape(-1, 8, 16))]
+    return q.reshape(N, K), (d[:, None] * sc.astype(np.float32)).reshape(N, K // 32)
+
+
 def _split_groups(s: np.ndarray, times: int) -> np.ndarray:
     """Scales per group of g -> per group of g/times (each repeated)."""
     return np.repeat(s, times, axis=1)
@@ -186,8 +255,14 @@ def _split_groups(s: np.ndarray, times: int) -> np.ndarray:
 # GGUF tensor type -> kernel formats that hold its values exactly (preferred first: fewer bytes)
 EXACT = {"F32": ("fp32",), "F16": ("fp32",), "BF16": ("fp32",), "Q4_0": ("q4s", "q4", "q8", "q8_16", "q8m_16"),
          "Q4_1": ("q4", "q8m_16"), "Q4_K": ("q4", "q8m_16"), "Q5_0": ("q8", "q8_16", "q8m_16"),
-         "Q8_0": ("q8", "q8_16", "q8m_16"), "Q6_K": ("q8_16", "q8m_16")}
-BLOCK = {"Q4_0": 32, "Q4_1": 32, "Q5_0": 32, "Q8_0": 32, "Q4_K": 256, "Q6_K": 256}
+         "Q8_0": ("q8", "q8_16", "q8m_16"), "Q6_K": ("q8_16", "q8m_16"), "Q3_K": ("q8_16", "q8m_16"),
+         # 5-bit and 2-bit quants with a min per group: int8 values with scale and min per 16
+         "Q5_1": ("q8m_16",), "Q5_K": ("q8m_16",), "Q2_K": ("q8m_16",),
+         # non-linear 4-bit: the table's values are int8, so int8 with a scale per 32
+         "IQ4_NL": ("q8", "q8_16", "q8m_16"), "IQ4_XS": ("q8", "q8_16", "q8m_16")}
+BLOCK = {"Q4_0": 32, "Q4_1": 32, "Q5_0": 32, "Q5_1": 32, "Q8_0": 32, "Q2_K": 256, "Q3_K": 256, "Q4_K": 256,
+         "Q5_K": 256, "Q6_K": 256, "IQ4_NL": 32, "IQ4_XS": 256}
+_WITH_MIN = {"Q5_1": (gguf_q5_1, 2), "Q5_K": (gguf_q5_k, 2), "Q2_K": (gguf_q2_k, 1)}  # decoder, groups per 32 / 16
 
 
 def gguf_rows(type_name: str, raw, N: int, K: int, fmt: str) -> list:
@@ -197,6 +272,10 @@ def gguf_rows(type_name: str, raw, N: int, K: int, fmt: str) -> list:
     gguf.quants.dequantize gives."""
     if fmt not in EXACT.get(type_name, ()):
         raise ValueError(f"{type_name} is not exact in {fmt}")
+    if fmt == "q8m_16" and type_name in _WITH_MIN:
+        decode, times = _WITH_MIN[type_name]
+        q, sc, mn = decode(raw, N, K)
+        return [q.astype(np.int8), _split_groups(sc, times), _split_groups(mn, times)]
     if fmt == "q8m_16":  # int8 q, scale and min per 16, from the type's own exact format
         base = EXACT[type_name][0]
         r = gguf_rows(type_name, raw, N, K, base)
@@ -227,6 +306,12 @@ def gguf_rows(type_name: str, raw, N: int, K: int, fmt: str) -> list:
         q8, s = b[:, :, 2:].copy().view(np.int8).reshape(N, K), _f16(b[:, :, :2])
     elif type_name == "Q5_0":
         q8, s = gguf_q5_0(raw, N, K)
+    elif type_name == "IQ4_NL":
+        q8, s = gguf_iq4_nl(raw, N, K)
+    elif type_name == "IQ4_XS":
+        q8, s = gguf_iq4_xs(raw, N, K)
+    elif type_name == "Q3_K":
+        return list(gguf_q3_k(raw, N, K))
     else:  # Q6_K
         return list(gguf_q6_k(raw, N, K))
     return [q8, _split_groups(s, 2) if fmt == "q8_16" else s]
