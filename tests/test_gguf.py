@@ -407,14 +407,13 @@ def test_cli_bad_files_one_line_exit_2(tmp_path, capsys):
 
 def test_unsupported_tensor_type_is_named(tmp_path):
     from gguf import GGMLQuantizationType as Q
-    from gguf.quants import quantize
 
     from edgetvm.llm.gguf_model import model_config
 
     p = S.write(tmp_path / "ok.gguf", n_layers=1)
-    # rewrite one weight as Q5_1 (the gguf package quantizes it; edgetvm has no kernel for it)
+    # rewrite one weight as Q8_1 blocks (an intermediate type of llama.cpp's that edgetvm does not read)
     r = gguf.GGUFReader(str(p))
-    w = gguf.GGUFWriter(str(tmp_path / "q51.gguf"), "llama")
+    w = gguf.GGUFWriter(str(tmp_path / "q81.gguf"), "llama")
     for f in r.fields.values():
         if f.name.startswith("GGUF.") or f.name == "general.architecture":
             continue
@@ -423,15 +422,16 @@ def test_unsupported_tensor_type_is_named(tmp_path):
         shape = tuple(int(s) for s in reversed(t.shape.tolist()))
         a = np.asarray(t.data, np.float32).reshape(shape)
         if t.name == "blk.0.ffn_up.weight":
-            w.add_tensor(t.name, quantize(a, Q.Q5_1), raw_dtype=Q.Q5_1)
+            blocks = np.random.default_rng(0).integers(0, 256, (a.shape[0], a.shape[1] // 32 * 40), dtype=np.uint8)
+            w.add_tensor(t.name, blocks, raw_dtype=Q.Q8_1)
         else:
             w.add_tensor(t.name, a)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    with pytest.raises(UserError, match="blk.0.ffn_up.weight has type Q5_1"):
-        model_config(str(tmp_path / "q51.gguf"))
+    with pytest.raises(UserError, match="blk.0.ffn_up.weight has type Q8_1"):
+        model_config(str(tmp_path / "q81.gguf"))
 
 
 def test_cli_generate_and_ppl_by_path(files, tmp_path, capsys):
