@@ -33,7 +33,7 @@ def _rows(ty, N, K, seed=0):
                                     ("Q4_1", "q8m_16"), ("Q4_0", "q8m_16"), ("Q5_0", "q8m_16"), ("Q8_0", "q8m_16"),
                                     ("Q5_1", "q8m_16"), ("Q5_K", "q8m_16"), ("Q2_K", "q8m_16"), ("Q3_K", "q8_16"),
                                     ("Q3_K", "q8m_16"), ("IQ4_NL", "q8"), ("IQ4_NL", "q8m_16"), ("IQ4_XS", "q8"),
-                                    ("IQ4_XS", "q8_16")])
+                                    ("IQ4_XS", "q8_16"), ("Q5_0", "q5"), ("Q5_1", "q5"), ("Q5_K", "q5")])
 def test_gguf_blocks_repack_to_exactly_the_dequantized_values(ty, fmt):
     from gguf.quants import dequantize
 
@@ -56,10 +56,11 @@ def test_inexact_pairs_are_refused():
 
 
 @pytest.mark.parametrize("fmt,ty", [("q8_16", "Q6_K"), ("q4", "Q4_K"), ("q8m_16", "Q4_K"), ("q8m_16", "Q6_K"),
-                                    ("q4s", "Q4_0")])
+                                    ("q4s", "Q4_0"), ("q5", "Q5_K"), ("q5", "Q5_0")])
 def test_matmul_kernel_with_gguf_blocks_matches_numpy(fmt, ty):
     """The q8 kernel with groups of 16 (Q6_K), with mins (Q4_K and Q6_K alike), the q4 kernel on Q4_K
-    blocks and the symmetric q4s kernel on Q4_0 blocks, prefill and decode."""
+    blocks, the symmetric q4s kernel on Q4_0 blocks and the 5-bit kernel on Q5_K and Q5_0 blocks, prefill
+    and decode."""
     import tvm
 
     from edgetvm.llm import kernels, quant
@@ -96,7 +97,7 @@ def test_plan_formats_picks_an_exact_format_per_role_or_requantizes_a_mix():
     cfg = Config(n_layers=3, d_model=256, n_heads=4, n_kv_heads=2, head_dim=64, d_ff=512, vocab=320)
     base = {"qkv": "Q4_K", "o": "Q4_0", "gu": "Q5_0", "down": "Q6_K", "head": "Q8_0"}
     f, notes = plan_formats(cfg, _types(cfg, base))
-    assert f == {"qkv": "q4", "o": "q4s", "gu": "q8", "down": "q8_16", "head": "q8", "embed": "q8"} and notes == []
+    assert f == {"qkv": "q4", "o": "q4s", "gu": "q5", "down": "q8_16", "head": "q8", "embed": "q8"} and notes == []
     # Q4_0 with Q4_1 in one role: only q4 (with its min) holds both
     f, notes = plan_formats(cfg, _types(cfg, base, {(1, "o"): "Q4_1"}))
     assert f["o"] == "q4" and notes == []
@@ -173,9 +174,9 @@ def test_model_by_path_matches_numpy_reference(files, case):
     assert cfg.tied == kw.get("tied", True)
     m, _, _ = _check_against_reference(files[case])
     want = {"llama-gqa4-hd32": {"qkv": "q8", "o": "q4s", "gu": "q4", "down": "fp32", "head": "q8"},
-            "qwen2-bias-untied": {"qkv": "q4s", "o": "q8", "gu": "q8", "down": "q4", "head": "fp32", "embed": "fp32"},
+            "qwen2-bias-untied": {"qkv": "q4s", "o": "q8", "gu": "q5", "down": "q4", "head": "fp32", "embed": "fp32"},
             "kquant-mqa-spm": {"qkv": "q4", "o": "q4", "gu": "q4", "down": "q8_16", "head": "q8_16"},
-            "q5k-q3k-q2k": {"qkv": "q8m_16", "o": "q8_16", "gu": "q8m_16", "down": "q8_16", "head": "q8m_16"}}[case]
+            "q5k-q3k-q2k": {"qkv": "q5", "o": "q8_16", "gu": "q8m_16", "down": "q8_16", "head": "q8m_16"}}[case]
     assert {r: m.formats[r] for r in want} == want and m.notes == []
 
 
@@ -450,10 +451,10 @@ def test_cli_generate_and_ppl_by_path(files, tmp_path, capsys):
 # ---------------------------------------------------------------- the board library with the file's formats
 @pytest.mark.parametrize("case", ["qwen2-bias-untied", pytest.param("kquant-mqa-spm", marks=pytest.mark.slow),
                                   pytest.param("q4-head", marks=pytest.mark.slow), "q4k-q6k-down",
-                                  "llama3-freqs"])
+                                  "llama3-freqs", "q5k-q3k-q2k"])
 def test_compile_llm_artifact_equals_the_python_runtime(files, tmp_path, case, capsys):
     """compile-llm of a file by path (untied fp32 embedding and head, q8_16 and q4s heads doubling as the
-    embedding, Llama 3's RoPE frequency factors through the artifact's JSON): the library's logits and greedy token equal the Python runtime's on the same cache."""
+    embedding, Llama 3's RoPE frequency factors through the artifact's JSON, the 5-bit kernel): the library's logits and greedy token equal the Python runtime's on the same cache."""
     from edgetvm.llm import cli
     from edgetvm.llm.board import BoardModel, open_llm_artifact
     from edgetvm.llm.runtime import Model

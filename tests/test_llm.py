@@ -455,7 +455,7 @@ def test_tvm_paged_kv_cache_peer_matches_numpy():
 
 
 # ---------------------------------------------------------------- quantized weights (q8, q4)
-@pytest.mark.parametrize("fmt", ["q8", "q4", "q4s"])
+@pytest.mark.parametrize("fmt", ["q8", "q4", "q4s", "q5"])
 @pytest.mark.parametrize("K,N,n", [(64, 96, 1), (96, 64, 5)])
 def test_quantized_matmul_kernel_matches_numpy(fmt, K, N, n):
     """Our dequantizing kernel equals x @ dequant(W).T, and the packing round-trips within the step."""
@@ -472,7 +472,8 @@ def test_quantized_matmul_kernel_matches_numpy(fmt, K, N, n):
     # per-group error bound: half a quantization step; q4s (Q4_0's rounding) maps the largest magnitude
     # to -8 d, so the opposite extreme, up to +8 d, clips to 7 d: a whole step there
     g = w.reshape(N, K // 32, 32)
-    step = {"q8": np.abs(g).max(-1) / 127, "q4": (g.max(-1) - g.min(-1)) / 15, "q4s": 2 * np.abs(g).max(-1) / 8}[fmt]
+    step = {"q8": np.abs(g).max(-1) / 127, "q4": (g.max(-1) - g.min(-1)) / 15, "q4s": 2 * np.abs(g).max(-1) / 8,
+            "q5": (g.max(-1) - g.min(-1)) / 31}[fmt]
     assert np.all(np.abs(wd - w).reshape(N, K // 32, 32) <= step[..., None] / 2 * 1.001 + 1e-7)
     f = tvm.compile(tvm.IRModule({"main": quant.make_matmul(K, N, fmt)}), target=kernels.cpu_target())["main"]
     y = tvm.runtime.tensor(np.full((n, N), 7.0, np.float32))

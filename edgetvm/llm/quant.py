@@ -39,7 +39,8 @@ FORMATS = ("native", "fp32", "q8", "q4")  # --weights: how the layers' matmul we
 # per role: fp32, int8 groups of 32 or 16 (w = s q), 4-bit groups of 32 (w = d q + m), symmetric 4-bit groups
 # of 32 (w = d (q - 8): Q4_0), and int8 groups of 16 with a min (w = s q + m: holds Q4_K and Q6_K layers alike,
 # for a role that mixes them as Q4_K_M does)
-KERNEL_FORMATS = ("fp32", "q8", "q8_16", "q4", "q4s", "q8m_16")
+# and 5-bit groups of 32 (w = d q + m, q 0..31: q4's nibbles plus a plane of high bits; Q5_0, Q5_1, Q5_K)
+KERNEL_FORMATS = ("fp32", "q8", "q8_16", "q4", "q4s", "q8m_16", "q5")
 ROLES = ("qkv", "o", "gu", "down", "head", "embed")  # q/k/v, attn_output, ffn gate+up, ffn_down, head, embedding
 
 
@@ -50,7 +51,7 @@ def group_of(fmt: str) -> int:
 
 def n_params(fmt: str) -> int:
     """Arrays a weight of this kernel format is held in."""
-    return {"fp32": 1, "q8": 2, "q8_16": 2, "q4": 3, "q4s": 2, "q8m_16": 3}[fmt]
+    return {"fp32": 1, "q8": 2, "q8_16": 2, "q4": 3, "q4s": 2, "q8m_16": 3, "q5": 4}[fmt]
 
 
 def role_formats(weights) -> dict:
@@ -71,7 +72,7 @@ def weight_bytes(K: int, N: int, fmt: str) -> int:
     g = group_of(fmt)
     return {"fp32": 4 * K * N, "q8": K * N + 4 * (K // g) * N, "q8_16": K * N + 4 * (K // g) * N,
             "q4": K * N // 2 + 8 * (K // g) * N, "q4s": K * N // 2 + 4 * (K // g) * N,
-            "q8m_16": K * N + 8 * (K // g) * N}[fmt]
+            "q8m_16": K * N + 8 * (K // g) * N, "q5": K * N // 2 + K * N // 8 + 8 * (K // g) * N}[fmt]
 
 
 # ------------------------------------------------------------------ packing (numpy, offline)
@@ -254,10 +255,10 @@ def _split_groups(s: np.ndarray, times: int) -> np.ndarray:
 
 # GGUF tensor type -> kernel formats that hold its values exactly (preferred first: fewer bytes)
 EXACT = {"F32": ("fp32",), "F16": ("fp32",), "BF16": ("fp32",), "Q4_0": ("q4s", "q4", "q8", "q8_16", "q8m_16"),
-         "Q4_1": ("q4", "q8m_16"), "Q4_K": ("q4", "q8m_16"), "Q5_0": ("q8", "q8_16", "q8m_16"),
+         "Q4_1": ("q4", "q8m_16"), "Q4_K": ("q4", "q8m_16"), "Q5_0": ("q5", "q8", "q8_16", "q8m_16"),
          "Q8_0": ("q8", "q8_16", "q8m_16"), "Q6_K": ("q8_16", "q8m_16"), "Q3_K": ("q8_16", "q8m_16"),
          # 5-bit and 2-bit quants with a min per group: int8 values with scale and min per 16
-         "Q5_1": ("q8m_16",), "Q5_K": ("q8m_16",), "Q2_K": ("q8m_16",),
+         "Q5_1": ("q5", "q8m_16"), "Q5_K": ("q5", "q8m_16"), "Q2_K": ("q8m_16",),
          # non-linear 4-bit: the table's values are int8, so int8 with a scale per 32
          "IQ4_NL": ("q8", "q8_16", "q8m_16"), "IQ4_XS": ("q8", "q8_16", "q8m_16")}
 BLOCK = {"Q4_0": 32, "Q4_1": 32, "Q5_0": 32, "Q5_1": 32, "Q8_0": 32, "Q2_K": 256, "Q3_K": 256, "Q4_K": 256,
@@ -276,8 +277,13 @@ def gguf_rows(type_name: str, raw, N: int, K: int, fmt: str) -> list:
         decode, times = _WITH_MIN[type_name]
         q, sc, mn = decode(raw, N, K)
         return [q.astype(np.int8), _split_groups(sc, times), _split_groups(mn, times)]
+    if fmt == "q5":   # q 0..31, d and m per 32
+        if type_name == "Q5_0":
+            q8, d = gguf_q5_0(raw, N, K)
+            return [(q8.astype(np.int16) + 16).astype(np.uint8), d, d * np.float32(-16)]
+        return list(_WITH_MIN[type_name][0](raw, N, K))
     if fmt == "q8m_16":  # int8 q, scale and min per 16, from the type's own exact format
-        base = EXACT[type_name][0]
+        base = next(f for f in EXACT[type_name] if f != "q5")
         r = gguf_rows(type_name, raw, N, K, base)
         if base == "q4":  # q 0..15, d and m per 32
             return [r[0].astype(np.int8), _split_groups(r[1], 2), _split_groups(r[2], 2)]
@@ -328,6 +334,10 @@ def strip_rows(rows: list, fmt: str) -> list:
     if fmt == "q8m_16":
         return [_strips(rows[0].astype(np.int8)), _strips(rows[1].astype(np.float32)),
                 _strips(rows[2].astype(np.float32))]
+    if fmt == "q5":
+        q = rows[0].astype(np.uint8)
+        return [pack_q4(q & 15), pack_bits(q >> 4), _strips(rows[1].astype(np.float32)),
+                _strips(rows[2].astype(np.float32))]
     return [_strips(rows[0].astype(np.int8)), _strips(rows[1].astype(np.float32))]
 
 
@@ -344,6 +354,29 @@ def pack_q4(q: np.ndarray) -> np.ndarray:
     """uint8 values 0..15, [N, K] -> [N/TJ, K/2, TJ], k even low nibble, k odd high nibble."""
     qs = _strips(q.astype(np.uint8))  # [NB, K, TJ]
     return np.ascontiguousarray(qs[:, 0::2, :] | (qs[:, 1::2, :] << 4))
+
+
+def pack_bits(b: np.ndarray) -> np.ndarray:
+    """0/1 values [N, K] -> [N/TJ, K/8, TJ] uint8, element k in bit k % 8 of byte k // 8."""
+    bs = _strips(b.astype(np.uint8)).reshape(b.shape[0] // TJ, b.shape[1] // 8, 8, TJ)
+    return np.ascontiguousarray((bs << np.arange(8, dtype=np.uint8)[None, None, :, None]).sum(2, dtype=np.uint8))
+
+
+def quantize_q5(w: np.ndarray) -> tuple[np.ndarray, ...]:
+    """fp32 W [N, K] -> Q5_1-style asymmetric 5-bit groups of 32 (used in tests; the model takes the GGUF's)."""
+    N, K = w.shape
+    g = w.reshape(N, K // G, G).astype(np.float32)
+    lo, hi = g.min(-1), g.max(-1)
+    d = (hi - lo) / 31.0
+    q = np.round((g - lo[..., None]) / np.where(d == 0, 1, d)[..., None]).clip(0, 31).astype(np.uint8).reshape(N, K)
+    return pack_q4(q & 15), pack_bits(q >> 4), _strips(d), _strips(lo)
+
+
+def dequantize_q5(p: np.ndarray, h: np.ndarray, d: np.ndarray, m: np.ndarray) -> np.ndarray:
+    NB, K8, _ = h.shape
+    bits = (h[:, :, None, :] >> np.arange(8, dtype=np.uint8)[None, None, :, None]) & 1   # [NB, K/8, 8, TJ]
+    q = _nibble_values(p) + 16 * bits.reshape(NB, K8 * 8 // G, G, TJ).astype(np.float32)
+    return _unstrips(q * d[:, :, None, :] + m[:, :, None, :])
 
 
 def quantize_q4(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -385,6 +418,11 @@ def dequantize_q4s(p: np.ndarray, d: np.ndarray) -> np.ndarray:
 
 
 # ------------------------------------------------------------------ kernels (TIR)
+def _bit4(h, b):
+    """Bit b of byte h moved to bit 4 (16 or 0); h << 4 is shared by the byte's elements."""
+    return ((h << 4) >> b) & 16
+
+
 def make_matmul(K: int, N: int, fmt: str):
     """y [n, N] = x [n, K] @ W.T for a packed W; a PrimFunc taking (x, *packed, y)."""
     G = group_of(fmt)
@@ -543,6 +581,56 @@ def make_matmul(K: int, N: int, fmt: str):
                         Y[t, nb * TJ + j] = acc[j]
 
         return matmul_q4s
+    if fmt == "q5":
+        G2 = G // 2
+        L = 16
+
+        @T.prim_func
+        def matmul_q5(x_h: T.handle, w_h: T.handle, h_h: T.handle, d_h: T.handle, m_h: T.handle, y_h: T.handle):
+            T.func_attr({"tir.noalias": True, "tir.is_scheduled": True})
+            n = T.int64()
+            X = T.match_buffer(x_h, (n, K), "float32")
+            W = T.match_buffer(w_h, (NB, K // 2, TJ), "uint8")
+            HB = T.match_buffer(h_h, (NB, K // 8, TJ), "uint8")
+            D = T.match_buffer(d_h, (NB, KG, TJ), "float32")
+            M = T.match_buffer(m_h, (NB, KG, TJ), "float32")
+            Y = T.match_buffer(y_h, (n, N), "float32")
+            XS = T.alloc_buffer((n, KG), "float32")
+            for t in range(n):
+                for g in range(KG):
+                    XS[t, g] = T.float32(0)
+                    for kk in range(G):
+                        XS[t, g] = XS[t, g] + X[t, g * G + kk]
+            for nb in T.parallel(NB):
+                acc = T.alloc_buffer((TJ,), "float32")
+                part = T.alloc_buffer((TJ,), "float32")
+                for t in range(n):
+                    for j in T.vectorized(TJ):
+                        acc[j] = T.float32(0)
+                    for g in range(KG):
+                        for j in T.vectorized(TJ):
+                            part[j] = T.float32(0)
+                        # q4's nibble loads; each pair's two high bits come from the byte of bits that
+                        # holds elements 8 (kk // 4) .. +7, at constant shifts once kk is unrolled
+                        for kk in T.unroll(G2):
+                            for jo in T.unroll(TJ // L):
+                                for j in T.vectorized(L):
+                                    part[jo * L + j] = (
+                                        part[jo * L + j]
+                                        + X[t, g * G + 2 * kk]
+                                        * T.Cast("float32", (T.Cast("int32", W[nb, g * G2 + kk, jo * L + j]) & 15)
+                                                 | _bit4(T.Cast("int32", HB[nb, g * 4 + kk // 4, jo * L + j]),
+                                                         2 * (kk % 4)))
+                                        + X[t, g * G + 2 * kk + 1]
+                                        * T.Cast("float32", (T.Cast("int32", W[nb, g * G2 + kk, jo * L + j]) >> 4)
+                                                 | _bit4(T.Cast("int32", HB[nb, g * 4 + kk // 4, jo * L + j]),
+                                                         2 * (kk % 4) + 1)))
+                        for j in T.vectorized(TJ):
+                            acc[j] = acc[j] + part[j] * D[nb, g, j] + M[nb, g, j] * XS[t, g]
+                    for j in T.vectorized(TJ):
+                        Y[t, nb * TJ + j] = acc[j]
+
+        return matmul_q5
     raise ValueError(f"unknown weight format {fmt!r}; use one of {', '.join(FORMATS)}")
 
 
@@ -557,6 +645,8 @@ def pack(w: np.ndarray, fmt: str) -> tuple[np.ndarray, ...]:
         return quantize_q4(w)
     if fmt == "q4s":
         return quantize_q4s(w)
+    if fmt == "q5":
+        return quantize_q5(w)
     if fmt == "fp32":
         return (np.ascontiguousarray(w.T, dtype=np.float32),)
     raise ValueError(fmt)
@@ -573,4 +663,6 @@ def unpack(arrays, fmt: str) -> np.ndarray:
         return _unstrips(q.astype(np.float32).reshape(NB, KG, K // KG, TJ) * s[:, :, None, :] + m[:, :, None, :])
     if fmt == "q4s":
         return dequantize_q4s(*arrays)
+    if fmt == "q5":
+        return dequantize_q5(*arrays)
     return dequantize_q8(*arrays) if fmt in ("q8", "q8_16") else dequantize_q4(*arrays)

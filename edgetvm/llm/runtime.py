@@ -80,6 +80,9 @@ def weight_types(K: int, N: int, fmt: str) -> list:
         return [relax.TensorType((NB, K, TJ), "int8"), T((NB, KG, TJ)), T((NB, KG, TJ))]
     if fmt == "q4s":
         return [relax.TensorType((NB, K // 2, TJ), "uint8"), T((NB, KG, TJ))]
+    if fmt == "q5":
+        return [relax.TensorType((NB, K // 2, TJ), "uint8"), relax.TensorType((NB, K // 8, TJ), "uint8"),
+                T((NB, KG, TJ)), T((NB, KG, TJ))]
     return [relax.TensorType((NB, K // 2, TJ), "uint8"), T((NB, KG, TJ)), T((NB, KG, TJ))]
 
 
@@ -205,8 +208,10 @@ def plan_formats(cfg, types: dict, weights: str = "native") -> tuple[dict, list]
             if fmt != "fp32" and not all(fmt in quant.EXACT[t] for t in tys):
                 notes.append(f"{role}: {'/'.join(tys)} requantized to {fmt}")
         else:
-            common = [f for f in ("q4s", "q4", "q8", "q8_16", "q8m_16", "fp32")
-                      if all(f in quant.EXACT[t] for t in tys) and _fits(f, K, N)]
+            # q5 has no embedding-row reader: the head and embedding take the next exact format
+            common = [f for f in ("q4s", "q4", "q5", "q8", "q8_16", "q8m_16", "fp32")
+                      if all(f in quant.EXACT[t] for t in tys) and _fits(f, K, N)
+                      and not (f == "q5" and role in ("head", "embed"))]
             if common:
                 fmt = common[0]
             elif all(quant.EXACT[t] == ("fp32",) for t in tys) or not _fits("q8", K, N):
