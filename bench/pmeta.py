@@ -109,6 +109,8 @@ def main(argv=None) -> int:
                                             "adapt_step").dynamic
                 worst = max(worst, (planned, layers))
             row["task_worst_5shot"] = {"planned": worst[0], "layers": worst[1]}
+            row["mean_features"] = {f"kanji_{k}shot": meta.evaluate_compiled(
+                _mean_features(learner, fs, a.tasks), fs, "test", k, a.tasks, seed=1, steps=a.steps) for k in (1, 5)}
         rows[label] = row
         print(f"{label}: {json.dumps(row)}", file=sys.stderr)
 
@@ -190,6 +192,12 @@ def main(argv=None) -> int:
                       + (f" / {e['measured_stats'] / MIB:.2f} measured" if "measured_stats" in e else "")
                       + f", then the step of {{{' '.join(e['layers'])}}} {e['planned_step'] / MIB:.2f} planned"
                       + (f" / {e['measured_step'] / MIB:.2f} measured" if "measured_step" in e else ""))
+        if "mean_features" in r:
+            mf = r["mean_features"]
+            print(f"{name}: the same learner with every task's features replaced by their mean over {a.tasks} "
+                  f"meta-training tasks (no conditioning, the same multipliers on average): 1-shot "
+                  f"{pct(mf['kanji_1shot'])}%, 5-shot {pct(mf['kanji_5shot'])}% (conditioned: "
+                  f"{pct(r['kanji_1shot'])}%, {pct(r['kanji_5shot'])}%)")
         if "budget_planned_mib" in r:
             print(f"{name}: the kept selection plans {r['budget_planned_mib']:.2f} MiB at 5-shot; the fits dropped "
                   + "; ".join(", ".join(d) for d in r["budget_dropped"]))
@@ -203,6 +211,30 @@ TASK_ROW = "pmeta, task attention"
 
 def _dirname(label: str) -> str:
     return label.replace(", budget ", "-budget-").replace(", task attention", "-task").replace(" ", "")
+
+
+def _mean_features(learner, fs, tasks: int):
+    """The learner with an attention whose features are the mean of the features of `tasks` meta-training
+    tasks, whatever the task: what the task-conditioned attention does without conditioning."""
+    import copy
+
+    from edgetvm import data
+    from edgetvm.adapt import attention as at
+    from edgetvm.adapt import meta
+
+    adapter = meta.TaskAdapter(learner, learner.config.n_way, conv_as_matmul=False)
+    rng = np.random.default_rng(97)
+    feats = [adapter.plan(*data.sample_task(fs, "train", learner.config.n_way, 1, 1, rng)[:2])["features"]
+             for _ in range(tasks)]
+    mean = {kind: {n: np.mean([f[kind][n] for f in feats], 0) for n in feats[0][kind]} for kind in feats[0]}
+
+    class MeanFeatures(at.TaskAttention):
+        def features(self, grads, weights, union):
+            return mean
+
+    fixed = copy.copy(learner)
+    fixed.attention = MeanFeatures(learner.attention.theta, learner.attention.threshold)
+    return fixed
 
 
 def _task_memory(learner, sx, sy, a, model) -> dict:
