@@ -286,6 +286,8 @@ def test_scaled_rope_logits_equal_llama_cpps(tmp_path, case):
     from edgetvm.llm import reference as R
     from edgetvm.llm.gguf_model import load_weights
 
+    import dataclasses
+
     path = _rope_file(tmp_path, case)
     cfg, w = load_weights(str(path))
     ids = [cfg.bos] + list(range(3, 120))
@@ -293,8 +295,11 @@ def test_scaled_rope_logits_equal_llama_cpps(tmp_path, case):
     r = subprocess.run([str(peer), str(worker), str(path), "1", "256"], capture_output=True, text=True, timeout=300,
                        input=json.dumps({"cmd": "ppl", "ids": ids, "logits": len(ids)}) + "\n")
     theirs = np.asarray(json.loads(r.stdout.strip().splitlines()[-1])["logits"], np.float32)
-    ours = R.forward(cfg, w, ids)
-    assert np.abs(ours - theirs).max() < 2e-3 * np.abs(ours).max(), np.abs(ours - theirs).max() / np.abs(ours).max()
+    err = lambda c: float(np.abs(R.forward(c, w, ids) - theirs).max() / np.abs(theirs).max())
+    plain = err(dataclasses.replace(cfg, rope_scale=1.0, rope_freq_factors=None, rope_ext=0.0))
+    print(f"\n{case}: ours vs llama.cpp {err(cfg):.2e} (its f16 KV cache), unscaled RoPE vs llama.cpp {plain:.2e}")
+    # llama.cpp keeps K and V in fp16: a file without any scaling is 0.5% apart from it too
+    assert err(cfg) < 1e-2 and plain > 5 * err(cfg), (err(cfg), plain)
 
 
 def test_mixed_roles_exact_where_a_format_holds_both_else_q8_and_said(tmp_path):
