@@ -1,8 +1,7 @@
 """KV-cache eviction benchmark: perplexity, decode tokens/s and KV bytes per policy and budget.
 
 Text: gensim's lee_background.cor (real English news), read from the gensim wheel (a zip) in
-~/.cache/edgetvm/data (fetch it with `pip download --no-deps gensim -d ~/.cache/edgetvm/data`;
-gensim is never installed). Perplexity is exact for every policy: the first `budget` tokens are
+~/.cache/edgetvm/data, fetched there the first time (edgetvm.data.english_text; gensim is never installed). Perplexity is exact for every policy: the first `budget` tokens are
 prefilled in chunks (no eviction can happen yet), every later token is decoded one at a time
 against a cache of at most `budget` tokens. Decode tokens/s is measured over those one-token
 steps (for the full cache: over --full-decode greedy steps after the text, same cache).
@@ -15,25 +14,19 @@ Results are appended to --out as JSON lines as each run ends, and printed as a t
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
 import sys
 import time
-import zipfile
 from pathlib import Path
 
 import numpy as np
 
-DATA = Path(os.environ.get("EDGETVM_CACHE", Path.home() / ".cache" / "edgetvm")) / "data"
-
 
 def lee_text() -> str:
-    wheels = sorted(glob.glob(str(DATA / "gensim-*.whl")) + glob.glob(str(DATA.parent / "wheels" / "gensim-*.whl")))
-    if not wheels:
-        sys.exit(f"no gensim wheel in {DATA}; run: pip download --no-deps gensim -d {DATA}")
-    with zipfile.ZipFile(wheels[-1]) as z:
-        return z.read("gensim/test/test_data/lee_background.cor").decode("utf-8")
+    from edgetvm.data import english_text
+
+    return english_text()
 
 
 def paged_peer(ids, fraction: float, sinks: int, chunk: int = 64) -> dict:

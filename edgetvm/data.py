@@ -307,6 +307,29 @@ class FewShot:
         return self.x[split]
 
 
+GENSIM_WHEEL = "gensim==4.4.0"   # only its test corpus is read: real English news, never installed
+
+
+def english_text() -> str:
+    """gensim's lee_background.cor (314 real news paragraphs), read from the gensim wheel (a zip) in the data
+    cache; the wheel is fetched with pip the first time (no import of gensim, none of its dependencies)."""
+    import glob
+    import subprocess
+
+    d = cache_dir()
+    wheels = sorted(glob.glob(str(d / "gensim-*.whl")))
+    if not wheels:
+        d.mkdir(parents=True, exist_ok=True)
+        r = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", GENSIM_WHEEL, "-d", str(d)],
+                           capture_output=True, text=True)
+        wheels = sorted(glob.glob(str(d / "gensim-*.whl")))
+        if r.returncode or not wheels:
+            raise UserError(f"could not fetch the English text ({GENSIM_WHEEL}'s wheel): run `pip download --no-deps "
+                            f"{GENSIM_WHEEL} -d {d}` where a package index is reachable")
+    with zipfile.ZipFile(wheels[-1]) as z:
+        return z.read("gensim/test/test_data/lee_background.cor").decode("utf-8")
+
+
 def kanji_strokes() -> dict[str, list[list[int]]]:
     """{character: strokes} from kanjidraw's data.json; a one-line UserError if it is missing or damaged."""
     import json
