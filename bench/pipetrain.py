@@ -9,7 +9,8 @@ Fashion-MNIST batches (the first --train-samples of the seeded training split) f
 emulated devices of one kind (cgroup CPU quota and memory, a shaped link each, TVM RPC). Printed: the
 per-layer profile, every candidate of the partition/resource search with its predicted step time, then
 per configuration the measured seconds per epoch (training steps only), the predicted ones, the saving
-against one device, validation accuracy, and each stage's busy share. loss.png: loss against wall time
+against one device, validation accuracy, the bytes a step moved over the coordinator's connections (the
+stages hand activations and gradients device to device), and each stage's busy share. loss.png: loss against wall time
 for every configuration; results.json: everything.
 """
 
@@ -80,19 +81,20 @@ def main(argv=None) -> int:
                      "groups": [[d.name for d in g] for g in cand.groups],
                      "predicted_epoch_s": cand.step_s * steps, "measured_epoch_s": epoch_s,
                      "val_accuracy": hist[-1]["val_accuracy"], "loss": hist[-1]["loss"],
+                     "coordinator_mb_per_step": res.get("coordinator_bytes_per_step", 0.0) / 1e6,
                      "stages": res["totals"]})
         curves[label] = res["curve"]
     base = rows[0]["measured_epoch_s"]
     print(f"\n{model.name} (width {args.width}) on {args.devices} over {args.link}: batch {args.batch}, "
           f"{args.micro_batches} micro-batches, {steps} steps/epoch, {args.epochs} epoch(s)")
     print(f"{'configuration':38s} {'measured s/epoch':>16s} {'predicted':>10s} {'error':>7s} {'vs 1 device':>12s} "
-          f"{'val acc':>8s}  stage busy shares")
+          f"{'val acc':>8s} {'coord MB/step':>13s}  stage busy shares")
     for r in rows:
         err = r["measured_epoch_s"] / r["predicted_epoch_s"] - 1
         save = 1 - r["measured_epoch_s"] / base
         shares = " ".join(f"{v['busy_s'] / max(v['wall_s'], 1e-9):.0%}" for v in r["stages"].values())
         print(f"{r['config']:38s} {r['measured_epoch_s']:16.1f} {r['predicted_epoch_s']:10.1f} {err:+7.0%} "
-              f"{save:+12.1%} {100 * r['val_accuracy']:7.2f}%  {shares}")
+              f"{save:+12.1%} {100 * r['val_accuracy']:7.2f}% {r['coordinator_mb_per_step']:13.2f}  {shares}")
     plot_curves(out / "loss.png", curves, f"{model.name} w{args.width} on {args.devices}: loss against wall time")
     (out / "results.json").write_text(json.dumps({"args": vars(args), "profile": prof.to_json(), "rows": rows,
                                                   "curves": curves, "seconds": time.perf_counter() - t0}, indent=1))

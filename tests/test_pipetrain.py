@@ -192,29 +192,87 @@ def test_two_stages_over_rpc_train_like_the_unsplit_step_and_a_dying_stage_stops
     assert saved["meta"]["epoch"] == 1 and set(saved["params"]) == set(ref_params)
 
 
-def _fake(names, kind="k", memory_mib=256.0):
+@pytest.mark.skipif(bool(_rpc_unavailable()), reason="needs root, cgroups and network namespaces")
+def test_stages_on_devices_hand_activations_to_each_other_not_through_the_coordinator(reference):
+    """Stage 0 on one device, stage 1 data-parallel on two, GPipe: the activations (forward) and their
+    gradients (backward) go from device to device over the devices' shaped links, and so do the replicas'
+    gradient sums; the coordinator's connections carry the input batch, the labels and small control
+    calls only, and the weights are the unsplit step's."""
+    from edgetvm.pipetrain.emulate import EmulatedStages, parse_devices
+    from edgetvm.pipetrain.stages import activation_shapes
+
+    ref_losses, ref_params = reference
+    plan = StagePlan(SMALL, (0, 1, 10), B // 4, OPT)   # cut after conv1: its output is 6x the input's size
+    devs = parse_devices("3xsbc-a53")
+    batches = _batches()
+    with EmulatedStages(plan, [[devs[0]], [devs[1], devs[2]]], train.init_params(SMALL, 0)) as es:
+        c = sch.Controller(es.replicas, "gpipe", 4, es.names)
+        assert c.direct
+        coord0, sent0 = es.coordinator_bytes(), es.link_bytes()
+        losses = [c.step(xb, yb)["loss"] for xb, yb in batches]
+        coord, sent = es.coordinator_bytes() - coord0, es.link_bytes()
+        params = sch.PipelineTrainer(plan, c, B, 0).params
+        c.close()
+    for name, ref in ref_params.items():
+        np.testing.assert_allclose(params[name], ref, rtol=1e-4, atol=2e-5, err_msg=name)
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-4)
+
+    steps = len(batches)
+    act = 4 * B * int(np.prod(activation_shapes(SMALL, 1)[0]))        # a step's activations at the cut
+    inputs = sum(x.nbytes + 8 * len(y) for x, y in batches)
+    # beyond those, the control calls: less than a quarter of one hop of the activations (through the
+    # coordinator, every activation and gradient crossed it twice, 4 x act a step, and each replica's
+    # weight gradients went there and back)
+    assert coord - inputs < steps * act // 4, (coord, inputs, steps * act)
+    # the activations left stage 0's device over its own link, the gradients each replica's over theirs
+    assert sent[devs[0].name] - sent0[devs[0].name] >= steps * act
+    for d in devs[1:]:
+        assert sent[d.name] - sent0[d.name] >= steps * act // 2
+
+
+def _fake(names, kind="k", memory_mib=256.0, mbit=100.0):
     from edgetvm.latte.devices import Profile as DP
     from edgetvm.partition.pipeline.fleet import FleetDevice
     from edgetvm.targets.links import LinkProfile
 
     prof = DP(kind, "", 1, 1.0, memory_mib, 0.0, 0.0)
-    return [FleetDevice(n, prof, LinkProfile("l", "", 100.0, 0.0)) for n in names]
+    return [FleetDevice(n, prof, LinkProfile("l", "", mbit, 0.0)) for n in names]
 
 
 @pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
 def test_simulated_step_is_the_pipeline_bubble_formula(schedule):
-    """Equal stages (forward f, backward b), free calls: a step is (M + S - 1)(f + b) plus the optimizer."""
+    """Equal stages (forward f, backward b), free calls and transfers: a step is (M + S - 1)(f + b) plus the
+    optimizer."""
     from edgetvm.pipetrain import plan as P
 
     L, f, b, o = 10, 0.001, 0.002, 0.0005
     prof = P.Profile("k", [f] * L, [b] * L, [o] * L, 0.0, 0.0)
     for S, M in ((1, 4), (2, 4), (5, 8)):
         bounds = tuple(range(0, L + 1, L // S))
-        step, busiest = P.simulate(SMALL, 4, bounds, [[d] for d in _fake([f"d{i}" for i in range(S)])],
-                                   {"k": prof}, schedule, M)
+        devices = _fake([f"d{i}" for i in range(S)], mbit=float("inf"))
+        step, busiest = P.simulate(SMALL, 4, bounds, [[d] for d in devices], {"k": prof}, schedule, M)
         per = L // S * (f + b)
         assert step == pytest.approx((M + S - 1) * per + L // S * o, rel=1e-9)
         assert busiest == pytest.approx(M * per + L // S * o, rel=1e-9)
+
+
+def test_a_tensor_between_stages_costs_one_hop_when_stages_send_directly():
+    """One micro-batch, free compute and calls. Through the coordinator, each activation and gradient is
+    paid (per byte) by the call that returns it and again by the call that takes it. Device to device it
+    makes one hop: the link's time at its rate, plus the CPU of the device that sends and of the one that
+    receives it."""
+    from edgetvm.pipetrain import plan as P
+    from edgetvm.pipetrain.stages import activation_shapes
+
+    L, byte_s, cpu, cut = len(SMALL.layers), 1e-8, 2e-9, 3
+    prof = P.Profile("k", [0.0] * L, [0.0] * L, [0.0] * L, 0.0, byte_s, byte_cpu_s=cpu)
+    groups = [[d] for d in _fake(["a", "b"])]                          # 100 Mbit/s links
+    act = 4 * 4 * int(np.prod(activation_shapes(SMALL, 1)[cut - 1]))     # micro-batch of 4
+    step = {d: P.simulate(SMALL, 4, (0, cut, L), groups, {"k": prof}, "gpipe", 1, direct=d)[0] for d in (True, False)}
+    inputs = 4 * 4 * 28 * 28 + 8 * 4 + 4 * 4 * 10             # the coordinator's: input, labels, logits
+    assert step[False] == pytest.approx(byte_s * (inputs + 4 * act), rel=1e-9)
+    link = 8 / (1448 / 1514 * 100e6)                            # TCP payload of a 100 Mbit/s link
+    assert step[True] == pytest.approx(byte_s * inputs + 2 * act * (link + 2 * cpu), rel=1e-9)
 
 
 def test_search_prints_every_candidate_and_skips_what_does_not_fit():

@@ -102,8 +102,9 @@ def _plan_search(args, model, log=print):
     devices = _devices(args)
     profiles = _profiles(args, model, devices, log)
     log(f"candidates ({args.schedule}, {args.micro_batches} micro-batches of {mb}):")
+    # on emulated devices the stages hand tensors to each other; --local passes them through this process
     cands = P.search(model, mb, args.micro_batches, devices, profiles, args.schedule, args.partitions, log=log,
-                     optimizer=_optimizer(args))
+                     optimizer=_optimizer(args), direct=not args.local)
     if args.partitions is not None:
         cands = [c for c in cands if len(c.groups) == args.partitions] or cands
     return cands[0], profiles
@@ -171,6 +172,8 @@ def plot_curves(path: Path, curves: dict[str, list[tuple[float, float]]], title:
 def train_config(model, bounds, groups, args, data, out_dir: Path, progress=True, log=print,
                  max_steps=None) -> dict:
     """Train one configuration; returns the fit result plus per-replica busy/idle totals."""
+    import numpy as np
+
     from edgetvm import train
     from edgetvm.pipetrain import schedule as sch
     from edgetvm.pipetrain.emulate import EmulatedStages, check_memory
@@ -188,13 +191,17 @@ def train_config(model, bounds, groups, args, data, out_dir: Path, progress=True
         check_memory(plan, groups, args.micro_batches, args.schedule)
         with EmulatedStages(plan, groups, params, log=log) as es:
             ctrl = sch.Controller(es.replicas, args.schedule, args.micro_batches, es.names)
+            marks = [es.coordinator_bytes()]
             try:
-                res = sch.fit(plan, ctrl, data, args.epochs, args.batch, args.seed, ck, progress, max_steps)
+                res = sch.fit(plan, ctrl, data, args.epochs, args.batch, args.seed, ck, progress, max_steps,
+                              on_step=lambda rec: marks.append(es.coordinator_bytes()))
             except UserError as e:
                 dead = es.dead()
                 if dead:
                     raise UserError(f"{e} (device '{dead[0]}' is gone: its server exited)") from None
                 raise
+            # the median step's: a validation pass between epochs falls between two marks
+            res["coordinator_bytes_per_step"] = float(np.median(np.diff(marks))) if len(marks) > 1 else 0.0
     ctrl.close()
     res["totals"] = {f"{s}.{r}": v for (s, r), v in ctrl.totals.items()}
     res.pop("trainer", None)

@@ -3,27 +3,148 @@ host-side proxy with the same methods as stages.Stage.
 
     edgetvm.ptrain.load(config_json) -> "ok"       the stage's library, weights and optimizer state (files
                                                     written by the coordinator before the run)
-    edgetvm.ptrain.forward(mb, keep, blob(a)) -> blob(y)
-    edgetvm.ptrain.backward(mb, blob(gy)) -> blob(ga)       (stage 0: no array)
-    edgetvm.ptrain.backward_last(mb, gl, blob(labels)) -> blob(ga)
+    edgetvm.ptrain.listen() -> port                 a TVM RPC server of the session's own, for the
+                                                    neighbouring stages' devices (see below)
+    edgetvm.ptrain.connect(peers_json) -> "ok"      sessions to the next and previous stages' replicas
+    edgetvm.ptrain.forward(mb, keep, to, blob(a)) -> blob(y)
+    edgetvm.ptrain.backward(mb, to, blob(gy)) -> blob(ga)   (stage 0: no array)
+    edgetvm.ptrain.backward_last(mb, gl, to, blob(labels)) -> blob(ga)
+    edgetvm.ptrain.push(kind, mb, blob) -> 0        (a neighbour's call) an activation ("a") or gradient
+                                                    ("g") into this stage's inbox, or a replica's
+                                                    weight gradients ("s") or their sum ("t")
+    edgetvm.ptrain.reduce(replica, n) -> "ok"       replicas: the gradients summed device to device
     edgetvm.ptrain.step() -> "ok"                   the optimizer on the accumulated gradients
     edgetvm.ptrain.get(kind, i) -> tensor           kind: "param", "state" or "grad"
     edgetvm.ptrain.set_grads(blob(grads)) -> 0      replicas: the summed gradients
     edgetvm.ptrain.info() -> JSON                   counts, busy seconds (compute, measured here), losses
+    edgetvm.ptrain.abort(message) -> 0              (the coordinator, over the listener) wake a call that
+                                                    waits for its inbox: another stage failed
 
-Activations and gradients travel as the calls' arguments and results: device -> coordinator -> next
-device (TVM RPC sessions are a star), each over the devices' own shaped links. They travel as one bytes
-value a call (runtime/tensors.pack): a TVM tensor made on the session and read back costs three more
-round trips a call (allocate, copy, fetch), each waking a device that has a fraction of a CPU.
+Activations and gradients go from device to device. A TVM RPC server serves one session at a time and
+the coordinator holds each device's, so `listen` starts a second TVM RPC server inside the session's
+process (TVM's own server loop, one thread per connection, sharing the stage's inbox); `connect` makes
+the device a client of its neighbours' listeners. With `to` >= 0 a call pushes its result to replica
+`to` of the neighbouring stage (by a sender thread, while this device goes on with its next call) and
+returns no array; a call given no array takes its input from the inbox, waiting until it has come.
+With `to` = -1 (and with no neighbours: the profile, one device) results come back to the coordinator.
+Either way tensors travel as one bytes value a call (runtime/tensors.pack): a TVM tensor made on the
+session and read back costs three more round trips a call (allocate, copy, fetch), each waking a device
+that has a fraction of a CPU.
 """
 
 from __future__ import annotations
 
 import json
+import queue
+import threading
 
 from edgetvm.runtime.tensors import pack, unpack
 
 _stage = None
+PING_S = 2.0        # a call waiting for its inbox checks this often that its neighbours still answer
+
+
+class _Inbox:
+    """What the neighbours pushed, by (kind, micro-batch)."""
+
+    def __init__(self):
+        self.items: dict = {}
+        self.cond = threading.Condition()
+        self.error: str | None = None
+
+    def put(self, key, value) -> None:
+        with self.cond:
+            self.items[key] = value
+            self.cond.notify_all()
+
+    def fail(self, message: str) -> None:
+        with self.cond:
+            self.error = message
+            self.cond.notify_all()
+
+    def take(self, key):
+        import time
+
+        checked = time.monotonic()
+        with self.cond:
+            while key not in self.items:
+                if self.error:
+                    raise RuntimeError(self.error)
+                self.cond.wait(0.2)
+                if time.monotonic() - checked > PING_S:
+                    # a neighbour killed mid-send would leave this call waiting forever
+                    self.cond.release()
+                    try:
+                        for p in _peers.values():
+                            p.check()
+                    finally:
+                        self.cond.acquire()
+                    checked = time.monotonic()
+            return self.items.pop(key)
+
+
+class _Peer:
+    """A session of this device's own to a neighbouring stage's listener; a thread sends what is queued,
+    in order, so this device computes its next micro-batch while the last one's result travels."""
+
+    def __init__(self, spec: dict):
+        from tvm import rpc
+
+        self.name = spec["name"]
+        try:
+            self.sess = rpc.connect(spec["addr"][0], int(spec["addr"][1]), session_timeout=0)
+            self._push, self._ping = (self.sess.get_function(f"edgetvm.ptrain.{n}") for n in ("push", "ping"))
+        except Exception as e:  # noqa: BLE001 - named
+            raise RuntimeError(f"device '{self.name}' cannot be reached ({_short(e)})") from None
+        self.lock = threading.Lock()     # a session is one conversation: the sender and check() take turns
+        self.queue: queue.Queue = queue.Queue()
+        self.error: str | None = None
+        threading.Thread(target=self._loop, daemon=True, name=f"edgetvm-ptrain-send-{self.name}").start()
+
+    def _loop(self) -> None:
+        while True:
+            kind, mb, arrays = self.queue.get()
+            try:
+                if self.error is None:
+                    blob = pack(arrays)
+                    with self.lock:
+                        self._push(kind, mb, blob)
+            except Exception as e:  # noqa: BLE001 - raised by this device's next call
+                self.error = f"device '{self.name}' stopped answering ({_short(e)})"
+            finally:
+                self.queue.task_done()
+
+    def send(self, kind: str, mb: int, arrays: list) -> None:
+        if self.error:
+            raise RuntimeError(self.error)
+        self.queue.put((kind, int(mb), arrays))
+
+    def flush(self) -> None:
+        self.queue.join()
+        if self.error:
+            raise RuntimeError(self.error)
+
+    def check(self) -> None:
+        if self.error:
+            raise RuntimeError(self.error)
+        if self.lock.acquire(blocking=False):  # busy sending: it answers
+            try:
+                self._ping()
+            except Exception as e:  # noqa: BLE001
+                self.error = f"device '{self.name}' stopped answering ({_short(e)})"
+                raise RuntimeError(self.error) from None
+            finally:
+                self.lock.release()
+
+
+def _short(e: BaseException) -> str:
+    text = [t for t in str(e).strip().splitlines() if t.strip()]
+    return (text[-1] if text else type(e).__name__)[:200]
+
+
+_inbox = _Inbox()
+_peers: dict[tuple[str, int], _Peer] = {}      # ("next" | "prev" | "mate", replica) -> its session
+_listener = None
 
 
 def load(config_json: str) -> str:
@@ -42,24 +163,121 @@ def load(config_json: str) -> str:
     return "ok"
 
 
+def _serve(conn) -> None:
+    """TVM's RPC server handshake (tvm.rpc.server._listen_loop's, any key), then its server loop."""
+    import struct
+
+    from tvm.rpc import _ffi_api, base
+
+    try:
+        if struct.unpack("<i", base.recvall(conn, 4))[0] != base.RPC_MAGIC:
+            return
+        base.recvall(conn, struct.unpack("<i", base.recvall(conn, 4))[0])
+        key = b"server:edgetvm.ptrain"
+        conn.sendall(struct.pack("<ii", base.RPC_CODE_SUCCESS, len(key)) + key)
+        _ffi_api.ServerLoop(conn.fileno())
+    except Exception:  # noqa: BLE001 - a neighbour that went away: its own session says so
+        pass
+    finally:
+        conn.close()
+
+
+def listen() -> int:
+    """The port of this session's own TVM RPC server (every address of the device's namespace)."""
+    import socket
+
+    global _listener
+    if _listener is None:
+        _listener = socket.socket()
+        _listener.bind(("0.0.0.0", 0))
+        _listener.listen(8)
+
+        def accept():
+            while True:
+                conn, _ = _listener.accept()
+                threading.Thread(target=_serve, args=(conn,), daemon=True).start()
+
+        threading.Thread(target=accept, daemon=True, name="edgetvm-ptrain-listen").start()
+    return _listener.getsockname()[1]
+
+
+def connect(peers_json: str) -> str:
+    """{"next": [{"name", "addr": [host, port]}, ...], "prev": [...], "mate": [... or None]}: the listeners
+    of the neighbouring stages' replicas and of this stage's other replicas (None: this one)."""
+    for side, specs in json.loads(peers_json).items():
+        for r, spec in enumerate(specs):
+            if spec is not None:
+                _peers[(side, r)] = _Peer(spec)
+    return "ok"
+
+
+def push(kind, mb, blob) -> int:
+    _inbox.put((str(kind), int(mb)), [a.copy() for a in unpack(blob)])  # the call's argument is not ours to keep
+    return 0
+
+
+def ping() -> int:
+    return 0
+
+
+def abort(message) -> int:
+    _inbox.fail(str(message))
+    return 0
+
+
+def _input(kind: str, mb: int, blob):
+    arrays = unpack(blob)
+    return arrays[0] if arrays else _inbox.take((kind, mb))[0]
+
+
+def _result(side: str, to: int, kind: str, mb: int, a) -> bytes:
+    if a is None:
+        return pack([])
+    if to >= 0:
+        _peers[(side, to)].send(kind, mb, [a])
+        return pack([])
+    return pack([a])
+
+
 # A stage's kernels take TVM tensors made from the arrays (stages._tensor copies them: a stashed input is
 # the stage's own, not a view of a call's argument).
 
-def forward(mb, keep, blob) -> bytes:
-    return pack([_stage.forward(int(mb), unpack(blob)[0], keep=bool(keep))])
+def forward(mb, keep, to, blob) -> bytes:
+    mb = int(mb)
+    return _result("next", int(to), "a", mb, _stage.forward(mb, _input("a", mb, blob), keep=bool(keep)))
 
 
-def backward(mb, blob) -> bytes:
-    ga = _stage.backward(int(mb), unpack(blob)[0])
-    return pack([] if ga is None else [ga])
+def backward(mb, to, blob) -> bytes:
+    mb = int(mb)
+    return _result("prev", int(to), "g", mb, _stage.backward(mb, _input("g", mb, blob)))
 
 
-def backward_last(mb, gl, blob) -> bytes:
+def backward_last(mb, gl, to, blob) -> bytes:
     ga = _stage.backward_last(int(mb), unpack(blob)[0], float(gl))
-    return pack([] if ga is None else [ga])
+    return _result("prev", int(to), "g", int(mb), ga)
+
+
+def reduce(replica, n) -> str:
+    """The n replicas' accumulated gradients summed, in replica order (as the coordinator summed them):
+    replica 0 receives the others', adds, and sends the sum back; every replica keeps the sum."""
+    replica, n = int(replica), int(n)
+    if replica == 0:
+        total = _stage.get_grads()
+        for r in range(1, n):
+            total = [a + b for a, b in zip(total, _inbox.take(("s", r)))]
+        for r in range(1, n):
+            _peers[("mate", r)].send("t", 0, total)
+    else:
+        _peers[("mate", 0)].send("s", replica, _stage.get_grads())
+        total = _inbox.take(("t", 0))
+    _stage.set_grads(total)
+    return "ok"
 
 
 def step() -> str:
+    # everything this device sent has arrived before the step counts as done
+    for p in _peers.values():
+        p.flush()
     _stage.step()
     return "ok"
 
@@ -77,7 +295,11 @@ def set_grads(blob) -> int:
 
 
 def info() -> str:
-    return json.dumps({"busy_s": _stage.busy_s, "cpu_s": _stage.cpu_s, "peak_stash": _stage.peak_stash, "n_params": len(_stage.weights),
+    import time
+
+    # proc_s: the whole process's CPU (every thread: the RPC servers' packing and copies too)
+    return json.dumps({"busy_s": _stage.busy_s, "cpu_s": _stage.cpu_s, "proc_s": time.process_time(),
+                       "peak_stash": _stage.peak_stash, "n_params": len(_stage.weights),
                        "n_state": len(_stage.state), "n_grads": len(_stage.grads or []),
                        "losses": {str(k): v for k, v in _stage.take_losses().items()}})
 
@@ -86,12 +308,16 @@ def register(tvm) -> None:
     from edgetvm.pipetrain import stages  # noqa: F401 - imported before the server joins its cgroups
 
     for name, f in (("load", load), ("forward", forward), ("backward", backward), ("backward_last", backward_last),
-                    ("step", step), ("get", get), ("set_grads", set_grads), ("info", info)):
+                    ("step", step), ("get", get), ("set_grads", set_grads), ("info", info), ("listen", listen),
+                    ("connect", connect), ("push", push), ("ping", ping), ("abort", abort), ("reduce", reduce)):
         tvm.register_global_func(f"edgetvm.ptrain.{name}", f, override=True)
 
 
 class RemoteStage:
-    """Stage s on a device: the same methods as stages.Stage, each one RPC call (losses with `info`)."""
+    """Stage s on a device: the same methods as stages.Stage, each one RPC call (losses with `info`).
+
+    After `connect_neighbours`, forward/backward take `to` (the neighbouring stage's replica to push the
+    result to: the call returns None) and take None for an input that a neighbour pushed."""
 
     def __init__(self, sess, name: str, config: dict):
         self.sess, self.name = sess, name
@@ -102,34 +328,68 @@ class RemoteStage:
             f("edgetvm.ptrain.info")
         f("edgetvm.ptrain.load")(json.dumps(config))
         self._losses: dict[int, float] = {}
-        self._busy = self._cpu = 0.0
+        self._busy = self._cpu = self._proc = 0.0
         self.peak_stash = 0
+        self.sends_direct = False
+        self.listener: tuple[str, int] | None = None
+        self._side = None
 
-    def forward(self, mb: int, a, keep: bool = True):
-        return unpack(self._forward(int(mb), bool(keep), pack([a])))[0].copy()
+    def listen(self, host: str) -> tuple[str, int]:
+        """Starts the device's listener; `host`: the device's address as its neighbours reach it."""
+        self.listener = (host, int(self.sess.get_function("edgetvm.ptrain.listen")()))
+        return self.listener
 
-    def backward(self, mb: int, g):
-        out = unpack(self._backward(int(mb), pack([g])))
+    def connect_neighbours(self, nxt: list["RemoteStage"], prev: list["RemoteStage"],
+                           mates: list["RemoteStage"] = ()) -> None:
+        from tvm import rpc
+
+        spec = {side: [None if st is self else {"name": st.name, "addr": list(st.listener)} for st in sts]
+                for side, sts in (("next", nxt), ("prev", prev), ("mate", mates))}
+        self.sess.get_function("edgetvm.ptrain.connect")(json.dumps(spec))
+        # A second way in, for abort(): the session is busy while its call waits for the inbox.
+        self._side = rpc.connect(*self.listener, session_timeout=0)
+        self.sends_direct = True
+
+    def abort(self, message: str) -> None:
+        if self._side is not None:
+            self._side.get_function("edgetvm.ptrain.abort")(message)
+
+    @staticmethod
+    def _blob(a) -> bytes:
+        return pack([] if a is None else [a])
+
+    @staticmethod
+    def _out(blob):
+        out = unpack(blob)
         return out[0].copy() if out else None
 
-    def backward_last(self, mb: int, labels, gl: float):
+    def forward(self, mb: int, a, keep: bool = True, to: int = -1):
+        return self._out(self._forward(int(mb), bool(keep), int(to), self._blob(a)))
+
+    def backward(self, mb: int, g, to: int = -1):
+        return self._out(self._backward(int(mb), int(to), self._blob(g)))
+
+    def backward_last(self, mb: int, labels, gl: float, to: int = -1):
         import numpy as np
 
-        out = unpack(self._backward_last(int(mb), float(gl), pack([np.asarray(labels, np.int64)])))
-        return out[0].copy() if out else None
+        return self._out(self._backward_last(int(mb), float(gl), int(to), pack([np.asarray(labels, np.int64)])))
 
     def step(self) -> None:
         self._step()
+
+    def reduce(self, replica: int, n: int) -> None:
+        self.sess.get_function("edgetvm.ptrain.reduce")(int(replica), int(n))
 
     def _refresh(self) -> dict:
         info = json.loads(self._info())
         self._losses.update({int(k): v for k, v in info["losses"].items()})
         self._busy, self._cpu, self.peak_stash = info["busy_s"], info["cpu_s"], info["peak_stash"]
+        self._proc = info["proc_s"]
         return info
 
     def stats(self) -> dict:
         self._refresh()
-        return {"busy_s": self._busy, "cpu_s": self._cpu, "peak_stash": self.peak_stash}
+        return {"busy_s": self._busy, "cpu_s": self._cpu, "peak_stash": self.peak_stash, "proc_s": self._proc}
 
     def take_losses(self) -> dict[int, float]:
         self._refresh()

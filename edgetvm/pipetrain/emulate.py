@@ -12,6 +12,7 @@ on exit, errors, Ctrl-C and SIGTERM.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -79,11 +80,26 @@ def check_memory(plan, assignment, micro_batches: int, schedule: str) -> None:
                                 f"micro-batches in flight (1f1b) or a bigger device")
 
 
+def coordinator_bytes(addresses) -> int:
+    """Payload bytes sent plus received by this process's host's TCP connections to `addresses`."""
+    import re
+    import subprocess
+
+    total = 0
+    for addr in addresses:
+        text = subprocess.run(["ss", "-tinH", "dst", addr], capture_output=True, text=True, check=True).stdout
+        for m in re.finditer(r"bytes_(?:acked|received):(\d+)", text):
+            total += int(m.group(1))
+    return total
+
+
 class EmulatedStages:
     """The replicas of every stage of `plan` on emulated devices (assignment[s]: stage s's devices)."""
 
-    def __init__(self, plan, assignment, params: dict[str, np.ndarray], states=None, log=lambda msg: None):
+    def __init__(self, plan, assignment, params: dict[str, np.ndarray], states=None, log=lambda msg: None,
+                 direct: bool = True):
         self.plan, self.assignment, self.params, self.log = plan, assignment, params, log
+        self.direct = direct
         self.states = states
         self.replicas: list[list] = []
         self.names: list[list[str]] = []
@@ -104,7 +120,7 @@ class EmulatedStages:
     def _open(self) -> None:
         from edgetvm.latte.devices import cgroups_unavailable
         from edgetvm.runtime.link import EmulatedLink, unavailable_reason
-        from edgetvm.runtime.pipeline import FleetDevice
+        from edgetvm.runtime.pipeline import FleetDevice, join_switch
 
         if reason := unavailable_reason() or cgroups_unavailable():
             raise UserError(f"cannot emulate the devices: {reason}; run as root, or train here with --local")
@@ -123,6 +139,8 @@ class EmulatedStages:
             reps, labels = [], []
             for d in devs:
                 link = self._stack.enter_context(EmulatedLink(d.link))
+                if self.direct:
+                    join_switch(link)
                 dev = self._stack.enter_context(FleetDevice(d.profile, link, d.host_cpu, d.name))
                 self.devices[d.name] = dev
                 self.log(f"device {d.name}: {d.kind} (quota {d.profile.cpu_quota:g} CPU, {d.profile.memory_mib:g} MiB), "
@@ -134,6 +152,38 @@ class EmulatedStages:
                 labels.append(f"stage {s} on device '{d.name}'")
             self.replicas.append(reps)
             self.names.append(labels)
+        if self.direct and sum(len(reps) for reps in self.replicas) > 1:
+            self._connect()
+
+    def _connect(self) -> None:
+        """Every replica a client of its neighbouring stages' replicas and of its stage's other replicas: a
+        tensor leaves a device on its own link and enters the next one's on that one's (this machine routes
+        between the namespaces)."""
+        for s, reps in enumerate(self.replicas):
+            for st, d in zip(reps, self.assignment[s]):
+                st.listen(self.devices[d.name].link.device_address)
+        S = len(self.replicas)
+        for s, reps in enumerate(self.replicas):
+            for st in reps:
+                st.connect_neighbours(self.replicas[s + 1] if s + 1 < S else [], self.replicas[s - 1] if s else [],
+                                      reps if len(reps) > 1 else [])
+        self.log("stages connected device to device: activations and gradients bypass the coordinator")
+
+    def coordinator_bytes(self) -> int:
+        """Bytes sent and received so far by this machine's TCP connections to the devices (the coordinator's
+        sessions), as the kernel counts them (`ss`): what crosses the coordinator, not what goes from device
+        to device (those connections live in the devices' namespaces)."""
+        return coordinator_bytes([dev.link.device_address for dev in self.devices.values()])
+
+    def link_bytes(self) -> dict[str, int]:
+        """Per device, the bytes its link carried so far out of the device (the veth end in its namespace)."""
+        from edgetvm.runtime.link import _run
+
+        out = {}
+        for name, dev in self.devices.items():
+            text = _run("ip", "-n", dev.link.netns, "-j", "-s", "link", "show", "dev", dev.link.device_veth)
+            out[name] = int(json.loads(text)[0]["stats64"]["tx"]["bytes"])
+        return out
 
     def dead(self) -> list[str]:
         return [n for n, d in self.devices.items() if d.proc is None or d.proc.poll() is not None]

@@ -10,8 +10,11 @@ Prediction: a candidate is a number of partitions K, the layer bounds of the K s
 each stage (more than one: data-parallel replicas). Its step time is the schedule simulated op by op:
 each replica's thread runs its GPipe or 1F1B operations in order, an operation starts when its thread
 is free and its input exists (the stage before's forward, the stage after's backward), and lasts the
-stage's compute (sum of its layers') plus its calls' fixed and per-byte costs; pipeline fill and drain
-come out of the simulation. Then the replicas' gradient sums (through the coordinator), the optimizer
+stage's compute (sum of its layers') plus its call's fixed cost and the per-byte cost of what the
+coordinator sends or gets (the first stage's input, the last stage's labels and logits); a tensor from
+stage to stage makes one hop, device to device, that delays its receiver by its per-byte cost (through
+the coordinator instead, `direct=False`: both calls pay for it); pipeline fill and drain come out of
+the simulation. Then the replicas' gradient sums (through the coordinator), the optimizer
 step, and the controller's own calls.
 
 Search: for 1..N devices and every way to split them into K consecutive groups (a group: one stage's
@@ -42,6 +45,9 @@ class Profile:
     call_s: float              # fixed cost of one call beyond its compute
     byte_s: float              # cost per byte moved by a call
     scale: list = field(default_factory=lambda: [1.0, 1.0, 1.0])   # calibrate()'s factors
+    # the device's own CPU per byte a call moves (RPC (un)packing and copies, every thread of its session),
+    # in seconds at its CPU quota: what a device-to-device hop takes from the compute of both its ends
+    byte_cpu_s: float = 0.0
 
     def to_json(self) -> dict:
         return self.__dict__.copy()
@@ -59,7 +65,7 @@ def _fit(samples: list[tuple[int, float]]) -> tuple[float, float]:
 
 def profile(model: train.Model, micro_batch: int, make_stage, kind: str = "host", repeats: int = 3,
             optimizer: train.OptimizerConfig = train.OptimizerConfig(), log=lambda msg: None,
-            speed: float | None = None) -> Profile:
+            speed: float | None = None, quota: float = 1.0) -> Profile:
     """Per-layer costs: `make_stage(plan, s)` gives stage s of the every-layer plan (a Stage or RemoteStage).
     With `speed` (a device's CPU quota), compute is its CPU seconds over the quota: a short call under a
     CFS quota runs unthrottled until the period's budget is spent, so its wall time says too little."""
@@ -67,7 +73,7 @@ def profile(model: train.Model, micro_batch: int, make_stage, kind: str = "host"
     plan = StagePlan(model, tuple(range(L + 1)), micro_batch, optimizer)
     acts = activation_shapes(model, micro_batch)
     rng = np.random.default_rng(0)
-    fwd, bwd, opt, comm = [], [], [], []
+    fwd, bwd, opt, comm, comm_cpu = [], [], [], [], []
     t0 = time.perf_counter()
     for s in range(L):
         st = make_stage(plan, s)
@@ -97,16 +103,20 @@ def profile(model: train.Model, micro_batch: int, make_stage, kind: str = "host"
                 if rep > 0:  # the first round warms caches and the session
                     times[op].append(dev_s)
                     comm.append((moved, max(0.0, call - busy)))
+                    if "proc_s" in st1:
+                        outside = st1["proc_s"] - st0["proc_s"] - (st1["cpu_s"] - st0["cpu_s"])
+                        comm_cpu.append((moved, outside / quota))
         if last:
             st.take_losses()
         fwd.append(float(np.median(times["F"])))
         bwd.append(float(np.median(times["B"])))
         opt.append(float(np.median(times["O"])))
     c, b = _fit(comm)
+    b_cpu = _fit(comm_cpu)[1] if comm_cpu else 0.0
     log(f"profiled {model.name} on {kind} (micro-batch {micro_batch}): forward {sum(fwd) * 1e3:.1f} ms, backward "
-        f"{sum(bwd) * 1e3:.1f} ms, optimizer {sum(opt) * 1e3:.1f} ms; a call {c * 1e3:.2f} ms + {b * 1e9:.2f} ms/MB "
-        f"({time.perf_counter() - t0:.0f} s)")
-    return Profile(kind, fwd, bwd, opt, c, b)
+        f"{sum(bwd) * 1e3:.1f} ms, optimizer {sum(opt) * 1e3:.1f} ms; a call {c * 1e3:.2f} ms + {b * 1e9:.2f} ms/MB, "
+        f"of which the device's CPU {b_cpu * 1e9:.2f} ms/MB ({time.perf_counter() - t0:.0f} s)")
+    return Profile(kind, fwd, bwd, opt, c, b, byte_cpu_s=b_cpu)
 
 
 def profile_here(model, micro_batch, optimizer=train.OptimizerConfig(), log=lambda msg: None) -> Profile:
@@ -152,7 +162,8 @@ def profile_device(model, micro_batch, device, optimizer=train.OptimizerConfig()
             return RemoteStage(sess, device.name, {"library": str(lib), "arrays": str(arrays), "n_weights": len(names),
                                                    "n_state": len(state), "n_stages": plan.n_stages, "s": s})
 
-        prof = profile(model, micro_batch, make, device.kind, optimizer=optimizer, log=log)
+        prof = profile(model, micro_batch, make, device.kind, optimizer=optimizer, log=log,
+                       quota=device.profile.cpu_quota)
         calibrate(prof, model, micro_batch, lambda plan: make(plan, 0), optimizer, log)
         return prof
 
@@ -232,9 +243,24 @@ def _stage_cost(prof: Profile, a: int, b: int):
     return sum(prof.forward_s[a:b]), sum(prof.backward_s[a:b]), sum(prof.step_s[a:b])
 
 
+PAYLOAD_SHARE = 1448 / 1514     # TCP payload per Ethernet frame: what a shaped link carries of its rate
+
+
+def _link_byte_s(device) -> float:
+    """Seconds per byte on the device's link (runtime/link.py shapes whole frames)."""
+    return 8.0 / (PAYLOAD_SHARE * device.link.bandwidth_mbit * 1e6)
+
+
 def simulate(model, micro_batch: int, bounds, groups, profiles: dict[str, Profile], schedule: str, m: int,
-             n_weights: list[int] | None = None) -> tuple[float, float]:
-    """(predicted step seconds, busiest replica's seconds) of the schedule over these stages and devices."""
+             n_weights: list[int] | None = None, direct: bool = True) -> tuple[float, float]:
+    """(predicted step seconds, busiest replica's seconds) of the schedule over these stages and devices.
+
+    direct (stages on devices, emulate.EmulatedStages): a tensor between stages makes one hop, device to
+    device, packed once, by the sender's thread while the sender computes on: it delays its receiver's
+    operation by the hop (the per-byte cost once, and waiting for the sender's and receiver's links, which
+    carry one tensor at a time) and occupies neither stage's calls. Otherwise (through
+    the coordinator) it is a result of the sender's call and an argument of the receiver's, and each
+    call pays for it."""
     S = len(bounds) - 1
     acts = activation_shapes(model, micro_batch)
     in_bytes = [4 * micro_batch * int(np.prod(model.input_shape))] + [4 * int(np.prod(acts[bounds[s] - 1]))
@@ -247,10 +273,39 @@ def simulate(model, micro_batch: int, bounds, groups, profiles: dict[str, Profil
             p = profiles[d.kind]
             f, bw, o = _stage_cost(p, bounds[s], bounds[s + 1])
             last = s == S - 1
-            cf = f + p.call_s + p.byte_s * (in_bytes[s] + out_bytes[s])
-            cb = bw + p.call_s + p.byte_s * ((label_bytes if last else out_bytes[s]) + (in_bytes[s] if s else 0))
+            if direct:
+                # the coordinator sends stage 0 its input and the last stage its labels, and gets logits back;
+                # a tensor from or to a neighbour costs this device's CPU (sender thread, listener)
+                hop_in, hop_out = (in_bytes[s] if s else 0), (0 if last else out_bytes[s])
+                cf = f + p.call_s + p.byte_s * ((in_bytes[s] if s == 0 else 0) + (out_bytes[s] if last else 0)) \
+                    + p.byte_cpu_s * (hop_in + hop_out)
+                cb = bw + p.call_s + p.byte_s * (label_bytes if last else 0) + p.byte_cpu_s * (hop_in + hop_out)
+            else:
+                cf = f + p.call_s + p.byte_s * (in_bytes[s] + out_bytes[s])
+                cb = bw + p.call_s + p.byte_s * ((label_bytes if last else out_bytes[s]) + (in_bytes[s] if s else 0))
             cost[(s, r)] = (cf, cb, o, p)
     ops = {(s, r): sch.schedule_ops(schedule, S, m, s, r, len(groups[s])) for s in range(S) for r in range(len(groups[s]))}
+
+    # direct: a tensor's hop holds the sender's uplink and the receiver's downlink (each device has one link
+    # to this machine's switch) for its per-byte cost; it leaves when its op ends, in the first gap both
+    # links have (a calendar: the loop below reaches the threads' ops out of time order)
+    held: dict = {}
+    arrive: dict = {}
+
+    def send(sender, receiver, key, t: float, nbytes: int) -> None:
+        dur = nbytes * max(_link_byte_s(groups[sender[0]][sender[1]]), _link_byte_s(groups[receiver[0]][receiver[1]]))
+        busy_links = held.setdefault(("up", sender), []) + held.setdefault(("down", receiver), [])
+        start, moved = t, True
+        while moved:
+            moved = False
+            for a, b in busy_links:
+                if a < start + dur and start < b:
+                    start, moved = b, True
+        if dur > 0:
+            held[("up", sender)].append((start, start + dur))
+            held[("down", receiver)].append((start, start + dur))
+        arrive[key] = start + dur
+
     ptr = {k: 0 for k in ops}
     clock = {k: 0.0 for k in ops}
     busy = {k: 0.0 for k in ops}
@@ -262,28 +317,43 @@ def simulate(model, micro_batch: int, bounds, groups, profiles: dict[str, Profil
             while ptr[(s, r)] < len(lst):
                 op, mb = lst[ptr[(s, r)]]
                 if op == "F":
-                    dep = 0.0 if s == 0 else doneF.get((s - 1, mb))
+                    dep = 0.0 if s == 0 else (arrive.get(("a", s, mb)) if direct else doneF.get((s - 1, mb)))
+                elif s == S - 1:
+                    dep = doneF.get((s, mb))
                 else:
-                    dep = doneF.get((s, mb)) if s == S - 1 else doneB.get((s + 1, mb))
+                    dep = arrive.get(("g", s, mb)) if direct else doneB.get((s + 1, mb))
                 if dep is None:
                     break
                 c = cost[(s, r)][0 if op == "F" else 1]
                 start = max(clock[(s, r)], dep)
-                clock[(s, r)] = start + c
+                end = clock[(s, r)] = start + c
                 busy[(s, r)] += c
-                (doneF if op == "F" else doneB)[(s, mb)] = start + c
+                (doneF if op == "F" else doneB)[(s, mb)] = end
+                if direct and op == "F" and s < S - 1:
+                    send((s, r), (s + 1, mb % len(groups[s + 1])), ("a", s + 1, mb), end, out_bytes[s])
+                elif direct and op == "B" and s > 0:
+                    send((s, r), (s - 1, mb % len(groups[s - 1])), ("g", s - 1, mb), end, in_bytes[s])
                 ptr[(s, r)] += 1
                 progress = True
     if any(ptr[k] < len(v) for k, v in ops.items()):
         raise RuntimeError("schedule deadlocked in simulation")
     t = max(clock.values())
-    # replicas: every replica's gradients to the coordinator and the sums back, one replica after another
+    # replicas' gradient sums. Direct: the others' gradients into replica 0 and the sum back out, one hop
+    # each over replica 0's link, every stage at once; else every replica's gradients to the coordinator
+    # and the sums back, one replica after another
+    reduce_s = []
     for s in range(S):
         if len(groups[s]) > 1:
             nbytes = 4 * (n_weights[s] if n_weights else 0)
+            p = cost[(s, 0)][3]
+            if direct:
+                per_byte = max(_link_byte_s(d) for d in groups[s]) + p.byte_cpu_s
+                reduce_s.append(p.call_s + 2 * (len(groups[s]) - 1) * nbytes * per_byte)
+                continue
             for r in range(len(groups[s])):
                 p = cost[(s, r)][3]
                 t += 2 * p.call_s + 2 * nbytes * p.byte_s
+    t += max(reduce_s, default=0.0)
     t += max(cost[k][2] + cost[k][3].call_s for k in cost)
     # the controller's bookkeeping calls (busy counters before and after, the losses), one at a time
     t += sum(3 * cost[k][3].call_s for k in cost)
@@ -296,32 +366,74 @@ def _compositions(n: int, k: int):
         yield [b[i + 1] - b[i] for i in range(k)]
 
 
-def best_bounds(profiles, groups, L: int, m: int, model=None, micro_batch: int = 1) -> tuple:
+def best_bounds(profiles, groups, L: int, m: int, model=None, micro_batch: int = 1, direct: bool = True,
+                keep: int = 1):
     """Layer bounds minimising the slowest stage's per-step time (forward + backward of its share of the
-    micro-batches on its slowest replica, with the bytes its calls move)."""
+    micro-batches on its slowest replica, with the bytes its calls move: each of its tensors once when the
+    stages send directly, twice, coming and going, through the coordinator). keep > 1: the `keep` best,
+    best first."""
+    import heapq
+
     K = len(groups)
     acts = activation_shapes(model, micro_batch) if model is not None else None
-    best, best_val = None, float("inf")
+    kept: list = []          # a max-heap of the best `keep` so far: (-val, bounds)
+    best_val = float("inf")
     for cuts in itertools.combinations(range(1, L), K - 1):
         b = (0, *cuts, L)
         val = 0.0
         for s, g in enumerate(groups):
             moved = 0
             if acts is not None:
-                moved = 2 * 4 * (int(np.prod(acts[b[s + 1] - 1])) + (int(np.prod(acts[b[s] - 1])) if s else 0))
-            per = max(sum(profiles[d.kind].forward_s[b[s]:b[s + 1]]) + sum(profiles[d.kind].backward_s[b[s]:b[s + 1]])
-                      + moved * profiles[d.kind].byte_s for d in g)
+                moved = 4 * ((int(np.prod(acts[b[s + 1] - 1])) if s < K - 1 else 0) +
+                             (int(np.prod(acts[b[s] - 1])) if s else 0))
+
+            def per_device(d):
+                p = profiles[d.kind]
+                compute = sum(p.forward_s[b[s]:b[s + 1]]) + sum(p.backward_s[b[s]:b[s + 1]])
+                if not direct:
+                    return compute + 2 * moved * p.byte_s
+                # out and back, in and back: the CPU pays for all of it, each link direction for half
+                return max(compute + 2 * moved * p.byte_cpu_s, moved * _link_byte_s(d))
+
+            per = max(per_device(d) for d in g)
             val = max(val, per * m / len(g))
             if val >= best_val:
                 break
         if val < best_val:
-            best, best_val = b, val
-    return best
+            heapq.heappush(kept, (-val, b))
+            if len(kept) > keep:
+                heapq.heappop(kept)
+            if len(kept) == keep:
+                best_val = -kept[0][0]
+    ranked = [b for _, b in sorted(kept, key=lambda vb: -vb[0])]
+    return ranked[0] if keep == 1 else ranked
+
+
+BOUNDS_SIMULATED = 8
+
+
+def _candidate(model, micro_batch, m, bounds, groups, profiles, schedule, direct, optimizer, shapes,
+               stage_memory_bytes) -> Candidate:
+    plan = StagePlan(model, bounds, micro_batch, optimizer)
+    cand = Candidate(bounds, groups)
+    for s, g in enumerate(groups):
+        in_flight = m if schedule == "gpipe" else min(len(groups) - s, m)
+        need = stage_memory_bytes(plan, s, in_flight)
+        small = [d for d in g if need > 0.8 * d.profile.memory_bytes]
+        if small:
+            cand.memory_ok = False
+            cand.note = f"stage {s} needs ~{need / 2**20:.0f} MiB, {small[0].name} has {small[0].profile.memory_mib:g}"
+    if cand.memory_ok:
+        nw = [sum(int(np.prod(shapes[nm])) for nm in names) for names in plan.stage_weights()]
+        cand.step_s, cand.busiest_s = simulate(model, micro_batch, bounds, groups, profiles, schedule, m, nw, direct)
+    return cand
 
 
 def search(model, micro_batch: int, m: int, devices: list, profiles: dict[str, Profile], schedule: str,
-           max_partitions: int | None = None, log=print, optimizer=train.OptimizerConfig()) -> list[Candidate]:
-    """Every (devices used, grouping into consecutive stages) candidate with its best bounds and predicted step."""
+           max_partitions: int | None = None, log=print, optimizer=train.OptimizerConfig(),
+           direct: bool = True) -> list[Candidate]:
+    """Every (devices used, grouping into consecutive stages) candidate with its best bounds and predicted step
+    (direct: the stages hand tensors device to device, as EmulatedStages connects them)."""
     from edgetvm.pipetrain.emulate import stage_memory_bytes
 
     L = len(model.layers)
@@ -334,22 +446,16 @@ def search(model, micro_batch: int, m: int, devices: list, profiles: dict[str, P
                     continue
                 it = iter(devices[:n])
                 groups = [[next(it) for _ in range(size)] for size in sizes]
-                bounds = best_bounds(profiles, groups, L, m, model, micro_batch)
-                plan = StagePlan(model, bounds, micro_batch, optimizer)
-                cand = Candidate(bounds, groups)
-                for s, g in enumerate(groups):
-                    in_flight = m if schedule == "gpipe" else min(k - s, m)
-                    need = stage_memory_bytes(plan, s, in_flight)
-                    small = [d for d in g if need > 0.8 * d.profile.memory_bytes]
-                    if small:
-                        cand.memory_ok = False
-                        cand.note = f"stage {s} needs ~{need / 2**20:.0f} MiB, {small[0].name} has " \
-                                    f"{small[0].profile.memory_mib:g}"
-                if cand.memory_ok:
-                    nw = [sum(int(np.prod(shapes[nm])) for nm in names) for names in plan.stage_weights()]
-                    cand.step_s, cand.busiest_s = simulate(model, micro_batch, bounds, groups, profiles, schedule, m, nw)
-                log("  " + cand.describe())
-                out.append(cand)
+                # the bottleneck criterion sees neither fill and drain nor links shared by two hops: the few
+                # best bounds by it are simulated, the fastest kept
+                best = None
+                for bounds in best_bounds(profiles, groups, L, m, model, micro_batch, direct, keep=BOUNDS_SIMULATED):
+                    cand = _candidate(model, micro_batch, m, bounds, groups, profiles, schedule, direct, optimizer,
+                                      shapes, stage_memory_bytes)
+                    if best is None or (cand.memory_ok, -cand.step_s) > (best.memory_ok, -best.step_s):
+                        best = cand
+                log("  " + best.describe())
+                out.append(best)
     ok = [c for c in out if c.memory_ok]
     if not ok:
         raise UserError("no candidate fits the devices' memory; use smaller micro-batches or bigger devices")

@@ -10,7 +10,8 @@ m mod R, and the replicas' gradients are summed (the batch mean) before every re
 
 The controller runs one thread per stage replica (a TVM RPC session's calls release the GIL), which
 executes its schedule's operations in order, waiting for activations from the stage before and
-gradients from the stage after; it measures each replica's wall time in calls (busy on the stage's
+gradients from the stage after (the tensors themselves, or, for stages on connected devices, word that
+they are on their way device to device); it measures each replica's wall time in calls (busy on the stage's
 side, measured there) and idle time (waiting for its inputs: fill, drain and bubbles).
 """
 
@@ -99,6 +100,10 @@ class Controller:
                                 for r in range(len(reps))] for s, reps in enumerate(replicas)]
         check_micro_batches(self.m, self.m, [len(r) for r in replicas])
         self.pool = ThreadPoolExecutor(sum(len(r) for r in replicas))
+        # Stages on devices connected to their neighbours and mates (device.RemoteStage.connect_neighbours)
+        # hand activations, gradients and gradient sums to each other; the mailbox then carries only "sent"
+        # (None).
+        self.direct = all(getattr(st, "sends_direct", False) for reps in replicas for st in reps)
         self.totals = {(s, r): {"wall_s": 0.0, "call_s": 0.0, "busy_s": 0.0, "idle_s": 0.0}
                        for s in range(self.S) for r in range(len(replicas[s]))}
 
@@ -111,18 +116,18 @@ class Controller:
                 if op == "F":
                     a = xs[mb] if s == 0 else box.get(("a", s, mb))
                     c0 = time.perf_counter()
-                    y = st.forward(mb, a)
+                    y = st.forward(mb, a, **self._to(s + 1, mb))
                     call += time.perf_counter() - c0
                     if not last:
                         box.put(("a", s + 1, mb), y)
                 else:
                     if last:
                         c0 = time.perf_counter()
-                        ga = st.backward_last(mb, ys[mb], 1.0 / self.m)
+                        ga = st.backward_last(mb, ys[mb], 1.0 / self.m, **self._to(s - 1, mb))
                     else:
                         g = box.get(("g", s, mb))
                         c0 = time.perf_counter()
-                        ga = st.backward(mb, g)
+                        ga = st.backward(mb, g, **self._to(s - 1, mb))
                     call += time.perf_counter() - c0
                     if s > 0:
                         box.put(("g", s - 1, mb), ga)
@@ -130,9 +135,28 @@ class Controller:
             raise
         except BaseException as e:  # noqa: BLE001 - named and passed on
             err = StageFailed(f"{self.names[s][r]} failed: {_short(e)}")
+            first = box.error is None
             box.fail(err)
+            if first:
+                self._abort(str(err))
             raise err from None
         return {"wall_s": time.perf_counter() - t0, "call_s": call}
+
+    def _to(self, s: int, mb: int) -> dict:
+        """The replica of stage s that micro-batch mb's tensor goes to, when the stages send directly."""
+        if not self.direct or s < 0 or s >= self.S:
+            return {}
+        return {"to": mb % len(self.replicas[s])}
+
+    def _abort(self, message: str) -> None:
+        """Wakes every device call that waits for a tensor from a neighbour: it will not come."""
+        for reps in self.replicas:
+            for st in reps:
+                if hasattr(st, "abort"):
+                    try:
+                        st.abort(message)
+                    except BaseException:  # noqa: BLE001 - a dead device has nothing to wake
+                        pass
 
     def step(self, x: np.ndarray, y: np.ndarray) -> dict:
         """One training step on the batch (x, y); returns its loss, wall time and per-replica times."""
@@ -153,15 +177,16 @@ class Controller:
                 pass
         if box.error is not None:
             raise box.error
-        # gradients of a stage's replicas summed (each micro-batch's already weighs 1/M), then one step each
+        # gradients of a stage's replicas summed (each micro-batch's already weighs 1/M), then one step each;
+        # stages on connected devices sum among themselves (device.reduce), all stages at once
         for s, reps in enumerate(self.replicas):
-            if len(reps) > 1:
+            if len(reps) > 1 and not self.direct:
                 gs = [self._call(s, r, "get_grads") for r in range(len(reps))]
                 total = [sum(parts) for parts in zip(*gs)]
                 for r in range(len(reps)):
                     self._call(s, r, "set_grads", total)
-        steps = {(s, r): self.pool.submit(self._step, s, r) for s, reps in enumerate(self.replicas)
-                 for r in range(len(reps))}
+        steps = {(s, r): self.pool.submit(self._step, s, r, len(reps) if self.direct else 1)
+                 for s, reps in enumerate(self.replicas) for r in range(len(reps))}
         for f in steps.values():
             f.result()
         wall = time.perf_counter() - t0
@@ -184,11 +209,16 @@ class Controller:
         except BaseException as e:  # noqa: BLE001
             raise StageFailed(f"{self.names[s][r]} failed: {_short(e)}") from None
 
-    def _step(self, s: int, r: int) -> None:
+    def _step(self, s: int, r: int, reduce: int = 1) -> None:
         try:
+            if reduce > 1:
+                self.replicas[s][r].reduce(r, reduce)
             self.replicas[s][r].step()
         except BaseException as e:  # noqa: BLE001
-            raise StageFailed(f"{self.names[s][r]} failed in its optimizer step: {_short(e)}") from None
+            msg = f"{self.names[s][r]} failed in its optimizer step: {_short(e)}"
+            if reduce > 1:
+                self._abort(msg)   # its mates wait for its gradients
+            raise StageFailed(msg) from None
 
     def logits(self, x: np.ndarray, micro_batch: int) -> np.ndarray:
         """Forward passes only (replica 0 of each stage), micro-batch by micro-batch, the last chunk padded."""
@@ -198,8 +228,8 @@ class Controller:
             n = len(a)
             if n < micro_batch:
                 a = np.concatenate([a, np.zeros((micro_batch - n, *a.shape[1:]), np.float32)])
-            for reps in self.replicas:
-                a = reps[0].forward(-1, a, keep=False)
+            for s, reps in enumerate(self.replicas):
+                a = reps[0].forward(-1, a, keep=False, **({"to": 0} if self.direct and s < self.S - 1 else {}))
             out.append(a[:n])
         return np.concatenate(out)
 
