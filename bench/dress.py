@@ -25,7 +25,10 @@ then storage (one store against K separately stored pruned models), the switchin
 trace replayed on an emulated device (--device, default phone-hi; runtime/dress_device.py: the CPU quota
 of its cgroup follows the trace's CPU shares, its memory limit the memory budgets) for DRESS, a single
 dense model and K separately stored pruned models that must be loaded when the choice changes (only one
-fits the memory budget at a time).
+fits the memory budget at a time). DRESS runs it twice, line by line in turn on two devices: with the
+per-call prediction and the prefetch at budget changes (the default), and as before (the calibration
+scaled by 1 / share, no prefetch). The prefetch assumes each budget change is announced before the next
+inference; its time is reported apart from the calls.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -50,7 +54,7 @@ from edgetvm.compiler import compile_model  # noqa: E402
 from edgetvm.quant.cli import limited, pretrained  # noqa: E402
 from edgetvm.runtime import subnets as rt  # noqa: E402
 from edgetvm.runtime.artifact import open_artifact  # noqa: E402
-from edgetvm.runtime.dress_device import DeviceWorker, summarize  # noqa: E402
+from edgetvm.runtime.dress_device import DeviceWorker, replay_alternately, summarize  # noqa: E402
 from edgetvm.runtime.session import Runner  # noqa: E402
 from edgetvm.sparse import masks  # noqa: E402
 from edgetvm.sparse import slimmable as sl  # noqa: E402
@@ -174,14 +178,25 @@ def device_trace(dress_art, dense_art, pruned_arts, pruned_acc, dress_acc, dense
     trace's CPU shares, its memory limit the memory budgets), for DRESS, the single dense model and the K
     separately stored pruned models (chosen by DRESS's rule and calibration; loaded when the choice
     changes, the load counted in that inference's time). Each method in a fresh device and worker."""
-    with DeviceWorker(args.device, "dress", [dress_art], x) as dev:
+    # DRESS as the runtime now chooses (per call: the CFS quota left, resident pages, a prefetch at each budget
+    # change) and as before (the calibration scaled by 1 / share, no prefetch), line by line in turn on two
+    # devices: the same trace, the same load and the same calibrated latencies. The second reads its own copy
+    # of the artifact, so that neither finds the other's weight pages in the page cache (charged to the
+    # other's cgroup).
+    mean_art = Path(tempfile.mkdtemp(prefix="dress-mean-", dir=Path(dress_art).parent)) / "art"
+    shutil.copytree(dress_art, mean_art)
+    with DeviceWorker(args.device, "dress", [dress_art], x) as dev, \
+            DeviceWorker(args.device, "dress", [mean_art], x, policy="mean") as before:
         cal = dev.calibrate()
+        before_cal = before.calibrate()
+        before.use_latencies(cal["predicted_ms"])   # one calibration: both rules agree on what the trace allows
         trace = make_trace(cal["predicted_ms"], cal["memory_bytes"], args.trace_length, args.seed)
-        dress_run = dev.replay(trace)
+        dress_run, mean_run = replay_alternately([dev, before], trace)
     with DeviceWorker(args.device, "dense", [dense_art], x) as dev:
         dense_cal = dev.calibrate()
         dense_run = dev.replay(trace)
-    plan = {k: cal[k] for k in ("subnets", "predicted_ms", "memory_bytes", "file_bytes")}
+    plan = {k: cal[k] for k in ("subnets", "predicted_ms", "cold_ms", "warmup_ms", "after_ms", "memory_bytes",
+                                   "file_bytes")}
     with DeviceWorker(args.device, "separate", pruned_arts, x, plan=plan) as dev:
         sep_cal = dev.calibrate()
         sep_run = dev.replay(trace)
@@ -189,8 +204,9 @@ def device_trace(dress_art, dense_art, pruned_arts, pruned_acc, dress_acc, dense
     sep["load_anon_bytes"] = sep_cal["load_anon_bytes"]
     loads = [r["ms"] for r in sep_run["records"] if r["loaded"]]
     sep["load_ms_median"] = statistics.median(loads) if loads else 0.0
-    return {"device": args.device, "calibration": {"dress": cal, "dense": dense_cal},
-            "dress": summarize(dress_run, dress_acc), "dense": summarize(dense_run, [dense_acc]), "separate": sep}
+    return {"device": args.device, "calibration": {"dress": cal, "dense": dense_cal, "dress_mean": before_cal},
+            "dress": summarize(dress_run, dress_acc), "dress_mean": summarize(mean_run, dress_acc),
+            "dense": summarize(dense_run, [dense_acc]), "separate": sep}
 
 
 
@@ -265,7 +281,8 @@ def main(argv=None) -> int:
               + ", ".join(f"{ms:.3f} ms / {m / 2**20:.2f} MiB" for ms, m in zip(cal["predicted_ms"], cal["memory_bytes"]))
               + f"; dense {t['calibration']['dense']['predicted_ms'][0]:.3f} ms / "
               f"{t['calibration']['dense']['memory_bytes'][0] / 2**20:.2f} MiB")
-        for name, label in (("dress", "DRESS"), ("dense", "dense"), ("separate", "separate pruned")):
+        for name, label in (("dress", "DRESS"), ("dress_mean", "DRESS as before"), ("dense", "dense"),
+                            ("separate", "separate pruned")):
             u = t[name]
             extra = (f", {u['loads']} loads (median {u['load_ms_median']:.1f} ms; a load holds "
                      f"{u['load_anon_bytes'] / 2**20:.2f} MiB more, added to every limit)" if name == "separate" else "")
@@ -274,6 +291,12 @@ def main(argv=None) -> int:
                       f"{u['misses_where_fitting_paging']} reading weights back from the file) + "
                       f"{u['misses'] - u['misses_where_fitting']} where none did ({u['no_fit']} inferences)")
             misses += f", {u['inferences_paging']} inferences read weight pages back"
+            if name == "dress":
+                misses += (f"; {u['no_fit_where_mean_fit']} calls fitted no subnet only at that call (quota of the "
+                           f"period spent, or pages evicted) where 1 / share scaling had one; prefetch at budget "
+                           f"changes: {u['prefetch_pages']} pages in {u['prefetched_lines']} lines, "
+                           f"{u['prefetch_ms']:.1f} ms in all, outside the calls (assumes each change is announced "
+                           f"before the next inference)")
             print(f"    {label:>15}: accuracy {100 * u['accuracy']:.2f}%, {misses}, "
                   f"{u['memory_over_budget']} over the memory budget ({u['limit_raised']} lines' limits raised to the "
                   f"runner's own memory), throttled in {u['throttled_periods']} periods"

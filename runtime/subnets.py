@@ -107,6 +107,7 @@ class SubnetRunner:
         self._level_args = [tvm.runtime.tensor(np.array([k], np.int32), self.runner.dev)
                             for k in range(len(self.subnets))]
         self.predicted_ms = [float("nan")] * len(self.subnets)    # at the full CPU quota
+        self.first_call_ms = [float("nan")] * len(self.subnets)   # calibration's first call (weights read in)
         # What a subnet needs of the memory budget: the weight bytes it reads, until measured on a device.
         self.memory_bytes = [s["weight_bytes"] for s in self.subnets]
 
@@ -124,7 +125,9 @@ class SubnetRunner:
         call (its prefix of the store then touched: runtime/dress_device.py measures its memory there)."""
         for k in reversed(range(len(self.subnets))):
             a = self.args(inputs, k)
+            t = time.perf_counter()
             self.call(a)   # warm-up: first touch of its weights
+            self.first_call_ms[k] = (time.perf_counter() - t) * 1e3
             if after_first_call is not None:
                 after_first_call(k)
             times = []
@@ -143,11 +146,14 @@ class SubnetRunner:
         by 1 / share (compute-bound: the kernels get `share` of the CPU time they had)."""
         return self.predicted_ms[k] / share
 
-    def choose(self, budget: Budget, share: float = 1.0) -> Choice:
+    def choose(self, budget: Budget, share: float = 1.0, predicted: list[float] | None = None) -> Choice:
         """The most accurate subnet (ties: the faster) that fits both budgets with `share` of the full CPU
-        quota; else the smallest, not fitting."""
+        quota; else the smallest, not fitting. `predicted`: this call's latency of every subnet, when the
+        caller predicts per call (runtime/dress_device.py), instead of the calibration scaled by 1 / share."""
+        if predicted is None:
+            predicted = [self.predicted(k, share) for k in range(len(self.subnets))]
         fit = [k for k in range(len(self.subnets))
-               if self.predicted(k, share) <= budget.time_ms and self.memory_bytes[k] <= budget.memory_bytes]
+               if predicted[k] <= budget.time_ms and self.memory_bytes[k] <= budget.memory_bytes]
         if not fit:
             return Choice(self.smallest(), False)
         return Choice(max(fit, key=lambda k: (self.subnets[k]["accuracy"] or 0.0, -self.predicted_ms[k])), True)
@@ -261,8 +267,9 @@ def _budget_trace_on_device(art, profile, inputs: dict, trace: list[Budget]) -> 
               f"{dev.full_quota_us / dev.period_us:g} CPU(s) per {dev.period_us / 1000:g} ms period at CPU share 1, "
               f"memory limit = each line's MEMORY_MIB", flush=True)
         cal = dev.calibrate()
-        print(f"subnets of {art.path} (measured on the device at its full quota; latency then scaled by "
-              "full quota / current quota):", flush=True)
+        print(f"subnets of {art.path} (measured on the device at its full quota; per call, a subnet is predicted "
+              "at that speed if it fits in the CFS period's quota left, else with the wait for the next period, "
+              f"plus its evicted weight pages at {cal['page_in_ms']:.3f} ms each (measured)):", flush=True)
         for k, s in enumerate(cal["subnets"]):
             acc = "?" if s["accuracy"] is None else f"{100 * s['accuracy']:.2f}%"
             print(f"  subnet {k}: sparsity {s['sparsity']:.0%}  accuracy {acc}  weights {s['weight_bytes'] / 2**20:.3f} MiB"
@@ -274,12 +281,17 @@ def _budget_trace_on_device(art, profile, inputs: dict, trace: list[Budget]) -> 
     smallest = min(range(len(cal["subnets"])), key=lambda k: (cal["memory_bytes"][k], cal["predicted_ms"][k]))
     if res["no_fit"]:
         print(f"  {res['no_fit']} of {res['inferences']} budgets fit no subnet: ran the smallest (subnet "
-              f"{smallest}) for those")
+              f"{smallest}) for those; {res['no_fit_where_mean_fit']} of them only at that call (the period's quota "
+              "spent, or weight pages evicted), by the calibration scaled by 1 / share one would have")
     acc = "?" if res["accuracy"] is None else f"{100 * res['accuracy']:.2f}%"
     print(f"  {res['inferences']} inferences: subnets used {res['used']}, mean accuracy delivered {acc}, "
           f"budget misses {res['misses_where_fitting']} where a subnet fit (+{res['misses'] - res['misses_where_fitting']} "
           f"where none did); {res['misses_where_fitting_paging']} of those where one fit read weight pages back from "
           f"the file (evicted under a lower memory limit), {res['inferences_paging']} inferences did")
+    print(f"  prefetch at budget changes: {res['prefetch_pages']} weight pages read back in {res['prefetched_lines']} "
+          f"of {len(run['lines'])} lines, {res['prefetch_ms']:.1f} ms in all, outside the inference calls (this "
+          "assumes each budget change is announced before the next inference: the OS raises the limit, then the "
+          "request comes)")
     for share, c in res["per_share"].items():
         print(f"  CPU share {share}: {c['inferences']} inferences, measured mean {c['measured_mean_ms']:.3f} ms, "
               f"predicted mean {c['predicted_mean_ms']:.3f} ms")

@@ -293,7 +293,8 @@ def test_on_an_emulated_device_the_quota_and_memory_limit_follow_the_trace_and_t
 
     _device_or_skip()
     d, _, _, x = lenet_artifact
-    with DeviceWorker("phone-hi", "dress", [d / "art"], {"x": x}) as dev:    # 1 CPU, quota 1.0 per 10 ms
+    # the rule of the calibration scaled by 1 / share (policy "mean"); the per-call policy: tests below
+    with DeviceWorker("phone-hi", "dress", [d / "art"], {"x": x}, policy="mean") as dev:  # 1 CPU, quota 1.0 per 10 ms
         cgroups = [Path(p) for p in dev.device.paths.values()]
         cal = dev.calibrate()
         pred, mem = cal["predicted_ms"], cal["memory_bytes"]
@@ -320,6 +321,101 @@ def test_on_an_emulated_device_the_quota_and_memory_limit_follow_the_trace_and_t
     assert all(r["memory_bytes"] <= tight for r in recs[65:])              # held under the limit set from the budget
     assert summarize(run, [0.9, 0.8, 0.7, 0.6])["inferences"] == 70
     assert not any(c.exists() for c in cgroups) and not _our_cgroups(os.getpid())
+
+
+def test_a_call_runs_at_full_speed_if_it_fits_in_the_quota_left_and_else_waits_for_the_next_period():
+    from edgetvm.runtime.dress_device import CPU_MARGIN, GLUE_MS, per_call_ms
+
+    # a quarter of one CPU: 2.5 ms of quota per 10 ms period; a 0.2 ms subnet needs 0.2 x margin + glue
+    need = 0.2 * CPU_MARGIN + GLUE_MS
+    assert per_call_ms(0.2, need, 2.5, 10, 1) == 0.2                          # fits: the quota does not slow it
+    assert per_call_ms(0.2, need - 0.01, 2.5, 10, 1) == pytest.approx(0.2 + 7.5)   # meets the period's end
+    assert per_call_ms(3.0, 1.0, 2.5, 10, 1) == pytest.approx(3.0 + 2 * 7.5)  # crosses two periods
+    assert per_call_ms(0.2, -1.0, 10, 10, 1) == 0.2          # the whole cpuset's quota never binds
+    assert per_call_ms(0.2, 2.5, 2.5, 10, 1, page_in_ms=3.0) == pytest.approx(3.2)   # evicted pages read back
+
+
+def test_the_quota_left_never_exceeds_what_the_cgroup_can_still_use_in_its_period():
+    from edgetvm.runtime.dress_device import QuotaLeft
+
+    q = QuotaLeft(quota_ms=2.5, period_ms=10)
+    q.refilled(cpu_ms=100.0)                                 # the quota was written: CFS refilled it
+    assert q.look(0.0, 100.0, nr_throttled=0) == 2.5
+    assert q.look(0.5, 100.4, 0) == pytest.approx(2.1)       # the worker's CPU time since then is the cgroup's
+    assert q.look(1.5, 102.0, 0) == pytest.approx(0.5)
+    # throttled since the last look: the refill came after it, so at most what was used since then is spent
+    assert q.look(9.0, 102.6, 1) == pytest.approx(2.5 - 0.6)
+    # a period of wall time later a boundary has passed: the CPU used since the look a period ago bounds it
+    assert q.look(19.5, 104.0, 1) == pytest.approx(2.5 - (104.0 - 102.6))
+    assert q.look(40.0, 104.1, 1) == pytest.approx(2.5 - (104.1 - 104.0))
+
+
+def test_residency_sees_which_weight_pages_are_in_memory_and_pages_a_set_in(tmp_path):
+    import resource
+
+    from edgetvm.runtime.dress_device import PAGE, Residency, _drop_page_cache, _no_readahead
+
+    f = tmp_path / "w.bin"
+    f.write_bytes(RNG.integers(0, 255, 32 * PAGE, dtype=np.uint8).tobytes())
+    _drop_page_cache(f)
+    mm = np.memmap(f, dtype=np.uint8, mode="c")
+    assert _no_readahead(f) == 32 * PAGE                   # a fault reads its page, not a window around it
+    res = Residency(f)
+    if res.resident().any():
+        pytest.skip("this file system keeps the pages cached after POSIX_FADV_DONTNEED")
+    int(mm[3 * PAGE])                                        # one page read
+    assert np.flatnonzero(res.resident()).tolist() == [3]
+    want = np.zeros(res.pages, bool)
+    want[[3, 8, 9, 10, 20]] = True
+    assert res.missing([want, ~want]) == [4, 31 - 4]
+    assert res.page_in(want) == 4
+    assert set(np.flatnonzero(res.resident())) >= {3, 8, 9, 10, 20}
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_majflt
+    int(mm[8 * PAGE]) + int(mm[20 * PAGE])                   # read in and mapped by the page-in: no fault now
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_majflt == faults
+
+
+def _drop_and_rise(dev, t_ms, cal):
+    """Roomy memory, a limit only the sparsest subnet fits (the kernel evicts the denser pages), roomy again."""
+    roomy, tight = 64 * 2**20, int(cal["memory_bytes"][3] * 1.2)
+    return dev.replay([rt.Budget(t_ms, roomy)] * 3 + [rt.Budget(t_ms, tight)] * 5 + [rt.Budget(t_ms, roomy)] * 3)
+
+
+def test_after_a_budget_drop_and_rise_the_chosen_subnets_pages_are_resident_before_its_timed_call(lenet_artifact):
+    from edgetvm.runtime.dress_device import DeviceWorker, summarize
+
+    _device_or_skip()
+    d, _, _, x = lenet_artifact
+    with DeviceWorker("phone-hi", "dress", [d / "art"], {"x": x}) as dev:
+        cal = dev.calibrate()
+        run = _drop_and_rise(dev, 1000.0, cal)
+    recs, lines = run["records"], run["lines"]
+    assert [r["level"] for r in recs] == [0] * 3 + [3] * 5 + [0] * 3
+    assert recs[3]["missing_pages"][0] > 0                   # the tight limit evicted the densest subnet's pages
+    assert lines[2]["prefetch"]["level"] == 0 and lines[2]["prefetch"]["pages"] >= recs[7]["missing_pages"][0] > 0
+    assert recs[8]["missing_pages"][0] == 0 and recs[8]["page_ins"] == 0   # read in at the budget change, not in it
+    assert summarize(run)["prefetch_pages"] == lines[2]["prefetch"]["pages"] + lines[1]["prefetch"]["pages"]
+
+
+def test_a_subnet_whose_pages_are_not_resident_is_predicted_with_reading_them_back(lenet_artifact):
+    from edgetvm.runtime.dress_device import DeviceWorker
+
+    _device_or_skip()
+    d, _, _, x = lenet_artifact
+    with DeviceWorker("phone-hi", "dress", [d / "art"], {"x": x}, prefetch=False) as dev:
+        cal = dev.calibrate()
+        pred, page_ms = cal["predicted_ms"], cal["page_in_ms"]
+        assert page_ms > 0                                   # measured: the first calls read the store in
+        # time enough for the densest subnet at full speed, not for reading back 1 page in 10 of its own
+        t = pred[0] + 0.1 * cal["pages"][0] * page_ms
+        run = _drop_and_rise(dev, t, cal)
+    back = run["records"][8]                                 # the first call with roomy memory again
+    missing = back["missing_pages"]
+    assert missing[0] > 0.1 * cal["pages"][0]
+    # the first call after the wait for the new budget: its cold latency; the full quota: no wait for it
+    assert back["predicted_all"][0] == pytest.approx(cal["cold_ms"][0] + missing[0] * page_ms)
+    assert back["level"] != 0 and missing[back["level"]] < missing[0]
+    assert back["predicted_ms"] <= t
 
 
 def test_the_device_and_its_worker_are_gone_after_a_run_and_after_ctrl_c(lenet_artifact, tmp_path):
