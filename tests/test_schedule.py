@@ -166,12 +166,14 @@ def test_a_weight_matmul_reads_its_weight_packed_at_compile_time(rows, n, packed
     np.testing.assert_array_equal(got, want)
 
 
-@pytest.mark.parametrize("width, as_matmul", [(4, True), (30, True), (16, False)])
-def test_a_conv_with_narrow_output_rows_runs_as_im2col_and_a_packed_matmul(width, as_matmul):
+@pytest.mark.parametrize("width, kernel", [(4, "conv_nhwo"), (6, "im2col"), (30, "im2col"), (16, "conv2d")])
+def test_a_conv_with_narrow_output_rows_runs_with_the_output_channels_innermost(width, kernel):
     """Output rows narrower than a vector (VGG's 4x4 blocks) or not a multiple of it gave the conv
-    schedule nothing or predicated loads to vectorise: such a conv becomes im2col + matmul with the
-    output channels innermost, its weight transposed and packed at compile time; rows that are a
-    multiple of 8 stay convs. Same result as TVM's own conv."""
+    schedule nothing or predicated loads to vectorise: such a conv vectorises its output channels
+    instead, its weight transposed (and packed) at compile time. Rows of whole 4-pixel tiles run as a
+    direct conv into a channels-last output (the im2col gather cost as much as the product there);
+    other rows as im2col + a packed matmul; rows that are a multiple of 8 stay NCHW convs. Same
+    result as TVM's own conv."""
     import numpy as np
     from tvm import relax
 
@@ -186,7 +188,7 @@ def test_a_conv_with_narrow_output_rows_runs_as_im2col_and_a_packed_matmul(width
     target = tvm.target.Target({"kind": "llvm", "num-cores": 2})
     fused = pipeline.fuse(deploy, target)
     names = [gv.name_hint for gv, f in fused.functions.items() if isinstance(f, tvm.tirx.PrimFunc)]
-    assert any("im2col" in n for n in names) == as_matmul and any("conv2d" in n for n in names) != as_matmul
+    assert [k for k in ("conv_nhwo", "im2col", "conv2d") if any(k in n for n in names)] == [kernel]
     rng = np.random.default_rng(0)
     xs, ws = rng.standard_normal((1, 64, width, width), "float32"), rng.standard_normal((64, 64, 3, 3), "float32")
     (wt,) = pipeline.transform_weights(transform, [ws])
@@ -195,3 +197,65 @@ def test_a_conv_with_narrow_output_rows_runs_as_im2col_and_a_packed_matmul(width
     want = relax.VirtualMachine(tvm.compile(bb.get(), target=target), tvm.cpu())["main"](
         tvm.runtime.tensor(xs), tvm.runtime.tensor(ws)).numpy()
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def _conv_tile(target, cin, cout, stride=1, groups=1, h=32):
+    """relu(conv2d(x, w)) on a (h, 32) image, its fused kernels for the target, and the extents of the
+    unrolled loops (the register tile) around its conv update."""
+    from tvm import relax, s_tir
+
+    x = relax.Var("x", relax.TensorType([1, cin, h, 32], "float32"))
+    w = relax.Var("w", relax.TensorType([cout, cin // groups, 3, 3], "float32"))
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x, w]):
+        with bb.dataflow():
+            y = relax.op.nn.conv2d(x, w, strides=stride, padding=1, groups=groups)
+            y = bb.emit_output(bb.emit(relax.op.nn.relu(y)))
+        bb.emit_func_output(y)
+    fused = pipeline.fuse(bb.get(), target)
+    (conv,) = [f for f in fused.functions.values() if isinstance(f, tvm.tirx.PrimFunc)]
+    sch = s_tir.Schedule(conv)
+    (update,) = [b for b in sch.get_child_blocks(sch.get_sblock("root")) if sch.get(b).name_hint.endswith("_update")]
+    loops = [sch.get(loop) for loop in sch.get_loops(update)]
+    unrolled = [int(loop.extent) for loop in loops if loop.kind == tvm.tirx.ForKind.UNROLLED]
+    return bb.get(), fused, unrolled
+
+
+@pytest.mark.parametrize("target, tile", [
+    ({"kind": "llvm", "mcpu": "znver4"}, [4, 4]),         # AVX-512: 4 channels x 4 rows of one zmm (16 of 32)
+    ({"kind": "llvm", "mcpu": "haswell"}, [4]),           # AVX2: 4 rows x 2 ymm already take 8 of 16 registers
+    ({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]}, [2, 4]),  # 2 x 4 x 2 q of 32
+    ({"kind": "llvm", "mtriple": "armv7a-linux-gnueabihf", "mattr": ["+neon"]}, [4]),  # 16 q registers
+])
+def test_a_conv_register_tile_spans_output_channels_as_registers_allow(target, tile):
+    """Each input vector a conv loads feeds accumulators of several output channels (half the target's
+    vector registers in all), so the FMAs outnumber the loads and hide their latency."""
+    _, _, unrolled = _conv_tile(tvm.target.Target({**target, "num-cores": 2}), 16, 32)
+    assert unrolled == tile
+
+
+@pytest.mark.parametrize("cin, cout, stride, groups, h, tile", [
+    (16, 32, 1, 1, 32, [4, 4]),
+    (16, 32, 2, 1, 32, [4, 4]),   # strided: the input read as phases, still independent of the channel
+    (4, 6, 1, 1, 32, [2, 4]),     # 6 output channels: the largest power of two dividing them
+    (3, 16, 1, 1, 32, [4]),       # a stem conv's 27-step reduction: too short to amortise a bigger tile
+    (5, 7, 1, 1, 32, [4]),        # odd channel counts: no channel tile
+    (16, 32, 1, 2, 32, [4]),      # grouped: every input read depends on the output channel, nothing to share
+    (16, 32, 1, 1, 6, [4, 3]),    # 6 rows: 3 at a time, 4 channels (12 accumulators)
+    (16, 32, 1, 1, 5, [16]),      # 5 rows: one at a time, 16 channels
+])
+def test_a_conv_with_a_channel_tile_computes_what_tvm_computes(cin, cout, stride, groups, h, tile):
+    import numpy as np
+    from tvm import relax
+
+    target = tvm.target.Target({"kind": "llvm", "mcpu": "znver4", "num-cores": 2})
+    mod, fused, unrolled = _conv_tile(target, cin, cout, stride, groups, h)
+    assert unrolled == tile
+    host = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu()})
+    if not tvm.target.codegen.target_has_features("avx512f", host):
+        pytest.skip("this machine has no AVX-512: the schedule is checked, not run")
+    rng = np.random.default_rng(0)
+    args = [rng.standard_normal((1, cin, h, 32), "float32"), rng.standard_normal((cout, cin // groups, 3, 3), "float32")]
+    run = lambda ex: relax.VirtualMachine(ex, tvm.cpu())["main"](*[tvm.runtime.tensor(a) for a in args]).numpy()
+    np.testing.assert_allclose(run(pipeline.finish(fused, target)), run(tvm.compile(mod, target=target)),
+                               rtol=1e-5, atol=1e-5)
