@@ -180,6 +180,20 @@ def test_model_by_path_matches_numpy_reference(files, case):
     assert {r: m.formats[r] for r in want} == want and m.notes == []
 
 
+def test_q5_is_never_a_head_or_embedding_format():
+    """The 5-bit format has no embedding-row reader: plan_formats keeps it off the head and embedding, and
+    the embedding builder refuses it (board artifacts claiming it are refused by their validator)."""
+    from edgetvm.llm.gguf_model import Config
+    from edgetvm.llm.kvdevice import make_embed
+    from edgetvm.llm.runtime import plan_formats
+
+    cfg = Config(n_layers=1, d_model=256, n_heads=4, n_kv_heads=2, head_dim=64, d_ff=512, vocab=320)
+    f, _ = plan_formats(cfg, _types(cfg, {"qkv": "Q5_K", "o": "Q5_K", "gu": "Q5_K", "down": "Q5_K", "head": "Q5_K"}))
+    assert f["qkv"] == "q5" and f["head"] == f["embed"] == "q8m_16"
+    with pytest.raises(ValueError, match="no embedding-row reader"):
+        make_embed(256, 320, "q5")
+
+
 def test_neox_rope_is_not_the_adjacent_pair_rotation(files):
     """The qwen2 check is not vacuous: the reference with llama's rotation gives other logits."""
     import dataclasses
@@ -403,6 +417,9 @@ def test_cli_bad_files_one_line_exit_2(tmp_path, capsys):
                       (["generate", "--model", str(tmp_path / "none.gguf"), "hi"], "does not exist"),
                       (["generate", "--model", str(S.write(tmp_path / "longrope.gguf", n_layers=1, extra_kv={
                           "llama.rope.scaling.type": "longrope"})), "hi"], "RoPE scaling 'longrope'"),
+                      (["generate", "--model", str(S.write(tmp_path / "qfreqs.gguf", arch="qwen2", n_layers=1,
+                                                           rope_freqs=ROPE_FREQS)), "hi"],
+                       "rope_freqs.weight in a qwen2 file"),
                       (["compile-llm", "--model", str(tmp_path / "cut.gguf"), "-o", str(tmp_path / "o")],
                        "truncated or damaged")):
         assert cli.main(argv) == 2

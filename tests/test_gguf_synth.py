@@ -55,6 +55,11 @@ def spm_vocab(size: int = 288):
     return tokens, scores, types
 
 
+def _scales(rng, n: int, around: float) -> np.ndarray:
+    """n fp16 scales (as [n, 2] bytes) that differ block to block, so a misplaced block's scale shows."""
+    return (around * rng.uniform(0.5, 1.5, n)).astype(np.float16).view(np.uint8).reshape(n, 2)
+
+
 def _quant(a: np.ndarray, ty: str, rng) -> tuple[np.ndarray, object]:
     """(data, raw_dtype) for GGUFWriter.add_tensor."""
     from gguf import GGMLQuantizationType as Q
@@ -79,21 +84,21 @@ def _quant(a: np.ndarray, ty: str, rng) -> tuple[np.ndarray, object]:
         b[:, 208:210] = np.full(nb, 0.06 / 32 / 127, np.float16).view(np.uint8).reshape(nb, 2)
     elif ty == "Q5_K":  # d, dmin fp16, 12 bytes of 6-bit scales/mins, 32 bytes of high bits, 128 of nibbles
         b = rng.integers(0, 256, (nb, 176), dtype=np.uint8)
-        b[:, 0:2] = np.full(nb, 0.02 / 63 * 2, np.float16).view(np.uint8).reshape(nb, 2)
-        b[:, 2:4] = np.full(nb, 0.01 / 63 * 2, np.float16).view(np.uint8).reshape(nb, 2)
+        b[:, 0:2] = _scales(rng, nb, 0.02 / 63 * 2)
+        b[:, 2:4] = _scales(rng, nb, 0.01 / 63 * 2)
     elif ty == "Q2_K":  # 16 bytes of scale/min nibbles, 64 bytes of 2-bit quants, fp16 d, dmin
         b = rng.integers(0, 256, (nb, 84), dtype=np.uint8)
-        b[:, 80:82] = np.full(nb, 0.1 / 15, np.float16).view(np.uint8).reshape(nb, 2)
-        b[:, 82:84] = np.full(nb, 0.05 / 15, np.float16).view(np.uint8).reshape(nb, 2)
+        b[:, 80:82] = _scales(rng, nb, 0.1 / 15)
+        b[:, 82:84] = _scales(rng, nb, 0.05 / 15)
     elif ty == "Q3_K":  # 32 bytes of high-bit masks, 64 of 2-bit quants, 12 of 6-bit scales, fp16 d
         b = rng.integers(0, 256, (nb, 110), dtype=np.uint8)
-        b[:, 108:110] = np.full(nb, 0.1 / 32 / 4, np.float16).view(np.uint8).reshape(nb, 2)
+        b[:, 108:110] = _scales(rng, nb, 0.1 / 32 / 4)
     elif ty == "IQ4_NL":  # fp16 d, 16 bytes of table indices
         b = rng.integers(0, 256, (N * K // 32, 18), dtype=np.uint8)
-        b[:, 0:2] = np.full(len(b), 0.1 / 127, np.float16).view(np.uint8).reshape(-1, 2)
+        b[:, 0:2] = _scales(rng, len(b), 0.1 / 127)
     elif ty == "IQ4_XS":  # fp16 d, 2 + 4 bytes of 6-bit scales, 128 bytes of table indices
         b = rng.integers(0, 256, (nb, 136), dtype=np.uint8)
-        b[:, 0:2] = np.full(nb, 0.1 / 127 / 32, np.float16).view(np.uint8).reshape(nb, 2)
+        b[:, 0:2] = _scales(rng, nb, 0.1 / 127 / 32)
     else:
         raise ValueError(ty)
     return b.reshape(N, -1), q

@@ -100,13 +100,13 @@ def open_llm_artifact(path, verify: bool = True, keep_page_cache: bool = False):
     if ok:  # the per-role formats (older artifacts: the uniform mode's)
         f = llm.get("formats", None if llm["weights"] == "native" else llm["weights"])
         ok = (isinstance(f, dict) and set(f) == set(quant.ROLES) and all(v in quant.KERNEL_FORMATS for v in f.values())
-              or isinstance(f, str))
+              and "q5" not in (f["head"], f["embed"]) or isinstance(f, str))
     if ok:
         try:
             cfg = Config(**llm["config"])
             ok = library.groups(cfg, f) == (llm.get("head_tensors"), llm.get("layer_tensors")) and \
                 len(m["weights"]) == llm["head_tensors"] + cfg.n_layers * llm["layer_tensors"]
-        except TypeError:
+        except (TypeError, ValueError):   # a key it does not know, a value of the wrong kind
             ok = False
     if not ok:
         raise UserError(f"{a.path}/{art_mod.MANIFEST}: its 'llm' section does not describe its weights; the "

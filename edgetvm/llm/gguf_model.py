@@ -53,8 +53,6 @@ class Config:
     rope_ext: float = 0.0  # YaRN's ramp mix: 1 for rope.scaling.type yarn, else 0 (plain linear scaling)
     rope_attn: float = 1.0  # rope.scaling.attn_factor: cos and sin are multiplied by it
     rope_orig_ctx: int = 0  # YaRN's original context (0: the model's context length)
-    rope_beta_fast: float = 32.0
-    rope_beta_slow: float = 1.0
 
     def __post_init__(self):
         # from JSON (board artifacts) the factors arrive as a list: keep the Config hashable
@@ -149,7 +147,7 @@ def config_from_gguf(reader, path="the GGUF file") -> Config:
             raise UserError(f"{path}: key and value head sizes differ; edgetvm needs them equal")
         if int(g("rope.dimension_count", D)) != D:
             raise UserError(f"{path}: RoPE rotates only part of each head; edgetvm rotates whole heads")
-        rope = _rope_scaling(reader, g, D, path)
+        rope = _rope_scaling(reader, g, arch, D, path)
         tokens = _field(reader, "tokenizer.ggml.tokens", [])
         vocab = int(g("vocab_size", len(tokens) or 0)) or int(next(
             t.shape[1] for t in reader.tensors if t.name == "token_embd.weight"))
@@ -165,22 +163,25 @@ def config_from_gguf(reader, path="the GGUF file") -> Config:
         raise UserError(f"{path}: metadata key {e} is missing; the file is damaged or not a {arch} model") from None
 
 
-def _rope_scaling(reader, g, D: int, path) -> dict:
+def _rope_scaling(reader, g, arch: str, D: int, path) -> dict:
     """Config fields of the file's RoPE scaling, read as llama.cpp reads them: the type defaults to linear,
     the factor to none (rope.scale_linear is its old name), YaRN's ramp applies only to type yarn."""
-    kind = str(g("rope.scaling.type", "linear")) or "linear"
+    kind = str(g("rope.scaling.type", "linear"))
     if kind not in ("none", "linear", "yarn"):
         raise UserError(f"{path}: RoPE scaling '{kind}' is not supported; edgetvm applies none, linear, yarn and "
                         "rope_freqs.weight (Llama 3)")
     if float(g("rope.scaling.yarn_log_multiplier", 0.0)) != 0.0:
         raise UserError(f"{path}: YaRN with a log multiplier (DeepSeek's) is not supported")
-    factor = float(g("rope.scaling.factor", 0.0)) or float(g("rope.scale_linear", 0.0))
+    # the old key only when the new one is absent (a factor of 0 written there means no scaling)
+    factor = float(g("rope.scaling.factor") if f"{arch}.rope.scaling.factor" in reader.fields else
+                   g("rope.scale_linear", 0.0))
+    # YaRN's betas stay llama.cpp's defaults (32, 1): its llama and qwen2 loaders do not read them from the file
     out = {"rope_scale": 1.0 if kind == "none" or factor == 0.0 else 1.0 / factor,
            "rope_ext": 1.0 if kind == "yarn" else 0.0, "rope_attn": float(g("rope.scaling.attn_factor", 1.0)),
-           "rope_orig_ctx": int(g("rope.scaling.original_context_length", 0)),
-           "rope_beta_fast": float(g("rope.scaling.yarn_beta_fast", 32.0)),
-           "rope_beta_slow": float(g("rope.scaling.yarn_beta_slow", 1.0))}
+           "rope_orig_ctx": int(g("rope.scaling.original_context_length", 0))}
     t = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
+    if t is not None and arch != "llama":   # llama.cpp's qwen2 graph has no frequency factors: it refuses such a file
+        raise UserError(f"{path}: rope_freqs.weight in a {arch} file; llama.cpp applies it to llama files only")
     if t is not None:
         if t.tensor_type.name != "F32" or int(np.prod(t.shape)) != D // 2:
             raise UserError(f"{path}: rope_freqs.weight is {t.tensor_type.name} {tuple(int(s) for s in t.shape)}, "

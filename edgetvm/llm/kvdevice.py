@@ -280,6 +280,8 @@ def make_embed(d_model: int, vocab: int, fmt: str):
                     "int32", (i % 2) * 4)) & 15) - 8) * DD[IDS[t] // TJ, i // G, IDS[t] % TJ]
 
         return embed_q4s
+    if fmt not in ("q8", "q8_16"):   # q5 has no row reader: plan_formats never gives it to the head or embedding
+        raise ValueError(f"no embedding-row reader for weight format {fmt!r}")
     G = 16 if fmt == "q8_16" else 32
 
     @T.prim_func

@@ -25,11 +25,10 @@ def rope_tables(cfg, n_pos: int | None = None):
     if ext != 0.0:
         # YaRN: pairs that turn fast (i below the corrected dims) keep their angle, slow ones are
         # interpolated, a linear ramp between; the magnitude grows with log(factor)
-        low, high = yarn_corr_dims(D, cfg.rope_orig_ctx or cfg.max_pos, cfg.rope_base, cfg.rope_beta_fast,
-                                   cfg.rope_beta_slow)
+        low, high = yarn_corr_dims(D, cfg.rope_orig_ctx or cfg.max_pos, cfg.rope_base, 32.0, 1.0)
         keep = (1 - np.clip((i - low) / max(0.001, high - low), 0, 1)) * ext
         inv = scale * inv * (1 - keep) + inv * keep
-        if scale < 1.0:
+        if scale < 1.0:   # a factor <= 1 leaves the magnitude alone, as llama.cpp since PR #17945
             mscale *= 1 + 0.1 * np.log(1 / scale)
     else:
         inv = scale * inv
