@@ -1,8 +1,8 @@
 """Latency of the edgetvm host build / onnxruntime, same input, measured side by side in one process.
 
-    python bench/compile_vs_ort.py [--models ocr_cls,resnet,transformer] [--rounds 5] [--repeat 20]
+    python bench/compile_vs_ort.py [--models ocr_cls,resnet,transformer] [--rounds 5] [--repeat 20] [--threads N]
 
-Both use every core of this machine. Rounds alternate between the two engines so that drift
+Both use every core of this machine, or N threads each. Rounds alternate between the two engines so that drift
 (other load, frequency) hits both alike; each engine's figure is its median over all calls.
 """
 
@@ -27,7 +27,7 @@ from edgetvm.runtime.session import Runner
 from edgetvm.targets import load_board
 
 
-def measure(name: str, workdir: Path, rounds: int, repeat: int) -> dict:
+def measure(name: str, workdir: Path, rounds: int, repeat: int, threads: int | None = None) -> dict:
     board = load_board("host")
     out = workdir / name
     t = time.perf_counter()
@@ -38,7 +38,7 @@ def measure(name: str, workdir: Path, rounds: int, repeat: int) -> dict:
     runner = Runner(art)
 
     opts = ort.SessionOptions()
-    opts.intra_op_num_threads = board.cores
+    opts.intra_op_num_threads = threads or board.cores
     sess = ort.InferenceSession(str(zoo.path(name)), opts, providers=["CPUExecutionProvider"])
     ref = sess.run(None, x)
     got = runner.run(x)
@@ -65,14 +65,21 @@ def main(argv=None) -> int:
                    help="zoo models, comma-separated (default: the real MobileNetV3 and two generated models)")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--repeat", type=int, default=20)
+    p.add_argument("--threads", type=int, default=None, help="threads for both engines (default: every core)")
     args = p.parse_args(argv)
+    if args.threads is not None:
+        if args.threads < 1:
+            p.error("--threads must be at least 1")
+        # read by TVM's thread pool when it first starts, which no import above has done yet
+        os.environ["TVM_NUM_THREADS"] = str(args.threads)
     names = args.models.split(",")
     print(f"edgetvm (untuned TVM {__import__('tvm').__version__}) vs onnxruntime {ort.__version__} on "
-          f"{os.cpu_count()} cores, {args.rounds} rounds x {args.repeat} calls each, alternating", flush=True)
+          f"{os.cpu_count()} cores, {args.threads or 'all'} threads each, {args.rounds} rounds x {args.repeat} calls "
+          "each, alternating", flush=True)
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-") as d:
         for name in names:
-            r = measure(name, Path(d), args.rounds, args.repeat)
+            r = measure(name, Path(d), args.rounds, args.repeat, args.threads)
             rows.append(r)
             print(f"  {name}: done", file=sys.stderr, flush=True)
     header = f"{'model':<12} {'edgetvm ms':>10} {'ort ms':>9} {'edgetvm/ort':>11} {'max |diff|':>10} {'compile s':>9}"
