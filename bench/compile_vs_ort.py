@@ -23,7 +23,7 @@ from edgetvm import zoo
 from edgetvm.compiler import compile_model, random_inputs
 from edgetvm.costmodels.profile import kernel_times
 from edgetvm.runtime.artifact import open_artifact
-from edgetvm.runtime.session import Runner
+from edgetvm.runtime.session import Runner, model_threads
 from edgetvm.targets import load_board
 
 
@@ -67,6 +67,7 @@ def main(argv=None) -> int:
     p.add_argument("--repeat", type=int, default=20)
     p.add_argument("--threads", type=int, default=None, help="threads for both engines (default: every core)")
     args = p.parse_args(argv)
+    model_threads()   # TVM's pool as `edgetvm run` sets it up
     if args.threads is not None:
         if args.threads < 1:
             p.error("--threads must be at least 1")

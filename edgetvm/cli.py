@@ -111,7 +111,7 @@ def cmd_run(args) -> None:
 
     from edgetvm.compiler import random_inputs
     from edgetvm.runtime.artifact import open_artifact
-    from edgetvm.runtime.session import Runner, connect
+    from edgetvm.runtime.session import Runner, connect, model_threads
 
     if args.repeat < 1:
         raise UserError(f"--repeat {args.repeat}: give a positive number of timed runs")
@@ -147,6 +147,8 @@ def cmd_run(args) -> None:
         if not out.resolve().parent.is_dir() or not os.access(out.resolve().parent, os.W_OK):
             raise UserError(f"--output {out}: directory {out.resolve().parent} is missing or not writable; "
                             f"choose another path")
+    if not (args.rpc or args.tracker):
+        model_threads()
     inputs = _load_inputs(args.input, art.inputs)
     if not inputs:
         inputs = random_inputs(art.inputs, args.seed)

@@ -33,7 +33,9 @@ def demo(model: str = "ocr_cls", board_name: str = "rpi4", keep: str | None = No
     from edgetvm.compiler import compile_model, random_inputs
     from edgetvm.runtime import emulated_board
     from edgetvm.runtime.artifact import open_artifact
-    from edgetvm.runtime.session import Runner, connect
+    from edgetvm.runtime.session import Runner, connect, model_threads
+
+    model_threads()
     from edgetvm.targets import load_board
 
     board = load_board(board_name)

@@ -186,3 +186,24 @@ def test_batch_norm_folds_into_conv_weights_at_compile_time():
     _, deploy = pipeline.lift_weight_transforms(mod)
     text = deploy["main"].script()
     assert "batch_norm" not in text and "sqrt" not in text and "divide" not in text
+
+
+def test_a_local_run_uses_every_cpu_it_may_and_worker_threads(tmp_path, host_builds):
+    """`edgetvm run` in a process with no thread settings: TVM's pool gets one thread per CPU the process
+    may use (TVM's own default halves them on x86) with every task on a worker thread; a user's own
+    settings are kept."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    art = host_builds("mlp")
+    code = ("import os, sys\nfrom edgetvm.cli import main\nrc = main(['run', sys.argv[1], '--repeat', '1'])\n"
+            "import tvm, json\nprint(json.dumps([rc, tvm.get_global_func('runtime.NumThreads')(), "
+            "os.environ.get('TVM_EXCLUDE_WORKER0')]))")
+    env = {k: v for k, v in os.environ.items() if k not in ("TVM_NUM_THREADS", "TVM_EXCLUDE_WORKER0")}
+    out = subprocess.run([sys.executable, "-c", code, str(art)], env=env, capture_output=True, text=True)
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == [0, len(os.sched_getaffinity(0)), "0"], out.stderr
+    out = subprocess.run([sys.executable, "-c", code, str(art)], env={**env, "TVM_NUM_THREADS": "1"},
+                         capture_output=True, text=True)
+    assert json.loads(out.stdout.strip().splitlines()[-1])[1] == 1, out.stderr
