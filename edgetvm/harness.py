@@ -46,14 +46,27 @@ def preload() -> None:
     import edgetvm.compiler  # noqa: F401
 
 
+def _pool_has_workers() -> bool:
+    """Whether TVM's thread pool in this process runs tasks on other threads. Those threads do not survive
+    a fork: a child's first parallel kernel waits for them forever. TVM's own default is one thread on a
+    2-core x86 machine (it halves the hardware threads), but two or more on bigger machines or with
+    TVM_NUM_THREADS set (as a local `edgetvm run` in this process sets it)."""
+    import tvm
+
+    return int(tvm.get_global_func("runtime.NumThreads")()) > 1
+
+
 def run_cli(argv: list[str], timeout: float = 120.0, outputs: list[str | Path] = ()) -> Result:
-    """`edgetvm ARGV` in a forked child; `outputs` are paths that must not exist half-written afterwards."""
+    """`edgetvm ARGV` in a forked child; `outputs` are paths that must not exist half-written afterwards.
+    Where this process's thread pool has worker threads the child execs a fresh interpreter instead
+    (seconds of imports, but no pool without its threads)."""
+    fresh = _pool_has_workers()
     with tempfile.TemporaryDirectory(prefix="edgetvm-case-") as d:
         out_path, err_path = Path(d) / "stdout", Path(d) / "stderr"
         t0 = time.perf_counter()
         pid = os.fork()
         if pid == 0:  # the child: never returns
-            _child(argv, out_path, err_path)
+            _child(argv, out_path, err_path, fresh)
         status, hung = _wait(pid, timeout)
         seconds = time.perf_counter() - t0
         stdout = out_path.read_text(errors="replace")
@@ -85,7 +98,7 @@ def _half_written(out: Path) -> bool:
     return out.exists() or bool(leftovers)
 
 
-def _child(argv, out_path: Path, err_path: Path) -> None:
+def _child(argv, out_path: Path, err_path: Path, fresh: bool = False) -> None:
     rc = 1
     try:
         os.setpgid(0, 0)  # its own group: a timeout kills whatever it started too
@@ -93,6 +106,10 @@ def _child(argv, out_path: Path, err_path: Path) -> None:
             f = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             os.dup2(f, fd)
             os.close(f)
+        if fresh:
+            dn = os.open(os.devnull, os.O_RDONLY)
+            os.dup2(dn, 0)
+            os.execv(sys.executable, [sys.executable, "-m", "edgetvm.cli", *map(str, argv)])
         sys.stdin = open(os.devnull)
         # A caller such as pytest may have swapped sys.stdout/stderr for its own buffers: the command's
         # Python output must reach the same files as its native output.

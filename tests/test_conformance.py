@@ -119,3 +119,37 @@ def test_opset6_broadcast_starts_at_axis(tmp_path):
                         [("a", [2, 3, 3]), ("b", [3])], [2, 3, 3], [], [a, b], a + b[None, :, None])
     (tmp_path / "w").mkdir()
     assert conformance.run_case(case, tmp_path / "w").outcome == "match"
+
+
+def test_cases_run_where_the_parent_pool_has_worker_threads(tmp_path):
+    """A forked child inherits no threads: where this process's TVM pool has worker threads (two or more
+    threads: bigger machines, or TVM_NUM_THREADS) and has run a parallel kernel, a case still runs to its
+    end instead of hanging in its first parallel kernel."""
+    import subprocess
+    import sys
+
+    code = """
+import json, os, sys
+os.environ["TVM_NUM_THREADS"] = "2"
+import numpy as np, tvm
+from tvm.script import tirx as T
+from edgetvm import harness, zoo
+from edgetvm.compiler import compile_model
+from edgetvm.targets import load_board
+
+@T.prim_func
+def double(a: T.Buffer((4096,), "float32"), b: T.Buffer((4096,), "float32")):
+    for i in T.parallel(4096):
+        b[i] = a[i] * T.float32(2)
+
+a, b = (tvm.runtime.tensor(np.ones(4096, "float32")) for _ in range(2))
+tvm.compile(double, target="llvm")(a, b)   # the pool's worker threads start here
+art = os.path.join(sys.argv[1], "mlp")
+compile_model(zoo.path("mlp", sys.argv[1]), load_board("host"), art, zoo.default_input_shapes("mlp"))
+r = harness.run_cli(["run", art], timeout=30)
+print(json.dumps(r.outcome))
+"""
+    (tmp_path / "case.py").write_text(code)   # TVMScript reads its function's source: a file, not -c
+    out = subprocess.run([sys.executable, str(tmp_path / "case.py"), str(tmp_path)], capture_output=True, text=True,
+                         timeout=300)
+    assert out.stdout.strip().splitlines()[-1:] == ['"ok"'], out.stderr[-2000:]
