@@ -23,13 +23,25 @@ def model_threads() -> None:
     (TVM_EXCLUDE_WORKER0=0) rather than the first on the calling thread measured, idle, three
     alternations of separate processes: ResNet 1.45-2.55 -> 1.36-1.59 ms, the transformer 1.25-1.36 ->
     0.64-0.71, VGG 0.92-1.06 -> 0.55-0.61, MobileNetV3 1.05-1.19 -> 0.72-0.78. Set before the pool
-    starts (its first parallel call); a user's own settings win. Emulated devices set their own thread
-    count; the LLM commands keep TVM's default (their many small kernels per token: 140 -> 119 tokens/s
-    with worker threads only)."""
+    starts: the pool is made here, and the environment left as it was (processes this one starts, and a
+    caller that runs `edgetvm run` in-process, keep their own settings); a user's own settings win, and
+    a pool that already runs is kept. Emulated devices set their own thread count; the LLM commands keep
+    TVM's default (their many small kernels per token: 140 -> 119 tokens/s with worker threads only)."""
     import os
 
+    import tvm
+
+    saved = {k: os.environ.get(k) for k in ("TVM_NUM_THREADS", "TVM_EXCLUDE_WORKER0")}
     os.environ.setdefault("TVM_NUM_THREADS", str(len(os.sched_getaffinity(0))))
     os.environ.setdefault("TVM_EXCLUDE_WORKER0", "0")
+    try:
+        tvm.get_global_func("runtime.NumThreads")()   # makes the pool, reading the two settings
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k)
+            else:
+                os.environ[k] = v
 from edgetvm.runtime.artifact import Artifact
 from edgetvm.runtime.tensors import checked_inputs, to_tvm
 

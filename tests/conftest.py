@@ -3,11 +3,27 @@ import os
 import pytest
 import tvm
 
-# The harness runs a case in a forked child, where the tests' monkeypatches reach it; where this process's
-# TVM pool has worker threads (TVM's default on machines with 4+ hardware threads, or after an in-process
-# `edgetvm run` set TVM_NUM_THREADS) it must exec a fresh interpreter instead, which the patches never
-# reach. One thread here keeps the suite's results the same on any CI machine.
-tvm.get_global_func("runtime.config_threadpool")(1, 1)
+
+def _one_thread_pool() -> None:
+    """The harness runs a case in a forked child, which the tests' monkeypatches reach; where this
+    process's TVM pool has worker threads (TVM's default on machines with 4+ hardware threads, or after
+    an in-process `edgetvm run` set TVM_NUM_THREADS) it must exec a fresh interpreter, which no patch
+    reaches. So the suite's own pool is made now, with one thread, and not bound to a CPU (TVM pins a
+    one-thread pool's calling thread, after which os.sched_getaffinity here reports one CPU). The
+    environment is left as it was for the processes the tests start."""
+    saved = {k: os.environ.get(k) for k in ("TVM_NUM_THREADS", "TVM_BIND_THREADS")}
+    os.environ.update(TVM_NUM_THREADS="1", TVM_BIND_THREADS="0")
+    try:
+        assert tvm.get_global_func("runtime.NumThreads")() == 1
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k)
+            else:
+                os.environ[k] = v
+
+
+_one_thread_pool()
 
 
 def pytest_addoption(parser):

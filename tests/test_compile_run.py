@@ -190,8 +190,9 @@ def test_batch_norm_folds_into_conv_weights_at_compile_time():
 
 def test_a_local_run_uses_every_cpu_it_may_and_worker_threads(tmp_path, host_builds):
     """`edgetvm run` in a process with no thread settings: TVM's pool gets one thread per CPU the process
-    may use (TVM's own default halves them on x86) with every task on a worker thread; a user's own
-    settings are kept."""
+    may use (TVM's own default halves them on x86) with every task on a worker thread (one more thread
+    than with the first task on the calling thread); a user's own settings are kept, and the run leaves
+    the environment as it found it."""
     import json
     import os
     import subprocess
@@ -200,10 +201,19 @@ def test_a_local_run_uses_every_cpu_it_may_and_worker_threads(tmp_path, host_bui
     art = host_builds("mlp")
     code = ("import os, sys\nfrom edgetvm.cli import main\nrc = main(['run', sys.argv[1], '--repeat', '1'])\n"
             "import tvm, json\nprint(json.dumps([rc, tvm.get_global_func('runtime.NumThreads')(), "
-            "os.environ.get('TVM_EXCLUDE_WORKER0')]))")
+            "len(os.listdir('/proc/self/task')), os.environ.get('TVM_NUM_THREADS')]))")
     env = {k: v for k, v in os.environ.items() if k not in ("TVM_NUM_THREADS", "TVM_EXCLUDE_WORKER0")}
-    out = subprocess.run([sys.executable, "-c", code, str(art)], env=env, capture_output=True, text=True)
-    assert json.loads(out.stdout.strip().splitlines()[-1]) == [0, len(os.sched_getaffinity(0)), "0"], out.stderr
-    out = subprocess.run([sys.executable, "-c", code, str(art)], env={**env, "TVM_NUM_THREADS": "1"},
-                         capture_output=True, text=True)
-    assert json.loads(out.stdout.strip().splitlines()[-1])[1] == 1, out.stderr
+
+    def run(**settings):
+        out = subprocess.run([sys.executable, "-c", code, str(art)], env={**env, **settings}, capture_output=True,
+                             text=True)
+        return json.loads(out.stdout.strip().splitlines()[-1]), out.stderr
+
+    (rc, threads, os_threads, left), err = run()
+    assert (rc, threads, left) == (0, len(os.sched_getaffinity(0)), None), err
+    (rc, threads_w0, os_threads_w0, _), err = run(TVM_EXCLUDE_WORKER0="1")
+    assert (rc, threads_w0) == (0, threads), err
+    if threads > 1:
+        assert os_threads == os_threads_w0 + 1
+    (rc, threads, _, left), err = run(TVM_NUM_THREADS="1")
+    assert (rc, threads, left) == (0, 1, "1"), err
