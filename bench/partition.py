@@ -6,10 +6,18 @@ The device is an emulated one (default sbc-a53: a quarter of a core, its cgroup'
 first CPU's cpuset) serving TVM RPC inside a network namespace; the link is a veth pair shaped by tbf
 on both ends at each bandwidth; the server is this process with one TVM thread (a full core; the
 other CPU and what the device's quota leaves of the first). Each configuration's cut is decided from the profiles (cached), compiled as a
-split artifact, and run across the link: latency is the median over frames placed on the device
-first (device compute + fetching the crossing tensors over the link + server compute), throughput
-the frames per second of a stream in which the device computes and sends frame i+1 while the server
-computes frame i.
+split artifact, and run across the link: latency is the mean over frames placed on the device
+first (device compute + fetching the crossing tensors over the link + server compute; the mean, as a
+device under a CFS quota alternates fast frames with frames that wait for the next period),
+throughput the frames per second of a stream in which the device computes and sends frame i+1 while
+the server computes frame i.
+
+Predicted ("pred"): the device's CPU work per frame (its kernels from the profile at full speed, plus
+its CPU per call, per tensor and per byte sent, measured once per link) under its quota as the kernel
+enforces it (costmodels/cfs.py), the wire at the link's rate and per-tensor time (measured with the
+same calibration), the server's kernels. "linear": the partitioners' additive cost (kernels over the
+quota's share, planned per-tensor time), which the cut is chosen with. "dev CPU": the device's CPU per
+frame, predicted and measured (its cgroup's threads).
 
     python bench/partition.py [--models ocr_cls,ocr_det,resnet,inception] [--bandwidths 1,5,20,100]
 """
@@ -34,7 +42,7 @@ from edgetvm.partition import cuts, split  # noqa: E402
 from edgetvm.partition.cli import link_model  # noqa: E402
 from edgetvm.runtime.device import EmulatedDevice  # noqa: E402
 from edgetvm.runtime.link import EmulatedLink  # noqa: E402
-from edgetvm.runtime.split import SplitRunner, median_times  # noqa: E402
+from edgetvm.runtime.split import SplitRunner, calibrate_device, mean_times  # noqa: E402
 from edgetvm.targets import load_board  # noqa: E402
 from edgetvm.targets.links import load_link  # noqa: E402
 
@@ -82,7 +90,7 @@ def main(argv=None) -> int:
     device = load_profile(args.device)
     server = replace(load_board("host"), cores=1)
     t_start = time.perf_counter()
-    rows, notes = [], []
+    rows, notes, calib = [], [], []
     for name in args.models.split(","):
         src = zoo.path(name, work, **KW.get(name, {}))
         shapes = SHAPES.get(name) or zoo.default_input_shapes(name, **KW.get(name, {}))
@@ -99,6 +107,15 @@ def main(argv=None) -> int:
             env = cuts.cic_envelope(costs, link.per_tensor_s)
             full_s, look_s, same = decision_times(costs, link, env)
             with EmulatedLink(link_prof) as emu, EmulatedDevice(device, link=emu) as dev:
+                # The device's CPU per call, per tensor and per byte sent, and the link's time per
+                # tensor, measured here once: the prediction's constants (no model in them).
+                cal = dev.session()
+                cpu, per_tensor_s = calibrate_device(dev, cal, link.bandwidth_bps)
+                del cal
+                measured_link = cuts.Link(link.bandwidth_bps, per_tensor_s)
+                calib.append(f"{name} at {mbit:g} Mbit/s: device CPU per call {cpu.call_s * 1e6:.0f} us, per "
+                             f"tensor sent {cpu.tensor_s * 1e6:.0f} us, per KiB sent {cpu.byte_s * 1024e6:.1f} us; "
+                             f"link per tensor {per_tensor_s * 1e3:.2f} ms (planned with {link.per_tensor_s * 1e3:.2f})")
                 for method in METHODS:
                     for objective in ("latency", "throughput"):
                         d = cuts.decide(costs, link, method, objective, envelope=env)
@@ -109,18 +126,25 @@ def main(argv=None) -> int:
                                               {"crossing": costs.crossing(d.device)})
                         runner = SplitRunner(out, split.open_split(out), dev.session(), None)
                         if objective == "latency":
-                            med = median_times(runner.latency(x, repeat=args.frames))
+                            runner.latency(x, repeat=4)   # a new session's first calls fault its pages in
+                            c0 = dev.cpu_seconds()
+                            times = runner.latency(x, repeat=2 * args.frames)
+                            cpu_meas = (dev.cpu_seconds() - c0) / (2 * args.frames + 1)   # + its warm-up frame
+                            med = mean_times(times)
                             rows.append({"model": name, "mbit": mbit, "method": method, "objective": objective,
                                          "calls": f"{len(d.device)}/{len(m.graph.ops)}",
                                          "kib": costs.parts(d.device)["bytes"] / 1024,
-                                         "pred": costs.latency(d.device, link), "meas": med.total_s,
-                                         "decide": d.decide_s})
+                                         "pred": cuts.frame_latency(costs, d.device, measured_link, cpu)[0],
+                                         "linear": costs.latency(d.device, link), "meas": med.total_s,
+                                         "cpu_pred": cuts.device_work(costs.parts(d.device), cpu),
+                                         "cpu_meas": cpu_meas, "decide": d.decide_s})
                         else:
                             st = runner.stream(x, frames=args.frames * 2)
                             rows.append({"model": name, "mbit": mbit, "method": method, "objective": objective,
                                          "calls": f"{len(d.device)}/{len(m.graph.ops)}",
                                          "kib": costs.parts(d.device)["bytes"] / 1024,
-                                         "pred": costs.throughput(d.device, link), "meas": st.fps,
+                                         "pred": cuts.frame_throughput(costs, d.device, measured_link, cpu),
+                                         "meas": st.fps,
                                          "decide": d.decide_s})
                         del runner
             rows.append({"model": name, "mbit": mbit, "decision": (full_s, look_s, same)})
@@ -128,7 +152,7 @@ def main(argv=None) -> int:
                      f"{env.min_cuts} min-cuts; exact over 200 bandwidths 0.1-1000 Mbit/s: "
                      f"{exact_sweep(costs, env, link.per_tensor_s)}")
     print_table(rows)
-    for n in notes:
+    for n in notes + calib:
         print(n)
     print(f"device {device.name}: {device.cpu_quota:g} of a core (CFS quota), cpuset CPU 0, in a network namespace; "
           f"server: this process, one TVM thread; links: veth pairs shaped by tbf on both "
@@ -138,8 +162,9 @@ def main(argv=None) -> int:
 
 
 def print_table(rows) -> None:
-    print(f"{'model':<10} {'Mbit/s':>6} {'method':<13} {'device calls':>12} {'sent KiB':>9} "
-          f"{'pred ms':>8} {'meas ms':>8} {'err':>6} {'pred fps':>9} {'meas fps':>9} {'err':>6}")
+    print(f"{'model':<10} {'Mbit/s':>6} {'method':<13} {'device calls':>12} {'sent KiB':>9} {'linear':>7} "
+          f"{'pred ms':>8} {'meas ms':>8} {'err':>6} {'dev CPU pred':>12} {'meas':>6} "
+          f"{'pred fps':>9} {'meas fps':>9} {'err':>6}")
     by = {}
     for r in rows:
         if "decision" in r:
@@ -152,9 +177,9 @@ def print_table(rows) -> None:
         if len(pair) == 2:
             lat, thr = pair["latency"], pair["throughput"]
             print(f"{r['model']:<10} {r['mbit']:>6g} {r['method']:<13} {lat['calls']:>12} {lat['kib']:>9.1f} "
-                  f"{lat['pred'] * 1e3:>8.2f} {lat['meas'] * 1e3:>8.2f} {lat['meas'] / lat['pred'] - 1:>+6.0%} "
+                  f"{lat['linear'] * 1e3:>7.2f} {lat['pred'] * 1e3:>8.2f} {lat['meas'] * 1e3:>8.2f} "
+                  f"{lat['meas'] / lat['pred'] - 1:>+6.0%} {lat['cpu_pred'] * 1e3:>12.2f} {lat['cpu_meas'] * 1e3:>6.2f} "
                   f"{thr['pred']:>9.1f} {thr['meas']:>9.1f} {thr['meas'] / thr['pred'] - 1:>+6.0%}")
-
 
 if __name__ == "__main__":
     sys.exit(main())

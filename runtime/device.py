@@ -115,6 +115,20 @@ class EmulatedDevice(_Service):
                 self.cgroup.close()
                 self.cgroup = None
 
+    def cpu_seconds(self) -> float:
+        """CPU time the device's processes have used so far (every thread of its cgroup, from schedstat)."""
+        from pathlib import Path
+
+        total = 0
+        procs = Path(self.cgroup.paths["cpu"]) / "cgroup.procs"
+        for pid in procs.read_text().split():
+            for task in Path(f"/proc/{pid}/task").glob("*"):
+                try:
+                    total += int((task / "schedstat").read_text().split()[0])
+                except (OSError, ValueError, IndexError):
+                    pass  # a thread that ended meanwhile
+        return total / 1e9
+
     # ------------------------------------------------------------------ reaching it
 
     @property

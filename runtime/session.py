@@ -186,7 +186,10 @@ class Runner:
             return [out]
         if self.remote is not None and not isinstance(out, (list, tuple)):
             # A tuple left on a board comes back as a remote handle: take it apart there.
-            size, item = self.remote.get_function("ffi.ArraySize"), self.remote.get_function("ffi.ArrayGetItem")
+            # (Looked up once: every lookup is a round trip over the link.)
+            if not hasattr(self, "_array_fns"):
+                self._array_fns = self.remote.get_function("ffi.ArraySize"), self.remote.get_function("ffi.ArrayGetItem")
+            size, item = self._array_fns
             return [item(out, i) for i in range(size(out))]
         return list(out)
 

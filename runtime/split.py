@@ -129,6 +129,50 @@ class SplitRunner:
         return StreamResult(len(done), time.perf_counter() - t0, done)
 
 
+def calibrate_device(device, session, bandwidth_bps: float, rounds: int = 60):
+    """The device's CPU per RPC call, per tensor sent and per byte sent, and the link's time per tensor
+    beyond its bytes, measured on `device` (an EmulatedDevice: its cgroup's CPU time) over `session`
+    with calls of a global function and reads of a 1 KiB and a 32 KiB tensor; the quota is lifted
+    meanwhile so that throttling does not count as CPU. (cuts.DeviceCPU, per-tensor link seconds)"""
+    import tvm
+
+    from edgetvm.partition.cuts import DeviceCPU
+
+    quota = device.cgroup.cg.cpu / "cpu.cfs_quota_us"
+    period_us = int((device.cgroup.cg.cpu / "cpu.cfs_period_us").read_text())
+    kept = quota.read_text().strip()
+    ping = session.get_function("runtime.NumThreads")
+    dev = session.cpu()
+    small, big = (tvm.runtime.tensor(np.zeros(n // 4, "float32"), dev) for n in (1024, 32768))
+
+    def per_round(fn) -> tuple[float, float]:
+        fn()
+        c0, t0 = device.cpu_seconds(), time.perf_counter()
+        for _ in range(rounds):
+            fn()
+        return (device.cpu_seconds() - c0) / rounds, (time.perf_counter() - t0) / rounds
+
+    quota.write_text("-1")
+    try:
+        call_cpu, _ = per_round(ping)
+        small_cpu, small_wall = per_round(small.numpy)
+        big_cpu, _ = per_round(big.numpy)
+    finally:
+        quota.write_text(kept)
+    byte_s = max(0.0, (big_cpu - small_cpu) / (32768 - 1024))
+    tensor_s = max(0.0, small_cpu - 1024 * byte_s)
+    per_tensor_s = max(0.0, small_wall - 1024 * 8 / bandwidth_bps)
+    share = int(kept) / period_us if int(kept) > 0 else 1.0
+    return DeviceCPU(min(share, 1.0), period_us / 1e6, call_cpu, tensor_s, byte_s), per_tensor_s
+
+
+def mean_times(times: list[FrameTimes]) -> FrameTimes:
+    """Mean of each part: under a CFS quota a device's frames alternate between full speed and a wait
+    for the next period, so their median says little about the time a frame takes on average."""
+    return FrameTimes(statistics.fmean(t.device_s for t in times), statistics.fmean(t.transfer_s for t in times),
+                      statistics.fmean(t.server_s for t in times))
+
+
 def median_times(times: list[FrameTimes]) -> FrameTimes:
     return FrameTimes(statistics.median(t.device_s for t in times), statistics.median(t.transfer_s for t in times),
                       statistics.median(t.server_s for t in times))

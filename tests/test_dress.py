@@ -438,14 +438,20 @@ def test_the_device_and_its_worker_are_gone_after_a_run_and_after_ctrl_c(lenet_a
     assert done.returncode == 0, err
     assert "6 inferences" in out and "CPU share 0.2: 3 inferences" in out
     assert not _our_cgroups(done.pid)
+    # Deaf to Ctrl-C otherwise where the suite itself runs in the background (see test_cleanup.py).
     p = subprocess.Popen(cmd + [str(tmp_path / "long.txt")], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True)
-    for line in p.stdout:                     # the subnets are listed once calibrated: the trace runs then
-        if line.startswith("  subnet 3"):
-            break
-    assert _our_cgroups(p.pid)                # the device exists while the trace runs
-    p.send_signal(signal.SIGINT)
-    _, err = p.communicate(timeout=120)
+                         text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        for line in p.stdout:                     # the subnets are listed once calibrated: the trace runs then
+            if line.startswith("  subnet 3"):
+                break
+        assert _our_cgroups(p.pid)                # the device exists while the trace runs
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:                      # a failed test must not leave a trace of a million calls running
+            p.kill()
+            p.wait()
     assert p.returncode == 130 and "interrupted" in err
     assert not _our_cgroups(p.pid)
     assert not [r for r in __import__("edgetvm.runtime.leftovers", fromlist=["find"]).find()

@@ -72,6 +72,60 @@ class Costs:
         return 1.0 / max(p["device_s"] + send, p["server_s"], 1e-12)
 
 
+@dataclass(frozen=True)
+class DeviceCPU:
+    """What a frame costs the device's CPU beyond its kernels, and the quota it runs under: the RPC
+    call of its part and the sending of each crossing tensor (TCP, the shaped veth) are CPU time too,
+    charged to the same quota (measured: ~12 us per KiB sent at a quarter of a core's quota)."""
+    share: float               # of a core (an emulated device's CFS quota / period; 1 for a board)
+    period_s: float            # the CFS period
+    call_s: float = 0.0        # CPU per call of the device part
+    tensor_s: float = 0.0      # CPU per crossing tensor sent
+    byte_s: float = 0.0        # CPU per byte sent
+
+
+def frame_latency(costs: "Costs", device: frozenset[int], link: Link, cpu: DeviceCPU) -> tuple[float, float]:
+    """(mean latency, mean device-side wall) of a cut for frames run one after another: the device's
+    CPU work (kernels at full speed, the call, the sending) under its CFS quota (costmodels/cfs.py:
+    short work runs at full speed in a period's quota, long work at the quota's share, and the time a
+    frame spends on the link and the server refills the quota), then the wire and the server."""
+    p = costs.parts(device)
+    gap = _wire(p, link) + p["server_s"]
+    dev = _under_quota(device_work(p, cpu), gap, cpu)
+    return dev + gap, dev
+
+
+def frame_throughput(costs: "Costs", device: frozenset[int], link: Link, cpu: DeviceCPU) -> float:
+    """Frames per second when frames stream: the device computes and sends frame i+1 while the server
+    computes frame i; the device's stage is its CPU work under the quota with the wire time between."""
+    p = costs.parts(device)
+    wire = _wire(p, link)
+    return 1.0 / max(_under_quota(device_work(p, cpu), wire, cpu) + wire, p["server_s"], 1e-12)
+
+
+def call_round_trips(parts: dict) -> int:
+    """RPC round trips of a device part's call: the call, and where it returns several tensors, their
+    count and one per tensor (a tuple left on the device is taken apart there)."""
+    k = parts["tensors"]
+    return 1 + (1 + k if k > 1 else 0)
+
+
+def device_work(parts: dict, cpu: DeviceCPU) -> float:
+    """The device's CPU seconds for one frame of a cut (its kernels at full speed, the call, the sending)."""
+    return (parts["device_s"] * cpu.share + call_round_trips(parts) * cpu.call_s + parts["tensors"] * cpu.tensor_s
+            + parts["bytes"] * cpu.byte_s)
+
+
+def _wire(parts: dict, link: Link) -> float:
+    return parts["bytes"] * link.x + (parts["tensors"] + call_round_trips(parts)) * link.per_tensor_s
+
+
+def _under_quota(work: float, gap: float, cpu: DeviceCPU) -> float:
+    from edgetvm.costmodels import cfs
+
+    return cfs.mean_wall(work, gap, cpu.share * cpu.period_s, cpu.period_s) if cpu.share < 1 else work
+
+
 def _value_order(name: str) -> tuple:
     return (name[0] != "i", int(name.lstrip("inv")))
 
