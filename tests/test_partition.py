@@ -226,6 +226,7 @@ def test_partition_then_run_across_an_emulated_link(models, tmp_path, capsys):
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "emulated iot-tiny over wifi-20mbit" in out and "predicted ms" in out and "frames/s" in out
+    assert "predicted under the device's CFS quota" in out   # with its CPU per call and per byte, measured
     want = Runner(ref).run(x)
     got = np.load(tmp_path / "y.npz")
     for k in want:

@@ -156,7 +156,7 @@ def run_split(args) -> None:
     from edgetvm.partition import split
     from edgetvm.passes.onnx_import import TensorInfo
     from edgetvm.runtime.session import connect
-    from edgetvm.runtime.split import SplitRunner, median_times
+    from edgetvm.runtime.split import SplitRunner, calibrate_device, mean_times
 
     manifest = split.open_split(args.artifact)
     infos = [TensorInfo(i["name"], tuple(i["shape"]), i["dtype"]) for i in manifest["inputs"]]
@@ -164,26 +164,44 @@ def run_split(args) -> None:
 
     inputs = _load_inputs(args.input, infos) or random_inputs(infos, args.seed)
     p = manifest["plan"]
+    quota = None
     with _device_session(args, p) as (session, where):
+        if args.report and "predicted_s" in p and getattr(session, "emulated", None) is not None:
+            # Under the emulated device's CPU quota: its CPU per call and per byte sent, measured now.
+            quota = calibrate_device(session.emulated, session, session.emulated_bps * PAYLOAD_SHARE), session.emulated_bps
         runner = SplitRunner(args.artifact, manifest, session, None)
         outputs, _ = runner.run(inputs)
         times = runner.latency(inputs, repeat=args.repeat)
         stream = runner.stream(inputs, frames=max(args.repeat, 10))
-    med = median_times(times)
+    med = mean_times(times)
     print(f"ran split {args.artifact} (device {p.get('device', 'part')} on {where}, server part here)")
     for name, y in outputs.items():
         print(f"  output {name}: {y.dtype}[{','.join(map(str, y.shape))}]")
-    print(f"  latency per frame (median of {args.repeat}): {med.total_s * 1e3:.2f} ms = device "
+    print(f"  latency per frame (mean of {args.repeat}): {med.total_s * 1e3:.2f} ms = device "
           f"{med.device_s * 1e3:.2f} + transfer {med.transfer_s * 1e3:.2f} + server {med.server_s * 1e3:.2f}")
     print(f"  streaming {stream.frames} frames: {stream.fps:.1f} frames/s, "
           f"median latency {np.median(stream.latencies_s) * 1e3:.2f} ms")
     if args.report and "predicted_s" in p:
-        rows = [("device", p["predicted_device_s"], med.device_s), ("transfer", p["predicted_transfer_s"], med.transfer_s),
-                ("server", p["predicted_server_s"], med.server_s), ("total", p["predicted_s"], med.total_s)]
+        dev_s, xfer_s = p["predicted_device_s"], p["predicted_transfer_s"]
+        total_s, fps = p["predicted_s"], p["predicted_fps"]
+        if quota is not None:
+            from edgetvm.partition import cuts
+
+            (cpu, per_tensor_s), bps = quota
+            parts = {"device_s": dev_s, "server_s": p["predicted_server_s"], "bytes": p["bytes"],
+                     "tensors": len(manifest["crossing"])}
+            link = cuts.Link(bps * PAYLOAD_SHARE, per_tensor_s)
+            total_s, dev_s = cuts.parts_latency(parts, link, cpu)
+            xfer_s = total_s - dev_s - p["predicted_server_s"]
+            fps = cuts.parts_throughput(parts, link, cpu)
+            print(f"  predicted under the device's CFS quota ({cpu.share:g} of a core): its CPU per call "
+                  f"{cpu.call_s * 1e6:.0f} us and per KiB sent {cpu.byte_s * 1024e6:.1f} us, measured now")
+        rows = [("device", dev_s, med.device_s), ("transfer", xfer_s, med.transfer_s),
+                ("server", p["predicted_server_s"], med.server_s), ("total", total_s, med.total_s)]
         print(f"  {'part':<9} {'predicted ms':>12} {'measured ms':>12} {'measured/predicted':>19}")
         for name, pr, me in rows:
             print(f"  {name:<9} {pr * 1e3:>12.2f} {me * 1e3:>12.2f} {me / pr if pr else float('nan'):>18.2f}x")
-        print(f"  streaming: predicted {p['predicted_fps']:.1f} frames/s, measured {stream.fps:.1f}")
+        print(f"  streaming: predicted {fps:.1f} frames/s, measured {stream.fps:.1f}")
     if args.output:
         from edgetvm.cli import _save_outputs
 
@@ -219,7 +237,10 @@ class _device_session:
         try:
             emu_link = self.stack.enter_context(EmulatedLink(link))
             dev = self.stack.enter_context(EmulatedDevice(load_profile(self.plan["device"]), link=emu_link))
-            return dev.session(), f"emulated {self.plan['device']} over {link.name}"
+            session = dev.session()
+            session.emulated = dev   # the device whose CPU time a report reads, and its link's rate
+            session.emulated_bps = link.bandwidth_mbit * 1e6
+            return session, f"emulated {self.plan['device']} over {link.name}"
         except BaseException:
             self.stack.close()
             raise

@@ -89,7 +89,11 @@ def frame_latency(costs: "Costs", device: frozenset[int], link: Link, cpu: Devic
     CPU work (kernels at full speed, the call, the sending) under its CFS quota (costmodels/cfs.py:
     short work runs at full speed in a period's quota, long work at the quota's share, and the time a
     frame spends on the link and the server refills the quota), then the wire and the server."""
-    p = costs.parts(device)
+    return parts_latency(costs.parts(device), link, cpu)
+
+
+def parts_latency(p: dict, link: Link, cpu: DeviceCPU) -> tuple[float, float]:
+    """frame_latency from a cut's parts (device_s, server_s, bytes, tensors), as a split's manifest keeps them."""
     gap = _wire(p, link) + p["server_s"]
     dev = _under_quota(device_work(p, cpu), gap, cpu)
     return dev + gap, dev
@@ -98,7 +102,10 @@ def frame_latency(costs: "Costs", device: frozenset[int], link: Link, cpu: Devic
 def frame_throughput(costs: "Costs", device: frozenset[int], link: Link, cpu: DeviceCPU) -> float:
     """Frames per second when frames stream: the device computes and sends frame i+1 while the server
     computes frame i; the device's stage is its CPU work under the quota with the wire time between."""
-    p = costs.parts(device)
+    return parts_throughput(costs.parts(device), link, cpu)
+
+
+def parts_throughput(p: dict, link: Link, cpu: DeviceCPU) -> float:
     wire = _wire(p, link)
     return 1.0 / max(_under_quota(device_work(p, cpu), wire, cpu) + wire, p["server_s"], 1e-12)
 
