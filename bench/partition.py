@@ -86,7 +86,7 @@ def main(argv=None) -> int:
     p.add_argument("--models", default="ocr_cls,ocr_det,resnet,inception")
     p.add_argument("--bandwidths", default="1,5,20,100", help="Mbit/s")
     p.add_argument("--device", default="sbc-a53")
-    p.add_argument("--frames", type=int, default=8, help="frames per latency measurement and per stream")
+    p.add_argument("--frames", type=int, default=16, help="frames per latency measurement and per stream")
     p.add_argument("--workdir", default=None)
     args = p.parse_args(argv)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-partition-"))
