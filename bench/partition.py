@@ -189,4 +189,10 @@ def print_table(rows) -> None:
                   f"{thr['pred']:>9.1f} {thr['meas']:>9.1f} {thr['meas'] / thr['pred'] - 1:>+6.0%}")
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from edgetvm.runtime.signals import exit_code, sigterm_raises
+
+    try:
+        with sigterm_raises():   # SIGTERM unwinds, so its cgroups, namespaces and links are removed
+            sys.exit(main())
+    except KeyboardInterrupt as e:
+        sys.exit(exit_code(e))

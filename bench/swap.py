@@ -522,4 +522,10 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from edgetvm.runtime.signals import exit_code, sigterm_raises
+
+    try:
+        with sigterm_raises():   # SIGTERM unwinds, so its cgroups, namespaces and links are removed
+            sys.exit(main())
+    except KeyboardInterrupt as e:
+        sys.exit(exit_code(e))
