@@ -29,13 +29,22 @@ def model_threads() -> None:
     TVM's default (their many small kernels per token: 140 -> 119 tokens/s with worker threads only)."""
     import os
 
-    import tvm
+    make_pool({"TVM_NUM_THREADS": str(len(os.sched_getaffinity(0))), "TVM_EXCLUDE_WORKER0": "0"})
 
-    saved = {k: os.environ.get(k) for k in ("TVM_NUM_THREADS", "TVM_EXCLUDE_WORKER0")}
-    os.environ.setdefault("TVM_NUM_THREADS", str(len(os.sched_getaffinity(0))))
-    os.environ.setdefault("TVM_EXCLUDE_WORKER0", "0")
+
+def make_pool(settings: dict[str, str], override: bool = False) -> int:
+    """Makes TVM's thread pool (if it does not run yet) with `settings` in the environment, a user's own
+    winning unless `override`, then leaves the environment as it was; the pool's thread count."""
+    import os
+
+    saved = {k: os.environ.get(k) for k in settings}
+    for k, v in settings.items():
+        if override:
+            os.environ[k] = v
+        else:
+            os.environ.setdefault(k, v)
     try:
-        tvm.get_global_func("runtime.NumThreads")()   # makes the pool, reading the two settings
+        return tvm.get_global_func("runtime.NumThreads")()   # the pool reads the settings when it is made
     finally:
         for k, v in saved.items():
             if v is None:

@@ -1,7 +1,6 @@
 import os
 
 import pytest
-import tvm
 
 
 def _one_thread_pool() -> None:
@@ -11,16 +10,9 @@ def _one_thread_pool() -> None:
     reaches. So the suite's own pool is made now, with one thread, and not bound to a CPU (TVM pins a
     one-thread pool's calling thread, after which os.sched_getaffinity here reports one CPU). The
     environment is left as it was for the processes the tests start."""
-    saved = {k: os.environ.get(k) for k in ("TVM_NUM_THREADS", "TVM_BIND_THREADS")}
-    os.environ.update(TVM_NUM_THREADS="1", TVM_BIND_THREADS="0")
-    try:
-        assert tvm.get_global_func("runtime.NumThreads")() == 1
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k)
-            else:
-                os.environ[k] = v
+    from edgetvm.runtime.session import make_pool
+
+    assert make_pool({"TVM_NUM_THREADS": "1", "TVM_BIND_THREADS": "0"}, override=True) == 1
 
 
 _one_thread_pool()
