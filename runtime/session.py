@@ -26,7 +26,8 @@ def model_threads() -> None:
     starts: the pool is made here, and the environment left as it was (processes this one starts, and a
     caller that runs `edgetvm run` in-process, keep their own settings); a user's own settings win, and
     a pool that already runs is kept. Emulated devices set their own thread count; the LLM commands keep
-    TVM's default (their many small kernels per token: 140 -> 119 tokens/s with worker threads only)."""
+    TVM's default (their many small kernels per token: 140 -> 119 tokens/s with worker threads only).
+    The figures above predate 99b1ae8; from it until make_pool pinned the count, the workers idled."""
     import os
 
     make_pool({"TVM_NUM_THREADS": str(len(os.sched_getaffinity(0))), "TVM_EXCLUDE_WORKER0": "0"})
@@ -44,7 +45,17 @@ def make_pool(settings: dict[str, str], override: bool = False) -> int:
         else:
             os.environ.setdefault(k, v)
     try:
-        return tvm.get_global_func("runtime.NumThreads")()   # the pool reads the settings when it is made
+        threads = tvm.get_global_func("runtime.NumThreads")()   # the pool reads the settings when it is made
+        if threads > 1 and saved.get("TVM_NUM_THREADS") is None and "TVM_NUM_THREADS" in settings:
+            # TVM reads TVM_NUM_THREADS again at every parallel launch, and without it (restored below) falls
+            # back to half the hardware threads: one on a 2-CPU machine, and then every parallel loop ran on
+            # the calling thread while the pool's workers idled. Configuring the pool with its CPUs fixes
+            # the count for the process.
+            cpus = sorted(os.sched_getaffinity(0))[:threads]
+            if len(cpus) == threads:
+                mode = -3 if os.environ.get("TVM_BIND_THREADS") == "0" else -2  # share all / one CPU each
+                tvm.get_global_func("runtime.config_threadpool")(mode, threads, [str(c) for c in cpus])
+        return threads
     finally:
         for k, v in saved.items():
             if v is None:

@@ -217,3 +217,38 @@ def test_a_local_run_uses_every_cpu_it_may_and_worker_threads(tmp_path, host_bui
         assert os_threads == os_threads_w0 + 1
     (rc, threads, _, left), err = run(TVM_NUM_THREADS="1")
     assert (rc, threads, left) == (0, 1, "1"), err
+
+
+def test_a_local_runs_kernels_run_on_the_pools_worker_threads(host_builds):
+    """The pool `edgetvm run` makes is the one its kernels use: after the thread settings are taken back
+    out of the environment, the parallel loops still run on the worker threads (TVM reads
+    TVM_NUM_THREADS at every launch; without it, on 2 CPUs, every loop ran on the calling thread)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("one CPU: no worker threads to use")
+    art = host_builds("cnn")
+    code = ("import os, sys, json, threading\n"
+            "from edgetvm.runtime.session import model_threads, Runner\n"
+            "from edgetvm.runtime.artifact import open_artifact\n"
+            "from edgetvm.compiler import random_inputs\n"
+            "model_threads()\n"
+            "art = open_artifact(sys.argv[1]); r = Runner(art); x = random_inputs(art.inputs, seed=0); r.run(x)\n"
+            "cpu = lambda: {t: int(open(f'/proc/self/task/{t}/schedstat').read().split()[0])"
+            " for t in os.listdir('/proc/self/task')}\n"
+            "a = cpu()\n"
+            "for _ in range(300): r.run(x)\n"
+            "b = cpu(); me = str(threading.get_native_id())\n"
+            "used = {t: b[t] - a.get(t, 0) for t in b}\n"
+            "print(json.dumps([used.pop(me), sum(used.values()), os.environ.get('TVM_NUM_THREADS')]))")
+    env = {k: v for k, v in os.environ.items() if k not in ("TVM_NUM_THREADS", "TVM_EXCLUDE_WORKER0")}
+    out = subprocess.run([sys.executable, "-c", code, str(art)], env=env, capture_output=True, text=True)
+    calling, workers, left = json.loads(out.stdout.strip().splitlines()[-1])
+    assert left is None
+    # The calling thread steps the VM between kernels and spins while the workers compute (about 0.4 of
+    # their CPU time on 2 CPUs); with every loop on the calling thread it had more than the workers, which
+    # had spun idle.
+    assert workers > 1.5 * calling, (calling, workers, out.stderr)
