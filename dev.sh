@@ -41,6 +41,6 @@ fi
 
 case "${1:-}" in
     demo) shift; exec .venv/bin/edgetvm demo "$@" ;;
-    test) shift; exec .venv/bin/python -m pytest -ra "$@" ;;
+    test) shift; exec .venv/bin/python -m pytest -ra --durations=15 "$@" ;;
     *) echo "usage: bash dev.sh demo | bash dev.sh test [pytest args]" >&2; exit 2 ;;
 esac
