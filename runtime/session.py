@@ -50,11 +50,12 @@ def make_pool(settings: dict[str, str], override: bool = False) -> int:
             # TVM reads TVM_NUM_THREADS again at every parallel launch, and without it (restored below) falls
             # back to half the hardware threads: one on a 2-CPU machine, and then every parallel loop ran on
             # the calling thread while the pool's workers idled. Configuring the pool with its CPUs fixes
-            # the count for the process.
+            # the count for the process. Every worker may run on any of them (mode -3) rather than be pinned
+            # to one: a pinned worker whose CPU another process holds stalls every parallel loop until it is
+            # scheduled again (ResNet beside the test suite: 89 and 3.8 ms per run pinned, 36 and 1.6 unpinned).
             cpus = sorted(os.sched_getaffinity(0))[:threads]
             if len(cpus) == threads:
-                mode = -3 if os.environ.get("TVM_BIND_THREADS") == "0" else -2  # share all / one CPU each
-                tvm.get_global_func("runtime.config_threadpool")(mode, threads, [str(c) for c in cpus])
+                tvm.get_global_func("runtime.config_threadpool")(-3, threads, [str(c) for c in cpus])
         return threads
     finally:
         for k, v in saved.items():
