@@ -160,7 +160,19 @@ def _parallel(sch, loops, cores: int) -> None:
         sch.parallel(sch.fuse(*take) if len(take) > 1 else take[0])
 
 
-def _schedule_spatial(sch, block, lanes: int, cores: int) -> None:
+def _parallel_rows(sch, lead, mid, row, cores: int) -> list | None:
+    """Cut `row` into one contiguous slice per core, outside `mid` (channels): loops [*lead, slice, *mid,
+    rows within the slice], the first two fused and parallel. None when the rows do not divide evenly."""
+    e = _int(sch, row)
+    if cores < 2 or e is None or e < cores or e % cores:
+        return None
+    rp, rr = sch.split(row, [cores, None])
+    sch.reorder(*lead, rp, *mid, rr)
+    sch.parallel(sch.fuse(*lead, rp) if lead else rp)
+    return [rr]
+
+
+def _schedule_spatial(sch, block, lanes: int, cores: int, rows: bool = False) -> None:
     loops = sch.get_loops(block)
     if not loops:
         return
@@ -169,7 +181,49 @@ def _schedule_spatial(sch, block, lanes: int, cores: int) -> None:
         outer_i, vec = sch.split(loops[-1], [None, lanes])
         sch.vectorize(vec)
         loops = sch.get_loops(block)[:-1]
+    # (n, c, h, ...) beside a conv that splits its rows across cores: the same rows, in the same core's cache
+    if rows and len(loops) >= 4 and _parallel_rows(sch, loops[:1], loops[1:2], loops[2], cores):
+        return
     _parallel(sch, loops, cores)
+
+
+def _rows_first(sch, block, cores: int) -> bool:
+    """Should this conv (NCHW: spatial n, c, h, w; a (c, kh, kw) or (kh, kw) reduction) give each core a
+    slice of its rows rather than of its output channels? Split by channels, every core reads the whole
+    input, half of it written by the other core (the previous kernel's output), and on this 2-vCPU VM
+    reading 256 KB the other core wrote took 18-25 us against 5 us from its own cache. Split by rows,
+    each core reads its own rows (plus a halo) and all the weights, which nobody writes. So rows, when
+    the activations outweigh the weights. ResNet ran 1.17x faster, the PP-OCRv4 detector 1.12x."""
+    if cores < 2:
+        return False
+    stmt = sch.get(block)
+    kinds = _iter_kinds(sch, block)
+    spatial = [iv.var for iv, k in zip(stmt.iter_vars, kinds) if k == tirx.IterVar.DataPar]
+    if len(spatial) != 4 or len(kinds) - 4 < 2:
+        return False
+    # a few rows per core would each read most of the input again as their halo (a 5x5 depthwise conv
+    # over 2 output rows: both cores read 5 of the 6 padded rows; MobileNetV3 ran 1.2x slower)
+    rows = stmt.iter_vars[2].dom.extent
+    if not isinstance(rows, tirx.IntImm) or int(rows) < 8 * cores:
+        return False
+    written = {w.source.name for w in stmt.writes}
+    acts = weights = 0
+    for r in stmt.reads:
+        if r.source.name in written or not r.region:
+            continue
+        used = {v.name for rg in r.region for v in _vars_in(rg.min)}
+        size = 1
+        for d in r.source.shape:
+            if not isinstance(d, tirx.IntImm):
+                return False
+            size *= int(d)
+        if spatial[2].name in used:
+            acts += size
+        elif spatial[1].name in used:
+            weights += size
+        else:
+            return False  # not indexed as NCHW activations and (co, ...) weights
+    return acts > 0 and acts >= weights
 
 
 def _contiguous_in_spatial(sch, block, var) -> bool:
@@ -276,7 +330,8 @@ def _channel_tile(sch, block, loop, var, accumulators: int, budget: int) -> int:
     return t
 
 
-def _schedule_reduction(sch, block, epilogue, lanes: int, cores: int, native=(8, 16)) -> bool:
+def _schedule_reduction(sch, block, epilogue, lanes: int, cores: int, native=(8, 16),
+                        rows_first: bool = False) -> bool:
     stmt = sch.get(block)
     loops = sch.get_loops(block)
     kinds = _iter_kinds(sch, block)
@@ -330,6 +385,9 @@ def _schedule_reduction(sch, block, epilogue, lanes: int, cores: int, native=(8,
     else:
         outer = []
     sch.reorder(*outer, so, *reduce, *tile, si)
+    # outer is [n, (channels), rows]
+    split_rows = rows_first and len(outer) >= 2 and \
+        _parallel_rows(sch, spatial[:-3], outer[len(spatial) - 3:-1], outer[-1], cores) is not None
     if epilogue is not None:
         sch.reverse_compute_at(epilogue, so)
     # Loop kinds first: after decompose_reduction the update block no longer counts as a reduction.
@@ -337,7 +395,8 @@ def _schedule_reduction(sch, block, epilogue, lanes: int, cores: int, native=(8,
     for t in tile:
         sch.unroll(t)
     # A batch-1 matmul has no outer loop: then the vector chunks are the parallel work.
-    _parallel(sch, outer + [so], cores)
+    if not split_rows:
+        _parallel(sch, outer + [so], cores)
     sch.decompose_reduction(block, reduce[0])
     if epilogue is not None:
         eloops = sch.get_loops(epilogue)
@@ -374,10 +433,12 @@ class CPUDefault(dlight.ScheduleRule):
                 epilogue = consumers[0] if len(consumers) == 1 and _is_spatial(sch, consumers[0]) \
                     and len(sch.get_consumers(consumers[0])) == 0 and _covers_only(sch, consumers[0], red) else None
                 skip = [sch.get(red)] + ([sch.get(epilogue)] if epilogue is not None else [])
+                rows = _rows_first(sch, red, cores)
                 for b in blocks:
                     if not any(sch.get(b).same_as(k) for k in skip):
-                        _schedule_spatial(sch, b, lanes, cores)
-                return sch if _schedule_reduction(sch, red, epilogue, lanes, cores, _native_lanes(target)) else None
+                        _schedule_spatial(sch, b, lanes, cores, rows)
+                return sch if _schedule_reduction(sch, red, epilogue, lanes, cores, _native_lanes(target),
+                                                  rows) else None
             if not reductions:
                 for b in blocks:
                     _schedule_spatial(sch, b, lanes, cores)

@@ -259,3 +259,31 @@ def test_a_conv_with_a_channel_tile_computes_what_tvm_computes(cin, cout, stride
     run = lambda ex: relax.VirtualMachine(ex, tvm.cpu())["main"](*[tvm.runtime.tensor(a) for a in args]).numpy()
     np.testing.assert_allclose(run(pipeline.finish(fused, target)), run(tvm.compile(mod, target=target)),
                                rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("h, cout, split", [(64, 16, "rows"), (8, 16, "channels"), (16, 512, "channels")])
+def test_a_conv_gives_each_core_its_own_rows_when_its_activations_outweigh_its_weights(h, cout, split):
+    """Split by output channels, every core reads the whole input, half of it written by the other core;
+    split by rows (the padding too), each reads its own. Rows when there are at least 8 per core and the
+    input outweighs the weights (16x66x66 against 16x16x3x3, not 16x18x66 against 512x16x3x3), channels otherwise; the result is TVM's."""
+    import numpy as np
+    from tvm import relax
+
+    x = relax.Var("x", relax.TensorType([1, 16, h, 64], "float32"))
+    w = relax.Var("w", relax.TensorType([cout, 16, 3, 3], "float32"))
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x, w]):
+        with bb.dataflow():
+            y = bb.emit_output(bb.emit(relax.op.nn.relu(relax.op.nn.conv2d(x, w, padding=1))))
+        bb.emit_func_output(y)
+    target = tvm.target.Target({"kind": "llvm", "num-cores": 2})
+    fused = pipeline.fuse(bb.get(), target)
+    (conv,) = [f for f in fused.functions.values() if isinstance(f, tvm.tirx.PrimFunc)]
+    parallel = [line for line in conv.script().splitlines() if "T.parallel" in line]
+    assert len(parallel) == 2  # the padding and the conv
+    assert all(("T.parallel(T.int64(2))" in line) == (split == "rows") for line in parallel), parallel
+    rng = np.random.default_rng(0)
+    args = [rng.standard_normal((1, 16, h, 64), "float32"), rng.standard_normal((cout, 16, 3, 3), "float32")]
+    run = lambda ex: relax.VirtualMachine(ex, tvm.cpu())["main"](*[tvm.runtime.tensor(a) for a in args]).numpy()
+    np.testing.assert_allclose(run(pipeline.finish(fused, target)), run(tvm.compile(bb.get(), target=target)),
+                               rtol=1e-5, atol=1e-5)
