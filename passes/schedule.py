@@ -160,16 +160,16 @@ def _parallel(sch, loops, cores: int) -> None:
         sch.parallel(sch.fuse(*take) if len(take) > 1 else take[0])
 
 
-def _parallel_rows(sch, lead, mid, row, cores: int) -> list | None:
+def _parallel_rows(sch, lead, mid, row, cores: int) -> bool:
     """Cut `row` into one contiguous slice per core, outside `mid` (channels): loops [*lead, slice, *mid,
-    rows within the slice], the first two fused and parallel. None when the rows do not divide evenly."""
+    rows within the slice], the first two fused and parallel. False (nothing done) when the rows do not divide."""
     e = _int(sch, row)
     if cores < 2 or e is None or e < cores or e % cores:
-        return None
+        return False
     rp, rr = sch.split(row, [cores, None])
     sch.reorder(*lead, rp, *mid, rr)
     sch.parallel(sch.fuse(*lead, rp) if lead else rp)
-    return [rr]
+    return True
 
 
 def _schedule_spatial(sch, block, lanes: int, cores: int, rows: bool = False) -> None:
@@ -387,7 +387,7 @@ def _schedule_reduction(sch, block, epilogue, lanes: int, cores: int, native=(8,
     sch.reorder(*outer, so, *reduce, *tile, si)
     # outer is [n, (channels), rows]
     split_rows = rows_first and len(outer) >= 2 and \
-        _parallel_rows(sch, spatial[:-3], outer[len(spatial) - 3:-1], outer[-1], cores) is not None
+        _parallel_rows(sch, spatial[:-3], outer[len(spatial) - 3:-1], outer[-1], cores)
     if epilogue is not None:
         sch.reverse_compute_at(epilogue, so)
     # Loop kinds first: after decompose_reduction the update block no longer counts as a reduction.
