@@ -353,27 +353,43 @@ def _schedule_reduction(sch, block, epilogue, lanes: int, cores: int, native=(8,
         rows *= int(e) if isinstance(e, tirx.IntImm) else 1 << 20
     if rows <= 4 and len(reduce) == 1 and _schedule_gemv(sch, block, epilogue, lanes, cores):
         return True
+    native_lanes, registers = native
+    steps = 1
+    for r in reduce:
+        steps *= _int(sch, r) or 1 << 20
+    # a convolution's (channels, kh, kw) reduction, long enough to amortise a bigger tile's zeroing
+    # and write-back (the 27 steps of a 3-channel stem conv ran 1.16x slower with one)
+    conv = len(spatial) >= 3 and len(reduce) >= 2 and steps >= 32
     vec_factor = lanes * 2 if int(extent) % (lanes * 2) == 0 else lanes
+    e2 = (_int(sch, spatial[-2]) or 0) if len(spatial) >= 2 else 0
+    row_tiles = (4,)
+    if len(spatial) >= 2 and len(reduce) == 1:  # a matmul
+        # Rows x vectors is all a matmul's register tile has (a conv's adds channels): 4 rows of one zmm kept
+        # 4 FMAs in flight on AVX-512, half of what two FMA units of 4 cycles' latency take. Half the
+        # registers as accumulators, 2 vectors wide: the transformer's matmuls ran 1.7-1.8x faster.
+        if int(extent) % (native_lanes * 2) == 0:
+            vec_factor = max(vec_factor, native_lanes * 2)
+        most = registers // 2 // max(1, vec_factor // native_lanes)
+        row_tiles = tuple(sorted({r for r in (most, 8, 6, 4) if 4 <= r <= most}, reverse=True))
     so, si = sch.split(spatial[-1], [None, vec_factor])
+    strips = []
+    if vec_factor > max(lanes * 2, native_lanes):
+        # one vector per step of the unrolled loop: 32 columns span two packed strips (pack_matmul.py), K * 64
+        # bytes apart, which a single 32-wide vector loop would gather
+        sv, si = sch.split(si, [None, native_lanes])
+        strips = [sv]
     tile = []
     outer = spatial[:-1]
     if len(spatial) >= 2:
-        steps = 1
-        for r in reduce:
-            steps *= _int(sch, r) or 1 << 20
-        # a convolution's (channels, kh, kw) reduction, long enough to amortise a bigger tile's zeroing
-        # and write-back (the 27 steps of a 3-channel stem conv ran 1.16x slower with one)
-        conv = len(spatial) >= 3 and len(reduce) >= 2 and steps >= 32
-        e2 = _int(sch, spatial[-2]) or 0
-        # 4 rows at a time; a conv's other row counts by SHORT_ROW_TILES, or one, with more channels
-        rows = 4 if e2 >= 4 and e2 % 4 == 0 else next((r for r in SHORT_ROW_TILES if conv and e2 % r == 0), 1)
+        # a conv's row counts that are not a multiple of 4 by SHORT_ROW_TILES, or one, with more channels
+        rows = next((r for r in row_tiles if e2 >= r and e2 % r == 0), 0) or \
+            next((r for r in SHORT_ROW_TILES if conv and e2 % r == 0), 1)
         row_loop = spatial[-2]
         if rows > 1:
             row_loop, ri = sch.split(spatial[-2], [None, rows])
             tile = [ri]
             outer = spatial[:-2] + [row_loop]
         if conv:
-            native_lanes, registers = native
             var3 = [iv.var for iv, k in zip(stmt.iter_vars, kinds) if k == tirx.IterVar.DataPar][-3]
             # half the registers for accumulators, the rest for the operands and addresses
             t = _channel_tile(sch, block, spatial[-3], var3, rows * max(1, vec_factor // native_lanes),
@@ -384,7 +400,7 @@ def _schedule_reduction(sch, block, epilogue, lanes: int, cores: int, native=(8,
                 outer = spatial[:-3] + [co, row_loop]
     else:
         outer = []
-    sch.reorder(*outer, so, *reduce, *tile, si)
+    sch.reorder(*outer, so, *reduce, *tile, *strips, si)
     # outer is [n, (channels), rows]
     split_rows = rows_first and len(outer) >= 2 and \
         _parallel_rows(sch, spatial[:-3], outer[len(spatial) - 3:-1], outer[-1], cores)
@@ -392,7 +408,7 @@ def _schedule_reduction(sch, block, epilogue, lanes: int, cores: int, native=(8,
         sch.reverse_compute_at(epilogue, so)
     # Loop kinds first: after decompose_reduction the update block no longer counts as a reduction.
     sch.vectorize(si)
-    for t in tile:
+    for t in tile + strips:
         sch.unroll(t)
     # A batch-1 matmul has no outer loop: then the vector chunks are the parallel work.
     if not split_rows:
@@ -400,7 +416,7 @@ def _schedule_reduction(sch, block, epilogue, lanes: int, cores: int, native=(8,
     sch.decompose_reduction(block, reduce[0])
     if epilogue is not None:
         eloops = sch.get_loops(epilogue)
-        depth = len(sch.get_loops(block)) - len(reduce) - len(tile) - 1  # loops shared with `so`
+        depth = len(sch.get_loops(block)) - len(reduce) - len(tile) - len(strips) - 1  # loops shared with `so`
         mine = eloops[depth:] if depth >= 0 else []
         if mine:
             inner = sch.get(mine[-1]).extent

@@ -166,6 +166,65 @@ def test_a_weight_matmul_reads_its_weight_packed_at_compile_time(rows, n, packed
     np.testing.assert_array_equal(got, want)
 
 
+def _matmul_tile(target, rows, k=96, n=64):
+    """relu(x @ W) for a weight W (packed by lift_weight_transforms), its fused kernels for the target, and
+    the extents of the unrolled loops (the register tile) around its update."""
+    from tvm import relax, s_tir
+
+    x = relax.Var("x", relax.TensorType([rows, k], "float32"))
+    w = relax.Var("w", relax.TensorType([k, n], "float32"))
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x, w], attrs={"num_input": 1}):
+        with bb.dataflow():
+            y = bb.emit_output(bb.emit(relax.op.nn.relu(relax.op.matmul(x, w))))
+        bb.emit_func_output(y)
+    transform, deploy = pipeline.lift_weight_transforms(bb.get())
+    fused = pipeline.fuse(deploy, target)
+    (mm,) = [f for gv, f in fused.functions.items() if isinstance(f, tvm.tirx.PrimFunc) and "matmul" in gv.name_hint]
+    sch = s_tir.Schedule(mm)
+    (update,) = [b for b in sch.get_child_blocks(sch.get_sblock("root")) if sch.get(b).name_hint.endswith("_update")]
+    unrolled = [int(sch.get(loop).extent) for loop in sch.get_loops(update)
+                if sch.get(loop).kind == tvm.tirx.ForKind.UNROLLED]
+    return bb.get(), transform, fused, unrolled
+
+
+@pytest.mark.parametrize("target, tile", [
+    ({"kind": "llvm", "mcpu": "znver4"}, [8, 2]),        # AVX-512: 8 rows x 2 zmm, one per packed strip (16 of 32)
+    ({"kind": "llvm", "mcpu": "haswell"}, [4]),          # AVX2: 4 rows x 2 ymm (8 of 16)
+    ({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]}, [8]),  # 8 rows x 2 q (16 of 32)
+    ({"kind": "llvm", "mtriple": "armv7a-linux-gnueabihf", "mattr": ["+neon"]}, [4]),  # 16 q registers
+])
+def test_a_matmul_register_tile_takes_half_the_vector_registers_as_accumulators(target, tile):
+    """Without a conv's output channels to add, a matmul's tile grows in rows: enough independent FMAs to
+    cover their latency on every target, and no wider than a packed strip per vector."""
+    *_, unrolled = _matmul_tile(tvm.target.Target({**target, "num-cores": 2}), 64)
+    assert unrolled == tile
+
+
+@pytest.mark.parametrize("rows, n, tile", [(64, 64, [8, 2]), (40, 90, [8, 2]), (40, 80, [8]), (6, 64, [6, 2]), (20, 64, [4, 2]),
+                                           (7, 64, [2])])
+def test_a_matmul_tile_computes_what_tvm_computes(rows, n, tile):
+    """Rows in 8s, 6s or 4s, whichever divides them (or one at a time), and 2 vectors when the columns allow:
+    the same result as TVM's own build of the unpacked matmul."""
+    import numpy as np
+    from tvm import relax
+
+    target = tvm.target.Target({"kind": "llvm", "mcpu": "znver4", "num-cores": 2})
+    mod, transform, fused, unrolled = _matmul_tile(target, rows, n=n)
+    assert unrolled == tile
+    host = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu()})
+    if not tvm.target.codegen.target_has_features("avx512f", host):
+        pytest.skip("this machine has no AVX-512: the schedule is checked, not run")
+    rng = np.random.default_rng(0)
+    xs, ws = rng.standard_normal((rows, 96), "float32"), rng.standard_normal((96, n), "float32")
+    (wt,) = pipeline.transform_weights(transform, [ws])
+    got = relax.VirtualMachine(pipeline.finish(fused, target), tvm.cpu())["main"](
+        tvm.runtime.tensor(xs), tvm.runtime.tensor(wt)).numpy()
+    want = relax.VirtualMachine(tvm.compile(mod, target=target), tvm.cpu())["main"](
+        tvm.runtime.tensor(xs), tvm.runtime.tensor(ws)).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("width, kernel", [(4, "conv_nhwo"), (6, "im2col"), (30, "im2col"), (16, "conv2d")])
 def test_a_conv_with_narrow_output_rows_runs_with_the_output_channels_innermost(width, kernel):
     """Output rows narrower than a vector (VGG's 4x4 blocks) or not a multiple of it gave the conv
