@@ -108,6 +108,12 @@ def test_a_strided_conv_reads_its_input_as_phases_and_computes_the_same(kernel, 
     (conv,) = [f for f in fused.functions.values() if isinstance(f, tvm.tirx.PrimFunc)]
     text = conv.script()
     assert "% T.int64(2), " in text and "// T.int64(2)]" in text and "T.vectorized" in text
+    # the copy into phases walks them in order: its innermost loop is the phase, the one outside it w // 2
+    sch = tvm.s_tir.Schedule(conv)
+    (copy,) = [b for b in sch.get_child_blocks(sch.get_sblock("root"))
+               if any(len(w.source.shape) == 5 for w in sch.get(b).writes) and sch.get(b).name_hint != "root"]
+    *_, half, phase = [sch.get(loop) for loop in sch.get_loops(copy)]
+    assert (int(half.extent), int(phase.extent)) == (16 + pad, 2)
     rng = np.random.default_rng(0)
     args = [rng.standard_normal((1, 16, 32, 32), "float32"), rng.standard_normal((32, 16, kernel, kernel), "float32")]
     run = lambda ex: relax.VirtualMachine(ex, tvm.cpu())["main"](*[tvm.runtime.tensor(a) for a in args]).numpy()
