@@ -329,8 +329,9 @@ def test_a_conv_with_a_channel_tile_computes_what_tvm_computes(cin, cout, stride
 @pytest.mark.parametrize("h, cout, split", [(64, 16, "rows"), (8, 16, "channels"), (16, 512, "channels")])
 def test_a_conv_gives_each_core_its_own_rows_when_its_activations_outweigh_its_weights(h, cout, split):
     """Split by output channels, every core reads the whole input, half of it written by the other core;
-    split by rows (the padding too), each reads its own. Rows when there are at least 8 per core and the
-    input outweighs the weights (16x66x66 against 16x16x3x3, not 16x18x66 against 512x16x3x3), channels otherwise; the result is TVM's."""
+    split by rows, each pads and reads its own rows (and halo) within its one task. Rows when there are at
+    least 8 per core and the input outweighs the weights (16x66x66 against 16x16x3x3, not 16x18x66 against
+    512x16x3x3), channels otherwise, the padding then a task of its own; the result is TVM's."""
     import numpy as np
     from tvm import relax
 
@@ -345,8 +346,14 @@ def test_a_conv_gives_each_core_its_own_rows_when_its_activations_outweigh_its_w
     fused = pipeline.fuse(bb.get(), target)
     (conv,) = [f for f in fused.functions.values() if isinstance(f, tvm.tirx.PrimFunc)]
     parallel = [line for line in conv.script().splitlines() if "T.parallel" in line]
-    assert len(parallel) == 2  # the padding and the conv
+    assert len(parallel) == (1 if split == "rows" else 2)  # the padding inside the conv's tasks, or its own
     assert all(("T.parallel(T.int64(2))" in line) == (split == "rows") for line in parallel), parallel
+    sch = tvm.s_tir.Schedule(conv)
+    (pad,) = [b for b in sch.get_child_blocks(sch.get_sblock("root")) if sch.get(b).name_hint == "pad_temp"] or \
+        [b for b in sch.get_child_blocks(sch.get_loops(sch.get_sblock("conv2d_nchw_update"))[0])
+         if sch.get(b).name_hint == "pad_temp"]
+    rows_padded = int(sch.get(sch.get_loops(pad)[2 if split == "rows" else 1]).extent)
+    assert rows_padded == ((h // 2 + 2) if split == "rows" else h + 2)  # a core's rows and their halo
     rng = np.random.default_rng(0)
     args = [rng.standard_normal((1, 16, h, 64), "float32"), rng.standard_normal((cout, 16, 3, 3), "float32")]
     run = lambda ex: relax.VirtualMachine(ex, tvm.cpu())["main"](*[tvm.runtime.tensor(a) for a in args]).numpy()
