@@ -64,6 +64,34 @@ def test_matrix_vector_product_streams_whole_weight_rows(rows, N):
     np.testing.assert_allclose(got, np.maximum(args[0] @ args[1] + args[2], 0), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("target, K, group, width", [
+    ({"kind": "llvm", "mcpu": "znver4"}, 256, 8, 16),     # AVX-512: zmm partial sums, 8 rows of W each
+    ({"kind": "llvm", "mcpu": "haswell"}, 256, 8, 8),     # AVX2: ymm
+    ({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]}, 256, 8, 4),
+    ({"kind": "llvm", "mcpu": "znver4"}, 40, 4, 16),      # 20 rows per core: 4 at a time
+])
+def test_a_matrix_vector_product_adds_several_weight_rows_per_partial_sum_in_a_register(target, K, group, width):
+    """Each partial-sum vector takes `group` rows of W (unrolled, in order) between its load and its
+    store, in the target's full vector width."""
+    from tvm import relax, s_tir
+
+    x = relax.Var("x", relax.TensorType([1, K], "float32"))
+    w = relax.Var("w", relax.TensorType([K, 64], "float32"))
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x, w]):
+        with bb.dataflow():
+            y = bb.emit_output(bb.emit(relax.op.matmul(x, w)))
+        bb.emit_func_output(y)
+    fused = pipeline.fuse(bb.get(), tvm.target.Target({**target, "num-cores": 2}))
+    (kernel,) = [f for f in fused.functions.values() if isinstance(f, tvm.tirx.PrimFunc)]
+    sch = s_tir.Schedule(kernel)
+    (rf,) = [b for b in sch.get_child_blocks(sch.get_sblock("root")) if "_rf" in sch.get(b).name_hint
+             and not sch.get(b).name_hint.endswith("_init")]  # the cores' partial sums
+    *_, rows, lanes = [sch.get(loop) for loop in sch.get_loops(rf)]
+    assert (rows.kind, int(rows.extent)) == (tvm.tirx.ForKind.UNROLLED, group)
+    assert (lanes.kind, int(lanes.extent)) == (tvm.tirx.ForKind.VECTORIZED, width)
+
+
 def test_a_pool_padded_along_channels_then_added_writes_every_channel():
     """max_pool -> pad the channels 64 -> 128 -> add (a residual of mediapipe's TFLite models): the add
     is not computed per tile of the pool, whose tiles cover only the first 64 channels."""
