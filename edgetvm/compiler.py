@@ -85,7 +85,8 @@ def compile_model(model_path: str | Path, board: Board, out: str | Path,
     with artifact.staging_dir(out) as stage:
         t = time.perf_counter()
         # Swapping builds split weights by columns: they keep the model's layouts.
-        transform, deploy = pipeline.lift_weight_transforms(mod, pack_matmuls=pack_weights and memory_budget is None)
+        transform, deploy = pipeline.lift_weight_transforms(mod, pack_matmuls=pack_weights and memory_budget is None,
+                                                            target=board.target())
         deployed_weights = pipeline.transform_weights(transform, weights)
         names = pipeline.weight_names(deploy)
         outputs = output_infos(deploy, model)

@@ -247,13 +247,13 @@ def _write_json(path: Path, doc) -> None:
 # ------------------------------------------------------------------------------- tasks
 
 
-def deploy_module(model_path: str | Path, input_shapes=None):
-    """`main` exactly as `edgetvm compile` builds it (import, shape folding, lifted weights)."""
+def deploy_module(model_path: str | Path, input_shapes=None, target=None):
+    """`main` exactly as `edgetvm compile` builds it for `target` (import, shape folding, lifted weights)."""
     from edgetvm.passes import model_import, pipeline
 
     model, inputs = model_import.prepare(model_path, input_shapes)
     mod, _weights = model_import.import_model(model, inputs)
-    _transform, deploy = pipeline.lift_weight_transforms(mod)
+    _transform, deploy = pipeline.lift_weight_transforms(mod, target=target)
     return deploy, inputs
 
 
@@ -685,8 +685,8 @@ def tune(model_path: str | Path, board, db_path: str | Path, input_shapes=None, 
     model, inputs = _model_identity(model_path, input_shapes)
     with contextlib.ExitStack() as stack:
         db = _open_for_tuning(db_path, board, model, inputs, model_path, stack)
-        deploy, _ = deploy_module(model_path, input_shapes)
         target = board.target()
+        deploy, _ = deploy_module(model_path, input_shapes, target)
         extracted = extract_tasks(deploy, target)
         if not extracted:
             raise UserError(f"{Path(model_path).name} has no kernels to tune (nothing left after "

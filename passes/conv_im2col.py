@@ -82,9 +82,9 @@ def _flip_swap(w):
 
 @relax.expr_functor.mutator
 class _ConvToMatmul(relax.PyExprMutator):
-    def __init__(self, mod, vector=None, direct=False):
+    def __init__(self, mod, vector=None, direct=0):
         super().__init__(mod)
-        self.direct = direct  # narrow forward convolutions as a channels-last direct conv where it fits
+        self.direct = direct  # forward convolutions with rows narrower than this as a channels-last direct conv
         self.mod_ = mod
         self.rewritten = 0
         self.vector = vector  # if set: only forward convolutions whose output rows are not a multiple of it
@@ -95,7 +95,7 @@ class _ConvToMatmul(relax.PyExprMutator):
         oh, ow = h + pads[0] + pads[2] - kh + 1, wd + pads[1] + pads[3] - kw + 1
         # Rows of whole 4-pixel register tiles but narrower than a vector (VGG's 4x4 blocks): directly, with no
         # im2col gather that costs as much as the product. Wider rows that do not fit the tile, as matmuls.
-        if self.direct and ow < self.vector and ow % 4 == 0:
+        if ow < self.direct and ow % 4 == 0:
             w_t = self.builder_.emit(relax.op.permute_dims(w, [1, 2, 3, 0]))
             y_t = self.builder_.emit_te(_conv_channels_last, x, w_t, pads, oh, ow, primfunc_name_hint="conv_nhwo")
             return relax.op.permute_dims(y_t, [0, 3, 1, 2])
@@ -131,7 +131,7 @@ class _ConvToMatmul(relax.PyExprMutator):
                 or any(str(e.ty.dtype) != "float32" for e in (a, b)):
             return call
         pads = tuple(int(p) for p in call.attrs.padding)
-        if self.vector is not None and not (call.op.same_as(_CONV) and so[3] % self.vector):
+        if self.vector is not None and not (call.op.same_as(_CONV) and (so[3] % self.vector or so[3] < self.direct)):
             return call
         if call.op.same_as(_CONV) and _plain(call.attrs, "NCHW", "OIHW", "NCHW"):
             out = self.forward(a, b, pads)
@@ -164,14 +164,21 @@ def conv_as_matmul(mod: tvm.IRModule) -> tvm.IRModule:
     return relax.transform.Normalize()(_ConvToMatmul(copy).transform())
 
 
-@tvm.transform.module_pass(opt_level=0, name="NarrowConvAsMatmul")
-def narrow_conv_as_matmul(mod: tvm.IRModule, _ctx=None) -> tvm.IRModule:
-    """Rewrite forward convolutions whose output rows are not a multiple of 8 with the output channels innermost."""
+def narrow_conv_as_matmul(direct_below: int = 8) -> tvm.transform.Pass:
+    """Rewrite forward convolutions whose output rows are not a multiple of 8 (or are narrower than
+    `direct_below`) with the output channels innermost."""
     # The default schedule vectorises a conv along its output rows, 8 lanes at a time: rows of 4 (VGG's
     # last blocks) left it scalar at 0.4 GMAC/s, rows of 30 or 15 (the PP-OCRv4 detector) predicated.
     # As a matmul the output channels are the vector axis: VGG 3.9x, the detector 1.8x faster. VGG's
     # 4x4 blocks then spent as long in the im2col gather as in the matmul: as a direct channels-last
     # conv (4 x 4 pixels x 16 channels of accumulators) VGG ran 0.88x the time; the detector's rows of
-    # 30 and 15, which do not fit that tile, ran 1.15x slower that way and stay matmuls.
-    copy = tvm.IRModule(dict(mod.functions_items()), attrs=mod.attrs)
-    return relax.transform.Normalize()(_ConvToMatmul(copy, vector=8, direct=True).transform())
+    # 30 and 15, which do not fit that tile, ran 1.15x slower that way and stay matmuls. Rows of 8 fill
+    # only half an AVX-512 register: direct below 16 there, VGG's 8x8 blocks ran 1.2x faster and the CNN
+    # 1.2x; with AVX2's 8 lanes they ran 1.05x slower that way, so below 8 elsewhere (pipeline.py).
+
+    @tvm.transform.module_pass(opt_level=0, name="NarrowConvAsMatmul")
+    def rewrite(mod: tvm.IRModule, _ctx=None) -> tvm.IRModule:
+        copy = tvm.IRModule(dict(mod.functions_items()), attrs=mod.attrs)
+        return relax.transform.Normalize()(_ConvToMatmul(copy, vector=8, direct=direct_below).transform())
+
+    return rewrite

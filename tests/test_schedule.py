@@ -259,14 +259,24 @@ def test_a_matmul_tile_computes_what_tvm_computes(rows, n, tile):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("width, kernel", [(4, "conv_nhwo"), (6, "im2col"), (30, "im2col"), (16, "conv2d")])
-def test_a_conv_with_narrow_output_rows_runs_with_the_output_channels_innermost(width, kernel):
-    """Output rows narrower than a vector (VGG's 4x4 blocks) or not a multiple of it gave the conv
-    schedule nothing or predicated loads to vectorise: such a conv vectorises its output channels
-    instead, its weight transposed (and packed) at compile time. Rows of whole 4-pixel tiles run as a
-    direct conv into a channels-last output (the im2col gather cost as much as the product there);
-    other rows as im2col + a packed matmul; rows that are a multiple of 8 stay NCHW convs. Same
-    result as TVM's own conv."""
+AVX2 = {"kind": "llvm", "mcpu": "haswell"}
+AVX512 = {"kind": "llvm", "mcpu": "znver4"}
+NEON = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]}
+
+
+@pytest.mark.parametrize("width, target, kernel", [
+    (4, AVX2, "conv_nhwo"), (6, AVX2, "im2col"), (30, AVX2, "im2col"), (16, AVX2, "conv2d"), (8, AVX2, "conv2d"),
+    (8, NEON, "conv2d"), (8, AVX512, "conv_nhwo"), (16, AVX512, "conv2d"), (12, AVX512, "conv_nhwo"),
+    (4, None, "conv_nhwo"), (8, None, "conv2d"),
+])
+def test_a_conv_with_narrow_output_rows_runs_with_the_output_channels_innermost(width, target, kernel):
+    """Output rows narrower than a vector register (VGG's 4x4 blocks; its 8x8 ones on AVX-512) or not a
+    multiple of 8 gave the conv schedule nothing, half a register or predicated loads to vectorise: such a
+    conv vectorises its output channels instead, its weight transposed (and packed) at compile time. Rows
+    of whole 4-pixel tiles narrower than the target's register run as a direct conv into a channels-last
+    output (the im2col gather cost as much as the product there); other rows as im2col + a packed matmul;
+    rows that are a multiple of 8 and at least a register wide stay NCHW convs (with no target: 8 wide).
+    Same result as TVM's own conv."""
     import numpy as np
     from tvm import relax
 
@@ -277,11 +287,13 @@ def test_a_conv_with_narrow_output_rows_runs_with_the_output_channels_innermost(
         with bb.dataflow():
             y = bb.emit_output(bb.emit(relax.op.nn.relu(relax.op.nn.conv2d(x, w, padding=1))))
         bb.emit_func_output(y)
-    transform, deploy = pipeline.lift_weight_transforms(bb.get())
-    target = tvm.target.Target({"kind": "llvm", "num-cores": 2})
-    fused = pipeline.fuse(deploy, target)
+    board = tvm.target.Target({**target, "num-cores": 2}) if target else None
+    transform, deploy = pipeline.lift_weight_transforms(bb.get(), target=board)
+    fused = pipeline.fuse(deploy, board or tvm.target.Target({"kind": "llvm", "num-cores": 2}))
     names = [gv.name_hint for gv, f in fused.functions.items() if isinstance(f, tvm.tirx.PrimFunc)]
     assert [k for k in ("conv_nhwo", "im2col", "conv2d") if any(k in n for n in names)] == [kernel]
+    target = tvm.target.Target({"kind": "llvm", "num-cores": 2})  # the rewrite's result, on any x86 machine
+    fused = pipeline.fuse(deploy, target)
     rng = np.random.default_rng(0)
     xs, ws = rng.standard_normal((1, 64, width, width), "float32"), rng.standard_normal((64, 64, 3, 3), "float32")
     (wt,) = pipeline.transform_weights(transform, [ws])

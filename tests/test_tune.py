@@ -90,7 +90,7 @@ def records_per_task(db_path, model_path):
 
     board = host()
     db = tuning.open_database(db_path, board, model_path, {})
-    deploy, _ = tuning.deploy_module(model_path)
+    deploy, _ = tuning.deploy_module(model_path, target=board.target())
     counts = {}
     for t in tuning.extract_tasks(deploy, board.target()):
         wl = db.commit_workload(t.dispatched[0])
@@ -149,7 +149,7 @@ def test_compile_with_tuning_db_applies_it_and_matches_untuned(tuned, model, tmp
 
     # Every kernel of the compiled main gets its schedule from the database.
     board = host()
-    deploy, _ = tuning.deploy_module(model)
+    deploy, _ = tuning.deploy_module(model, target=board.target())
     db = tuning.open_database(tuned, board, model, {})
     kernels = [t.task_name for t in tuning.extract_tasks(deploy, board.target())]
     assert tuning.scheduled_functions(deploy, board.target(), db) == sorted(kernels)

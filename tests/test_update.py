@@ -280,7 +280,7 @@ def test_a_partial_update_of_a_conv_nets_parameters_patches_its_packed_weights(t
     onnx.save(train.to_onnx(model, old), tmp_path / "m.onnx")
     compile_model(tmp_path / "m.onnx", load_board("host"), tmp_path / "art", log=lambda m: None)
     art = open_artifact(tmp_path / "art")
-    wmap = WeightMap(tmp_path / "m.onnx")
+    wmap = WeightMap(tmp_path / "m.onnx", load_board("host").target())
     stored = float_weights(art)
     assert set(stored) != set(old)   # packed under other names: what the map is for
     assert all(np.array_equal(wmap.stored(old)[n].reshape(-1), stored[n].reshape(-1)) for n in stored)

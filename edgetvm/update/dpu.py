@@ -185,10 +185,11 @@ def simulate(cfg: Config, workdir: Path, progress: Callable[[str], None] | None 
     base = workdir / "initial"
     if base.exists():
         shutil.rmtree(base)
-    compile_model(workdir / "initial.onnx", load_board("host"), base, log=lambda m: None)
+    host = load_board("host")
+    compile_model(workdir / "initial.onnx", host, base, log=lambda m: None)
     full_bytes = open_artifact(base).weights_path.stat().st_size
     # The artifact stores packed and transposed weights: parameters <-> stored values.
-    wmap = WeightMap(workdir / "initial.onnx")
+    wmap = WeightMap(workdir / "initial.onnx", host.target())
 
     def held(artifact) -> dict:   # the parameters a deployed artifact holds
         return wmap.params_of(float_weights(open_artifact(artifact)))

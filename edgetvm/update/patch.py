@@ -42,13 +42,13 @@ class WeightMap:
     partial update of the stored weights at the mapped positions, and the stored weights give back the
     parameters the device holds. Found by running the model's own transform on coded values."""
 
-    def __init__(self, model_path: str | Path):
+    def __init__(self, model_path: str | Path, target=None):
         from edgetvm.passes import model_import, pipeline
 
         model, inputs = model_import.prepare(Path(model_path), None)
         mod, weights = model_import.import_model(model, inputs)
         self.params = {n: w.shape for n, w in zip(pipeline.weight_names(mod), weights)}
-        transform, deploy = pipeline.lift_weight_transforms(mod)
+        transform, deploy = pipeline.lift_weight_transforms(mod, target=target)  # as compiled for `target`
         self.names = pipeline.weight_names(deploy)
         big = [n for n, w in zip(self.params, weights) if w.size >= 2**24]
         if big:
