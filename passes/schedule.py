@@ -155,8 +155,26 @@ def _allocated_in(sch, buffer) -> bool:
     return any(b.same_as(buffer) for b in root.alloc_buffers)
 
 
-def _parallel(sch, loops, cores: int) -> None:
-    """Fuse leading loops until there is enough work for every core, then run them in parallel."""
+# Below this many iterations (scalar multiply-adds or elements) a block runs on the calling core: a
+# fork-join on TVM's thread pool costs 1.5-2 us here, about what one core does with 2^15 of them. A
+# softmax over 64 values had taken 2 us as a parallel loop, 0.5 us without: the CNN ran 1.28x faster
+# without its small kernels' fork-joins, the MLP 1.5x, the transformer 1.2x; 2^17 slowed MobileNetV3.
+PARALLEL_WORK = 1 << 15
+
+
+def _work(sch, block) -> int:
+    """The block's iterations: the product of its loops' extents (a symbolic one counts as large)."""
+    n = 1
+    for loop in sch.get_loops(block):
+        n *= _int(sch, loop) or 1 << 20
+    return n
+
+
+def _parallel(sch, loops, cores: int, block=None) -> None:
+    """Fuse leading loops until there is enough work for every core, then run them in parallel; not
+    when `block` has too little work for a fork-join to pay."""
+    if block is not None and _work(sch, block) < PARALLEL_WORK:
+        return
     take, extent = [], 1
     for loop in loops:
         take.append(loop)
@@ -191,7 +209,7 @@ def _schedule_spatial(sch, block, lanes: int, cores: int, rows: bool = False) ->
     # (n, c, h, ...) beside a conv that splits its rows across cores: the same rows, in the same core's cache
     if rows and len(loops) >= 4 and _parallel_rows(sch, loops[:1], loops[1:2], loops[2], cores):
         return
-    _parallel(sch, loops, cores)
+    _parallel(sch, loops, cores, block)
 
 
 def _rows_first(sch, block, cores: int) -> bool:
@@ -201,7 +219,7 @@ def _rows_first(sch, block, cores: int) -> bool:
     reading 256 KB the other core wrote took 18-25 us against 5 us from its own cache. Split by rows,
     each core reads its own rows (plus a halo) and all the weights, which nobody writes. So rows, when
     the activations outweigh the weights. ResNet ran 1.17x faster, the PP-OCRv4 detector 1.12x."""
-    if cores < 2:
+    if cores < 2 or _work(sch, block) < PARALLEL_WORK:
         return False
     stmt = sch.get(block)
     kinds = _iter_kinds(sch, block)
@@ -287,7 +305,7 @@ def _schedule_gemv(sch, block, epilogue, lanes: int, cores: int, native_lanes: i
         o, i = sch.split(loop, [None, lanes])
         return o, [i]
 
-    parts = cores if cores > 1 and K % cores == 0 and K // cores >= 16 else 1
+    parts = cores if cores > 1 and K % cores == 0 and K // cores >= 16 and _work(sch, block) >= PARALLEL_WORK else 1
     if parts > 1:
         ko, _ = sch.split(k, [parts, None])
         rf = sch.rfactor(ko, 0)
@@ -366,7 +384,7 @@ def _schedule_reduction(sch, block, epilogue, lanes: int, cores: int, native=(8,
     extent = sch.get(spatial[-1]).extent
     if not isinstance(extent, tirx.IntImm) or int(extent) < lanes or not _contiguous_in_spatial(sch, block, last_var):
         # A reduction along the contiguous axis (softmax, norms, pooling windows): parallel rows only.
-        _parallel(sch, spatial, cores)
+        _parallel(sch, spatial, cores, block)
         return True
     rows = 1
     for l in spatial[:-1]:
@@ -433,7 +451,7 @@ def _schedule_reduction(sch, block, epilogue, lanes: int, cores: int, native=(8,
         sch.unroll(t)
     # A batch-1 matmul has no outer loop: then the vector chunks are the parallel work.
     if not split_rows:
-        _parallel(sch, outer + [so], cores)
+        _parallel(sch, outer + [so], cores, block)
     sch.decompose_reduction(block, reduce[0])
     if epilogue is not None:
         eloops = sch.get_loops(epilogue)
@@ -501,7 +519,7 @@ class CPUDefault(dlight.ScheduleRule):
                         break
                     lead.append(l)
                 if lead and len(loops) == len(kinds):
-                    _parallel(sch, lead, cores)
+                    _parallel(sch, lead, cores, b)
             return sch
         except Exception:  # an unusual kernel: keep the unscheduled, correct form
             if os.environ.get("EDGETVM_SCHEDULE_DEBUG"):
