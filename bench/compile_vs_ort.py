@@ -1,8 +1,10 @@
 """Latency of the edgetvm host build / onnxruntime, same input, measured side by side in one process.
 
-    python bench/compile_vs_ort.py [--models ocr_cls,resnet,transformer] [--rounds 5] [--repeat 20] [--threads N]
+    python bench/compile_vs_ort.py [--models ocr_cls,resnet,light_squeezenet] [--rounds 5] [--repeat 20] [--threads N]
 
-Both use every core of this machine, or N threads each. Rounds alternate between the two engines so that drift
+By default every zoo model (MobileNetV3 cls, PP-OCRv4 det and rec, mlp, cnn, resnet, inception, transformer,
+dense_stack, vgg) and the onnx wheel's light_* networks under 10 MiB of weights (random weights in place of
+their ConstantOfShape fills). Both use every core of this machine, or N threads each. Rounds alternate between the two engines so that drift
 (other load, frequency) hits both alike; each engine's figure is its median over all calls.
 """
 
@@ -27,11 +29,28 @@ from edgetvm.runtime.session import Runner, model_threads
 from edgetvm.targets import load_board
 
 
+LIGHT = ["light_squeezenet", "light_shufflenet", "light_inception_v1", "light_densenet121", "light_inception_v2"]
+
+
+def source(name: str, workdir: Path) -> tuple[Path, dict | None]:
+    """The ONNX file of a zoo model or of `light_<name>` (written with random weights), and its input shapes."""
+    if name.startswith("light_"):
+        import onnx
+
+        from edgetvm.conformance import light_with_random_weights
+
+        path = workdir / f"{name}.onnx"
+        onnx.save(light_with_random_weights(name.removeprefix("light_")), path)
+        return path, None
+    return zoo.path(name), zoo.default_input_shapes(name)
+
+
 def measure(name: str, workdir: Path, rounds: int, repeat: int, threads: int | None = None) -> dict:
     board = load_board("host")
     out = workdir / name
+    src, shapes = source(name, workdir)
     t = time.perf_counter()
-    compile_model(zoo.path(name), board, out, zoo.default_input_shapes(name))
+    compile_model(src, board, out, shapes)
     compile_s = time.perf_counter() - t
     art = open_artifact(out)
     x = random_inputs(art.inputs, seed=0)
@@ -39,7 +58,7 @@ def measure(name: str, workdir: Path, rounds: int, repeat: int, threads: int | N
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads or board.cores
-    sess = ort.InferenceSession(str(zoo.path(name)), opts, providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(str(src), opts, providers=["CPUExecutionProvider"])
     ref = sess.run(None, x)
     got = runner.run(x)
     diff = max(float(np.abs(g - r).max()) for g, r in zip(got.values(), ref))
@@ -61,19 +80,24 @@ def measure(name: str, workdir: Path, rounds: int, repeat: int, threads: int | N
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", default="ocr_cls,resnet,transformer",
-                   help="zoo models, comma-separated (default: the real MobileNetV3 and two generated models)")
+    p.add_argument("--models", default=",".join(list(zoo.MODELS) + LIGHT),
+                   help="zoo models and light_<name> networks, comma-separated (default: the whole zoo and the "
+                        "light networks under 10 MiB)")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--repeat", type=int, default=20)
     p.add_argument("--threads", type=int, default=None, help="threads for both engines (default: every core)")
     args = p.parse_args(argv)
-    model_threads()   # TVM's pool as `edgetvm run` sets it up
     if args.threads is not None:
         if args.threads < 1:
             p.error("--threads must be at least 1")
         # read by TVM's thread pool when it first starts, which no import above has done yet
         os.environ["TVM_NUM_THREADS"] = str(args.threads)
-    names = args.models.split(",")
+    model_threads()   # TVM's pool as `edgetvm run` sets it up (a TVM_NUM_THREADS set above wins)
+    names = [n for n in args.models.split(",") if n]
+    unknown = [n for n in names if n not in zoo.MODELS and not n.startswith("light_")]
+    if unknown:
+        p.error(f"unknown model {unknown[0]!r}: choose from {', '.join(zoo.MODELS)} or light_<name>")
+    names = [n for n in names if n.startswith("light_") or zoo.available(n)]
     print(f"edgetvm (untuned TVM {__import__('tvm').__version__}) vs onnxruntime {ort.__version__} on "
           f"{os.cpu_count()} cores, {args.threads or 'all'} threads each, {args.rounds} rounds x {args.repeat} calls "
           "each, alternating", flush=True)
@@ -83,14 +107,14 @@ def main(argv=None) -> int:
             r = measure(name, Path(d), args.rounds, args.repeat, args.threads)
             rows.append(r)
             print(f"  {name}: done", file=sys.stderr, flush=True)
-    header = f"{'model':<12} {'edgetvm ms':>10} {'ort ms':>9} {'edgetvm/ort':>11} {'max |diff|':>10} {'compile s':>9}"
+    header = f"{'model':<20} {'edgetvm ms':>10} {'ort ms':>9} {'edgetvm/ort':>11} {'max |diff|':>10} {'compile s':>9}"
     print(header)
     for r in rows:
-        print(f"{r['model']:<12} {r['edgetvm_ms']:>10.3f} {r['ort_ms']:>9.3f} {r['ratio']:>10.2f}x "
+        print(f"{r['model']:<20} {r['edgetvm_ms']:>10.3f} {r['ort_ms']:>9.3f} {r['ratio']:>10.2f}x "
               f"{r['max_diff']:>10.1e} {r['compile_s']:>9.1f}")
     print("where edgetvm's time goes (share of its kernels' time, `edgetvm run --profile` prints all):")
     for r in rows:
-        print(f"  {r['model']:<12} {r['top_kernels']}")
+        print(f"  {r['model']:<20} {r['top_kernels']}")
     return 0
 
 

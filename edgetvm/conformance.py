@@ -19,6 +19,7 @@ from onnx import numpy_helper
 from edgetvm import harness
 
 DATA = Path(onnx.__file__).parent / "backend" / "test" / "data"
+LIGHT = DATA / "light"  # the classic model zoo, its weights left as ConstantOfShape fills
 SUITES = ("simple", "pytorch-converted", "pytorch-operator", "light")
 PASSED = ("match", "clear error")
 RTOL, ATOL = 1e-4, 1e-4
@@ -68,6 +69,45 @@ def light_case(path: Path) -> Case:
     inputs = [light_input(vi) for vi in data_inputs(model)]
     want = [read_pb(p) for p in sorted(path.parent.glob(f"{path.stem}_output_*.pb"), key=_index)]
     return Case(path.stem.removeprefix("light_"), "light", path, [(inputs, want)])
+
+
+def light_with_random_weights(name: str, seed: int = 0) -> onnx.ModelProto:
+    """The light model with each ConstantOfShape weight replaced by a random initializer of its shape."""
+    m = onnx.load(str(LIGHT / f"light_{name}.onnx"))
+    g, rng = m.graph, np.random.default_rng(seed)
+    inits = {t.name: numpy_helper.to_array(t) for t in g.initializer}
+    keep, new = [], []
+    variances = {n.input[4] for n in g.node if n.op_type == "BatchNormalization"}
+    for node in g.node:
+        if node.op_type == "ConstantOfShape" and node.input[0] in inits:
+            shape = tuple(int(d) for d in inits[node.input[0]])
+            fan_in = int(np.prod(shape[1:])) if len(shape) > 1 else 1
+            # Scaled so activations neither vanish nor overflow through 20-100 layers.
+            w = rng.standard_normal(shape).astype(np.float32) * np.float32(1.0 / np.sqrt(fan_in))
+            if node.output[0] in variances:
+                w = (np.abs(w) + 0.5).astype(np.float32)
+            elif len(shape) == 1:  # biases, batch-norm scales and means
+                w = w * np.float32(0.1)
+            new.append(numpy_helper.from_array(w, node.output[0]))
+        else:
+            keep.append(node)
+    del g.node[:]
+    g.node.extend(keep)
+    used = {i for n in keep for i in n.input}
+    kept = [t for t in g.initializer if t.name in used] + new  # the fill shapes go with their nodes
+    del g.initializer[:]
+    g.initializer.extend(kept)
+    names = {t.name for t in kept}
+    data = [i for i in g.input if i.name in names or i.name not in inits]
+    del g.input[:]
+    g.input.extend(data)
+    # IR 3: every initializer is a graph input too, as the original exporters wrote them.
+    listed = {i.name for i in g.input}
+    for t in new:
+        if t.name not in listed:
+            g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    onnx.checker.check_model(m)
+    return m
 
 
 def light_input(vi: onnx.ValueInfoProto) -> np.ndarray:

@@ -17,10 +17,10 @@ def load(name):
 
 @pytest.mark.slow
 def test_compile_vs_ort_prints_a_ratio_table(capsys):
-    assert load("compile_vs_ort").main(["--models", "cnn,mlp", "--rounds", "1", "--repeat", "3"]) == 0
+    assert load("compile_vs_ort").main(["--models", "cnn,mlp,light_squeezenet", "--rounds", "1", "--repeat", "3"]) == 0
     out = capsys.readouterr().out
     assert "edgetvm/ort" in out
-    for name in ("cnn", "mlp"):
+    for name in ("cnn", "mlp", "light_squeezenet"):
         row = next(l for l in out.splitlines() if l.startswith(name))
         assert float(row.split()[3].rstrip("x")) > 0
     assert "where edgetvm's time goes" in out and "fused_" in out.split("where edgetvm's time goes")[1]

@@ -2,61 +2,19 @@
 graph input) compiles for the host and for rpi4 and matches onnxruntime. The shipped models fill their
 weights with ConstantOfShape; here those become random initializers, so a match means something."""
 
-from pathlib import Path
-
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from onnx import numpy_helper
 
 from edgetvm.cli import main
+from edgetvm.conformance import LIGHT, light_with_random_weights as with_random_weights
 from edgetvm.runtime import emulated_board
 from edgetvm.runtime.artifact import open_artifact
 
-LIGHT = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
 ALL = sorted(p.stem.removeprefix("light_") for p in LIGHT.glob("light_*.onnx"))
 # Under 10 MiB of weights each: the rest (AlexNet, ZFNet, VGG-19, ResNet-50: 100-550 MiB) run with --runslow.
 SMALL = ["squeezenet", "shufflenet", "inception_v1", "densenet121", "inception_v2"]
-
-
-def with_random_weights(name: str, seed: int = 0) -> onnx.ModelProto:
-    """The light model with each ConstantOfShape weight replaced by a random initializer of its shape."""
-    m = onnx.load(str(LIGHT / f"light_{name}.onnx"))
-    g, rng = m.graph, np.random.default_rng(seed)
-    inits = {t.name: numpy_helper.to_array(t) for t in g.initializer}
-    keep, new = [], []
-    variances = {n.input[4] for n in g.node if n.op_type == "BatchNormalization"}
-    for node in g.node:
-        if node.op_type == "ConstantOfShape" and node.input[0] in inits:
-            shape = tuple(int(d) for d in inits[node.input[0]])
-            fan_in = int(np.prod(shape[1:])) if len(shape) > 1 else 1
-            # Scaled so activations neither vanish nor overflow through 20-100 layers.
-            w = rng.standard_normal(shape).astype(np.float32) * np.float32(1.0 / np.sqrt(fan_in))
-            if node.output[0] in variances:
-                w = (np.abs(w) + 0.5).astype(np.float32)
-            elif len(shape) == 1:  # biases, batch-norm scales and means
-                w = w * np.float32(0.1)
-            new.append(numpy_helper.from_array(w, node.output[0]))
-        else:
-            keep.append(node)
-    del g.node[:]
-    g.node.extend(keep)
-    used = {i for n in keep for i in n.input}
-    kept = [t for t in g.initializer if t.name in used] + new  # the fill shapes go with their nodes
-    del g.initializer[:]
-    g.initializer.extend(kept)
-    names = {t.name for t in kept}
-    data = [i for i in g.input if i.name in names or i.name not in inits]
-    del g.input[:]
-    g.input.extend(data)
-    # IR 3: every initializer is a graph input too, as the original exporters wrote them.
-    listed = {i.name for i in g.input}
-    for t in new:
-        if t.name not in listed:
-            g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
-    onnx.checker.check_model(m)
-    return m
 
 
 def _data_input(model):
