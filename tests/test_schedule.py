@@ -187,11 +187,13 @@ def test_gelu_uses_the_vectorisable_erf_within_1e6_of_libm():
     np.testing.assert_allclose(got, [math.erf(v) for v in xs], rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("rows, n, packed", [(64, 64, (4, 96, 16)), (40, 90, (6, 96, 16)), (4, 64, None)])
+@pytest.mark.parametrize("rows, n, packed", [(64, 64, (4, 96, 16)), (40, 90, (6, 96, 16)), (4, 64, None),
+                                             (169, 90, (6, 96, 16))])
 def test_a_weight_matmul_reads_its_weight_packed_at_compile_time(rows, n, packed):
     """matmul(x, W) on a weight: W [K, N] becomes [N/16, K, 16] (the last strip padded with zeros) in the
-    function that runs once at compile time, and `main` computes bit-identically to the plain matmul;
-    up to 4 rows keep W as it is (the matrix-vector path streams its rows)."""
+    function that runs once at compile time, and `main` computes bit-identically to the plain matmul (169
+    rows padded to 176 for the register tile, then cut off); up to 4 rows keep W as it is (the
+    matrix-vector path streams its rows)."""
     import numpy as np
     from tvm import relax
 
@@ -253,10 +255,11 @@ def test_a_matmul_register_tile_takes_half_the_vector_registers_as_accumulators(
 
 
 @pytest.mark.parametrize("rows, n, tile", [(64, 64, [8, 2]), (40, 90, [8, 2]), (40, 80, [8]), (6, 64, [6, 2]), (20, 64, [4, 2]),
-                                           (7, 64, [2])])
+                                           (7, 64, [2]), (13, 64, [8, 2])])
 def test_a_matmul_tile_computes_what_tvm_computes(rows, n, tile):
-    """Rows in 8s, 6s or 4s, whichever divides them (or one at a time), and 2 vectors when the columns allow:
-    the same result as TVM's own build of the unpacked matmul."""
+    """Rows in 8s, 6s or 4s, whichever divides them (one at a time up to 8 rows; more are padded to a
+    multiple of 8), and 2 vectors when the columns allow: the same result as TVM's own build of the
+    unpacked matmul."""
     import numpy as np
     from tvm import relax
 
