@@ -35,14 +35,14 @@ def _shape(expr) -> tuple[int, ...] | None:
         return None
 
 
-def _plain(attrs, data: str, kernel: str, out: str) -> bool:
-    """Stride 1, dilation 1, one group, the given layouts: the forms this pass knows."""
-    return (tuple(int(s) for s in attrs.strides) == (1, 1) and tuple(int(d) for d in attrs.dilation) == (1, 1)
+def _plain(attrs, data: str, kernel: str, out: str, strided: bool = False) -> bool:
+    """Stride 1 (any, if `strided`), dilation 1, one group, the given layouts: the forms this pass knows."""
+    return ((strided or tuple(int(s) for s in attrs.strides) == (1, 1)) and tuple(int(d) for d in attrs.dilation) == (1, 1)
             and int(attrs.groups) == 1 and attrs.data_layout == data and attrs.kernel_layout == kernel
             and attrs.out_layout == out and str(attrs.out_dtype) in ("", "void", "None", "float32"))
 
 
-def _cols(x, kh: int, kw: int, pads, oh: int, ow: int, transposed: bool):
+def _cols(x, kh: int, kw: int, pads, oh: int, ow: int, transposed: bool, strides=(1, 1)):
     """The patches of the zero-padded x: (N, C, KH, KW, OH, OW), or transposed (N, OH, OW, C, KH, KW).
     Six axes rather than the two of the matrix: flat indices would need a division and a remainder per
     element, which made this gather slower than the matmul it feeds."""
@@ -51,7 +51,7 @@ def _cols(x, kh: int, kw: int, pads, oh: int, ow: int, transposed: bool):
     zero = tirx.const(0, x.dtype)
 
     def pixel(b, ch, i, j, y, xx):
-        y, xx = y + i - top, xx + j - left
+        y, xx = y * strides[0] + i - top, xx * strides[1] + j - left
         return tirx.if_then_else(tirx.all(y >= 0, y < h, xx >= 0, xx < w), x[b, ch, y, xx], zero)
 
     if transposed:
@@ -90,13 +90,15 @@ class _ConvToMatmul(relax.PyExprMutator):
         self.rewritten = 0
         self.vector = vector  # if set: only forward convolutions whose output rows are not a multiple of it
 
-    def forward(self, x, w, pads):
+    def forward(self, x, w, pads, strides=(1, 1)):
         n, c, h, wd = _shape(x)
         o, _, kh, kw = _shape(w)
-        oh, ow = h + pads[0] + pads[2] - kh + 1, wd + pads[1] + pads[3] - kw + 1
+        oh = (h + pads[0] + pads[2] - kh) // strides[0] + 1
+        ow = (wd + pads[1] + pads[3] - kw) // strides[1] + 1
         # Rows of whole 4-pixel register tiles but narrower than a vector (VGG's 4x4 blocks): directly, with no
-        # im2col gather that costs as much as the product. Wider rows that do not fit the tile, as matmuls.
-        if ow < self.direct and ow % 4 == 0:
+        # im2col gather that costs as much as the product. Wider rows that do not fit the tile, and strided
+        # convs, as matmuls.
+        if ow < self.direct and ow % 4 == 0 and tuple(strides) == (1, 1):
             w_t = self.builder_.emit(relax.op.permute_dims(w, [1, 2, 3, 0]))
             y_t = self.builder_.emit_te(_conv_channels_last, x, w_t, pads, oh, ow, primfunc_name_hint="conv_nhwo")
             return relax.op.permute_dims(y_t, [0, 3, 1, 2])
@@ -104,7 +106,7 @@ class _ConvToMatmul(relax.PyExprMutator):
         # over the flat (pixels, C*KH*KW) matrix, every element paying a dozen divisions and remainders to
         # find its pixel: 1.7 ms for DenseNet's 28 x 28 x 128 layer, 0.16 ms as its own 6-D kernel, whose
         # reshape is then a view. DenseNet-121 ran 1.8x faster, Inception-v1 1.5x.
-        cols_t = self.builder_.emit_te(_cols, x, kh, kw, pads, oh, ow, True, primfunc_name_hint="im2col_t",
+        cols_t = self.builder_.emit_te(_cols, x, kh, kw, pads, oh, ow, True, tuple(strides), primfunc_name_hint="im2col_t",
                                        primfunc_attrs={"op_pattern": OPAQUE})
         cols_t = self.builder_.emit(relax.op.reshape(cols_t, (n * oh * ow, c * kh * kw)))
         w_t = self.builder_.emit(relax.op.permute_dims(relax.op.reshape(w, (o, c * kh * kw))))
@@ -137,10 +139,18 @@ class _ConvToMatmul(relax.PyExprMutator):
                 or any(str(e.ty.dtype) != "float32" for e in (a, b)):
             return call
         pads = tuple(int(p) for p in call.attrs.padding)
-        if self.vector is not None and not (call.op.same_as(_CONV) and (so[3] % self.vector or so[3] < self.direct)):
+        strided = call.op.same_as(_CONV) and tuple(int(v) for v in call.attrs.strides) != (1, 1)
+        # A strided conv only into rows narrower than 2 vectors: into wide ones (SqueezeNet's stem, rows of
+        # 111) the matmul's (pixels, channels) output took 1.5x the conv's time to transpose back to NCHW.
+        if strided and self.vector is not None and so[3] >= 2 * self.vector:
             return call
-        if call.op.same_as(_CONV) and _plain(call.attrs, "NCHW", "OIHW", "NCHW"):
-            out = self.forward(a, b, pads)
+        if self.vector is not None and not (call.op.same_as(_CONV) and (so[3] % self.vector or
+                                                                        (so[3] < self.direct and not strided))):
+            return call
+        # The narrow rewrite takes strided convs too: rows of 7 (Inception-v2's last stride-2 conv) left
+        # the NCHW schedule scalar, 1.9 GMAC/s. (Training graphs keep theirs: Gradient writes them otherwise.)
+        if call.op.same_as(_CONV) and _plain(call.attrs, "NCHW", "OIHW", "NCHW", strided=self.vector is not None):
+            out = self.forward(a, b, pads, [int(v) for v in call.attrs.strides])
         elif call.op.same_as(_CONV) and _plain(call.attrs, "CNHW", "IOHW", "CNHW"):
             # data a = x (N, C, H, W) read as CNHW, kernel b = dy (N, O, GH, GW) read as IOHW,
             # output (O, C, KH, KW) read as CNHW: exactly a weight gradient.

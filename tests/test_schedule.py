@@ -284,12 +284,15 @@ AVX512 = {"kind": "llvm", "mcpu": "znver4"}
 NEON = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]}
 
 
-@pytest.mark.parametrize("width, target, kernel", [
-    (4, AVX2, "conv_nhwo"), (6, AVX2, "im2col"), (30, AVX2, "im2col"), (16, AVX2, "conv2d"), (8, AVX2, "conv2d"),
-    (8, NEON, "conv2d"), (8, AVX512, "conv_nhwo"), (16, AVX512, "conv2d"), (12, AVX512, "conv_nhwo"),
-    (4, None, "conv_nhwo"), (8, None, "conv2d"),
+@pytest.mark.parametrize("width, target, kernel, stride", [
+    (4, AVX2, "conv_nhwo", 1), (6, AVX2, "im2col", 1), (30, AVX2, "im2col", 1), (16, AVX2, "conv2d", 1),
+    (8, AVX2, "conv2d", 1), (8, NEON, "conv2d", 1), (8, AVX512, "conv_nhwo", 1), (16, AVX512, "conv2d", 1),
+    (12, AVX512, "conv_nhwo", 1), (4, None, "conv_nhwo", 1), (8, None, "conv2d", 1),
+    (14, AVX512, "im2col", 2),   # stride 2 into rows of 7 (Inception-v2): im2col reads the strided patches
+    (16, AVX512, "conv2d", 2),   # into rows of 8: the NCHW conv reads its input as phases
+    (34, AVX512, "conv2d", 2),   # into rows of 17: as a matmul its output would cost more to transpose back
 ])
-def test_a_conv_with_narrow_output_rows_runs_with_the_output_channels_innermost(width, target, kernel):
+def test_a_conv_with_narrow_output_rows_runs_with_the_output_channels_innermost(width, target, kernel, stride):
     """Output rows narrower than a vector register (VGG's 4x4 blocks; its 8x8 ones on AVX-512) or not a
     multiple of 8 gave the conv schedule nothing, half a register or predicated loads to vectorise: such a
     conv vectorises its output channels instead, its weight transposed (and packed) at compile time. Rows
@@ -305,7 +308,7 @@ def test_a_conv_with_narrow_output_rows_runs_with_the_output_channels_innermost(
     bb = relax.BlockBuilder()
     with bb.function("main", [x, w], attrs={"num_input": 1}):
         with bb.dataflow():
-            y = bb.emit_output(bb.emit(relax.op.nn.relu(relax.op.nn.conv2d(x, w, padding=1))))
+            y = bb.emit_output(bb.emit(relax.op.nn.relu(relax.op.nn.conv2d(x, w, strides=stride, padding=1))))
         bb.emit_func_output(y)
     board = tvm.target.Target({**target, "num-cores": 2}) if target else None
     transform, deploy = pipeline.lift_weight_transforms(bb.get(), target=board)
