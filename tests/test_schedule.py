@@ -329,6 +329,39 @@ def test_a_conv_with_narrow_output_rows_runs_with_the_output_channels_innermost(
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("groups, width, kernels", [(4, 7, {"im2col_t": 1, "concat": 1}), (4, 16, {}),
+                                                    (32, 7, {})])
+def test_a_grouped_conv_with_narrow_rows_runs_as_one_matmul_per_group(groups, width, kernels):
+    """A few groups (ShuffleNet's 4) into rows that are not a multiple of 8: each group's channels as a
+    conv of its own (im2col + matmul here), concatenated; rows of 16 stay one grouped NCHW conv, and so
+    does a depthwise-like conv of 32 groups. The result is TVM's."""
+    import numpy as np
+    from tvm import relax
+
+    x = relax.Var("x", relax.TensorType([1, 64, width, width], "float32"))
+    w = relax.Var("w", relax.TensorType([128, 64 // groups, 1, 1], "float32"))
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x, w], attrs={"num_input": 1}):
+        with bb.dataflow():
+            y = bb.emit_output(bb.emit(relax.op.nn.relu(relax.op.nn.conv2d(x, w, groups=groups))))
+        bb.emit_func_output(y)
+    target = tvm.target.Target({**AVX2, "num-cores": 2})
+    transform, deploy = pipeline.lift_weight_transforms(bb.get(), target=target)
+    fused = pipeline.fuse(deploy, target)
+    names = [gv.name_hint for gv, f in fused.functions.items() if isinstance(f, tvm.tirx.PrimFunc)]
+    # one gather kernel (called per group), the groups concatenated
+    assert {k: sum(n.startswith(k) or f"_{k}" in n for n in names) for k in kernels} == kernels, names
+    assert bool(kernels) != any("conv2d" in n for n in names), names
+    rng = np.random.default_rng(0)
+    xs, ws = rng.standard_normal((1, 64, width, width), "float32"), rng.standard_normal((128, 64 // groups, 1, 1), "float32")
+    wt = pipeline.transform_weights(transform, [ws])
+    got = relax.VirtualMachine(pipeline.finish(fused, target), tvm.cpu())["main"](
+        tvm.runtime.tensor(xs), *[tvm.runtime.tensor(a) for a in wt]).numpy()
+    want = relax.VirtualMachine(tvm.compile(bb.get(), target=target), tvm.cpu())["main"](
+        tvm.runtime.tensor(xs), tvm.runtime.tensor(ws)).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
 def _conv_tile(target, cin, cout, stride=1, groups=1, h=32):
     """relu(conv2d(x, w)) on a (h, 32) image, its fused kernels for the target, and the extents of the
     unrolled loops (the register tile) around its conv update."""
