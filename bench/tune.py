@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from edgetvm import tuning, zoo  # noqa: E402
 from edgetvm.compiler import compile_model  # noqa: E402
 from edgetvm.runtime.artifact import open_artifact  # noqa: E402
-from edgetvm.runtime.session import Runner  # noqa: E402
+from edgetvm.runtime.session import Runner, model_threads  # noqa: E402
 from edgetvm.targets import load_board  # noqa: E402
 
 
@@ -103,6 +103,9 @@ def main(argv=None) -> int:
     p.add_argument("--work-dir", default=str(Path.home() / ".cache" / "edgetvm" / "bench-tune"),
                    help="models, tuning databases (kept: a rerun resumes) and artifacts")
     args = p.parse_args(argv)
+    # TVM's pool as `edgetvm run` sets it up: without it, one thread on x86 (TVM takes half the hardware
+    # threads for hyperthread pairs) against onnxruntime's board.cores
+    model_threads()
     Path(args.work_dir).mkdir(parents=True, exist_ok=True)
     board = load_board("host")
     rows = []
