@@ -270,6 +270,9 @@ def _int(sch, loop) -> int | None:
     return int(e) if isinstance(e, tirx.IntImm) else None
 
 
+GEMV_ROWS_PER_CORE = 128
+
+
 def _row_group(k: int) -> int:
     """How many rows of W a matrix-vector product adds into a partial-sum vector while it is in a register."""
     return next((t for t in (8, 4, 2) if k % t == 0), 1)
@@ -305,7 +308,9 @@ def _schedule_gemv(sch, block, epilogue, lanes: int, cores: int, native_lanes: i
         o, i = sch.split(loop, [None, lanes])
         return o, [i]
 
-    parts = cores if cores > 1 and K % cores == 0 and K // cores >= 16 and _work(sch, block) >= PARALLEL_WORK else 1
+    # Decided by K alone (a layer cut into column pieces for swapping sums in the same order as the whole):
+    # 128 rows of W per core, about 2^15 multiply-adds for 256 columns, or one core.
+    parts = cores if cores > 1 and K % cores == 0 and K // cores >= GEMV_ROWS_PER_CORE else 1
     if parts > 1:
         ko, _ = sch.split(k, [parts, None])
         rf = sch.rfactor(ko, 0)
