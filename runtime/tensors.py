@@ -30,28 +30,71 @@ def to_tvm(a, dev=None):
     return tvm.runtime.tensor(native(a), dev if dev is not None else tvm.cpu())
 
 
+# An array of at least this many elements whose zero elements would shrink it by at least 1/8 travels
+# as a bitmap of its nonzero elements and their values: TVM 0.27's RPC moves a bytes argument one byte
+# at a time (support::Stream::WriteArray/ReadArray, a ring-buffer call per byte: about 13 ns of CPU per
+# byte on each end, docs/pipeline.md), so every zero byte not sent is CPU a quota-bound device keeps.
+# ReLU activations and their gradients are 30-60% zeros.
+SPARSE_MIN_ELEMENTS = 256
+
+
+def _sparse_bits(a: np.ndarray):
+    """(bitmap of a's nonzero elements, its nonzero elements) when they are smaller than a by 1/8, else None."""
+    if a.size < SPARSE_MIN_ELEMENTS or a.dtype.kind not in _KINDS or a.dtype.itemsize not in (1, 2, 4, 8):
+        return None
+    flat = a.reshape(-1)
+    # the bits, not the values: -0.0 and NaN payloads must survive exactly
+    nz = flat.view(f"u{a.itemsize}") != 0
+    kept = int(np.count_nonzero(nz))
+    if (a.size + 7) // 8 + kept * a.itemsize > a.nbytes * 7 // 8:
+        return None
+    return np.packbits(nz), flat[nz]
+
+
 def pack(arrays) -> bytes:
     """Arrays as one bytes value, for an RPC call's single argument: u32 header length, the JSON header
-    [[shape, dtype], ...], then each array's bytes. (A TVM tensor made on the receiving session costs two
-    round trips, allocate and copy, before the call's own; one bytes argument travels in the call.)"""
+    [[shape, dtype, nonzero count or -1], ...], then each array's bytes, or, for an array with enough
+    zeros, the bitmap of its nonzero elements and their values. (A TVM tensor made on the receiving
+    session costs two round trips, allocate and copy, before the call's own; one bytes argument travels
+    in the call.)"""
     import json
 
     arrays = [native(a) for a in arrays]
-    head = json.dumps([[list(a.shape), a.dtype.str] for a in arrays]).encode()
-    return b"".join([len(head).to_bytes(4, "little"), head, *(memoryview(a.reshape(-1)).cast("B") for a in arrays)])
+    head, body = [], []
+    for a in arrays:
+        sparse = _sparse_bits(a)
+        if sparse is None:
+            head.append([list(a.shape), a.dtype.str, -1])
+            body.append(memoryview(a.reshape(-1)).cast("B"))
+        else:
+            head.append([list(a.shape), a.dtype.str, int(sparse[1].size)])
+            body += [memoryview(sparse[0]), memoryview(sparse[1]).cast("B")]
+    head = json.dumps(head).encode()
+    return b"".join([len(head).to_bytes(4, "little"), head, *body])
 
 
 def unpack(blob) -> list[np.ndarray]:
-    """The arrays of a `pack`ed blob (read-only views of it, no copy)."""
+    """The arrays of a `pack`ed blob (dense ones as read-only views of it, no copy)."""
     import json
 
     blob = memoryview(blob)
     n = int.from_bytes(blob[:4], "little")
     off, out = 4 + n, []
-    for shape, dtype in json.loads(bytes(blob[4:off])):
-        a = np.frombuffer(blob, dtype, int(np.prod(shape, dtype=np.int64)), off).reshape(shape)
+    for shape, dtype, kept in json.loads(bytes(blob[4:off])):
+        size = int(np.prod(shape, dtype=np.int64))
+        if kept < 0:
+            a = np.frombuffer(blob, dtype, size, off).reshape(shape)
+            off += a.nbytes
+        else:
+            nbits = (size + 7) // 8
+            nz = np.unpackbits(np.frombuffer(blob, np.uint8, nbits, off), count=size).view(bool)
+            off += nbits
+            a = np.zeros(size, dtype)
+            vals = np.frombuffer(blob, dtype, kept, off)
+            a[nz] = vals
+            off += vals.nbytes
+            a = a.reshape(shape)
         out.append(a)
-        off += a.nbytes
     return out
 
 
