@@ -12,7 +12,8 @@ host-side proxy with the same methods as stages.Stage.
     edgetvm.ptrain.push(kind, mb, blob) -> 0        (a neighbour's call) an activation ("a") or gradient
                                                     ("g") into this stage's inbox, or a replica's
                                                     weight gradients ("s") or their sum ("t")
-    edgetvm.ptrain.reduce(replica, n) -> "ok"       replicas: the gradients summed device to device
+    edgetvm.ptrain.reduce(replica, n) -> "ok"       replicas: the gradients summed device to device, each
+                                                    replica summing an n-th (reduce-scatter, all-gather)
     edgetvm.ptrain.step() -> "ok"                   the optimizer on the accumulated gradients
     edgetvm.ptrain.get(kind, i) -> tensor           kind: "param", "state" or "grad"
     edgetvm.ptrain.set_grads(blob(grads)) -> 0      replicas: the summed gradients
@@ -258,19 +259,30 @@ def backward_last(mb, gl, to, blob) -> bytes:
 
 
 def reduce(replica, n) -> str:
-    """The n replicas' accumulated gradients summed, in replica order (as the coordinator summed them):
-    replica 0 receives the others', adds, and sends the sum back; every replica keeps the sum."""
+    """The n replicas' accumulated gradients summed in replica order (as the coordinator sums them), the
+    work split n ways: replica r owns the r-th n-th of the gradients (flattened, concatenated), every
+    replica sends each owner its share (reduce-scatter), each owner sums its share in replica order and
+    sends the sum to the others (all-gather). A replica's link and CPU carry 2(n-1)/n of the gradients
+    each way, all replicas at once; through one replica, its link carried 2(n-1) times them."""
+    import numpy as np
+
     replica, n = int(replica), int(n)
-    if replica == 0:
-        total = _stage.get_grads()
-        for r in range(1, n):
-            total = [a + b for a, b in zip(total, _inbox.take(("s", r)))]
-        for r in range(1, n):
-            _peers[("mate", r)].send("t", 0, total)
-    else:
-        _peers[("mate", 0)].send("s", replica, _stage.get_grads())
-        total = _inbox.take(("t", 0))
-    _stage.set_grads(total)
+    grads = _stage.get_grads()
+    flat = np.concatenate([g.reshape(-1) for g in grads])
+    cuts = np.linspace(0, flat.size, n + 1).astype(np.int64)
+    for r in range(n):
+        if r != replica:
+            _peers[("mate", r)].send("s", replica, [flat[cuts[r]:cuts[r + 1]]])
+    mine = None
+    for r in range(n):
+        part = flat[cuts[replica]:cuts[replica + 1]] if r == replica else _inbox.take(("s", r))[0]
+        mine = part.copy() if mine is None else mine + part
+    for r in range(n):
+        if r != replica:
+            _peers[("mate", r)].send("t", replica, [mine])
+    total = np.concatenate([mine if r == replica else _inbox.take(("t", r))[0] for r in range(n)])
+    offsets = np.cumsum([0] + [g.size for g in grads])
+    _stage.set_grads([total[offsets[i]:offsets[i + 1]].reshape(g.shape) for i, g in enumerate(grads)])
     return "ok"
 
 

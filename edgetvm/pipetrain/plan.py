@@ -337,26 +337,34 @@ def simulate(model, micro_batch: int, bounds, groups, profiles: dict[str, Profil
                 progress = True
     if any(ptr[k] < len(v) for k, v in ops.items()):
         raise RuntimeError("schedule deadlocked in simulation")
-    t = max(clock.values())
-    # replicas' gradient sums. Direct: the others' gradients into replica 0 and the sum back out, one hop
-    # each over replica 0's link, every stage at once; else every replica's gradients to the coordinator
-    # and the sums back, one replica after another
-    reduce_s = []
-    for s in range(S):
-        if len(groups[s]) > 1:
+    # replicas' gradient sums. Direct (device.reduce): each of R replicas sends and receives (R-1)/R of the
+    # gradients twice (reduce-scatter, then all-gather), its uplink and downlink at once, its CPU paying
+    # for both directions; a stage sums and steps once its replicas' last backward is done, while the
+    # stages before it still run theirs (Controller._run). Else, after every stage is done, every
+    # replica's gradients to the coordinator and the sums back, one replica after another
+    if direct:
+        ends = []
+        for s in range(S):
+            R = len(groups[s])
+            end = max(clock[(s, r)] for r in range(R))
+            if R > 1:
+                nbytes = 4 * (n_weights[s] if n_weights else 0)
+                p = cost[(s, 0)][3]
+                per_byte = max(_link_byte_s(d) for d in groups[s]) + 2 * p.byte_cpu_s
+                end += p.call_s + 2 * (R - 1) / R * nbytes * per_byte
+            ends.append(end + max(cost[(s, r)][2] + cost[(s, r)][3].call_s for r in range(R)))
+        t = max(ends)
+    else:
+        t = max(clock.values())
+        for s in range(S):
             nbytes = 4 * (n_weights[s] if n_weights else 0)
-            p = cost[(s, 0)][3]
-            if direct:
-                per_byte = max(_link_byte_s(d) for d in groups[s]) + p.byte_cpu_s
-                reduce_s.append(p.call_s + 2 * (len(groups[s]) - 1) * nbytes * per_byte)
-                continue
-            for r in range(len(groups[s])):
-                p = cost[(s, r)][3]
-                t += 2 * p.call_s + 2 * nbytes * p.byte_s
-    t += max(reduce_s, default=0.0)
-    t += max(cost[k][2] + cost[k][3].call_s for k in cost)
-    # the controller's bookkeeping calls (busy counters before and after, the losses), one at a time
-    t += sum(3 * cost[k][3].call_s for k in cost)
+            if len(groups[s]) > 1:
+                for r in range(len(groups[s])):
+                    p = cost[(s, r)][3]
+                    t += 2 * p.call_s + 2 * nbytes * p.byte_s
+        t += max(cost[k][2] + cost[k][3].call_s for k in cost)
+    # the controller's bookkeeping calls after the step (busy counters; the losses), every replica at once
+    t += max((2 if k[0] == S - 1 else 1) * cost[k][3].call_s for k in cost)
     return t, max(busy[k] + cost[k][2] for k in busy)
 
 

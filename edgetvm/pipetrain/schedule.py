@@ -104,6 +104,7 @@ class Controller:
         # hand activations, gradients and gradient sums to each other; the mailbox then carries only "sent"
         # (None).
         self.direct = all(getattr(st, "sends_direct", False) for reps in replicas for st in reps)
+        self._busy = None    # each replica's busy seconds at the end of the last step (None: ask)
         self.totals = {(s, r): {"wall_s": 0.0, "call_s": 0.0, "busy_s": 0.0, "idle_s": 0.0}
                        for s in range(self.S) for r in range(len(replicas[s]))}
 
@@ -131,7 +132,12 @@ class Controller:
                     call += time.perf_counter() - c0
                     if s > 0:
                         box.put(("g", s - 1, mb), ga)
-        except StageFailed:
+            if self.direct:
+                # this stage's weights are done with for the step: its replicas sum their gradients and
+                # step while the stages before it still run their backwards
+                self._step(s, r, len(self.replicas[s]))
+        except StageFailed as err:
+            box.fail(err)
             raise
         except BaseException as e:  # noqa: BLE001 - named and passed on
             err = StageFailed(f"{self.names[s][r]} failed: {_short(e)}")
@@ -164,8 +170,10 @@ class Controller:
         xs = [x[i * mbs:(i + 1) * mbs] for i in range(self.m)]
         ys = [y[i * mbs:(i + 1) * mbs] for i in range(self.m)]
         box = _Mailbox()
-        before = {(s, r): self._call(s, r, "stats")["busy_s"] for s, reps in enumerate(self.replicas)
-                  for r in range(len(reps))}
+        keys = [(s, r) for s, reps in enumerate(self.replicas) for r in range(len(reps))]
+        if self._busy is None:
+            self._busy = {k: self._call(*k, "stats")["busy_s"] for k in keys}
+        before, self._busy = self._busy, None
         t0 = time.perf_counter()
         futures = {(s, r): self.pool.submit(self._run, s, r, xs, ys, box, t0)
                    for s, reps in enumerate(self.replicas) for r in range(len(reps))}
@@ -178,30 +186,37 @@ class Controller:
         if box.error is not None:
             raise box.error
         # gradients of a stage's replicas summed (each micro-batch's already weighs 1/M), then one step each;
-        # stages on connected devices sum among themselves (device.reduce), all stages at once
+        # stages on connected devices sum among themselves (device.reduce) and stepped in _run
         for s, reps in enumerate(self.replicas):
             if len(reps) > 1 and not self.direct:
                 gs = [self._call(s, r, "get_grads") for r in range(len(reps))]
                 total = [sum(parts) for parts in zip(*gs)]
                 for r in range(len(reps)):
                     self._call(s, r, "set_grads", total)
-        steps = {(s, r): self.pool.submit(self._step, s, r, len(reps) if self.direct else 1)
-                 for s, reps in enumerate(self.replicas) for r in range(len(reps))}
-        for f in steps.values():
-            f.result()
+        if not self.direct:
+            steps = [self.pool.submit(self._step, s, r) for s, reps in enumerate(self.replicas) for r in range(len(reps))]
+            for f in steps:
+                f.result()
         wall = time.perf_counter() - t0
-        losses = {}
-        for r in range(len(self.replicas[-1])):
-            losses.update(self._call(self.S - 1, r, "take_losses"))
+        # every replica's counters at once (a call each, on devices with a fraction of a CPU); they are
+        # also the next step's starting counters
+        after = dict(zip(keys, self.pool.map(self._counters, keys)))
+        self._busy = {k: busy for k, (_, busy) in after.items()}
+        losses = {i: v for got, _ in after.values() for i, v in got.items()}
         out = {"loss": float(np.mean([losses[i] for i in range(self.m)])), "seconds": wall, "stages": {}}
         for (s, r), run in runs.items():
-            busy = self._call(s, r, "stats")["busy_s"] - before[(s, r)]
+            busy = self._busy[(s, r)] - before[(s, r)]
             rec = {"busy_s": busy, "call_s": run["call_s"], "idle_s": max(0.0, wall - busy)}
             out["stages"][(s, r)] = rec
             for k in ("busy_s", "call_s", "idle_s"):
                 self.totals[(s, r)][k] += rec[k]
             self.totals[(s, r)]["wall_s"] += wall
         return out
+
+    def _counters(self, key) -> tuple[dict, float]:
+        """(the losses it holds if it is a last-stage replica, its busy seconds so far)."""
+        losses = self._call(*key, "take_losses") if key[0] == self.S - 1 else {}
+        return losses, self._call(*key, "stats")["busy_s"]
 
     def _call(self, s: int, r: int, method: str, *args):
         try:
@@ -222,6 +237,7 @@ class Controller:
 
     def logits(self, x: np.ndarray, micro_batch: int) -> np.ndarray:
         """Forward passes only (replica 0 of each stage), micro-batch by micro-batch, the last chunk padded."""
+        self._busy = None    # these forwards are no step's
         out = []
         for i in range(0, len(x), micro_batch):
             a = np.asarray(x[i:i + micro_batch], np.float32)
