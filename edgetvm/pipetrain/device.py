@@ -13,7 +13,8 @@ host-side proxy with the same methods as stages.Stage.
                                                     ("g") into this stage's inbox, or a replica's
                                                     weight gradients ("s") or their sum ("t")
     edgetvm.ptrain.reduce(replica, n) -> "ok"       replicas: the gradients summed device to device, each
-                                                    replica summing an n-th (reduce-scatter, all-gather)
+                                                    replica summing an n-th (reduce-scatter, all-gather),
+                                                    then the optimizer step
     edgetvm.ptrain.step() -> "ok"                   the optimizer on the accumulated gradients
     edgetvm.ptrain.get(kind, i) -> tensor           kind: "param", "state" or "grad"
     edgetvm.ptrain.set_grads(blob(grads)) -> 0      replicas: the summed gradients
@@ -263,7 +264,8 @@ def reduce(replica, n) -> str:
     work split n ways: replica r owns the r-th n-th of the gradients (flattened, concatenated), every
     replica sends each owner its share (reduce-scatter), each owner sums its share in replica order and
     sends the sum to the others (all-gather). A replica's link and CPU carry 2(n-1)/n of the gradients
-    each way, all replicas at once; through one replica, its link carried 2(n-1) times them."""
+    each way, all replicas at once; through one replica, its link carried 2(n-1) times them. Then the
+    optimizer step, in the same call (a call costs a device with a fraction of a CPU several ms)."""
     import numpy as np
 
     replica, n = int(replica), int(n)
@@ -283,7 +285,7 @@ def reduce(replica, n) -> str:
     total = np.concatenate([mine if r == replica else _inbox.take(("t", r))[0] for r in range(n)])
     offsets = np.cumsum([0] + [g.size for g in grads])
     _stage.set_grads([total[offsets[i]:offsets[i + 1]].reshape(g.shape) for i, g in enumerate(grads)])
-    return "ok"
+    return step()
 
 
 def step() -> str:
@@ -399,8 +401,10 @@ class RemoteStage:
         self._proc = info["proc_s"]
         return info
 
-    def stats(self) -> dict:
-        self._refresh()
+    def stats(self, refresh: bool = True) -> dict:
+        """Counters as of now, or (refresh=False) as of the last call that brought them (take_losses)."""
+        if refresh:
+            self._refresh()
         return {"busy_s": self._busy, "cpu_s": self._cpu, "peak_stash": self.peak_stash, "proc_s": self._proc}
 
     def take_losses(self) -> dict[int, float]:

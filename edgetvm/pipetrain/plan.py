@@ -363,8 +363,8 @@ def simulate(model, micro_batch: int, bounds, groups, profiles: dict[str, Profil
                     p = cost[(s, r)][3]
                     t += 2 * p.call_s + 2 * nbytes * p.byte_s
         t += max(cost[k][2] + cost[k][3].call_s for k in cost)
-    # the controller's bookkeeping calls after the step (busy counters; the losses), every replica at once
-    t += max((2 if k[0] == S - 1 else 1) * cost[k][3].call_s for k in cost)
+    # the controller's bookkeeping call after the step (busy counters, losses), every replica at once
+    t += max(cost[k][3].call_s for k in cost)
     return t, max(busy[k] + cost[k][2] for k in busy)
 
 

@@ -215,8 +215,9 @@ class Controller:
 
     def _counters(self, key) -> tuple[dict, float]:
         """(the losses it holds if it is a last-stage replica, its busy seconds so far)."""
-        losses = self._call(*key, "take_losses") if key[0] == self.S - 1 else {}
-        return losses, self._call(*key, "stats")["busy_s"]
+        if key[0] == self.S - 1:
+            return self._call(*key, "take_losses"), self._call(*key, "stats", False)["busy_s"]
+        return {}, self._call(*key, "stats")["busy_s"]
 
     def _call(self, s: int, r: int, method: str, *args):
         try:
@@ -227,8 +228,9 @@ class Controller:
     def _step(self, s: int, r: int, reduce: int = 1) -> None:
         try:
             if reduce > 1:
-                self.replicas[s][r].reduce(r, reduce)
-            self.replicas[s][r].step()
+                self.replicas[s][r].reduce(r, reduce)    # and steps
+            else:
+                self.replicas[s][r].step()
         except BaseException as e:  # noqa: BLE001
             msg = f"{self.names[s][r]} failed in its optimizer step: {_short(e)}"
             if reduce > 1:

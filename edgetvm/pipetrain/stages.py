@@ -239,7 +239,7 @@ class Stage:
     def set_grads(self, grads: list[np.ndarray]) -> None:
         self.grads = [np.asarray(g, np.float32) for g in grads] if grads else None
 
-    def stats(self) -> dict:
+    def stats(self, refresh: bool = True) -> dict:
         return {"busy_s": self.busy_s, "cpu_s": self.cpu_s, "peak_stash": self.peak_stash}
 
     def params(self) -> list[np.ndarray]:
