@@ -108,7 +108,7 @@ class _Peer:
             kind, mb, arrays = self.queue.get()
             try:
                 if self.error is None:
-                    blob = pack(arrays)
+                    blob = arrays if isinstance(arrays, bytes) else pack(arrays)
                     with self.lock:
                         self._push(kind, mb, blob)
             except Exception as e:  # noqa: BLE001 - raised by this device's next call
@@ -116,7 +116,8 @@ class _Peer:
             finally:
                 self.queue.task_done()
 
-    def send(self, kind: str, mb: int, arrays: list) -> None:
+    def send(self, kind: str, mb: int, arrays) -> None:
+        """Queue arrays (or a blob already packed, for a value sent to several peers) for the peer."""
         if self.error:
             raise RuntimeError(self.error)
         self.queue.put((kind, int(mb), arrays))
@@ -278,10 +279,11 @@ def reduce(replica, n) -> str:
     mine = None
     for r in range(n):
         part = flat[cuts[replica]:cuts[replica + 1]] if r == replica else _inbox.take(("s", r))[0]
-        mine = part.copy() if mine is None else mine + part
+        mine = part.copy() if mine is None else np.add(mine, part, out=mine)
+    blob = pack([mine])
     for r in range(n):
         if r != replica:
-            _peers[("mate", r)].send("t", replica, [mine])
+            _peers[("mate", r)].send("t", replica, blob)
     total = np.concatenate([mine if r == replica else _inbox.take(("t", r))[0] for r in range(n)])
     offsets = np.cumsum([0] + [g.size for g in grads])
     _stage.set_grads([total[offsets[i]:offsets[i + 1]].reshape(g.shape) for i, g in enumerate(grads)])
