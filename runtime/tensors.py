@@ -73,8 +73,9 @@ def pack(arrays) -> bytes:
     return b"".join([len(head).to_bytes(4, "little"), head, *body])
 
 
-def unpack(blob) -> list[np.ndarray]:
-    """The arrays of a `pack`ed blob (dense ones as read-only views of it, no copy)."""
+def unpack(blob, own: bool = False) -> list[np.ndarray]:
+    """The arrays of a `pack`ed blob: dense ones as read-only views of it (no copy) unless `own`; sparse
+    ones are always new arrays."""
     import json
 
     blob = memoryview(blob)
@@ -85,6 +86,8 @@ def unpack(blob) -> list[np.ndarray]:
         if kept < 0:
             a = np.frombuffer(blob, dtype, size, off).reshape(shape)
             off += a.nbytes
+            if own:
+                a = a.copy()
         else:
             nbits = (size + 7) // 8
             nz = np.unpackbits(np.frombuffer(blob, np.uint8, nbits, off), count=size).view(bool)

@@ -185,6 +185,10 @@ def test_a_calls_tensors_travel_as_one_blob_shapes_and_dtypes_kept():
     assert [g.shape for g in got] == [np.asarray(a).shape for a in arrays]
     assert [g.dtype for g in got] == [np.asarray(a).dtype for a in arrays]
     assert all(np.array_equal(g, a) for g, a in zip(got, arrays))
+    blob = bytearray(pack(arrays))
+    kept = unpack(blob, own=True)   # what a receiver keeps after the call's argument is gone
+    blob[:] = bytes(len(blob))
+    assert all(np.array_equal(g, a) for g, a in zip(kept, arrays))
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "int64", "uint8", "bool"])

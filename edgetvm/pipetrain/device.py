@@ -215,7 +215,7 @@ def connect(peers_json: str) -> str:
 
 
 def push(kind, mb, blob) -> int:
-    _inbox.put((str(kind), int(mb)), [a.copy() for a in unpack(blob)])  # the call's argument is not ours to keep
+    _inbox.put((str(kind), int(mb)), unpack(blob, own=True))  # the call's argument is not ours to keep
     return 0
 
 
