@@ -8,6 +8,7 @@ from tvm import relax
 from tvm.relax.backend.cpu_generic import pipeline as cpu
 
 from edgetvm.passes import schedule
+from edgetvm.passes import conv_im2col
 from edgetvm.passes.conv_im2col import narrow_conv_as_matmul
 from edgetvm.passes.fold_bn import fold_batchnorm_into_conv
 from edgetvm.passes.pack_matmul import pack_weight_matmuls
@@ -33,14 +34,17 @@ def clip_take_indices(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
 
 
 def lift_weight_transforms(mod: tvm.IRModule, pack_matmuls: bool = True,
-                           target: tvm.target.Target | None = None) -> tuple[tvm.IRModule, tvm.IRModule]:
+                           target: tvm.target.Target | None = None,
+                           channels_last: bool = True) -> tuple[tvm.IRModule, tvm.IRModule]:
     """Split `main` into `main_transform_params` (weight-only work: transposes, reshapes, folds) and the rest.
 
     The first runs once, at compile time on the host; the board only ever runs the second, so an ONNX
     Gemm(transB=1) no longer transposes its weight on every call, and matmul weights are packed in
     column strips there (pack_matmul.py; not for a swapping build, which splits weights by columns).
     With the board's `target`, convolutions with rows narrower than its vector registers (16 floats on
-    AVX-512, else 8) keep their output channels innermost (conv_im2col.py); without, 8.
+    AVX-512, else 8) keep their output channels innermost (conv_im2col.py); without, 8. With
+    `channels_last`, a CNN whose convolutions nearly all have narrower or odd rows runs channels-last
+    (conv_im2col.channels_last).
     """
     direct_below = max(8, schedule._native_lanes(target)[0]) if target is not None else 8
     lifted = tvm.transform.Sequential([
@@ -50,6 +54,7 @@ def lift_weight_transforms(mod: tvm.IRModule, pack_matmuls: bool = True,
         # weight-only half (sqrt(var + eps), the divide) is then lifted too.
         relax.transform.DecomposeOpsForInference(),
         relax.transform.CanonicalizeBindings(),
+        *([conv_im2col.channels_last()] if pack_matmuls and channels_last else []),
         *([narrow_conv_as_matmul(direct_below), pack_weight_matmuls] if pack_matmuls else []),
         relax.transform.LiftTransformParams(),
     ])(mod)

@@ -312,7 +312,7 @@ def test_a_conv_with_narrow_output_rows_runs_with_the_output_channels_innermost(
             y = bb.emit_output(bb.emit(relax.op.nn.relu(relax.op.nn.conv2d(x, w, strides=stride, padding=1))))
         bb.emit_func_output(y)
     board = tvm.target.Target({**target, "num-cores": 2}) if target else None
-    transform, deploy = pipeline.lift_weight_transforms(bb.get(), target=board)
+    transform, deploy = pipeline.lift_weight_transforms(bb.get(), target=board, channels_last=False)  # the NCHW path
     fused = pipeline.fuse(deploy, board or tvm.target.Target({"kind": "llvm", "num-cores": 2}))
     names = [gv.name_hint for gv, f in fused.functions.items() if isinstance(f, tvm.tirx.PrimFunc)]
     assert [k for k in ("conv_nhwo", "im2col", "conv2d") if any(k in n for n in names)] == [kernel]
@@ -347,7 +347,7 @@ def test_a_grouped_conv_with_narrow_rows_runs_as_one_matmul_per_group(groups, wi
             y = bb.emit_output(bb.emit(relax.op.nn.relu(relax.op.nn.conv2d(x, w, groups=groups))))
         bb.emit_func_output(y)
     target = tvm.target.Target({**AVX2, "num-cores": 2})
-    transform, deploy = pipeline.lift_weight_transforms(bb.get(), target=target)
+    transform, deploy = pipeline.lift_weight_transforms(bb.get(), target=target, channels_last=False)  # the NCHW path
     fused = pipeline.fuse(deploy, target)
     names = [gv.name_hint for gv, f in fused.functions.items() if isinstance(f, tvm.tirx.PrimFunc)]
     # one gather kernel (called per group), the groups concatenated
