@@ -44,18 +44,26 @@ def _plain(attrs, data: str, kernel: str, out: str, strided: bool = False, group
             and attrs.out_layout == out and str(attrs.out_dtype) in ("", "void", "None", "float32"))
 
 
-def _cols(x, kh: int, kw: int, pads, oh: int, ow: int, transposed: bool, strides=(1, 1)):
-    """The patches of the zero-padded x: (N, C, KH, KW, OH, OW), or transposed (N, OH, OW, C, KH, KW).
+def _cols(x, kh: int, kw: int, pads, oh: int, ow: int, transposed: bool, strides=(1, 1), channels_last=False):
+    """The patches of the zero-padded x: (N, C, KH, KW, OH, OW), or transposed (N, OH, OW, C, KH, KW); of an
+    NHWC x (`channels_last`), (N, OH, OW, KH, KW, C): each patch row a run of whole pixels.
     Six axes rather than the two of the matrix: flat indices would need a division and a remainder per
     element, which made this gather slower than the matmul it feeds."""
-    n, c, h, w = (int(s) for s in x.shape)
+    if channels_last:
+        n, h, w, c = (int(s) for s in x.shape)
+    else:
+        n, c, h, w = (int(s) for s in x.shape)
     top, left = pads[0], pads[1]
     zero = tirx.const(0, x.dtype)
 
     def pixel(b, ch, i, j, y, xx):
         y, xx = y * strides[0] + i - top, xx * strides[1] + j - left
-        return tirx.if_then_else(tirx.all(y >= 0, y < h, xx >= 0, xx < w), x[b, ch, y, xx], zero)
+        inside = tirx.all(y >= 0, y < h, xx >= 0, xx < w)
+        return tirx.if_then_else(inside, x[b, y, xx, ch] if channels_last else x[b, ch, y, xx], zero)
 
+    if channels_last:
+        return te.compute((n, oh, ow, kh, kw, c), lambda b, y, xx, i, j, ch: pixel(b, ch, i, j, y, xx),
+                          name="im2col_nhwc")
     if transposed:
         return te.compute((n, oh, ow, c, kh, kw), lambda b, y, xx, ch, i, j: pixel(b, ch, i, j, y, xx),
                           name="im2col_t")
@@ -230,19 +238,6 @@ class _NoDropout(relax.PyExprMutator):
         return op
 
 
-def _cols_nhwc(x, kh: int, kw: int, pads, oh: int, ow: int, strides):
-    """The patches of the zero-padded NHWC x as (N, OH, OW, KH, KW, C): each patch row a run of whole pixels."""
-    n, h, w, c = (int(s) for s in x.shape)
-    top, left = pads[0], pads[1]
-    zero = tirx.const(0, x.dtype)
-
-    def pixel(b, y, xx, i, j, ch):
-        y, xx = y * strides[0] + i - top, xx * strides[1] + j - left
-        return tirx.if_then_else(tirx.all(y >= 0, y < h, xx >= 0, xx < w), x[b, y, xx, ch], zero)
-
-    return te.compute((n, oh, ow, kh, kw, c), pixel, name="im2col_nhwc")
-
-
 @relax.expr_functor.mutator
 class _ChannelsLastToMatmul(relax.PyExprMutator):
     def __init__(self, mod):
@@ -257,7 +252,7 @@ class _ChannelsLastToMatmul(relax.PyExprMutator):
         if (kh, kw) == (1, 1) and tuple(strides) == (1, 1) and not any(pads):
             cols = self.builder_.emit(relax.op.reshape(x, (n * oh * ow, c)))  # a view: no gather at all
         else:
-            cols = self.builder_.emit_te(_cols_nhwc, x, kh, kw, pads, oh, ow, tuple(strides),
+            cols = self.builder_.emit_te(_cols, x, kh, kw, pads, oh, ow, True, tuple(strides), True,
                                          primfunc_name_hint="im2col_nhwc", primfunc_attrs={"op_pattern": OPAQUE})
             cols = self.builder_.emit(relax.op.reshape(cols, (n * oh * ow, kh * kw * c)))
         w_t = self.builder_.emit(relax.op.permute_dims(relax.op.reshape(w, (o, kh * kw * c))))
