@@ -96,7 +96,6 @@ class _ConvToMatmul(relax.PyExprMutator):
     def __init__(self, mod, vector=None, direct=0):
         super().__init__(mod)
         self.direct = direct  # forward convolutions with rows narrower than this as a channels-last direct conv
-        self.mod_ = mod
         self.rewritten = 0
         self.vector = vector  # if set: only forward convolutions whose output rows are not a multiple of it
 
@@ -191,17 +190,19 @@ class _ConvToMatmul(relax.PyExprMutator):
         self.rewritten += 1
         return out
 
-    def transform(self) -> tvm.IRModule:
-        for gv, func in self.mod_.functions_items():
-            if isinstance(func, relax.Function):
-                self.builder_.update_func(gv, self.visit_expr(func))
-        return self.builder_.get()
+
+def _rewrite(mutator: relax.PyExprMutator, mod: tvm.IRModule) -> tvm.IRModule:
+    """`mod` with every Relax function through `mutator` (made on `mod`: it edits that module in place)."""
+    for gv, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            mutator.builder_.update_func(gv, mutator.visit_expr(func))
+    return relax.transform.Normalize()(mutator.builder_.get())
 
 
 def conv_as_matmul(mod: tvm.IRModule) -> tvm.IRModule:
     """`mod` with its plain convolutions (and their gradients) rewritten as im2col + matmul."""
     copy = tvm.IRModule(dict(mod.functions_items()), attrs=mod.attrs)  # the mutator edits its module in place
-    return relax.transform.Normalize()(_ConvToMatmul(copy).transform())
+    return _rewrite(_ConvToMatmul(copy), copy)
 
 
 def narrow_conv_as_matmul(direct_below: int = 8) -> tvm.transform.Pass:
@@ -219,7 +220,7 @@ def narrow_conv_as_matmul(direct_below: int = 8) -> tvm.transform.Pass:
     @tvm.transform.module_pass(opt_level=0, name="NarrowConvAsMatmul")
     def rewrite(mod: tvm.IRModule, _ctx=None) -> tvm.IRModule:
         copy = tvm.IRModule(dict(mod.functions_items()), attrs=mod.attrs)
-        return relax.transform.Normalize()(_ConvToMatmul(copy, vector=8, direct=direct_below).transform())
+        return _rewrite(_ConvToMatmul(copy, vector=8, direct=direct_below), copy)
 
     return rewrite
 
@@ -240,10 +241,6 @@ class _NoDropout(relax.PyExprMutator):
 
 @relax.expr_functor.mutator
 class _ChannelsLastToMatmul(relax.PyExprMutator):
-    def __init__(self, mod):
-        super().__init__(mod)
-        self.mod_ = mod
-
     def forward(self, x, w, pads, strides):
         n, h, wd, c = _shape(x)
         o, kh, kw, _ = _shape(w)
@@ -270,12 +267,6 @@ class _ChannelsLastToMatmul(relax.PyExprMutator):
         # Grouped convs stay direct NHWC convolutions: the rule that picks channels-last leaves them at most
         # a tenth of the work.
         return self.forward(a, b, tuple(int(p) for p in call.attrs.padding), [int(v) for v in call.attrs.strides])
-
-    def transform(self) -> tvm.IRModule:
-        for gv, func in self.mod_.functions_items():
-            if isinstance(func, relax.Function):
-                self.builder_.update_func(gv, self.visit_expr(func))
-        return self.builder_.get()
 
 
 def _odd_row_share(func: relax.Function) -> float:
@@ -328,6 +319,6 @@ def channels_last(min_share: float = 0.9) -> tvm.transform.Pass:
         except Exception:  # noqa: BLE001 - an operator without a layout rule (stack: IndexError; others InternalError)
             return mod
         nhwc = relax.transform.Normalize()(relax.transform.DeadCodeElimination()(nhwc))
-        return relax.transform.Normalize()(_ChannelsLastToMatmul(nhwc).transform())
+        return _rewrite(_ChannelsLastToMatmul(nhwc), nhwc)
 
     return rewrite
