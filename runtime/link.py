@@ -10,7 +10,12 @@ about 95% of the nominal rate (1448 of 1514 bytes), as on a real link. The bucke
 frames or 0.5 ms at the rate, whichever is larger: a bigger bucket lets a 10 KB transfer pass at
 line speed (a 12.5 KB bucket made 10 KB at 100 Mbit 16% faster than nominal), one frame's worth
 lost 10-20% at 20 Mbit on this host (measured with plain TCP; the qdisc waits for the next token on a
-timer, probably what a busy host delays).
+timer, probably what a busy host delays). The queue holds 4 MiB (or 100 ms at the rate, if more), as
+a cellular base station's buffer for one device does: with 100 ms, TCP over the veth (no round trip
+to slow it) overflowed a 5 Mbit/s queue (62 KB) with a 77 KB tensor, and the drops cost
+retransmission timeouts: three tensors (141 KiB) crossed in 238-648 ms, mean 302-438, where the
+rate gives 238, and their sending took the device 5.5-6.0 ms of CPU a frame; with 4 MiB, 238-244 ms
+and 3.4-3.7 ms.
 
 Delay: this kernel has no netem (nor any qdisc that delays), so a profile's `delay_ms` is added in
 user space. A server in the namespace listens on the namespace's loopback (`listen_host`), and
@@ -61,7 +66,8 @@ VETH_PREFIX = "etv"                        # + owner pid + h/d + slot in hex: at
 LOCK_PATH = Path("/run/edgetvm-links.lock")
 MIN_BURST_BYTES = 3200                     # two full Ethernet frames
 BURST_S = 0.0005
-QUEUE_LATENCY = "100ms"                    # tbf drops what would wait longer than this
+QUEUE_BYTES = 4 << 20                      # tbf drops what does not fit (see above)
+QUEUE_MIN_S = 0.1
 RELAY_START_TIMEOUT_S = 15.0
 _VETH_NAME = re.compile(re.escape(VETH_PREFIX) + r"(\d+)[hd][0-9a-f]+")
 _NETNS_NAME = re.compile(re.escape(NETNS_PREFIX) + r"(\d+)-")
@@ -105,7 +111,8 @@ def _run_quietly(*argv: str) -> None:
 def tbf_args(mbit: float) -> list[str]:
     rate = mbit * 1e6 / 8
     burst = max(MIN_BURST_BYTES, int(rate * BURST_S))
-    return ["tbf", "rate", f"{round(mbit * 1e6)}bit", "burst", str(burst), "latency", QUEUE_LATENCY]
+    limit = max(QUEUE_BYTES, int(rate * QUEUE_MIN_S))
+    return ["tbf", "rate", f"{round(mbit * 1e6)}bit", "burst", str(burst), "limit", str(limit)]
 
 
 def slot_addresses(slot: int) -> tuple[str, str]:
