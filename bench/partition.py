@@ -8,7 +8,12 @@ on both ends at each bandwidth; the server is this process with one TVM thread (
 other CPU and what the device's quota leaves of the first). Each configuration's cut is decided from the profiles (cached), compiled as a
 split artifact, and run across the link: latency is the mean over frames placed on the device
 first (device compute + fetching the crossing tensors over the link + server compute; the mean, as a
-device under a CFS quota alternates fast frames with frames that wait for the next period),
+device under a CFS quota alternates fast frames with frames that wait for the next period). Each
+burst of 8 frames arrives after a random idle time uniform over one CFS period, as from a source
+not synchronised with the device's period, and bursts are added until the standard error of their
+mean is 2% of it ("frames", "sem"): frames run back to back lock onto one phase of the period, and
+a mean over them said more about the phase than about the cut. The prediction simulates the same
+arrivals;
 throughput the frames per second of a stream in which the device computes and sends frame i+1 while
 the server computes frame i.
 
@@ -46,13 +51,18 @@ from edgetvm.partition import cuts, split  # noqa: E402
 from edgetvm.partition.cli import link_model  # noqa: E402
 from edgetvm.runtime.device import EmulatedDevice  # noqa: E402
 from edgetvm.runtime.link import EmulatedLink  # noqa: E402
-from edgetvm.runtime.split import SplitRunner, calibrate_device, mean_times  # noqa: E402
+from edgetvm.runtime.split import BURST, SplitRunner, _rel_sem, calibrate_device, mean_times  # noqa: E402
 from edgetvm.targets import load_board  # noqa: E402
 from edgetvm.targets.links import load_link  # noqa: E402
 
 METHODS = ("device", "server", "neurosurgeon", "dads", "cic")
 SHAPES = {"ocr_det": {"x": (1, 3, 160, 160)}}
 KW = {"inception": {}, "resnet": {}}
+
+
+def _burst_sem(times) -> float:
+    xs = [t.total_s for t in times]
+    return _rel_sem([statistics.fmean(xs[i:i + BURST]) for i in range(0, len(xs), BURST)])
 
 
 def decision_times(costs, link, env, repeat: int = 20) -> tuple[float, float, bool]:
@@ -86,7 +96,11 @@ def main(argv=None) -> int:
     p.add_argument("--models", default="ocr_cls,ocr_det,resnet,inception")
     p.add_argument("--bandwidths", default="1,5,20,100", help="Mbit/s")
     p.add_argument("--device", default="sbc-a53")
-    p.add_argument("--frames", type=int, default=16, help="frames per latency measurement and per stream")
+    p.add_argument("--frames", type=int, default=16,
+                   help="frames per stream, and at least this many per latency measurement")
+    p.add_argument("--sem", type=float, default=0.02,
+                   help="latency frames are added until the mean's standard error is at most this share of it")
+    p.add_argument("--max-s", type=float, default=20.0, help="... or this many seconds have passed")
     p.add_argument("--workdir", default=None)
     args = p.parse_args(argv)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-partition-"))
@@ -122,7 +136,9 @@ def main(argv=None) -> int:
                 measured_link = cuts.Link(link.bandwidth_bps, per_tensor_s)
                 calib.append(f"{name} at {mbit:g} Mbit/s: device CPU per call {cpu.call_s * 1e6:.0f} us, per "
                              f"tensor sent {cpu.tensor_s * 1e6:.0f} us, per KiB sent {cpu.byte_s * 1024e6:.1f} us; "
-                             f"link per tensor {per_tensor_s * 1e3:.2f} ms (planned with {link.per_tensor_s * 1e3:.2f})")
+                             f"link per tensor {per_tensor_s * 1e3:.2f} ms (planned with {link.per_tensor_s * 1e3:.2f}); "
+                             + (f"ticks {cpu.tick_phase_s * 1e3:.2f} ms after the period's boundaries (mod 4)"
+                                if cpu.tick_phase_s is not None else "tick phase unknown: averaged"))
                 for method in METHODS:
                     for objective in ("latency", "throughput"):
                         d = cuts.decide(costs, link, method, objective, envelope=env)
@@ -135,13 +151,16 @@ def main(argv=None) -> int:
                         if objective == "latency":
                             runner.latency(x, repeat=4)   # a new session's first calls fault its pages in
                             c0 = dev.cpu_seconds()
-                            times = runner.latency(x, repeat=2 * args.frames)
-                            cpu_meas = (dev.cpu_seconds() - c0) / (2 * args.frames + 1)   # + its warm-up frame
+                            times = runner.latency(x, repeat=max(args.frames, 6 * BURST), idle_max_s=cpu.period_s, burst=BURST,
+                                                   rel_sem=args.sem, max_s=args.max_s)
+                            cpu_meas = (dev.cpu_seconds() - c0) / (len(times) + 1)   # + its warm-up frame
                             med = mean_times(times)
                             rows.append({"model": name, "mbit": mbit, "method": method, "objective": objective,
                                          "calls": f"{len(d.device)}/{len(m.graph.ops)}",
                                          "kib": costs.parts(d.device)["bytes"] / 1024,
-                                         "pred": cuts.frame_latency(costs, d.device, measured_link, cpu)[0],
+                                         "frames": len(times), "sem": _burst_sem(times),
+                                         "pred": cuts.frame_latency(costs, d.device, measured_link, cpu,
+                                                                    idle_max_s=cpu.period_s, burst=BURST)[0],
                                          "linear": costs.latency(d.device, link), "meas": med.total_s,
                                          "cpu_pred": cuts.device_work(costs.parts(d.device), cpu),
                                          "cpu_meas": cpu_meas, "decide": d.decide_s})
@@ -170,7 +189,7 @@ def main(argv=None) -> int:
 
 def print_table(rows) -> None:
     print(f"{'model':<10} {'Mbit/s':>6} {'method':<13} {'device calls':>12} {'sent KiB':>9} {'linear':>7} "
-          f"{'pred ms':>8} {'meas ms':>8} {'err':>6} {'dev CPU pred':>12} {'meas':>6} "
+          f"{'pred ms':>8} {'meas ms':>8} {'err':>6} {'frames':>6} {'sem':>5} {'dev CPU pred':>12} {'meas':>6} "
           f"{'pred fps':>9} {'meas fps':>9} {'err':>6}")
     by = {}
     for r in rows:
@@ -185,7 +204,7 @@ def print_table(rows) -> None:
             lat, thr = pair["latency"], pair["throughput"]
             print(f"{r['model']:<10} {r['mbit']:>6g} {r['method']:<13} {lat['calls']:>12} {lat['kib']:>9.1f} "
                   f"{lat['linear'] * 1e3:>7.2f} {lat['pred'] * 1e3:>8.2f} {lat['meas'] * 1e3:>8.2f} "
-                  f"{lat['meas'] / lat['pred'] - 1:>+6.0%} {lat['cpu_pred'] * 1e3:>12.2f} {lat['cpu_meas'] * 1e3:>6.2f} "
+                  f"{lat['meas'] / lat['pred'] - 1:>+6.0%} {lat['frames']:>6} {lat['sem']:>5.1%} {lat['cpu_pred'] * 1e3:>12.2f} {lat['cpu_meas'] * 1e3:>6.2f} "
                   f"{thr['pred']:>9.1f} {thr['meas']:>9.1f} {thr['meas'] / thr['pred'] - 1:>+6.0%}")
 
 if __name__ == "__main__":

@@ -15,27 +15,71 @@ slice at a time (`sched_cfs_bandwidth_slice_us`, 5 ms, or what the pool has); ru
 the task runs and checked at ticks and when the task wakes; a runqueue whose runtime is spent and
 finds the pool empty is throttled until a period boundary repays its debt from the refilled pool;
 an idle runqueue returns all but 1 ms of its runtime to the pool. Ticks and period boundaries run
-on their own clocks, whose offset a run does not know: `frame_times` averages over offsets.
+on their own clocks: `mean_wall` averages over their offsets, or takes the ticks' phase.
+
+Two clocks decide a frame's fate, and a run of frames knows neither: where its frames start in the
+period, and where the ticks fall in it. Frames run back to back keep one start phase (the same cut
+measured +21%, -17% and -26% of its prediction in one run); bursts of frames after random idle times
+(`idle_max_s`) sample every phase, so a run's mean converges to the one simulated over start phases as
+bursts are added. The ticks' phase is fixed for a device's life and differs between devices (a 3.3 ms
+part every 90 ms: 4.5 to 7.5 ms a frame over tick phases): `tick_phase` reads it from the kernel, so
+that an emulated device is predicted for its own phase. Idle times cost CPU too: after one the same work costs more CPU on this VM
+(MobileNetV3, one thread, 100 calls each after an idle time uniform in [0, x): 0.70 ms of CPU for x = 0
+and 2 ms, 0.75-0.79 for 10 ms, 1.0-1.08 for 50 ms), which no profile taken back to back shows, so only
+a burst's first frame waits.
 """
 
 from __future__ import annotations
 
 import math
+import random
+from collections.abc import Sequence
 
 TICK_S = 0.004          # CONFIG_HZ=250 (this kernel; `grep CONFIG_HZ= /boot/config-$(uname -r)`)
 SLICE_S = 0.005         # /proc/sys/kernel/sched_cfs_bandwidth_slice_us
 MIN_RUNTIME_S = 0.001   # min_cfs_rq_runtime: what an idle runqueue keeps
 
 
+def tick_phase(cpu: int = 0, timer_list: str = "/proc/timer_list") -> float | None:
+    """Where the scheduler ticks of `cpu` fall after the boundaries of the one CFS period timer now
+    armed (seconds in [0, TICK_S)), read from the kernel's timer list (root only); None when that is
+    unreadable or not one period timer is armed. A cgroup's period timer keeps its phase for its
+    life and ticks keep theirs (measured: the same phase after 3 s of frames and idle), so this fixes
+    for one emulated device what `mean_wall` otherwise averages over: whether a frame that overruns
+    its quota is caught at once or runs on to the next tick (ResNet's device part after random idle
+    times: 6.0 to 6.2 ms over tick phases; the detector's first layers at 5 Mbit/s, 4.5 to 7.5)."""
+    try:
+        text = open(timer_list).read()
+    except OSError:
+        return None
+    periods, tick, here = [], None, None
+    lines = text.splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith("cpu: "):
+            here = int(line.split()[1])
+        elif ", sched_cfs_period_timer" in line or (here == cpu and tick is None and (
+                ", tick_nohz_handler" in line or ", tick_sched_timer" in line)):
+            expires = int(lines[i + 1].split("expires at ")[1].split("-")[0]) * 1e-9
+            if "sched_cfs_period_timer" in line:
+                periods.append(expires)
+            else:
+                tick = expires
+    if len(periods) != 1 or tick is None:
+        return None
+    return (tick - periods[0]) % TICK_S
+
+
 def _next(t: float, grid: float, offset: float) -> float:
     """The first point of the grid offset + k*grid strictly after t."""
-    return offset + (math.floor((t - offset) / grid + 1e-12) + 1) * grid
+    return offset + (math.floor((t - offset) / grid + 1e-9) + 1) * grid
 
 
 def simulate(work_s: float, gap_s: float, quota_s: float, period_s: float, frames: int = 120,
-             period_offset: float = 0.0, tick_offset: float = 0.0, tick_s: float = TICK_S) -> list[float]:
-    """Wall seconds of each of `frames` jobs of `work_s` CPU seconds, each started `gap_s` after the
-    last one ended, in a cgroup with `quota_s` of CPU per `period_s` (one runnable task)."""
+             period_offset: float = 0.0, tick_offset: float = 0.0, tick_s: float = TICK_S,
+             idle_s: Sequence[float] = ()) -> list[float]:
+    """Wall seconds of each of `frames` jobs of `work_s` CPU seconds, each started `gap_s` (plus
+    `idle_s[i]` after job i) after the last one ended, in a cgroup with `quota_s` of CPU per
+    `period_s` (one runnable task)."""
     if quota_s <= 0 or quota_s >= period_s:
         return [work_s] * frames
     t, pool, runtime = 0.0, quota_s, 0.0
@@ -44,7 +88,7 @@ def simulate(work_s: float, gap_s: float, quota_s: float, period_s: float, frame
 
     def refill(now: float) -> None:
         nonlocal pool, refilled_at
-        k = math.floor((now - period_offset) / period_s + 1e-12)
+        k = math.floor((now - period_offset) / period_s + 1e-9)
         if k > refilled_at:
             pool, refilled_at = quota_s, k
 
@@ -56,7 +100,7 @@ def simulate(work_s: float, gap_s: float, quota_s: float, period_s: float, frame
             runtime += got
             pool -= got
 
-    for _ in range(frames):
+    for i in range(frames):
         start, left = t, work_s
         take(t) if runtime <= 0 else None
         while left > 1e-12:
@@ -83,18 +127,33 @@ def simulate(work_s: float, gap_s: float, quota_s: float, period_s: float, frame
         if runtime > MIN_RUNTIME_S:
             pool += runtime - MIN_RUNTIME_S
             runtime = MIN_RUNTIME_S
-        t += gap_s
+        t += gap_s + (idle_s[i] if i < len(idle_s) else 0.0)
     return out
 
 
 def mean_wall(work_s: float, gap_s: float, quota_s: float, period_s: float, frames: int = 120,
-              offsets: int = 8, warmup: int = 4) -> float:
-    """Mean wall time per job in a run of jobs separated by `gap_s`, averaged over `offsets` relative
-    offsets of the tick and period clocks (the first `warmup` jobs of each run left out)."""
+              offsets: int = 8, warmup: int = 4, idle_max_s: float = 0.0, burst: int = 1,
+              tick_phase_s: float | None = None) -> float:
+    """Mean wall time per job in a run of jobs separated by `gap_s` (and, with `idle_max_s`, a random
+    idle time uniform in [0, idle_max_s) after every `burst` jobs), averaged over `offsets` relative
+    offsets of the tick and period clocks, or with the ticks `tick_phase_s` after each period boundary
+    (`tick_phase`) over `offsets` start times (the first `warmup` jobs of each run left out)."""
     total, n = 0.0, 0
+    # With the phase known the clocks' pattern repeats every lcm(period, tick) (20 ms for 10 and 4):
+    # start times sample all of it, since a phase read at one period boundary is the next one's +- a
+    # period mod the tick.
+    span = period_s if tick_phase_s is None else math.lcm(round(period_s * 1e6), round(TICK_S * 1e6)) * 1e-6
     for i in range(offsets):
-        times = simulate(work_s, gap_s, quota_s, period_s, frames + warmup,
-                         period_offset=period_s * i / offsets, tick_offset=TICK_S * ((i * 0.37) % 1.0))
+        shift = span * i / offsets
+        if tick_phase_s is None:
+            ticks = TICK_S * ((i * 0.37) % 1.0)
+        else:
+            ticks = (shift + tick_phase_s) % TICK_S
+        rng = random.Random(i)
+        idle = [rng.uniform(0.0, idle_max_s) if (j + 1) % burst == 0 else 0.0
+                for j in range(frames + warmup)] if idle_max_s > 0 else ()
+        times = simulate(work_s, gap_s, quota_s, period_s, frames + warmup, period_offset=shift, tick_offset=ticks,
+                         idle_s=idle)
         total += sum(times[warmup:])
         n += len(times) - warmup
     return total / n

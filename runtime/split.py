@@ -24,6 +24,9 @@ from edgetvm.runtime.session import Runner
 from edgetvm.runtime.tensors import checked_inputs, to_tvm
 
 
+BURST = 8   # frames per burst when latency is measured in bursts after random idle times
+
+
 @dataclass
 class FrameTimes:
     device_s: float
@@ -88,14 +91,37 @@ class SplitRunner:
         sv, srv_s = self.server_step(dv)
         return self.outputs(dv, sv), FrameTimes(dev_s, xfer_s, srv_s)
 
-    def latency(self, inputs, repeat: int = 10) -> list[FrameTimes]:
+    def latency(self, inputs, repeat: int = 10, idle_max_s: float = 0.0, burst: int = BURST, rel_sem: float = 0.0,
+                max_frames: int = 400, max_s: float = 30.0, seed: int = 0) -> list[FrameTimes]:
+        """Times of at least `repeat` frames run one after another. With `idle_max_s`, in bursts of
+        `burst` frames, each burst after an idle time uniform in [0, idle_max_s): under a CFS quota,
+        frames run back to back lock onto one phase of the period and their mean depends on which.
+        With `rel_sem`, bursts are added until the standard error of the bursts' mean latency is at
+        most that share of it (or `max_frames`, or `max_s`)."""
+        import random
+
+        rng = random.Random(seed)
+        burst = burst if idle_max_s > 0 else 1
         placed = self.place(inputs)
         self.server_step(self.device_step(placed)[0])  # warm-up
-        out = []
-        for _ in range(repeat):
-            dv, dev_s, xfer_s = self.device_step(placed)
-            _, srv_s = self.server_step(dv)
-            out.append(FrameTimes(dev_s, xfer_s, srv_s))
+        out: list[FrameTimes] = []
+        t0 = time.perf_counter()
+
+        def more() -> bool:
+            if len(out) < repeat:
+                return True
+            if rel_sem <= 0 or len(out) >= max_frames or time.perf_counter() - t0 >= max_s:
+                return False
+            bursts = [statistics.fmean(t.total_s for t in out[i:i + burst]) for i in range(0, len(out), burst)]
+            return _rel_sem(bursts) > rel_sem
+
+        while more():
+            if idle_max_s > 0:
+                time.sleep(rng.uniform(0.0, idle_max_s))
+            for _ in range(burst):
+                dv, dev_s, xfer_s = self.device_step(placed)
+                _, srv_s = self.server_step(dv)
+                out.append(FrameTimes(dev_s, xfer_s, srv_s))
         return out
 
     def stream(self, inputs, frames: int = 20) -> StreamResult:
@@ -136,6 +162,7 @@ def calibrate_device(device, session, bandwidth_bps: float, rounds: int = 60):
     meanwhile so that throttling does not count as CPU. (cuts.DeviceCPU, per-tensor link seconds)"""
     import tvm
 
+    from edgetvm.costmodels import cfs
     from edgetvm.partition.cuts import DeviceCPU
 
     quota = device.cgroup.cg.cpu / "cpu.cfs_quota_us"
@@ -159,11 +186,17 @@ def calibrate_device(device, session, bandwidth_bps: float, rounds: int = 60):
         big_cpu, _ = per_round(big.numpy)
     finally:
         quota.write_text(kept)
+    tick_phase_s, t0 = None, time.perf_counter()
+    while int(kept) > 0 and tick_phase_s is None and time.perf_counter() - t0 < 1.0:
+        # Calls keep this device's period timer armed while another's lapses (a profile's cgroup, a
+        # device just removed: its timer runs out within a period or two).
+        ping()
+        tick_phase_s = cfs.tick_phase(min(device.cgroup.cpus))
     byte_s = max(0.0, (big_cpu - small_cpu) / (32768 - 1024))
     tensor_s = max(0.0, small_cpu - 1024 * byte_s)
     per_tensor_s = max(0.0, small_wall - 1024 * 8 / bandwidth_bps)
     share = int(kept) / period_us if int(kept) > 0 else 1.0
-    return DeviceCPU(min(share, 1.0), period_us / 1e6, call_cpu, tensor_s, byte_s), per_tensor_s
+    return DeviceCPU(min(share, 1.0), period_us / 1e6, call_cpu, tensor_s, byte_s, tick_phase_s), per_tensor_s
 
 
 def mean_times(times: list[FrameTimes]) -> FrameTimes:
@@ -171,6 +204,11 @@ def mean_times(times: list[FrameTimes]) -> FrameTimes:
     for the next period, so their median says little about the time a frame takes on average."""
     return FrameTimes(statistics.fmean(t.device_s for t in times), statistics.fmean(t.transfer_s for t in times),
                       statistics.fmean(t.server_s for t in times))
+
+
+def _rel_sem(xs: list[float]) -> float:
+    """Standard error of the mean over the mean."""
+    return statistics.stdev(xs) / len(xs) ** 0.5 / statistics.fmean(xs) if len(xs) > 1 else float("inf")
 
 
 def median_times(times: list[FrameTimes]) -> FrameTimes:

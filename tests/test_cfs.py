@@ -63,3 +63,58 @@ def test_a_cut_predicted_with_the_device_cpu_it_costs_to_call_and_send():
     # Server-only: the device only sends the 40 kB input, far below a period's quota: full speed.
     total, dev = cuts.frame_latency(costs, frozenset(), link, cpu)
     assert dev == pytest.approx(cuts.device_work(costs.parts(frozenset()), cpu), rel=0.01)
+
+
+def test_an_idle_time_after_a_job_lets_the_next_start_in_a_refilled_period():
+    """Two 2 ms jobs: back to back the second finds the period's quota spent and waits for the refill;
+    after 50 ms of idle it runs at full speed."""
+    back_to_back = cfs.simulate(0.002, gap_s=0.0001, quota_s=Q, period_s=P, frames=2, tick_offset=0.0035)
+    assert back_to_back[1] > 2 * 0.002
+    idle = cfs.simulate(0.002, gap_s=0.0001, quota_s=Q, period_s=P, frames=2, tick_offset=0.0035, idle_s=[0.05])
+    assert idle == pytest.approx([0.002, 0.002])
+
+
+def test_minutes_of_simulated_frames_end():
+    """At t of a minute and more a tick computed from t rounds onto t itself; the simulation once
+    stepped by zero there forever (the detector's server-only cut at 5 Mbit/s: a frame every 0.55 s)."""
+    times = cfs.simulate(0.0033, 0.55, Q, P, frames=400, tick_offset=0.0011)
+    assert len(times) == 400 and all(t > 0.0033 - 1e-9 for t in times)
+
+
+TIMER_LIST = """now at 12055651839915 nsecs
+
+cpu: 0
+ clock 0:
+active timers:
+ #0: <00000000e034bdd8>, tick_nohz_handler, S:01
+ # expires at 12065852000000-12065852000000 nsecs [in 160085 to 160085 nsecs]
+ #1: <00000000a1b2c3d4>, sched_cfs_period_timer, S:01
+ # expires at 12065855991889-12065855991889 nsecs [in 4152000 to 4152000 nsecs]
+cpu: 1
+ clock 0:
+active timers:
+ #0: <00000000e034bdd9>, tick_nohz_handler, S:01
+ # expires at 12065853000000-12065853000000 nsecs [in 1160085 to 1160085 nsecs]
+"""
+
+
+def test_the_tick_phase_is_read_from_the_kernels_timer_list(tmp_path):
+    """Ticks of CPU 0 at 12065852 ms, the period boundary at 12065855.991889 ms: ticks fall 0.008111 ms
+    (mod 4) after each boundary; CPU 1's own tick does not count; two armed period timers (another
+    cgroup's quota) leave it unknown."""
+    path = tmp_path / "timer_list"
+    path.write_text(TIMER_LIST)
+    assert cfs.tick_phase(0, str(path)) == pytest.approx(0.000008111, abs=1e-9)
+    assert cfs.tick_phase(1, str(path)) == pytest.approx((12065853000000 - 12065855991889) * 1e-9 % 0.004)
+    path.write_text(TIMER_LIST + TIMER_LIST.split("cpu: 1")[0].split("active timers:\n")[1])
+    assert cfs.tick_phase(0, str(path)) is None
+    assert cfs.tick_phase(0, str(tmp_path / "missing")) is None
+
+
+def test_a_known_tick_phase_gives_the_mean_of_that_phase():
+    """A 3.3 ms part every 90 ms: whether its overrun is caught depends on where ticks fall in the
+    period; the phase read and the same phase one period on (+2 ms mod 4) predict the same."""
+    means = {x: cfs.mean_wall(0.0033, 0.09, Q, P, idle_max_s=P, burst=8, tick_phase_s=x) for x in (0.0, 0.002, 0.0011, 0.0031)}
+    assert means[0.0] == pytest.approx(means[0.002], rel=0.03)
+    assert means[0.0011] == pytest.approx(means[0.0031], rel=0.05)
+    assert means[0.0011] > 1.2 * means[0.0]

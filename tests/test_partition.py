@@ -276,3 +276,40 @@ def test_device_part_cross_compiled_for_rpi4_profiled_and_run_on_the_aarch64_boa
             for k in want:
                 np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-5)
     assert manifest["plan"]["device_board"] == "rpi4"
+
+
+class _Frames(SplitRunner):
+    """A split runner whose frames take the times given, in turn, and whose idle times are recorded."""
+
+    def __init__(self, totals):
+        self.totals, self.k = totals, 0
+
+    def place(self, inputs):
+        return {}
+
+    def device_step(self, placed):
+        t = self.totals[self.k % len(self.totals)]
+        self.k += 1
+        return {}, t, 0.0
+
+    def server_step(self, values):
+        return {}, 0.0
+
+
+def test_split_latency_adds_bursts_until_the_mean_is_known_to_the_share_asked(monkeypatch):
+    import time as _time
+
+    slept = []
+    monkeypatch.setattr(_time, "sleep", slept.append)
+    steady = _Frames([0.002])
+    assert len(steady.latency({}, repeat=48, idle_max_s=0.01, burst=8, rel_sem=0.02)) == 48
+    assert len(slept) == 6 and all(0 <= s < 0.01 for s in slept)   # one idle time per burst
+    # Bursts whose means differ (a frame of 10 ms in one burst of 3): more are needed, up to the limit.
+    noisy = _Frames([0.002] * 8 + [0.002] * 8 + [0.01] + [0.002] * 7)
+    times = noisy.latency({}, repeat=48, idle_max_s=0.01, burst=8, rel_sem=0.02, max_frames=160)
+    assert len(times) == 160
+    times = noisy.latency({}, repeat=48, idle_max_s=0.01, burst=8, rel_sem=0.2)
+    assert len(times) == 48
+    # Without idle times frames run back to back: no sleeping, exactly `repeat` without rel_sem.
+    slept.clear()
+    assert len(_Frames([0.002, 0.008]).latency({}, repeat=10)) == 10 and slept == []

@@ -82,20 +82,24 @@ class DeviceCPU:
     call_s: float = 0.0        # CPU per call of the device part
     tensor_s: float = 0.0      # CPU per crossing tensor sent
     byte_s: float = 0.0        # CPU per byte sent
+    tick_phase_s: float | None = None   # the device's scheduler ticks after its CFS period boundaries
 
 
-def frame_latency(costs: "Costs", device: frozenset[int], link: Link, cpu: DeviceCPU) -> tuple[float, float]:
-    """(mean latency, mean device-side wall) of a cut for frames run one after another: the device's
-    CPU work (kernels at full speed, the call, the sending) under its CFS quota (costmodels/cfs.py:
-    short work runs at full speed in a period's quota, long work at the quota's share, and the time a
-    frame spends on the link and the server refills the quota), then the wire and the server."""
-    return parts_latency(costs.parts(device), link, cpu)
+def frame_latency(costs: "Costs", device: frozenset[int], link: Link, cpu: DeviceCPU,
+                  idle_max_s: float = 0.0, burst: int = 1) -> tuple[float, float]:
+    """(mean latency, mean device-side wall) of a cut for frames run one after another (in bursts of
+    `burst`, each after a random idle time uniform in [0, idle_max_s)): the device's CPU work (kernels at full speed, the
+    call, the sending) under its CFS quota (costmodels/cfs.py: short work runs at full speed in a
+    period's quota, long work at the quota's share, and the time a frame spends on the link and the
+    server refills the quota), then the wire and the server."""
+    return parts_latency(costs.parts(device), link, cpu, idle_max_s, burst)
 
 
-def parts_latency(p: dict, link: Link, cpu: DeviceCPU) -> tuple[float, float]:
+def parts_latency(p: dict, link: Link, cpu: DeviceCPU, idle_max_s: float = 0.0,
+                  burst: int = 1) -> tuple[float, float]:
     """frame_latency from a cut's parts (device_s, server_s, bytes, tensors), as a split's manifest keeps them."""
     gap = _wire(p, link) + p["server_s"]
-    dev = _under_quota(device_work(p, cpu), gap, cpu)
+    dev = _under_quota(device_work(p, cpu), gap, cpu, idle_max_s, burst)
     return dev + gap, dev
 
 
@@ -127,10 +131,13 @@ def _wire(parts: dict, link: Link) -> float:
     return parts["bytes"] * link.x + (parts["tensors"] + call_round_trips(parts)) * link.per_tensor_s
 
 
-def _under_quota(work: float, gap: float, cpu: DeviceCPU) -> float:
+def _under_quota(work: float, gap: float, cpu: DeviceCPU, idle_max_s: float = 0.0, burst: int = 1) -> float:
     from edgetvm.costmodels import cfs
 
-    return cfs.mean_wall(work, gap, cpu.share * cpu.period_s, cpu.period_s) if cpu.share < 1 else work
+    if cpu.share >= 1:
+        return work
+    return cfs.mean_wall(work, gap, cpu.share * cpu.period_s, cpu.period_s, idle_max_s=idle_max_s, burst=burst,
+                         tick_phase_s=cpu.tick_phase_s)
 
 
 def _value_order(name: str) -> tuple:
