@@ -165,7 +165,9 @@ def main(argv=None) -> int:
                                          "cpu_pred": cuts.device_work(costs.parts(d.device), cpu),
                                          "cpu_meas": cpu_meas, "decide": d.decide_s})
                         else:
-                            st = runner.stream(x, frames=args.frames * 2)
+                            # As many frames as fit in --max-s (at least 4) where frames are long.
+                            last = rows[-1]["meas"] if rows and "meas" in rows[-1] else 0.0
+                            st = runner.stream(x, frames=max(4, min(args.frames * 2, int(args.max_s / max(last, 1e-6)))))
                             rows.append({"model": name, "mbit": mbit, "method": method, "objective": objective,
                                          "calls": f"{len(d.device)}/{len(m.graph.ops)}",
                                          "kib": costs.parts(d.device)["bytes"] / 1024,
