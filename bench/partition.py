@@ -51,7 +51,7 @@ from edgetvm.partition import cuts, split  # noqa: E402
 from edgetvm.partition.cli import link_model  # noqa: E402
 from edgetvm.runtime.device import EmulatedDevice  # noqa: E402
 from edgetvm.runtime.link import EmulatedLink  # noqa: E402
-from edgetvm.runtime.split import BURST, SplitRunner, _rel_sem, calibrate_device, mean_times  # noqa: E402
+from edgetvm.runtime.split import BURST, SplitRunner, burst_sem, calibrate_device, mean_times  # noqa: E402
 from edgetvm.targets import load_board  # noqa: E402
 from edgetvm.targets.links import load_link  # noqa: E402
 
@@ -59,10 +59,6 @@ METHODS = ("device", "server", "neurosurgeon", "dads", "cic")
 SHAPES = {"ocr_det": {"x": (1, 3, 160, 160)}}
 KW = {"inception": {}, "resnet": {}}
 
-
-def _burst_sem(times) -> float:
-    xs = [t.total_s for t in times]
-    return _rel_sem([statistics.fmean(xs[i:i + BURST]) for i in range(0, len(xs), BURST)])
 
 
 def decision_times(costs, link, env, repeat: int = 20) -> tuple[float, float, bool]:
@@ -158,7 +154,7 @@ def main(argv=None) -> int:
                             rows.append({"model": name, "mbit": mbit, "method": method, "objective": objective,
                                          "calls": f"{len(d.device)}/{len(m.graph.ops)}",
                                          "kib": costs.parts(d.device)["bytes"] / 1024,
-                                         "frames": len(times), "sem": _burst_sem(times),
+                                         "frames": len(times), "sem": burst_sem(times, BURST),
                                          "pred": cuts.frame_latency(costs, d.device, measured_link, cpu,
                                                                     idle_max_s=cpu.period_s, burst=BURST)[0],
                                          "linear": costs.latency(d.device, link), "meas": med.total_s,

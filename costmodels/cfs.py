@@ -23,10 +23,10 @@ measured +21%, -17% and -26% of its prediction in one run); bursts of frames aft
 (`idle_max_s`) sample every phase, so a run's mean converges to the one simulated over start phases as
 bursts are added. The ticks' phase is fixed for a device's life and differs between devices (a 3.3 ms
 part every 90 ms: 4.5 to 7.5 ms a frame over tick phases): `tick_phase` reads it from the kernel, so
-that an emulated device is predicted for its own phase. Idle times cost CPU too: after one the same work costs more CPU on this VM
-(MobileNetV3, one thread, 100 calls each after an idle time uniform in [0, x): 0.70 ms of CPU for x = 0
-and 2 ms, 0.75-0.79 for 10 ms, 1.0-1.08 for 50 ms), which no profile taken back to back shows, so only
-a burst's first frame waits.
+that an emulated device is predicted for its own phase. Idle times cost CPU too: after one the same
+work costs more CPU on this VM (MobileNetV3, one thread, 100 calls each after an idle time uniform in
+[0, x): 0.70 ms of CPU for x = 0 and 2 ms, 0.75-0.79 for 10 ms, 1.0-1.08 for 50 ms), which no profile
+taken back to back shows, so only a burst's first frame waits.
 """
 
 from __future__ import annotations

@@ -114,8 +114,7 @@ class SplitRunner:
                 return True
             if rel_sem <= 0 or len(out) >= max_frames:
                 return False
-            bursts = [statistics.fmean(t.total_s for t in out[i:i + burst]) for i in range(0, len(out), burst)]
-            return _rel_sem(bursts) > rel_sem
+            return burst_sem(out, burst) > rel_sem
 
         while more():
             if idle_max_s > 0:
@@ -208,8 +207,9 @@ def mean_times(times: list[FrameTimes]) -> FrameTimes:
                       statistics.fmean(t.server_s for t in times))
 
 
-def _rel_sem(xs: list[float]) -> float:
-    """Standard error of the mean over the mean."""
+def burst_sem(times: list[FrameTimes], burst: int) -> float:
+    """Standard error of the mean latency over bursts of `burst` frames, over that mean."""
+    xs = [statistics.fmean(t.total_s for t in times[i:i + burst]) for i in range(0, len(times), burst)]
     return statistics.stdev(xs) / len(xs) ** 0.5 / statistics.fmean(xs) if len(xs) > 1 else float("inf")
 
 

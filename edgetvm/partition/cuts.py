@@ -88,10 +88,10 @@ class DeviceCPU:
 def frame_latency(costs: "Costs", device: frozenset[int], link: Link, cpu: DeviceCPU,
                   idle_max_s: float = 0.0, burst: int = 1) -> tuple[float, float]:
     """(mean latency, mean device-side wall) of a cut for frames run one after another (in bursts of
-    `burst`, each after a random idle time uniform in [0, idle_max_s)): the device's CPU work (kernels at full speed, the
-    call, the sending) under its CFS quota (costmodels/cfs.py: short work runs at full speed in a
-    period's quota, long work at the quota's share, and the time a frame spends on the link and the
-    server refills the quota), then the wire and the server."""
+    `burst`, each after a random idle time uniform in [0, idle_max_s)): the device's CPU work
+    (kernels at full speed, the call, the sending) under its CFS quota (costmodels/cfs.py: short work
+    runs at full speed in a period's quota, long work at the quota's share, and the time a frame
+    spends on the link and the server refills the quota), then the wire and the server."""
     return parts_latency(costs.parts(device), link, cpu, idle_max_s, burst)
 
 
