@@ -60,7 +60,6 @@ SHAPES = {"ocr_det": {"x": (1, 3, 160, 160)}}
 KW = {"inception": {}, "resnet": {}}
 
 
-
 def decision_times(costs, link, env, repeat: int = 20) -> tuple[float, float, bool]:
     """Median seconds of a full min-cut and of CIC's lookup for the same bandwidth; same cost?"""
     full, look = [], []
@@ -151,6 +150,7 @@ def main(argv=None) -> int:
                                                    rel_sem=args.sem, max_s=args.max_s)
                             cpu_meas = (dev.cpu_seconds() - c0) / (len(times) + 1)   # + its warm-up frame
                             med = mean_times(times)
+                            frame_s = med.total_s
                             rows.append({"model": name, "mbit": mbit, "method": method, "objective": objective,
                                          "calls": f"{len(d.device)}/{len(m.graph.ops)}",
                                          "kib": costs.parts(d.device)["bytes"] / 1024,
@@ -161,9 +161,9 @@ def main(argv=None) -> int:
                                          "cpu_pred": cuts.device_work(costs.parts(d.device), cpu),
                                          "cpu_meas": cpu_meas, "decide": d.decide_s})
                         else:
-                            # As many frames as fit in --max-s (at least 4) where frames are long.
-                            last = rows[-1]["meas"] if rows and "meas" in rows[-1] else 0.0
-                            st = runner.stream(x, frames=max(4, min(args.frames * 2, int(args.max_s / max(last, 1e-6)))))
+                            # As many frames as fit in --max-s (at least 4) where frames are long; the
+                            # latency objective (measured first) gave a frame's time.
+                            st = runner.stream(x, frames=max(4, min(args.frames * 2, int(args.max_s / frame_s))))
                             rows.append({"model": name, "mbit": mbit, "method": method, "objective": objective,
                                          "calls": f"{len(d.device)}/{len(m.graph.ops)}",
                                          "kib": costs.parts(d.device)["bytes"] / 1024,

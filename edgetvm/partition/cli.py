@@ -174,7 +174,8 @@ def run_split(args) -> None:
         # Under a CFS quota, frames in bursts after random idle times, until the mean is known to 2%
         # (runtime/split.py); the prediction below simulates the same arrivals.
         arrivals = {"idle_max_s": quota[0][0].period_s, "burst": BURST} if quota is not None else {}
-        times = runner.latency(inputs, repeat=args.repeat, **arrivals, **({"rel_sem": 0.02, "max_s": 10.0} if arrivals else {}))
+        until_known = {**arrivals, "rel_sem": 0.02, "max_s": 10.0} if arrivals else {}
+        times = runner.latency(inputs, repeat=args.repeat, **until_known)
         stream = runner.stream(inputs, frames=max(args.repeat, 10))
     med = mean_times(times)
     print(f"ran split {args.artifact} (device {p.get('device', 'part')} on {where}, server part here)")
