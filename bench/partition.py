@@ -126,12 +126,13 @@ def main(argv=None) -> int:
                 # The device's CPU per call, per tensor and per byte sent, and the link's time per
                 # tensor, measured here once: the prediction's constants (no model in them).
                 cal = dev.session()
-                cpu, per_tensor_s = calibrate_device(dev, cal, link.bandwidth_bps)
+                cpu, per_tensor_s, call_s = calibrate_device(dev, cal, link.bandwidth_bps)
                 del cal
-                measured_link = cuts.Link(link.bandwidth_bps, per_tensor_s)
+                measured_link = cuts.Link(link.bandwidth_bps, per_tensor_s, call_s)
                 calib.append(f"{name} at {mbit:g} Mbit/s: device CPU per call {cpu.call_s * 1e6:.0f} us, per "
                              f"tensor sent {cpu.tensor_s * 1e6:.0f} us, per KiB sent {cpu.byte_s * 1024e6:.1f} us; "
-                             f"link per tensor {per_tensor_s * 1e3:.2f} ms (planned with {link.per_tensor_s * 1e3:.2f}); "
+                             f"link per tensor {per_tensor_s * 1e3:.2f} ms (planned with {link.per_tensor_s * 1e3:.2f}), "
+                             f"per call {call_s * 1e3:.2f} ms; "
                              + (f"ticks {cpu.tick_phase_s * 1e3:.2f} ms after the period's boundaries (mod 4)"
                                 if cpu.tick_phase_s is not None else "tick phase unknown: averaged"))
                 for method in METHODS:

@@ -120,3 +120,19 @@ def only(mod: tvm.IRModule, function: str) -> tvm.IRModule:
     part = tvm.IRModule({gv: f for gv, f in mod.functions.items()
                          if not isinstance(f, relax.Function) or gv.name_hint == function})
     return relax.transform.DeadCodeElimination(entry_functions=[function])(part)
+
+
+def single_output_bare(mod: tvm.IRModule, function: str) -> tvm.IRModule:
+    """`function` returning its one live-out tensor itself rather than a 1-tuple: a tuple returned over TVM
+    RPC stays on the board as a handle, and taking it apart costs round trips (its size, its item, its free)."""
+    func = mod[function]
+    body = func.body
+    ret = body.body
+    if not (isinstance(ret, relax.Var) and isinstance(ret.ty, relax.TupleType) and len(ret.ty.fields) == 1):
+        return mod
+    item = relax.Var("out", ret.ty.fields[0])
+    blocks = list(body.blocks) + [relax.BindingBlock([relax.VarBinding(item, relax.TupleGetItem(ret, 0))])]
+    out = tvm.IRModule(dict(mod.functions_items()), attrs=mod.attrs)
+    out[function] = relax.Function(func.params, relax.SeqExpr(blocks, item), item.ty, func.is_pure, func.attrs)
+    return relax.transform.Normalize()(out)
+

@@ -206,12 +206,11 @@ class Runner:
         if isinstance(out, tvm.runtime.Tensor):
             return [out]
         if self.remote is not None and not isinstance(out, (list, tuple)):
-            # A tuple left on a board comes back as a remote handle: take it apart there.
-            # (Looked up once: every lookup is a round trip over the link.)
-            if not hasattr(self, "_array_fns"):
-                self._array_fns = self.remote.get_function("ffi.ArraySize"), self.remote.get_function("ffi.ArrayGetItem")
-            size, item = self._array_fns
-            return [item(out, i) for i in range(size(out))]
+            # A tuple left on a board comes back as a remote handle: take it apart there, an item per
+            # round trip. Its size is the manifest's (asking the board would be one more round trip).
+            if not hasattr(self, "_array_item"):
+                self._array_item = self.remote.get_function("ffi.ArrayGetItem")
+            return [self._array_item(out, i) for i in range(len(self.art.outputs))]
         return list(out)
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

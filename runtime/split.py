@@ -156,11 +156,15 @@ class SplitRunner:
         return StreamResult(len(done), time.perf_counter() - t0, done)
 
 
-def calibrate_device(device, session, bandwidth_bps: float, rounds: int = 60):
-    """The device's CPU per RPC call, per tensor sent and per byte sent, and the link's time per tensor
-    beyond its bytes, measured on `device` (an EmulatedDevice: its cgroup's CPU time) over `session`
-    with calls of a global function and reads of a 1 KiB and a 32 KiB tensor; the quota is lifted
-    meanwhile so that throttling does not count as CPU. (cuts.DeviceCPU, per-tensor link seconds)"""
+def calibrate_device(device, session, bandwidth_bps: float, rounds: int = 60, seed: int = 0):
+    """The device's CPU per RPC call, per tensor sent and per byte sent, the link's time per tensor
+    beyond its bytes, and the link's time of a call's round trip, measured on `device` (an EmulatedDevice:
+    its cgroup's CPU time) over `session` with calls of a global function, reads of a 1 KiB and a 32 KiB
+    tensor, and frames without compute (a tensor made on the device, read, freed) in bursts after
+    random idle times, as `SplitRunner.latency` runs frames; the quota is lifted meanwhile so that
+    throttling does not count as CPU. (cuts.DeviceCPU, per-tensor link seconds, per-call link seconds)"""
+    import random
+
     import tvm
 
     from edgetvm.costmodels import cfs
@@ -185,6 +189,19 @@ def calibrate_device(device, session, bandwidth_bps: float, rounds: int = 60):
         call_cpu, _ = per_round(ping)
         small_cpu, small_wall = per_round(small.numpy)
         big_cpu, _ = per_round(big.numpy)
+        # A frame's link time is not its messages' times added up: the link's token bucket (tbf) lets a
+        # few hundred bytes through at once after an idle moment and meters them at its rate when busy,
+        # and reads take three round trips. So time frames as they come: a call that returns a tensor,
+        # its read and its free, BURST at a time after idle times up to a CFS period.
+        rng, frames = random.Random(seed), []
+        for _ in range(max(2, rounds // BURST)):
+            time.sleep(rng.uniform(0.0, period_us / 1e6))
+            for _ in range(BURST):
+                t0 = time.perf_counter()
+                out = tvm.runtime.empty((2,), "float32", dev)
+                out.numpy()
+                frames.append(time.perf_counter() - t0)
+                del out
     finally:
         quota.write_text(kept)
     tick_phase_s, t0 = None, time.perf_counter()
@@ -196,8 +213,10 @@ def calibrate_device(device, session, bandwidth_bps: float, rounds: int = 60):
     byte_s = max(0.0, (big_cpu - small_cpu) / (32768 - 1024))
     tensor_s = max(0.0, small_cpu - 1024 * byte_s)
     per_tensor_s = max(0.0, small_wall - 1024 * 8 / bandwidth_bps)
+    call_s = max(0.0, statistics.fmean(frames) - per_tensor_s - 8 * 8 / bandwidth_bps)
     share = int(kept) / period_us if int(kept) > 0 else 1.0
-    return DeviceCPU(min(share, 1.0), period_us / 1e6, call_cpu, tensor_s, byte_s, tick_phase_s), per_tensor_s
+    return (DeviceCPU(min(share, 1.0), period_us / 1e6, call_cpu, tensor_s, byte_s, tick_phase_s), per_tensor_s,
+            call_s)
 
 
 def mean_times(times: list[FrameTimes]) -> FrameTimes:

@@ -71,6 +71,41 @@ def test_any_closed_cut_runs_bit_identical_to_the_unsplit_build(name, models, tm
         assert crossed_several, "a cut through a module's branches should send several tensors"
 
 
+def test_a_part_with_one_output_returns_the_tensor_itself_and_one_with_several_a_tuple(models, tmp_path):
+    """Over RPC a returned tuple stays on the board and costs a round trip per question about it: a
+    device part that sends one tensor returns it bare, so a frame is one call and one read."""
+    import tvm
+
+    from edgetvm.runtime.session import _load_library, _virtual_machine
+
+    src, m = models["inception"]
+    n = len(m.graph.ops)
+    costs = cuts.Costs(m.graph, [1.0] * n, [1.0] * n)
+    cands = [closure(m.graph, {k}) for k in range(n)]
+    one = next(d for d in cands if len(costs.crossing(d)) == 1)
+    several = next(d for d in cands if len(costs.crossing(d)) > 1)
+    for i, dset in enumerate([one, several]):
+        k = len(costs.crossing(dset))
+        out = split.write_split(m, dset, HOST, HOST, tmp_path / f"s{i}", {"crossing": costs.crossing(dset)})
+        part = open_artifact(out / "device")
+        runner = Runner(part)
+        raw = _virtual_machine(_load_library(part.library), runner.dev, part.library)["device"](
+            *runner.args(random_inputs(part.inputs, seed=0)))
+        assert isinstance(raw, tvm.runtime.Tensor) == (k == 1)
+        assert len(part.outputs) == k == len(runner.call(runner.args(random_inputs(part.inputs, seed=0))))
+
+
+def test_a_frame_pays_a_round_trip_per_tuple_item_only_when_the_part_returns_several_tensors():
+    one, three = {"tensors": 1}, {"tensors": 3}
+    assert cuts.call_round_trips(one) == 1
+    assert cuts.call_round_trips(three) == 4
+    link = cuts.Link(8e6, per_tensor_s=1e-3, call_s=5e-3)   # 1 byte per microsecond
+    parts = {"bytes": 1000, "tensors": 1, "device_s": 0.0, "server_s": 0.0}
+    assert cuts.parts_latency(parts, link, cuts.DeviceCPU(1.0, 0.1))[0] == pytest.approx(1e-3 + 1e-3 + 5e-3)
+    # without a measured call, a call's round trip costs what a tensor's does (the planners' link)
+    assert cuts.parts_latency(parts, cuts.Link(8e6, 1e-3), cuts.DeviceCPU(1.0, 0.1))[0] == pytest.approx(3e-3)
+
+
 def test_a_cut_that_is_not_closed_under_predecessors_is_refused(models, tmp_path):
     src, m = models["resnet"]
     with pytest.raises(ValueError, match="closed under predecessors"):

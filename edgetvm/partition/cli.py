@@ -192,10 +192,10 @@ def run_split(args) -> None:
         if quota is not None:
             from edgetvm.partition import cuts
 
-            (cpu, per_tensor_s), bps = quota
+            (cpu, per_tensor_s, call_s), bps = quota
             parts = {"device_s": dev_s, "server_s": p["predicted_server_s"], "bytes": p["bytes"],
                      "tensors": len(manifest["crossing"])}
-            link = cuts.Link(bps * PAYLOAD_SHARE, per_tensor_s)
+            link = cuts.Link(bps * PAYLOAD_SHARE, per_tensor_s, call_s)
             total_s, dev_s = cuts.parts_latency(parts, link, cpu, **arrivals)
             xfer_s = total_s - dev_s - p["predicted_server_s"]
             fps = cuts.parts_throughput(parts, link, cpu)

@@ -33,6 +33,7 @@ INF = float("inf")
 class Link:
     bandwidth_bps: float       # bits per second
     per_tensor_s: float = 0.0  # fixed time per tensor sent: RPC round trip + the link's delay
+    call_s: float | None = None  # the link's time of a call's round trip (None: per_tensor_s)
 
     @property
     def x(self) -> float:
@@ -115,10 +116,10 @@ def parts_throughput(p: dict, link: Link, cpu: DeviceCPU) -> float:
 
 
 def call_round_trips(parts: dict) -> int:
-    """RPC round trips of a device part's call: the call, and where it returns several tensors, their
-    count and one per tensor (a tuple left on the device is taken apart there)."""
+    """RPC round trips of a device part's call: the call, and where it returns several tensors, one per
+    tensor (a tuple left on the device is taken apart there; one tensor comes back as itself)."""
     k = parts["tensors"]
-    return 1 + (1 + k if k > 1 else 0)
+    return 1 + (k if k > 1 else 0)
 
 
 def device_work(parts: dict, cpu: DeviceCPU) -> float:
@@ -128,7 +129,8 @@ def device_work(parts: dict, cpu: DeviceCPU) -> float:
 
 
 def _wire(parts: dict, link: Link) -> float:
-    return parts["bytes"] * link.x + (parts["tensors"] + call_round_trips(parts)) * link.per_tensor_s
+    call_s = link.per_tensor_s if link.call_s is None else link.call_s
+    return parts["bytes"] * link.x + parts["tensors"] * link.per_tensor_s + call_round_trips(parts) * call_s
 
 
 def _under_quota(work: float, gap: float, cpu: DeviceCPU, idle_max_s: float = 0.0, burst: int = 1) -> float:

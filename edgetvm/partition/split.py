@@ -108,7 +108,7 @@ def write_split(m: Model, device_set: frozenset[int], device_board, server_board
             fused = fused_for(m, board)
             mod, sigs, data_inputs, outputs = graph_cut.emit_parts(fused, groups, len(m.weights), list(PARTS))
             sig = sigs[PARTS.index(side)]
-            part = graph_cut.only(mod, side)
+            part = graph_cut.single_output_bare(graph_cut.only(mod, side), side)
             ex = pipeline.finish(part, board.target())
             d = stage / side
             d.mkdir()
@@ -117,7 +117,8 @@ def write_split(m: Model, device_set: frozenset[int], device_board, server_board
             index = artifact.write_weights(d / "weights.bin", named)
             params = part[side].params
             infos = [TensorInfo(n, _shape(p), str(p.ty.dtype)) for n, p in zip(sig.inputs, params)]
-            ret = part[side].ret_ty.fields
+            ret = part[side].ret_ty
+            ret = ret.fields if hasattr(ret, "fields") else [ret]
             outs = [TensorInfo(n, _shape(t), str(t.dtype)) for n, t in zip(sig.outputs, ret)]
             import tvm
 
