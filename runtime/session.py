@@ -64,7 +64,7 @@ def make_pool(settings: dict[str, str], override: bool = False) -> int:
             else:
                 os.environ[k] = v
 from edgetvm.runtime.artifact import Artifact
-from edgetvm.runtime.tensors import checked_inputs, to_tvm
+from edgetvm.runtime.tensors import checked_inputs, to_numpy, to_tvm
 
 CONNECT_TIMEOUT_S = 5.0
 
@@ -214,7 +214,7 @@ class Runner:
         return list(out)
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        outs = [o.numpy() for o in self.call(self.args(inputs))]
+        outs = [to_numpy(o) for o in self.call(self.args(inputs))]
         got = [(o.dtype.name, tuple(o.shape)) for o in outs]
         want = [(i.dtype, tuple(i.shape)) for i in self.art.outputs]
         if got != want:  # a manifest edited to match its hashes but not its library

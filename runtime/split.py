@@ -21,7 +21,7 @@ import numpy as np
 
 from edgetvm.runtime.artifact import open_artifact
 from edgetvm.runtime.session import Runner
-from edgetvm.runtime.tensors import checked_inputs, to_tvm
+from edgetvm.runtime.tensors import checked_inputs, to_numpy, to_tvm
 
 
 BURST = 8   # frames per burst when latency is measured in bursts after random idle times
@@ -69,9 +69,9 @@ class SplitRunner:
         t0 = time.perf_counter()
         outs = self.device.call([placed[v] for v in self.manifest["parts"]["device"]["inputs"]] + self.device.weights)
         t1 = time.perf_counter()
-        got = {v: o.numpy() for v, o in zip(self.manifest["parts"]["device"]["outputs"], outs)}
+        got = {v: to_numpy(o) for v, o in zip(self.manifest["parts"]["device"]["outputs"], outs)}
         # A data input the server reads crosses the link as well.
-        got.update({v: placed[v].numpy() for v in self.manifest["parts"]["server"]["inputs"] if v in placed})
+        got.update({v: to_numpy(placed[v]) for v in self.manifest["parts"]["server"]["inputs"] if v in placed})
         return got, t1 - t0, time.perf_counter() - t1
 
     def server_step(self, values: dict) -> tuple[dict, float]:
@@ -187,8 +187,8 @@ def calibrate_device(device, session, bandwidth_bps: float, rounds: int = 60, se
     quota.write_text("-1")
     try:
         call_cpu, _ = per_round(ping)
-        small_cpu, small_wall = per_round(small.numpy)
-        big_cpu, _ = per_round(big.numpy)
+        small_cpu, small_wall = per_round(lambda: to_numpy(small))
+        big_cpu, _ = per_round(lambda: to_numpy(big))
         # A frame's link time is not its messages' times added up: the link's token bucket (tbf) lets a
         # few hundred bytes through at once after an idle moment and meters them at its rate when busy,
         # and reads take three round trips. So time frames as they come: a call that returns a tensor,
@@ -199,7 +199,7 @@ def calibrate_device(device, session, bandwidth_bps: float, rounds: int = 60, se
             for _ in range(BURST):
                 t0 = time.perf_counter()
                 out = tvm.runtime.empty((2,), "float32", dev)
-                out.numpy()
+                to_numpy(out)
                 frames.append(time.perf_counter() - t0)
                 del out
     finally:
