@@ -31,6 +31,7 @@ from edgetvm.llm.gguf_model import Config
 from edgetvm.llm.kvcache import Full, make_policy
 from edgetvm.runtime import artifact as art_mod
 from edgetvm.runtime.leftovers import cache_root
+from edgetvm.runtime.tensors import to_numpy
 
 LIBRARY = "model.so"
 WEIGHTS = "weights.bin"
@@ -289,20 +290,20 @@ class BoardSession:
         return self._took(self._call("decode", t))
 
     def _took(self, out) -> int:
-        tok = int(out.numpy()[0])
+        tok = int(to_numpy(out)[0])
         self._last = (tok, out)
         return tok
 
     def nll(self, ids) -> np.ndarray:
         self._advance(len(ids) - 1)
         self._last = None
-        return self._call("nll", ids).numpy()
+        return to_numpy(self._call("nll", ids))
 
     def forward(self, ids) -> np.ndarray:
         """Logits [n, vocab] of the tokens fed (for tests: n * vocab floats cross the link)."""
         self._advance(len(ids))
         self._last = None
-        return self._call("logits", ids).numpy()
+        return to_numpy(self._call("logits", ids))
 
     def prefill(self, ids, chunk: int | None = None) -> np.ndarray:
         ids = list(ids)
