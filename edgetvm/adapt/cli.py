@@ -309,6 +309,7 @@ def _run_remote(learner, mask, x, y, steps: int, board, rpc_addr: str, fast: boo
     from edgetvm.adapt import step as st
     from edgetvm.passes import pipeline
     from edgetvm.runtime.session import connect
+    from edgetvm.runtime.tensors import to_numpy
 
     model = learner.model
     remote = connect(rpc_addr, session_timeout=600)
@@ -337,7 +338,7 @@ def _run_remote(learner, mask, x, y, steps: int, board, rpc_addr: str, fast: boo
         stats = load(st.step_module(model, len(idx), mask, 0.0, output="grad", conv_as_matmul=fast), "adapt_stats")
         out = outputs(stats(tvm.runtime.tensor(x[idx], dev), tvm.runtime.tensor(y[idx], dev),
                             *[t[n] for n in names]))
-        ta = learner.for_task({n: out[i + 1].numpy() for i, n in enumerate(n for n in names if n in mask)})
+        ta = learner.for_task({n: to_numpy(out[i + 1]) for i, n in enumerate(n for n in names if n in mask)})
         mask, rates = ta["mask"], ta["rates"]
     else:
         rates = learner.rates
@@ -350,14 +351,14 @@ def _run_remote(learner, mask, x, y, steps: int, board, rpc_addr: str, fast: boo
         t1 = time.perf_counter()
         out = outputs(f(xs, ys, *[t[n] for n in names]))
         seconds += time.perf_counter() - t1
-        losses.append(float(out[0].numpy()))
+        losses.append(float(to_numpy(out[0])))
         for i, n in enumerate(updated):
             w = np.array(params[n], copy=True)
             idx = np.flatnonzero(mask[n])
             if w.ndim == 4:
-                w[:, idx] = out[i + 1].numpy()
+                w[:, idx] = to_numpy(out[i + 1])
             else:
-                w[idx] = out[i + 1].numpy()
+                w[idx] = to_numpy(out[i + 1])
             params[n] = w
             t[n] = tvm.runtime.tensor(w, dev)
     return params, losses, seconds, ta
