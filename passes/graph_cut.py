@@ -135,4 +135,3 @@ def single_output_bare(mod: tvm.IRModule, function: str) -> tvm.IRModule:
     out = tvm.IRModule(dict(mod.functions_items()), attrs=mod.attrs)
     out[function] = relax.Function(func.params, relax.SeqExpr(blocks, item), item.ty, func.is_pure, func.attrs)
     return relax.transform.Normalize()(out)
-

@@ -191,8 +191,8 @@ def calibrate_device(device, session, bandwidth_bps: float, rounds: int = 60, se
         big_cpu, _ = per_round(lambda: to_numpy(big))
         # A frame's link time is not its messages' times added up: the link's token bucket (tbf) lets a
         # few hundred bytes through at once after an idle moment and meters them at its rate when busy,
-        # and reads take three round trips. So time frames as they come: a call that returns a tensor,
-        # its read and its free, BURST at a time after idle times up to a CFS period.
+        # and a read is two round trips. So time frames as they come: a call that returns a tensor, its
+        # read and its free, BURST at a time after idle times up to a CFS period.
         rng, frames = random.Random(seed), []
         for _ in range(max(2, rounds // BURST)):
             time.sleep(rng.uniform(0.0, period_us / 1e6))

@@ -23,16 +23,21 @@ print(json.dumps({"same": same, "sent": after[0] - before[0], "received": after[
 """
 
 
+def _client(script: str) -> dict:
+    """What `script` prints last (JSON), run in a process of its own against an RPC server through the relay."""
+    with EmulatedDevice(None) as server:
+        host, port = server.address
+        r = subprocess.run([sys.executable, "-c", script, host, str(port)], capture_output=True, text=True,
+                           timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
 def test_a_large_upload_through_the_relay_completes_and_is_counted_each_way():
     """32 MB is far beyond the sockets' buffers (a relay in the client's own process once stalled on an
     LLM's 108 MB upload). The client runs in a process of its own, so that a hang fails the test
     instead of stopping the suite."""
-    with EmulatedDevice(None) as server:
-        host, port = server.address
-        r = subprocess.run([sys.executable, "-c", CLIENT, host, str(port)], capture_output=True, text=True,
-                           timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
-    got = json.loads(r.stdout.strip().splitlines()[-1])
+    got = _client(CLIENT)
     assert got["same"] and got["relay_gone"]
     n = got["nbytes"]
     assert n <= got["sent"] < n + (64 << 10)  # the payload and the calls' framing, once
@@ -65,11 +70,6 @@ print(json.dumps({"same": same, "sent": sent}))
 def test_reading_a_tensor_on_a_board_skips_numpys_extra_round_trip():
     """`numpy()` of a remote tensor copies it and then syncs the board's stream, one more request over
     the link (TVM's RPC copies a CPU tensor synchronously anyway); to_numpy copies into a tensor here."""
-    with EmulatedDevice(None) as server:
-        host, port = server.address
-        r = subprocess.run([sys.executable, "-c", READS, host, str(port)], capture_output=True, text=True,
-                           timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
-    got = json.loads(r.stdout.strip().splitlines()[-1])
+    got = _client(READS)
     assert got["same"]
     assert got["sent"]["to_numpy"] < got["sent"]["numpy"]
