@@ -2,11 +2,14 @@
 on 2 and 4 devices, GPipe and 1F1B, side by side in one run (docs/pipetrain.md).
 
     python bench/pipetrain.py [--devices sbc-a53] [--width 0.5] [--batch 64] [--micro-batches 4]
-                              [--train-samples 2048] [--epochs 1] [-o results/pipetrain]
+                              [--train-samples 2048] [--epochs 1] [--reduce-dtypes float32,float16]
+                              [-o results/pipetrain]
 
 Each configuration trains the same AlexNet-style CNN from the same initial weights on the same
 Fashion-MNIST batches (the first --train-samples of the seeded training split) for --epochs epochs on
-emulated devices of one kind (cgroup CPU quota and memory, a shaped link each, TVM RPC). Printed: the
+emulated devices of one kind (cgroup CPU quota and memory, a shaped link each, TVM RPC); 2 and 4 devices
+once per --reduce-dtypes (the dtype data-parallel replicas exchange gradients in; a configuration without
+replicas is run once). Printed: the
 per-layer profile, every candidate of the partition/resource search with its predicted step time, then
 per configuration the measured seconds per epoch (training steps only), the predicted ones, the saving
 against one device, validation accuracy, the bytes a step moved over the coordinator's connections (the
@@ -36,6 +39,8 @@ def main(argv=None) -> int:
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--lr", type=float, default=0.01)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--reduce-dtypes", default="float32,float16",
+                    help="comma-separated: the dtypes replicas exchange gradients in, each searched and run")
     ap.add_argument("-o", "--output", default="results/pipetrain")
     args = ap.parse_args(argv)
 
@@ -57,27 +62,36 @@ def main(argv=None) -> int:
     profiles = {devices[0].kind: prof}
     data = _subset(data_mod.load("fashion-mnist", seed=args.seed), args.train_samples)
     steps = data_mod.steps_per_epoch(data.train, args.batch)
+    dtypes = [d.strip() for d in args.reduce_dtypes.split(",") if d.strip()]
     configs = []
     for n in (1, 2, 4):
         for schedule in (("gpipe",) if n == 1 else ("gpipe", "1f1b")):
-            print(f"search: {n} device(s), {schedule}, {args.micro_batches} micro-batches of {mb}", flush=True)
-            cands = [c for c in P.search(model, mb, args.micro_batches, devices[:n], profiles, schedule,
-                                         log=print, optimizer=opt) if c.n_devices == n]
-            if n == 1:
-                cands = [c for c in cands if len(c.groups) == 1]
-            configs.append((n, schedule, cands[0]))
+            for dtype in dtypes[:1] if n == 1 else dtypes:
+                print(f"search: {n} device(s), {schedule}, {args.micro_batches} micro-batches of {mb}, "
+                      f"gradients summed in {dtype}", flush=True)
+                cands = [c for c in P.search(model, mb, args.micro_batches, devices[:n], profiles, schedule,
+                                             log=print, optimizer=opt, reduce_dtype=dtype) if c.n_devices == n]
+                if n == 1:
+                    cands = [c for c in cands if len(c.groups) == 1]
+                if dtype != dtypes[0] and all(len(g) == 1 for g in cands[0].groups):
+                    print("  (no replicas: the same configuration as above)")
+                    continue
+                configs.append((n, schedule, dtype, cands[0]))
     rows, curves = [], {}
-    for n, schedule, cand in configs:
+    for n, schedule, dtype, cand in configs:
         label = f"{n} device{'s' if n > 1 else ''}, {len(cand.groups)} stage(s), {schedule}"
+        if any(len(g) > 1 for g in cand.groups):
+            label += f", sum in {dtype}"
         print(f"training: {label}: {cand.describe()}", flush=True)
         ns = argparse.Namespace(batch=args.batch, micro_batches=args.micro_batches, schedule=schedule,
-                                lr=args.lr, seed=args.seed, epochs=args.epochs, local=False)
-        cdir = out / f"{n}dev-{schedule}"
+                                lr=args.lr, seed=args.seed, epochs=args.epochs, local=False, reduce_dtype=dtype)
+        cdir = out / f"{n}dev-{schedule}-{dtype}"
         cdir.mkdir(exist_ok=True)
         res = train_config(model, cand.bounds, cand.groups, ns, data, cdir, progress=True)
         hist = res["history"]
         epoch_s = sum(h["seconds"] for h in hist) / len(hist)
-        rows.append({"config": label, "devices": n, "schedule": schedule, "bounds": list(cand.bounds),
+        rows.append({"config": label, "devices": n, "schedule": schedule, "reduce_dtype": dtype,
+                     "bounds": list(cand.bounds),
                      "groups": [[d.name for d in g] for g in cand.groups],
                      "predicted_epoch_s": cand.step_s * steps, "measured_epoch_s": epoch_s,
                      "val_accuracy": hist[-1]["val_accuracy"], "loss": hist[-1]["loss"],
@@ -87,13 +101,13 @@ def main(argv=None) -> int:
     base = rows[0]["measured_epoch_s"]
     print(f"\n{model.name} (width {args.width}) on {args.devices} over {args.link}: batch {args.batch}, "
           f"{args.micro_batches} micro-batches, {steps} steps/epoch, {args.epochs} epoch(s)")
-    print(f"{'configuration':38s} {'measured s/epoch':>16s} {'predicted':>10s} {'error':>7s} {'vs 1 device':>12s} "
+    print(f"{'configuration':52s} {'measured s/epoch':>16s} {'predicted':>10s} {'error':>7s} {'vs 1 device':>12s} "
           f"{'val acc':>8s} {'coord MB/step':>13s}  stage busy shares")
     for r in rows:
         err = r["measured_epoch_s"] / r["predicted_epoch_s"] - 1
         save = 1 - r["measured_epoch_s"] / base
         shares = " ".join(f"{v['busy_s'] / max(v['wall_s'], 1e-9):.0%}" for v in r["stages"].values())
-        print(f"{r['config']:38s} {r['measured_epoch_s']:16.1f} {r['predicted_epoch_s']:10.1f} {err:+7.0%} "
+        print(f"{r['config']:52s} {r['measured_epoch_s']:16.1f} {r['predicted_epoch_s']:10.1f} {err:+7.0%} "
               f"{save:+12.1%} {100 * r['val_accuracy']:7.2f}% {r['coordinator_mb_per_step']:13.2f}  {shares}")
     plot_curves(out / "loss.png", curves, f"{model.name} w{args.width} on {args.devices}: loss against wall time")
     (out / "results.json").write_text(json.dumps({"args": vars(args), "profile": prof.to_json(), "rows": rows,

@@ -50,6 +50,42 @@ def test_stages_train_like_the_unsplit_step(reference, schedule, bounds, micro, 
     c.close()
 
 
+def test_gradients_summed_in_float16_are_rounded_on_the_wire_and_summed_in_float32():
+    rng = np.random.default_rng(4)
+    parts = [rng.standard_normal(1000).astype("float32") * 1e-3 for _ in range(3)]
+    exact = sch.sum_gradients(parts)
+    np.testing.assert_array_equal(exact, (parts[0] + parts[1]) + parts[2])      # replica order, float32
+    half = sch.sum_gradients(parts, "float16")
+    assert half.dtype == np.float32
+    want = sum(p.astype("float16").astype("float32") for p in parts).astype("float16").astype("float32")
+    np.testing.assert_array_equal(half, want)
+    assert not np.array_equal(half, exact)
+    np.testing.assert_allclose(half, exact, rtol=2e-3, atol=8e-6)   # a few float16 steps at 5e-3
+    with pytest.raises(UserError, match="float32 or float16, not 'int8'"):
+        sch.Controller([[object()]], "gpipe", 1, reduce_dtype="int8")
+
+
+def test_replicas_summing_in_float16_stay_in_step_and_near_the_exact_sum(reference):
+    """A data-parallel stage whose replicas exchange gradients in float16: every replica holds the same
+    weights after each step, within float16 rounding of the unsplit step's, and not equal to them (the
+    rounding happens)."""
+    _, ref_params = reference
+    plan = StagePlan(SMALL, (0, 3, 7, 10), B // 4, OPT)
+    reps = sch.local_replicas(plan, [1, 2, 1])
+    c = sch.Controller(reps, "1f1b", 4, reduce_dtype="float16")
+    for x, y in _batches():
+        c.step(x, y)
+    for a, b in zip(reps[1][0].params(), reps[1][1].params()):
+        np.testing.assert_array_equal(a, b)
+    params = sch.PipelineTrainer(plan, c, B, 0).params
+    differs = 0
+    for name, ref in ref_params.items():
+        np.testing.assert_allclose(params[name], ref, rtol=1e-2, atol=1e-4, err_msg=name)
+        differs += not np.array_equal(params[name], ref)
+    assert differs > 0
+    c.close()
+
+
 def test_stage_backward_is_the_vjp():
     """A middle stage's backward returns the gradient of sum(y * gy) w.r.t. its input (finite differences)."""
     plan = StagePlan(SMALL, (0, 3, 7, 10), 4, OPT)
@@ -232,11 +268,13 @@ def test_stages_on_devices_hand_activations_to_each_other_not_through_the_coordi
 
 
 @pytest.mark.skipif(bool(_rpc_unavailable()), reason="needs root, cgroups and network namespaces")
-def test_three_replicas_sum_their_gradients_a_third_each():
-    """One stage on three devices: the weights are the unsplit step's, and the replicas' links carry the
-    same bytes, at most 4/3 of the weight gradients a step each (a third to each of the two others, and
-    the sum of its third back to them), where summing through one replica made its link carry twice what
-    the others' did."""
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_three_replicas_sum_their_gradients_a_third_each(dtype):
+    """One stage on three devices: the weights are the unsplit step's (float16: those of the same replicas
+    summed by the coordinator in float16), and the replicas' links carry the same bytes, at most 4/3 of the
+    weight gradients a step each (a third to each of the two others, and the sum of its third back to
+    them; float16: half that), where summing through one replica made its link carry twice what the
+    others' did."""
     from edgetvm.pipetrain.emulate import EmulatedStages, parse_devices
 
     batch = 12
@@ -245,17 +283,23 @@ def test_three_replicas_sum_their_gradients_a_third_each():
     ref_losses = [ref.step(x, y) for x, y in batches]
     plan = StagePlan(SMALL, (0, len(SMALL.layers)), batch // 3, OPT)
     devs = parse_devices("3xsbc-a53")
+    if dtype == "float16":
+        here = sch.Controller(sch.local_replicas(plan, [3]), "gpipe", 3, reduce_dtype=dtype)
+        ref_losses = [here.step(x, y)["loss"] for x, y in batches]
+        want_params = sch.PipelineTrainer(plan, here, batch, 0).params
+    else:
+        want_params = ref.params
     with EmulatedStages(plan, [devs], train.init_params(SMALL, 0)) as es:
-        c = sch.Controller(es.replicas, "gpipe", 3, es.names)
+        c = sch.Controller(es.replicas, "gpipe", 3, es.names, reduce_dtype=dtype)
         sent0 = es.link_bytes()
         losses = [c.step(x, y)["loss"] for x, y in batches]
         sent = es.link_bytes()
         params = sch.PipelineTrainer(plan, c, batch, 0).params
         c.close()
-    for name, want in ref.params.items():
+    for name, want in want_params.items():
         np.testing.assert_allclose(params[name], want, rtol=1e-4, atol=2e-5, err_msg=name)
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-4)
-    grads = 4 * sum(int(np.prod(p.shape)) for p in ref.params.values())
+    grads = np.dtype(dtype).itemsize * sum(int(np.prod(p.shape)) for p in ref.params.values())
     per_step = [(sent[d.name] - sent0[d.name]) / len(batches) for d in devs]
     assert max(per_step) < 1.25 * min(per_step) and max(per_step) < 1.5 * grads, (per_step, grads)
 
@@ -361,7 +405,9 @@ def test_bench_prints_measured_and_predicted_side_by_side(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "measured s/epoch" in out and out.count("predicted") > 10
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
-    assert [r["devices"] for r in rows] == [1, 2, 2, 4, 4]
+    assert [r["devices"] for r in rows if r["reduce_dtype"] == "float32"] == [1, 2, 2, 4, 4]
+    # float16 sums are run where a stage has replicas, once more
+    assert all(max(len(g) for g in r["groups"]) > 1 for r in rows if r["reduce_dtype"] == "float16")
     assert all(r["measured_epoch_s"] > 0 and r["predicted_epoch_s"] > 0 for r in rows)
     assert (tmp_path / "loss.png").stat().st_size > 0
 

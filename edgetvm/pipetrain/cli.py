@@ -25,6 +25,9 @@ def add_pipetrain_parser(sub) -> None:
         p.add_argument("--width", type=float, default=1.0, help="alexnet: channel width multiplier")
         p.add_argument("--lr", type=float, default=0.01)
         p.add_argument("--local", action="store_true", help="stages in this process (no emulation, no root needed)")
+        p.add_argument("--reduce-dtype", choices=("float32", "float16"),
+                       help="the dtype a stage's data-parallel replicas exchange gradients in for their sum "
+                            "(float16: half the bytes, summed in float32; default float32, or the plan's)")
         if name == "plan":
             p.add_argument("-o", "--output", required=True, help="plan file (.json) to write")
             p.set_defaults(func=cmd_plan)
@@ -104,7 +107,7 @@ def _plan_search(args, model, log=print):
     log(f"candidates ({args.schedule}, {args.micro_batches} micro-batches of {mb}):")
     # on emulated devices the stages hand tensors to each other; --local passes them through this process
     cands = P.search(model, mb, args.micro_batches, devices, profiles, args.schedule, args.partitions, log=log,
-                     optimizer=_optimizer(args), direct=not args.local)
+                     optimizer=_optimizer(args), direct=not args.local, reduce_dtype=args.reduce_dtype or "float32")
     if args.partitions is not None:
         cands = [c for c in cands if len(c.groups) == args.partitions] or cands
     return cands[0], profiles
@@ -116,6 +119,7 @@ def cmd_plan(args) -> None:
     print(f"best: {best.describe()}")
     doc = {"model": args.model, "width": args.width, "devices": args.devices, "local": args.local,
            "micro_batches": args.micro_batches, "batch": args.batch, "schedule": args.schedule,
+           "reduce_dtype": args.reduce_dtype or "float32",
            "bounds": list(best.bounds), "groups": [[d.name for d in g] for g in best.groups],
            "predicted_step_s": best.step_s, "profiles": {k: p.to_json() for k, p in profiles.items()}}
     _write_atomic(Path(args.output), json.dumps(doc, indent=1))
@@ -135,6 +139,7 @@ def _assignment(args, model, devices):
         if missing:
             raise UserError(f"plan {args.plan} uses device '{missing[0]}', which --devices {args.devices} lacks; "
                             "pass the plan's --devices")
+        args.reduce_dtype = args.reduce_dtype or doc.get("reduce_dtype")   # what its prediction assumed
         return tuple(doc["bounds"]), [[by_name[n] for n in g] for g in doc["groups"]], doc.get("predicted_step_s")
     if args.bounds:
         try:
@@ -169,6 +174,10 @@ def plot_curves(path: Path, curves: dict[str, list[tuple[float, float]]], title:
     plt.close(fig)
 
 
+def _reduce_dtype(args) -> str:
+    return getattr(args, "reduce_dtype", None) or "float32"
+
+
 def train_config(model, bounds, groups, args, data, out_dir: Path, progress=True, log=print,
                  max_steps=None) -> dict:
     """Train one configuration; returns the fit result plus per-replica busy/idle totals."""
@@ -185,12 +194,12 @@ def train_config(model, bounds, groups, args, data, out_dir: Path, progress=True
     ck = out_dir / "checkpoint.npz"
     if args.local:
         reps = sch.local_replicas(plan, [len(g) for g in groups], args.seed)
-        ctrl = sch.Controller(reps, args.schedule, args.micro_batches)
+        ctrl = sch.Controller(reps, args.schedule, args.micro_batches, reduce_dtype=_reduce_dtype(args))
         res = sch.fit(plan, ctrl, data, args.epochs, args.batch, args.seed, ck, progress, max_steps)
     else:
         check_memory(plan, groups, args.micro_batches, args.schedule)
         with EmulatedStages(plan, groups, params, log=log) as es:
-            ctrl = sch.Controller(es.replicas, args.schedule, args.micro_batches, es.names)
+            ctrl = sch.Controller(es.replicas, args.schedule, args.micro_batches, es.names, _reduce_dtype(args))
             marks = [es.coordinator_bytes()]
             try:
                 res = sch.fit(plan, ctrl, data, args.epochs, args.batch, args.seed, ck, progress, max_steps,
@@ -232,7 +241,9 @@ def cmd_run(args) -> None:
     stages = " | ".join(f"layers {bounds[s]}-{bounds[s + 1] - 1} on {','.join(d.name for d in g)}"
                         for s, g in enumerate(groups))
     print(f"{model.name}: {stages}; {args.schedule}, {args.micro_batches} micro-batches of "
-          f"{args.batch // args.micro_batches}", flush=True)
+          f"{args.batch // args.micro_batches}"
+          + (f"; replicas' gradients summed in {_reduce_dtype(args)}" if any(len(g) > 1 for g in groups) else ""),
+          flush=True)
     res = train_config(model, bounds, groups, args, data, out)
     hist = res["history"]
     steps = len(res["curve"]) / len(hist)
@@ -247,6 +258,7 @@ def cmd_run(args) -> None:
               f"idle {t['idle_s']:.2f} s of {t['wall_s']:.2f} s ({t['busy_s'] / max(t['wall_s'], 1e-9):.0%} busy)")
     _write_atomic(out / "history.json", json.dumps(
         {"bounds": list(bounds), "devices": [[d.name for d in g] for g in groups], "history": hist,
+         "reduce_dtype": _reduce_dtype(args),
          "curve": res["curve"], "stages": res["totals"], "predicted_step_s": predicted, "measured_step_s": step_s},
         indent=1))
     tmp = out / f".loss.png.tmp{os.getpid()}.png"

@@ -12,9 +12,10 @@ host-side proxy with the same methods as stages.Stage.
     edgetvm.ptrain.push(kind, mb, blob) -> 0        (a neighbour's call) an activation ("a") or gradient
                                                     ("g") into this stage's inbox, or a replica's
                                                     weight gradients ("s") or their sum ("t")
-    edgetvm.ptrain.reduce(replica, n) -> "ok"       replicas: the gradients summed device to device, each
+    edgetvm.ptrain.reduce(replica, n, dtype) -> "ok"
+                                                    replicas: the gradients summed device to device, each
                                                     replica summing an n-th (reduce-scatter, all-gather),
-                                                    then the optimizer step
+                                                    sent in dtype, then the optimizer step
     edgetvm.ptrain.step() -> "ok"                   the optimizer on the accumulated gradients
     edgetvm.ptrain.get(kind, i) -> tensor           kind: "param", "state" or "grad"
     edgetvm.ptrain.set_grads(blob(grads)) -> 0      replicas: the summed gradients
@@ -260,31 +261,33 @@ def backward_last(mb, gl, to, blob) -> bytes:
     return _result("prev", int(to), "g", int(mb), ga)
 
 
-def reduce(replica, n) -> str:
-    """The n replicas' accumulated gradients summed in replica order (as the coordinator sums them), the
-    work split n ways: replica r owns the r-th n-th of the gradients (flattened, concatenated), every
-    replica sends each owner its share (reduce-scatter), each owner sums its share in replica order and
-    sends the sum to the others (all-gather). A replica's link and CPU carry 2(n-1)/n of the gradients
-    each way, all replicas at once; through one replica, its link carried 2(n-1) times them. Then the
-    optimizer step, in the same call (a call costs a device with a fraction of a CPU several ms)."""
+def reduce(replica, n, dtype="float32") -> str:
+    """The n replicas' accumulated gradients summed in replica order (as the coordinator sums them,
+    schedule.sum_gradients, in `dtype` on the wire), the work split n ways: replica r owns the r-th n-th
+    of the gradients (flattened, concatenated), every replica sends each owner its share (reduce-scatter),
+    each owner sums its share in replica order and sends the sum to the others (all-gather). A replica's
+    link and CPU carry 2(n-1)/n of the gradients each way, all replicas at once; through one replica, its
+    link carried 2(n-1) times them. Then the optimizer step, in the same call (a call costs a device with a
+    fraction of a CPU several ms)."""
     import numpy as np
 
-    replica, n = int(replica), int(n)
+    from edgetvm.pipetrain.schedule import sum_gradients, wire_dtype
+
+    replica, n, wire = int(replica), int(n), wire_dtype(str(dtype))
     grads = _stage.get_grads()
-    flat = np.concatenate([g.reshape(-1) for g in grads])
+    flat = np.concatenate([g.reshape(-1) for g in grads]).astype(wire, copy=False)
     cuts = np.linspace(0, flat.size, n + 1).astype(np.int64)
     for r in range(n):
         if r != replica:
             _peers[("mate", r)].send("s", replica, [flat[cuts[r]:cuts[r + 1]]])
-    mine = None
-    for r in range(n):
-        part = flat[cuts[replica]:cuts[replica + 1]] if r == replica else _inbox.take(("s", r))[0]
-        mine = part.copy() if mine is None else np.add(mine, part, out=mine)
-    blob = pack([mine])
+    mine = sum_gradients([flat[cuts[replica]:cuts[replica + 1]] if r == replica else _inbox.take(("s", r))[0]
+                          for r in range(n)], wire.name)
+    blob = pack([mine.astype(wire, copy=False)])
     for r in range(n):
         if r != replica:
             _peers[("mate", r)].send("t", replica, blob)
-    total = np.concatenate([mine if r == replica else _inbox.take(("t", r))[0] for r in range(n)])
+    total = np.concatenate([mine if r == replica else _inbox.take(("t", r))[0].astype(np.float32, copy=False)
+                            for r in range(n)])
     offsets = np.cumsum([0] + [g.size for g in grads])
     _stage.set_grads([total[offsets[i]:offsets[i + 1]].reshape(g.shape) for i, g in enumerate(grads)])
     return step()
@@ -393,8 +396,8 @@ class RemoteStage:
     def step(self) -> None:
         self._step()
 
-    def reduce(self, replica: int, n: int) -> None:
-        self.sess.get_function("edgetvm.ptrain.reduce")(int(replica), int(n))
+    def reduce(self, replica: int, n: int, dtype: str = "float32") -> None:
+        self.sess.get_function("edgetvm.ptrain.reduce")(int(replica), int(n), str(dtype))
 
     def _refresh(self) -> dict:
         info = json.loads(self._info())

@@ -252,7 +252,8 @@ def _link_byte_s(device) -> float:
 
 
 def simulate(model, micro_batch: int, bounds, groups, profiles: dict[str, Profile], schedule: str, m: int,
-             n_weights: list[int] | None = None, direct: bool = True) -> tuple[float, float]:
+             n_weights: list[int] | None = None, direct: bool = True,
+             reduce_dtype: str = "float32") -> tuple[float, float]:
     """(predicted step seconds, busiest replica's seconds) of the schedule over these stages and devices.
 
     direct (stages on devices, emulate.EmulatedStages): a tensor between stages makes one hop, device to
@@ -260,7 +261,7 @@ def simulate(model, micro_batch: int, bounds, groups, profiles: dict[str, Profil
     operation by the hop (the per-byte cost once, and waiting for the sender's and receiver's links, which
     carry one tensor at a time) and occupies neither stage's calls. Otherwise (through
     the coordinator) it is a result of the sender's call and an argument of the receiver's, and each
-    call pays for it."""
+    call pays for it. reduce_dtype: the replicas' gradients cross in it (schedule.sum_gradients)."""
     S = len(bounds) - 1
     acts = activation_shapes(model, micro_batch)
     in_bytes = [4 * micro_batch * int(np.prod(model.input_shape))] + [4 * int(np.prod(acts[bounds[s] - 1]))
@@ -342,13 +343,14 @@ def simulate(model, micro_batch: int, bounds, groups, profiles: dict[str, Profil
     # for both directions; a stage sums and steps once its replicas' last backward is done, while the
     # stages before it still run theirs (Controller._run). Else, after every stage is done, every
     # replica's gradients to the coordinator and the sums back, one replica after another
+    grad_bytes = sch.wire_dtype(reduce_dtype).itemsize
     if direct:
         ends = []
         for s in range(S):
             R = len(groups[s])
             end = max(clock[(s, r)] for r in range(R))
             if R > 1:
-                nbytes = 4 * (n_weights[s] if n_weights else 0)
+                nbytes = grad_bytes * (n_weights[s] if n_weights else 0)
                 p = cost[(s, 0)][3]
                 per_byte = max(_link_byte_s(d) for d in groups[s]) + 2 * p.byte_cpu_s
                 end += p.call_s + 2 * (R - 1) / R * nbytes * per_byte
@@ -357,7 +359,7 @@ def simulate(model, micro_batch: int, bounds, groups, profiles: dict[str, Profil
     else:
         t = max(clock.values())
         for s in range(S):
-            nbytes = 4 * (n_weights[s] if n_weights else 0)
+            nbytes = grad_bytes * (n_weights[s] if n_weights else 0)
             if len(groups[s]) > 1:
                 for r in range(len(groups[s])):
                     p = cost[(s, r)][3]
@@ -421,7 +423,7 @@ BOUNDS_SIMULATED = 8
 
 
 def _candidate(model, micro_batch, m, bounds, groups, profiles, schedule, direct, optimizer, shapes,
-               stage_memory_bytes) -> Candidate:
+               stage_memory_bytes, reduce_dtype="float32") -> Candidate:
     plan = StagePlan(model, bounds, micro_batch, optimizer)
     cand = Candidate(bounds, groups)
     for s, g in enumerate(groups):
@@ -433,15 +435,17 @@ def _candidate(model, micro_batch, m, bounds, groups, profiles, schedule, direct
             cand.note = f"stage {s} needs ~{need / 2**20:.0f} MiB, {small[0].name} has {small[0].profile.memory_mib:g}"
     if cand.memory_ok:
         nw = [sum(int(np.prod(shapes[nm])) for nm in names) for names in plan.stage_weights()]
-        cand.step_s, cand.busiest_s = simulate(model, micro_batch, bounds, groups, profiles, schedule, m, nw, direct)
+        cand.step_s, cand.busiest_s = simulate(model, micro_batch, bounds, groups, profiles, schedule, m, nw, direct,
+                                               reduce_dtype)
     return cand
 
 
 def search(model, micro_batch: int, m: int, devices: list, profiles: dict[str, Profile], schedule: str,
            max_partitions: int | None = None, log=print, optimizer=train.OptimizerConfig(),
-           direct: bool = True) -> list[Candidate]:
+           direct: bool = True, reduce_dtype: str = "float32") -> list[Candidate]:
     """Every (devices used, grouping into consecutive stages) candidate with its best bounds and predicted step
-    (direct: the stages hand tensors device to device, as EmulatedStages connects them)."""
+    (direct: the stages hand tensors device to device, as EmulatedStages connects them; reduce_dtype: the
+    dtype replicas exchange their gradients in)."""
     from edgetvm.pipetrain.emulate import stage_memory_bytes
 
     L = len(model.layers)
@@ -459,7 +463,7 @@ def search(model, micro_batch: int, m: int, devices: list, profiles: dict[str, P
                 best = None
                 for bounds in best_bounds(profiles, groups, L, m, model, micro_batch, direct, keep=BOUNDS_SIMULATED):
                     cand = _candidate(model, micro_batch, m, bounds, groups, profiles, schedule, direct, optimizer,
-                                      shapes, stage_memory_bytes)
+                                      shapes, stage_memory_bytes, reduce_dtype)
                     if best is None or (cand.memory_ok, -cand.step_s) > (best.memory_ok, -best.step_s):
                         best = cand
                 log("  " + best.describe())

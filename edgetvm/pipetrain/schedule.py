@@ -44,6 +44,31 @@ def one_f_one_b(n_stages: int, m: int, s: int) -> list[tuple[str, int]]:
 
 SCHEDULES = {"gpipe": gpipe, "1f1b": one_f_one_b}
 
+# The dtype replicas exchange their gradients in. float16 halves the bytes of the gradient sum, which
+# costs a data-parallel stage on a device with a fraction of a CPU more than its kernels (TVM RPC copies
+# a bytes argument at ~13 ns a byte on each end); the sum is still taken in float32 (DDP's fp16
+# compression hook, without its division: a micro-batch's gradients are already 1/M of the batch's).
+REDUCE_DTYPES = ("float32", "float16")
+
+
+def wire_dtype(dtype: str) -> np.dtype:
+    if dtype not in REDUCE_DTYPES:
+        raise UserError(f"replicas exchange gradients in {' or '.join(REDUCE_DTYPES)}, not '{dtype}'; "
+                        "pass one of those")
+    return np.dtype(dtype)
+
+
+def sum_gradients(parts, dtype: str = "float32") -> np.ndarray:
+    """The replicas' gradients (one array each) summed in replica order in float32; with dtype float16 each
+    part, and then the sum, rounded to it first, as they cross the wire (every replica steps on the same
+    rounded sum)."""
+    wire = wire_dtype(dtype)
+    out = None
+    for part in parts:
+        part = part.astype(wire, copy=False)
+        out = part.astype(np.float32) if out is None else np.add(out, part, out=out)
+    return out if wire == np.float32 else out.astype(wire).astype(np.float32)
+
 
 def schedule_ops(kind: str, n_stages: int, m: int, s: int, replica: int = 0, replicas: int = 1):
     if kind not in SCHEDULES:
@@ -93,8 +118,10 @@ class _Mailbox:
 class Controller:
     """Runs a schedule over `replicas[s]` (the replicas of stage s; objects with Stage's methods)."""
 
-    def __init__(self, replicas: list[list], schedule: str, micro_batches: int, names: list[list[str]] | None = None):
+    def __init__(self, replicas: list[list], schedule: str, micro_batches: int, names: list[list[str]] | None = None,
+                 reduce_dtype: str = "float32"):
         self.replicas, self.kind, self.m = replicas, schedule, int(micro_batches)
+        self.reduce_dtype = wire_dtype(reduce_dtype).name   # refused here, not in the first step
         self.S = len(replicas)
         self.names = names or [[f"stage {s}" + (f" replica {r}" if len(reps) > 1 else "")
                                 for r in range(len(reps))] for s, reps in enumerate(replicas)]
@@ -190,7 +217,7 @@ class Controller:
         for s, reps in enumerate(self.replicas):
             if len(reps) > 1 and not self.direct:
                 gs = [self._call(s, r, "get_grads") for r in range(len(reps))]
-                total = [sum(parts) for parts in zip(*gs)]
+                total = [sum_gradients(parts, self.reduce_dtype) for parts in zip(*gs)]
                 for r in range(len(reps)):
                     self._call(s, r, "set_grads", total)
         if not self.direct:
@@ -228,7 +255,7 @@ class Controller:
     def _step(self, s: int, r: int, reduce: int = 1) -> None:
         try:
             if reduce > 1:
-                self.replicas[s][r].reduce(r, reduce)    # and steps
+                self.replicas[s][r].reduce(r, reduce, self.reduce_dtype)    # and steps
             else:
                 self.replicas[s][r].step()
         except BaseException as e:  # noqa: BLE001
