@@ -37,7 +37,9 @@ def main(argv=None) -> int:
     ap.add_argument("--micro-batches", type=int, default=4)
     ap.add_argument("--train-samples", type=int, default=2048)
     ap.add_argument("--epochs", type=int, default=1)
-    ap.add_argument("--lr", type=float, default=0.01)
+    # 0.01 is unstable for the AlexNet-style CNN with momentum (the loss jumps from 1.6 to 2.5 near step 20,
+    # so runs that round differently end 4 points apart after 64 steps); 0.005 is not and ends higher
+    ap.add_argument("--lr", type=float, default=0.005)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--reduce-dtypes", default="float32,float16",
                     help="comma-separated: the dtypes replicas exchange gradients in, each searched and run")
