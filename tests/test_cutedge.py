@@ -334,3 +334,29 @@ def test_ctrl_c_restores_the_quota_and_the_qdisc(mlp, tmp_path):
         netns, veth = tb.link.netns, tb.link.host_veth
     assert netns not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert subprocess.run(["ip", "link", "show", veth], capture_output=True).returncode != 0
+
+
+@needs_testbed
+def test_calibration_admits_frames_as_the_arrival_trace_brings_them(mlp, tmp_path):
+    """The trace's mean count per slot at once, a group a slot apart: a frame after an idle device costs
+    more CPU than one right after another, and a run's frames come so."""
+    from edgetvm.partition.cutedge import cli
+    from edgetvm.runtime.cutedge import open_testbed
+
+    s = cli.prepare(mlp, "phone-mid", "host", "poisson-30fps", "lte-verizon", slots=20, log=lambda *a: None)
+    per_slot = max(1, round(float(np.mean(s.arrivals.values))))
+    assert per_slot > 1    # 30 frames/s in 100 ms slots
+    with open_testbed(s, [s.cuts[0]], tmp_path / "splits", log=lambda *a: None) as tb:
+        admitted = []
+        admit = tb._admit
+
+        def spy(cut, arrival):
+            admitted.append(arrival)
+            return admit(cut, arrival)
+
+        tb._admit = spy
+        measured = tb.calibrate(frames=2 * per_slot, rounds=1)
+    groups = [admitted[:per_slot], admitted[per_slot:]]
+    assert all(len(set(g)) == 1 for g in groups)               # a group comes at once
+    assert groups[1][0] - groups[0][0] >= s.arrivals.slot_s    # the next a slot later
+    assert measured.cuts[s.cuts[0].device].work_s > 0
