@@ -287,6 +287,7 @@ def test_three_replicas_sum_their_gradients_a_third_each(dtype):
         here = sch.Controller(sch.local_replicas(plan, [3]), "gpipe", 3, reduce_dtype=dtype)
         ref_losses = [here.step(x, y)["loss"] for x, y in batches]
         want_params = sch.PipelineTrainer(plan, here, batch, 0).params
+        here.close()
     else:
         want_params = ref.params
     with EmulatedStages(plan, [devs], train.init_params(SMALL, 0)) as es:
