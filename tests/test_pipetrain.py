@@ -350,6 +350,28 @@ def test_a_tensor_between_stages_costs_one_hop_when_stages_send_directly():
     assert step[True] == pytest.approx(byte_s * inputs + 2 * act * (link + 2 * cpu), rel=1e-9)
 
 
+@pytest.mark.parametrize("replicas", [2, 4])
+def test_a_measured_gradient_sum_costs_its_own_work_and_its_packed_bytes(replicas):
+    """Free compute and calls. With the sum measured (measure_reduce), replicas pay its own work once and
+    exchange 2(R-1)/R of the gradients' packed bytes (grad_wire per weight, by dtype) at the link's time
+    plus the replicas' CPU per byte; float16 halves neither the own work nor, here, more than the bytes."""
+    from edgetvm.pipetrain import plan as P
+
+    L, n = len(SMALL.layers), 10_000
+    prof = P.Profile("k", [0.0] * L, [0.0] * L, [0.0] * L, 0.0, 0.0, reduce_s={"float32": 0.010, "float16": 0.030},
+                     grad_wire={"float32": 3.2, "float16": 1.7}, reduce_byte_s=1e-7)
+    group = [_fake([f"r{i}" for i in range(replicas)])]
+    link = 8 / (1448 / 1514 * 100e6)
+    for dtype in ("float32", "float16"):
+        step, _ = P.simulate(SMALL, 4, (0, L), group, {"k": prof}, "gpipe", 4, n_weights=[n], reduce_dtype=dtype)
+        wire = 2 * (replicas - 1) / replicas * prof.grad_wire[dtype] * n
+        assert step == pytest.approx(prof.reduce_s[dtype] + wire * (link + 1e-7), rel=1e-9)
+    # not measured (an older profile): raw bytes, the RPC's CPU at both ends, one call
+    old = P.Profile("k", [0.0] * L, [0.0] * L, [0.0] * L, 0.0, 0.0, byte_cpu_s=1e-8)
+    step, _ = P.simulate(SMALL, 4, (0, L), group, {"k": old}, "gpipe", 4, n_weights=[n])
+    assert step == pytest.approx(2 * (replicas - 1) / replicas * 4 * n * (link + 2e-8), rel=1e-9)
+
+
 def test_search_prints_every_candidate_and_skips_what_does_not_fit():
     from edgetvm.pipetrain import plan as P
 
@@ -390,7 +412,7 @@ def test_cli_run_local_trains_and_writes_checkpoint_history_and_png(tmp_path, ca
     assert "stage 1 on local1: busy" in text.out
 
 
-@pytest.mark.slow   # minutes: profiles a device, then trains 5 configurations on emulated devices
+@pytest.mark.slow   # minutes: profiles a device, then trains 8 configurations twice on emulated devices
 @pytest.mark.skipif(bool(_rpc_unavailable()), reason="needs root, cgroups and network namespaces")
 def test_bench_prints_measured_and_predicted_side_by_side(tmp_path, capsys):
     import importlib.util
@@ -402,14 +424,23 @@ def test_bench_prints_measured_and_predicted_side_by_side(tmp_path, capsys):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     assert bench.main(["--width", "0.25", "--batch", "16", "--micro-batches", "2", "--train-samples", "64",
-                       "-o", str(tmp_path)]) == 0
+                       "--repeats", "2", "-o", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "measured s/epoch" in out and out.count("predicted") > 10
-    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    results = json.loads((tmp_path / "results.json").read_text())
+    rows = results["rows"]
     assert [r["devices"] for r in rows if r["reduce_dtype"] == "float32"] == [1, 2, 2, 4, 4]
+    # the gradient sum was measured on two devices, per dtype; float16 takes fewer bytes per weight
+    prof = results["profile"]
+    assert set(prof["reduce_s"]) == {"float32", "float16"} and all(t > 0 for t in prof["reduce_s"].values())
+    assert 0 < prof["grad_wire"]["float16"] < prof["grad_wire"]["float32"] <= 4 + 1 / 8
     # float16 sums are run where a stage has replicas, once more
     assert all(max(len(g) for g in r["groups"]) > 1 for r in rows if r["reduce_dtype"] == "float16")
     assert all(r["measured_epoch_s"] > 0 and r["predicted_epoch_s"] > 0 for r in rows)
+    # every configuration trained once per round, from the same weights on the same batches
+    assert all(len(r["rounds_epoch_s"]) == 2 and r["measured_epoch_s"] == pytest.approx(sum(r["rounds_epoch_s"]) / 2)
+               for r in rows)
+    assert all(len(set(r["rounds_val_accuracy"])) == 1 for r in rows)
     assert (tmp_path / "loss.png").stat().st_size > 0
 
 

@@ -74,10 +74,14 @@ def _profiles(args, model, devices, log=print):
     mb = args.batch // args.micro_batches
     if args.local:
         return {"here": P.profile_here(model, mb, _optimizer(args), log=log)}
+    from edgetvm import data as data_mod
+
+    train_split = data_mod.load("fashion-mnist", seed=args.seed).train   # what `run` trains on
     out = {}
     for d in devices:
         if d.kind not in out:
-            out[d.kind] = P.profile_device(model, mb, d, _optimizer(args), log=log)
+            out[d.kind] = P.profile_device(model, mb, d, _optimizer(args), log=log,
+                                           sample=(train_split.x, train_split.y))
     return out
 
 

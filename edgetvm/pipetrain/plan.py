@@ -48,6 +48,14 @@ class Profile:
     # the device's own CPU per byte a call moves (RPC (un)packing and copies, every thread of its session),
     # in seconds at its CPU quota: what a device-to-device hop takes from the compute of both its ends
     byte_cpu_s: float = 0.0
+    # a data-parallel stage's gradient sum (device.reduce), measured by measure_reduce: per wire dtype, the
+    # seconds of its own work (flattening, rounding to the dtype, summing, packing, setting the sum, the
+    # optimizer step, the call) and the bytes per weight its gradients take on the wire (pack sends zeros
+    # as a bitmap); and the replicas' CPU per byte exchanged beyond the link's time. Empty: raw bytes at
+    # the link's time plus byte_cpu_s at both ends, one call
+    reduce_s: dict = field(default_factory=dict)
+    grad_wire: dict = field(default_factory=dict)
+    reduce_byte_s: float = 0.0
 
     def to_json(self) -> dict:
         return self.__dict__.copy()
@@ -132,8 +140,10 @@ def profile_here(model, micro_batch, optimizer=train.OptimizerConfig(), log=lamb
     return prof
 
 
-def profile_device(model, micro_batch, device, optimizer=train.OptimizerConfig(), log=lambda msg: None) -> Profile:
-    """The per-layer profile measured on one emulated device of `device`'s kind (one session, stage by stage)."""
+def profile_device(model, micro_batch, device, optimizer=train.OptimizerConfig(), log=lambda msg: None,
+                   sample=None) -> Profile:
+    """The per-layer profile measured on one emulated device of `device`'s kind (one session, stage by stage),
+    and the replicas' gradient sum on two (measure_reduce; `sample`: a training batch (x, y) for it)."""
     import contextlib
     import shutil
     import tempfile
@@ -165,7 +175,82 @@ def profile_device(model, micro_batch, device, optimizer=train.OptimizerConfig()
         prof = profile(model, micro_batch, make, device.kind, optimizer=optimizer, log=log,
                        quota=device.profile.cpu_quota)
         calibrate(prof, model, micro_batch, lambda plan: make(plan, 0), optimizer, log)
-        return prof
+    measure_reduce(prof, model, micro_batch, device, optimizer, log, sample=sample)
+    return prof
+
+
+def measure_reduce(prof: Profile, model, micro_batch: int, device, optimizer, log=lambda msg: None, m: int = 4,
+                   rounds: int = 4, sample=None) -> None:
+    """The data-parallel gradient sum (device.reduce) timed on two devices of `device`'s kind, each on its
+    own link, connected as replicas are (EmulatedStages), on the gradients of m real micro-batches: per wire
+    dtype, with one replica (its own work: `Profile.reduce_s`) and with both (each sends and receives half
+    of the packed gradients twice); the difference over the bytes, less the link's time, is the replicas'
+    CPU per byte (`reduce_byte_s`), and pack's size of the gradients per weight is `grad_wire`. Predicted
+    as raw bytes at the link's rate plus the RPC's per-byte CPU, the 64-step float16 runs took 11-14%
+    longer than predicted: the sum's own work does not halve with the bytes, and the exchange costs the
+    replicas 2x the RPC's CPU per byte."""
+    import dataclasses
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    from edgetvm.pipetrain.emulate import EmulatedStages
+    from edgetvm.pipetrain.schedule import REDUCE_DTYPES
+    from edgetvm.pipetrain.stages import StagePlan
+    from edgetvm.runtime.tensors import pack
+
+    t_start = time.perf_counter()
+    ncpu = len(os.sched_getaffinity(0))
+    cpu = device.host_cpu or 0
+    pair = [dataclasses.replace(device, name=f"{device.name}a", host_cpu=cpu),
+            dataclasses.replace(device, name=f"{device.name}b", host_cpu=(cpu + 1) % ncpu)]
+    plan = StagePlan(model, (0, len(model.layers)), micro_batch, optimizer)
+    if sample is not None:   # the zero gradients, so the packed bytes, depend on the data
+        xs = np.asarray(sample[0][:micro_batch], np.float32).reshape(micro_batch, *model.input_shape)
+        labels = np.asarray(sample[1][:micro_batch])
+    else:
+        rng = np.random.default_rng(2)
+        xs = rng.standard_normal((micro_batch, *model.input_shape)).astype(np.float32)
+        labels = rng.integers(0, model.n_classes, micro_batch)
+    one: dict = {d: [] for d in REDUCE_DTYPES}
+    two: dict = {d: [] for d in REDUCE_DTYPES}
+    with EmulatedStages(plan, [pair], train.init_params(model)) as es, ThreadPoolExecutor(2) as pool:
+        reps = es.replicas[0]
+
+        def accumulate(st) -> None:
+            for i in range(m):
+                st.forward(i, xs)
+                st.backward_last(i, labels, 1.0 / m)
+            st.take_losses()
+
+        for r in range(rounds + 1):
+            for dtype in REDUCE_DTYPES:
+                list(pool.map(accumulate, reps))
+                if not prof.grad_wire:
+                    flat = np.concatenate([g.reshape(-1) for g in reps[0].get_grads()])
+                    prof.grad_wire = {d: (len(pack([flat.astype(d)])) - 4) / flat.size for d in REDUCE_DTYPES}
+                    n_weights = flat.size
+                c0 = time.perf_counter()
+                reps[0].reduce(0, 1, dtype)
+                c1 = time.perf_counter()
+                reps[1].step()
+                list(pool.map(accumulate, reps))
+                c2 = time.perf_counter()
+                list(pool.map(lambda i: reps[i].reduce(i, 2, dtype), range(2)))
+                c3 = time.perf_counter()
+                if r:   # the first round warms the calls and connections up
+                    one[dtype].append(c1 - c0)
+                    two[dtype].append(c3 - c2)
+    # means: as for a call (calibrate), a spent quota makes the times bimodal
+    prof.reduce_s = {d: float(np.mean(one[d])) for d in REDUCE_DTYPES}
+    link_s = _link_byte_s(device)
+    # two replicas: each sends and receives half the packed gradients, twice (reduce-scatter, all-gather)
+    per_byte = [(np.mean(two[d]) - prof.reduce_s[d]) / (prof.grad_wire[d] * n_weights) for d in REDUCE_DTYPES]
+    prof.reduce_byte_s = max(0.0, float(np.mean(per_byte)) - link_s)
+    log(f"measured the gradient sum of two {device.kind} replicas: "
+        + ", ".join(f"{d} {np.mean(two[d]) * 1e3:.1f} ms (its own work {prof.reduce_s[d] * 1e3:.1f} ms, "
+                    f"{prof.grad_wire[d]:.2f} B/weight)" for d in REDUCE_DTYPES)
+        + f"; the replicas' CPU {prof.reduce_byte_s * 1e9:.1f} ms/MB beyond the link "
+          f"({time.perf_counter() - t_start:.0f} s)")
 
 
 def calibrate(prof: Profile, model, micro_batch: int, make_whole, optimizer, log=lambda msg: None,
@@ -208,7 +293,10 @@ def calibrate(prof: Profile, model, micro_batch: int, make_whole, optimizer, log
     prof.backward_s = [t * kb for t in prof.backward_s]
     prof.step_s = [t * ko for t in prof.step_s]
     prof.scale = [kf, kb, ko]
-    prof.call_s = max(prof.call_s, float(np.median(over)))
+    # the mean, not the median: a call that meets a spent quota waits for the next CFS period, so the
+    # excess is bimodal (24 calls: 17 at 0.8-1.9 ms, 7 at 7.9-16 ms), and the median jumped from one mode
+    # to the other between profiles (1.6 or 7.5-8.7 ms); a step's calls add up to the mean
+    prof.call_s = max(prof.call_s, float(np.mean(over)))
     log(f"calibrated {prof.kind} against the whole model's sustained step: forward x{kf:.2f}, backward x{kb:.2f}, "
         f"optimizer x{ko:.2f}; a call {prof.call_s * 1e3:.2f} ms beyond its compute")
 
@@ -349,9 +437,16 @@ def simulate(model, micro_batch: int, bounds, groups, profiles: dict[str, Profil
         for s in range(S):
             R = len(groups[s])
             end = max(clock[(s, r)] for r in range(R))
+            p = cost[(s, 0)][3]
+            if R > 1 and reduce_dtype in p.reduce_s:
+                # measured (measure_reduce): the sum's own work, optimizer step and call included, then its
+                # packed bytes at the slowest replica's link and the replicas' CPU per byte
+                nbytes = p.grad_wire[reduce_dtype] * (n_weights[s] if n_weights else 0)
+                per_byte = max(_link_byte_s(d) for d in groups[s]) + p.reduce_byte_s
+                ends.append(end + p.reduce_s[reduce_dtype] + 2 * (R - 1) / R * nbytes * per_byte)
+                continue
             if R > 1:
                 nbytes = grad_bytes * (n_weights[s] if n_weights else 0)
-                p = cost[(s, 0)][3]
                 per_byte = max(_link_byte_s(d) for d in groups[s]) + 2 * p.byte_cpu_s
                 end += p.call_s + 2 * (R - 1) / R * nbytes * per_byte
             ends.append(end + max(cost[(s, r)][2] + cost[(s, r)][3].call_s for r in range(R)))
