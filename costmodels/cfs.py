@@ -40,14 +40,9 @@ SLICE_S = 0.005         # /proc/sys/kernel/sched_cfs_bandwidth_slice_us
 MIN_RUNTIME_S = 0.001   # min_cfs_rq_runtime: what an idle runqueue keeps
 
 
-def tick_phase(cpu: int = 0, timer_list: str = "/proc/timer_list") -> float | None:
-    """Where the scheduler ticks of `cpu` fall after the boundaries of the one CFS period timer now
-    armed (seconds in [0, TICK_S)), read from the kernel's timer list (root only); None when that is
-    unreadable or not one period timer is armed. A cgroup's period timer keeps its phase for its
-    life and ticks keep theirs (measured: the same phase after 3 s of frames and idle), so this fixes
-    for one emulated device what `mean_wall` otherwise averages over: whether a frame that overruns
-    its quota is caught at once or runs on to the next tick (ResNet's device part after random idle
-    times: 6.0 to 6.2 ms over tick phases; the detector's first layers at 5 Mbit/s, 4.5 to 7.5)."""
+def _timers(cpu: int, timer_list: str) -> tuple[list[float], float | None] | None:
+    """(the expiry of every armed CFS period timer, the next scheduler tick of `cpu`), seconds of
+    CLOCK_MONOTONIC (time.perf_counter's clock here), from the kernel's timer list (root only)."""
     try:
         text = open(timer_list).read()
     except OSError:
@@ -64,14 +59,112 @@ def tick_phase(cpu: int = 0, timer_list: str = "/proc/timer_list") -> float | No
                 periods.append(expires)
             else:
                 tick = expires
-    if len(periods) != 1 or tick is None:
+    return periods, tick
+
+
+def tick_phase(cpu: int = 0, timer_list: str = "/proc/timer_list") -> float | None:
+    """Where the scheduler ticks of `cpu` fall after the boundaries of the one CFS period timer now
+    armed (seconds in [0, TICK_S)), read from the kernel's timer list (root only); None when that is
+    unreadable or not one period timer is armed. A cgroup's period timer keeps its phase for its
+    life and ticks keep theirs (measured: the same phase after 3 s of frames and idle), so this fixes
+    for one emulated device what `mean_wall` otherwise averages over: whether a frame that overruns
+    its quota is caught at once or runs on to the next tick (ResNet's device part after random idle
+    times: 6.0 to 6.2 ms over tick phases; the detector's first layers at 5 Mbit/s, 4.5 to 7.5)."""
+    got = _timers(cpu, timer_list)
+    if got is None or len(got[0]) != 1 or got[1] is None:
         return None
-    return (tick - periods[0]) % TICK_S
+    return (got[1] - got[0][0]) % TICK_S
+
+
+def period_boundary(timer_list: str = "/proc/timer_list") -> float | None:
+    """A boundary of the one CFS period timer now armed (its next expiry, in time.perf_counter's clock),
+    or None: a run that starts its slots on a boundary puts them where a simulation starting at 0 does."""
+    got = _timers(0, timer_list)
+    return got[0][0] if got is not None and len(got[0]) == 1 else None
+
+
+def quota_s(cpus: float, period_s: float) -> float:
+    """The quota cpu.cfs_quota_us takes for `cpus` of a period: whole microseconds, 1 ms at least (CFS
+    refuses less)."""
+    return max(1000, round(cpus * period_s * 1e6)) / 1e6
 
 
 def _next(t: float, grid: float, offset: float) -> float:
     """The first point of the grid offset + k*grid strictly after t."""
     return offset + (math.floor((t - offset) / grid + 1e-9) + 1) * grid
+
+
+class Bandwidth:
+    """One cgroup's CFS bandwidth state (the global pool, the runqueue's runtime) over time: `run` a job
+    of CPU work from a time on, `idle` after it, `set_quota` as a write to cpu.cfs_quota_us does
+    (the pool refilled at once; the period timer keeps its phase). One runnable task."""
+
+    def __init__(self, quota_s: float, period_s: float, period_offset: float = 0.0, tick_offset: float = 0.0,
+                 tick_s: float = TICK_S):
+        self.quota_s, self.period_s, self.tick_s = quota_s, period_s, tick_s
+        self.period_offset, self.tick_offset = period_offset, tick_offset
+        self.pool, self.runtime = quota_s, 0.0
+        self.refilled_at = math.floor(-period_offset / period_s)   # the period whose refill the pool holds
+
+    @property
+    def unlimited(self) -> bool:
+        return self.quota_s <= 0 or self.quota_s >= self.period_s
+
+    def set_quota(self, quota_s: float, now: float) -> None:
+        if quota_s != self.quota_s:
+            self.quota_s, self.pool = quota_s, quota_s
+            self.refilled_at = math.floor((now - self.period_offset) / self.period_s + 1e-9)
+
+    def _refill(self, now: float) -> None:
+        k = math.floor((now - self.period_offset) / self.period_s + 1e-9)
+        if k > self.refilled_at:
+            self.pool, self.refilled_at = self.quota_s, k
+
+    def _take(self, now: float) -> None:
+        self._refill(now)
+        got = min(SLICE_S - self.runtime, self.pool)
+        if got > 0:
+            self.runtime += got
+            self.pool -= got
+
+    def run(self, t: float, work_s: float, until: float = math.inf) -> tuple[float, float]:
+        """Run `work_s` CPU seconds from `t`, stopping at `until` if not done: (the time it stopped, the
+        work left)."""
+        if self.unlimited:
+            end = min(t + work_s, until)
+            return end, work_s - (end - t)
+        left = work_s
+        if self.runtime <= 0:
+            self._take(t)
+        while left > 1e-12 and t < until - 1e-12:
+            if self.runtime <= 0:
+                # Throttled: each period boundary repays the debt from the refilled pool.
+                t = min(_next(t, self.period_s, self.period_offset), until)
+                if t < until:
+                    self._take(t)
+                continue
+            tick = _next(t, self.tick_s, self.tick_offset)
+            boundary = _next(t, self.period_s, self.period_offset)
+            step = min(left, tick - t, boundary - t, until - t)
+            t += step
+            left -= step
+            self.runtime -= step
+            if left <= 1e-12:
+                break
+            if t >= boundary - 1e-12:
+                self._refill(t)
+            if t >= tick - 1e-12 and self.runtime <= 0:
+                self._take(t)   # the tick charges the spent runtime and asks the pool for more
+        return t, max(left, 0.0)
+
+    def idle(self, now: float) -> None:
+        """The runqueue goes idle: it keeps 1 ms of runtime and gives the rest back to this period's pool."""
+        if self.unlimited:
+            return
+        self._refill(now)
+        if self.runtime > MIN_RUNTIME_S:
+            self.pool += self.runtime - MIN_RUNTIME_S
+            self.runtime = MIN_RUNTIME_S
 
 
 def simulate(work_s: float, gap_s: float, quota_s: float, period_s: float, frames: int = 120,
@@ -80,54 +173,15 @@ def simulate(work_s: float, gap_s: float, quota_s: float, period_s: float, frame
     """Wall seconds of each of `frames` jobs of `work_s` CPU seconds, each started `gap_s` (plus
     `idle_s[i]` after job i) after the last one ended, in a cgroup with `quota_s` of CPU per
     `period_s` (one runnable task)."""
-    if quota_s <= 0 or quota_s >= period_s:
+    cpu = Bandwidth(quota_s, period_s, period_offset, tick_offset, tick_s)
+    if cpu.unlimited:
         return [work_s] * frames
-    t, pool, runtime = 0.0, quota_s, 0.0
-    refilled_at = math.floor((t - period_offset) / period_s)   # the period whose refill the pool holds
-    out = []
-
-    def refill(now: float) -> None:
-        nonlocal pool, refilled_at
-        k = math.floor((now - period_offset) / period_s + 1e-9)
-        if k > refilled_at:
-            pool, refilled_at = quota_s, k
-
-    def take(now: float) -> None:
-        nonlocal pool, runtime
-        refill(now)
-        got = min(SLICE_S - runtime, pool)
-        if got > 0:
-            runtime += got
-            pool -= got
-
+    t, out = 0.0, []
     for i in range(frames):
-        start, left = t, work_s
-        take(t) if runtime <= 0 else None
-        while left > 1e-12:
-            if runtime <= 0:
-                # Throttled: each period boundary repays the debt from the refilled pool.
-                t = _next(t, period_s, period_offset)
-                take(t)
-                continue
-            tick = _next(t, tick_s, tick_offset)
-            boundary = _next(t, period_s, period_offset)
-            step = min(left, tick - t, boundary - t)
-            t += step
-            left -= step
-            runtime -= step
-            if left <= 1e-12:
-                break
-            if t >= boundary - 1e-12:
-                refill(t)
-            if t >= tick - 1e-12 and runtime <= 0:
-                take(t)   # the tick charges the spent runtime and asks the pool for more
-        out.append(t - start)
-        # Idle: keep 1 ms of runtime, give the rest back to this period's pool.
-        refill(t)
-        if runtime > MIN_RUNTIME_S:
-            pool += runtime - MIN_RUNTIME_S
-            runtime = MIN_RUNTIME_S
-        t += gap_s + (idle_s[i] if i < len(idle_s) else 0.0)
+        end, _ = cpu.run(t, work_s)
+        out.append(end - t)
+        cpu.idle(end)
+        t = end + gap_s + (idle_s[i] if i < len(idle_s) else 0.0)
     return out
 
 

@@ -45,6 +45,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edgetvm.costmodels import cfs
 from edgetvm.partition.cutedge.controller import PAYLOAD_SHARE, Observation
 from edgetvm.partition.cutedge.simulate import Result, SlotRecord
 from edgetvm.runtime.cgroup import cgroup_cpu_ns
@@ -66,8 +67,7 @@ class Actuators:
         self.f_mhz = self.rate_mbit = None
 
     def quota_cpus(self, f_mhz: float) -> float:
-        # CFS refuses a quota under 1 ms.
-        return max(1000, round(self.energy.quota(f_mhz) * self.period_us)) / self.period_us
+        return cfs.quota_s(self.energy.quota(f_mhz), self.period_us / 1e6) / (self.period_us / 1e6)
 
     def set_clock(self, f_mhz: float) -> None:
         if f_mhz != self.f_mhz:
@@ -365,13 +365,58 @@ class Testbed:
             b = self.pushed - self.receiver.received
         return q * 1e3, max(b, 0) / 1e3
 
+    # ------------------------------------------------------------------ the device's CFS clocks
+
+    def _timers(self, read, tries: int = 50):
+        """`read()` of the kernel's timer list once this device's period timer is armed (an RPC call arms
+        it; it lapses after an idle period), or None."""
+        ping = self.session.get_function("runtime.NumThreads")
+        for _ in range(tries):
+            ping()
+            if (got := read()) is not None:
+                return got
+            time.sleep(0.001)
+        return None
+
+    def quota(self, turn_s: float = 0.0):
+        """The device's clock as CFS enforces it, for the simulation (simulate.Quota): its period, its
+        ticks' phase, slot 0 on a period boundary as `run` starts it, the controller's `turn_s` (None
+        where the kernel's timer list is unreadable)."""
+        from edgetvm.partition.cutedge.simulate import Quota
+
+        phase = self._timers(lambda: cfs.tick_phase(min(self.device.cgroup.cpus)))
+        return None if phase is None else Quota(self.act.period_us / 1e6, phase, 0.0, turn_s)
+
+    def turn(self, slots: int = 30) -> float:
+        """The controller's turn, measured: how long after a slot starts its first frame starts on the
+        device (waking, observing, deciding, setting the clock, admitting, the driver thread's call), the
+        median over `slots` slots of the traces with the deepest compiled cut at the top clock."""
+        from edgetvm.partition.cutedge.controller import Fixed, make_cut
+
+        deepest = max(self.runners, key=len)
+        res = self.run(Fixed("turn", make_cut(self.s.costs, deepest), self.s.energy), slots=slots)
+        first: dict = {}
+        for arrival, marks in res.frames:
+            first[arrival] = min(first.get(arrival, np.inf), marks["device"][0])
+        return float(np.median([m - a for a, m in first.items()])) if first else 0.0
+
+    def _first_slot(self, earliest: float) -> float:
+        """Slot 0's start: the first period boundary of the device's CFS timer after `earliest`, so that
+        frames meet the quota where the simulation (`quota()`) has them meet it; `earliest` if unknown."""
+        b = self._timers(cfs.period_boundary)
+        if b is None:
+            return earliest
+        p = self.act.period_us / 1e6
+        return b + max(0, int(np.ceil((earliest - b) / p))) * p
+
     # ------------------------------------------------------------------ a run
 
-    def run(self, policy, drain_slots: int | None = None) -> Result:
+    def run(self, policy, drain_slots: int | None = None, slots: int | None = None) -> Result:
+        """Replay the traces (their first `slots` slots) with `policy` deciding each slot, in real time."""
         s = self.s
         tau = s.arrivals.slot_s
         a, c = s.arrivals.values, s.link.values
-        horizon = len(a)
+        horizon = len(a) if slots is None else min(len(a), slots)
         drain = horizon if drain_slots is None else drain_slots
         res = Result(policy.name, tau, horizon)
         self.frames.clear()
@@ -379,7 +424,7 @@ class Testbed:
             self.messages.clear()
         mine: list[_Frame] = []
         marks, quotas, acts = [], [], []
-        t0 = time.perf_counter() + 0.05
+        t0 = self._first_slot(time.perf_counter() + 0.05)
         t = 0
         try:
             while True:

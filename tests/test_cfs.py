@@ -111,6 +111,42 @@ def test_the_tick_phase_is_read_from_the_kernels_timer_list(tmp_path):
     assert cfs.tick_phase(0, str(tmp_path / "missing")) is None
 
 
+def test_a_period_boundary_is_read_in_the_clock_of_perf_counter(tmp_path):
+    """The one armed period timer's expiry, in seconds of CLOCK_MONOTONIC, which time.perf_counter reads
+    here (a run starts its slots on it); unknown with two armed timers or no timer list."""
+    import time
+
+    assert time.get_clock_info("perf_counter").implementation == "clock_gettime(CLOCK_MONOTONIC)"
+    path = tmp_path / "timer_list"
+    path.write_text(TIMER_LIST)
+    assert cfs.period_boundary(str(path)) == pytest.approx(12065.855991889, abs=1e-9)
+    path.write_text(TIMER_LIST + TIMER_LIST.split("cpu: 1")[0].split("active timers:\n")[1])
+    assert cfs.period_boundary(str(path)) is None
+    assert cfs.period_boundary(str(tmp_path / "missing")) is None
+
+
+def test_a_quota_is_whole_microseconds_and_one_ms_at_least():
+    assert cfs.quota_s(0.25, 0.010) == pytest.approx(0.0025)
+    assert cfs.quota_s(0.05, 0.010) == pytest.approx(0.001)        # CFS refuses less than 1 ms
+    assert cfs.quota_s(0.123456789, 0.1) == pytest.approx(0.012346)
+
+
+def test_bandwidth_state_carries_over_between_jobs_as_simulate_runs_them():
+    """Bandwidth.run/idle is what simulate loops over: the same wall times, job by job."""
+    times = cfs.simulate(0.003, 0.02, 0.0025, 0.010, frames=12, tick_offset=0.0026)
+    cpu, t, again = cfs.Bandwidth(0.0025, 0.010, tick_offset=0.0026), 0.0, []
+    for _ in range(12):
+        end, left = cpu.run(t, 0.003)
+        assert left == 0.0
+        again.append(end - t)
+        cpu.idle(end)
+        t = end + 0.02
+    assert again == times
+    # stopped at a time, the work left is what did not run
+    end, left = cfs.Bandwidth(0.0025, 0.010).run(0.0, 0.003, until=0.002)
+    assert (end, left) == (pytest.approx(0.002), pytest.approx(0.001))
+
+
 def test_a_known_tick_phase_gives_the_mean_of_that_phase():
     """A 3.3 ms part every 90 ms: whether its overrun is caught depends on where ticks fall in the
     period; the phase read and the same phase one period on (+2 ms mod 4) predict the same."""

@@ -171,6 +171,32 @@ def test_waiting_on_calls_lengthens_the_device_stage_but_costs_no_energy():
     assert calls.summary()["energy_j"] == pytest.approx(plain.summary()["energy_j"])
 
 
+def test_on_the_emulated_device_a_frame_runs_at_full_speed_while_the_periods_quota_lasts():
+    """simulate(quota=...): sbc-a53's top clock is a quarter CPU, 2.5 ms of each 10 ms period; a frame a
+    slot, each slot starting on a period boundary. A frame of 2.25 ms of CPU (9 ms of work at the quarter)
+    takes 2.25 ms. One of 3 ms runs on to the tick after its quota is spent (2.6 ms), waits for the next
+    period and ends at 10.4 ms; the next two find runtime their runqueue kept from the last period and run
+    through in 3 ms. The energy is the CPU time over the quota either way, as the testbed charges it."""
+    from edgetvm.partition.cutedge.simulate import Quota
+
+    a, c = traces.Trace("arrivals", 100, np.ones(30, int)), traces.Trace("link", 100, np.full(30, 20.0))
+    q = Quota(0.010, tick_phase_s=0.0026)
+    for ops, stages_ms in ((3, [2.25] * 3), (4, [10.4, 3.0, 3.0])):
+        cut = controller.make_cut(chain_costs(), frozenset(range(ops)))
+        fluid = simulate(controller.Fixed("f", cut, ENERGY), ENERGY, a, c)
+        cfs = simulate(controller.Fixed("f", cut, ENERGY), ENERGY, a, c, quota=q)
+        assert fluid.stage_means_ms()["device"] == pytest.approx(3.0 * ops)
+        device_ms = [(m["device"][1] - m["device"][0]) * 1e3 for _, m in cfs.frames]
+        assert device_ms == pytest.approx(stages_ms * 10)
+        assert cfs.summary()["energy_j"] == pytest.approx(fluid.summary()["energy_j"])
+    # the controller's turn delays each slot's frames, and so their latency, by as much
+    cut = controller.make_cut(chain_costs(), frozenset(range(3)))
+    late = simulate(controller.Fixed("f", cut, ENERGY), ENERGY, a, c, quota=Quota(0.010, 0.0026, turn_s=0.0015))
+    now = simulate(controller.Fixed("f", cut, ENERGY), ENERGY, a, c, quota=Quota(0.010, 0.0026))
+    assert late.stage_means_ms()["device wait"] == pytest.approx(now.stage_means_ms()["device wait"] + 1.5)
+    assert late.summary()["latency_mean_ms"] == pytest.approx(now.summary()["latency_mean_ms"] + 1.5)
+
+
 def test_testbed_measurements_replace_the_profile_and_other_cuts_get_the_median_excess():
     costs = chain_costs(device_ms=3.0, server_ms=0.3)
     d2, d4 = frozenset(range(2)), frozenset(range(4))
@@ -334,6 +360,32 @@ def test_ctrl_c_restores_the_quota_and_the_qdisc(mlp, tmp_path):
         netns, veth = tb.link.netns, tb.link.host_veth
     assert netns not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert subprocess.run(["ip", "link", "show", veth], capture_output=True).returncode != 0
+
+
+@needs_testbed
+def test_slots_start_on_a_boundary_of_the_devices_cfs_period(mlp, tmp_path):
+    """The testbed tells the simulation its device's period and ticks' phase (simulate.Quota) and its
+    controller's turn, and starts its slots on a boundary of that period, where the simulation starts
+    them."""
+    import time
+
+    from edgetvm.costmodels import cfs
+    from edgetvm.partition.cutedge import cli
+    from edgetvm.runtime.cutedge import open_testbed
+
+    s = cli.prepare(mlp, "phone-mid", "host", "poisson-30fps", "lte-verizon", slots=3, log=lambda *a: None)
+    with open_testbed(s, [s.cuts[0]], tmp_path / "splits", log=lambda *a: None) as tb:
+        q = tb.quota()
+        period = tb.act.period_us / 1e6
+        assert q.period_s == period and 0 <= q.tick_phase_s < cfs.TICK_S and q.start_s == 0
+        assert 0 < tb.turn(slots=5) < 0.05     # the controller's turn, before a slot's first frame starts
+        boundary = tb._timers(cfs.period_boundary)
+        policy = controller.Fixed("f", s.cuts[0], s.energy)
+        decided, real = [], policy.decide
+        policy.decide = lambda obs: decided.append(time.perf_counter()) or real(obs)
+        tb.run(policy)
+    # the first decision comes right after slot 0 starts: within a few ms after a period boundary
+    assert (decided[0] - boundary) % period < 0.004
 
 
 @needs_testbed

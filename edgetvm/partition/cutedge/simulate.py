@@ -7,6 +7,12 @@ done: computing and sending overlap across frames), the server computes the rest
 speed; the server's energy is not the device's and is not counted). Arrivals come at the start of
 their slot; rates are constant within a slot, events inside a slot are exact.
 
+With `quota` (a `Quota`: the emulated device's CFS period) the device stage runs as the testbed's
+does: a clock is a CPU quota per period, and a frame runs at the host's full speed while the period's
+quota lasts, then waits for the next period (costmodels/cfs.Bandwidth), so its wall time depends on
+where it falls in the period and on the frames before it; without it, at f / f_max of the work's
+speed throughout (a real board's clock).
+
 Energy per slot: busy power at the slot's clock x the time the processor computed, plus the radio's
 power at the slot's rate and capacity x the time it sent. After the last slot of the arrival trace
 the run goes on without arrivals (the link trace wrapping around) until every frame is done, or
@@ -20,6 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from edgetvm.costmodels import cfs
 from edgetvm.partition.cutedge.controller import PAYLOAD_SHARE, Action, Observation, Policy
 
 
@@ -32,6 +39,17 @@ def _mark(fr, stage: str, start: float, end: float | None = None) -> None:
         m[1] = end
 
 
+@dataclass(frozen=True)
+class Quota:
+    """An emulated device's clock as CFS enforces it: `period_s`, the ticks `tick_phase_s` after each
+    period boundary (cfs.tick_phase), and slot 0 starting `start_s` after a boundary; and the testbed's
+    controller, whose turn at each slot's start delays the slot's frames by `turn_s` (Testbed.turn)."""
+    period_s: float
+    tick_phase_s: float = 0.0
+    start_s: float = 0.0
+    turn_s: float = 0.0
+
+
 @dataclass
 class Frame:
     id: int
@@ -41,6 +59,7 @@ class Frame:
     bytes_left: float
     server_left: float
     ready: float = 0.0        # when it reached its current stage
+    cpu_left: float | None = None   # with a Quota: CPU seconds of its device stage still to run
     done: float | None = None
     marks: dict = field(default_factory=dict)   # stage -> [start, end], as the testbed records them
 
@@ -136,6 +155,34 @@ def _serve_work(queue: deque, start: float, end: float, speed: float, out: list)
     return busy
 
 
+def _serve_quota(queue: deque, start: float, end: float, cpu: cfs.Bandwidth, cpus: float, out: list) -> float:
+    """Device stage under a CFS quota: FIFO, a frame's processor time (work_s at f_max x `cpus`, the top
+    clock's CPUs) run by `cpu` (full speed while the quota lasts), the runqueue idle between frames, as
+    between two RPC calls. A cut's call_s is not added: it was measured as the stage's excess over the
+    uniform clock's time (0 for every cut calibrated on this machine). Returns the CPU seconds used."""
+    now, used = start, 0.0
+    while queue and now < end:
+        fr = queue[0]
+        begin = max(now, fr.ready)
+        if begin >= end:
+            break
+        if fr.cpu_left is None:
+            fr.cpu_left = fr.cut.work_s * cpus
+            _mark(fr, "device", begin)
+        total = fr.cut.work_s * cpus
+        now, left = cpu.run(begin, fr.cpu_left, until=end)
+        used += fr.cpu_left - left
+        fr.cpu_left = left
+        fr.work_left = left / total if total > 0 else 0.0
+        if left > 0:
+            break
+        cpu.idle(now)
+        fr.ready = now
+        _mark(fr, "device", fr.marks["device"][0], now)
+        out.append(queue.popleft())
+    return used
+
+
 def _serve_bytes(queue: deque, start: float, end: float, bytes_per_s: float, out: list) -> float:
     now, busy = start, 0.0
     while queue and now < end:
@@ -179,9 +226,9 @@ def _serve_server(queue: deque, start: float, end: float, done: list) -> None:
 
 
 def simulate(policy: Policy, energy, arrivals, capacity, drain_slots: int | None = None,
-             payload_share: float = PAYLOAD_SHARE) -> Result:
+             payload_share: float = PAYLOAD_SHARE, quota: Quota | None = None) -> Result:
     """Run `policy` over the traces (numpy arrays of frames and Mbit/s per slot, same slot length as
-    arrivals.slot_s when given Trace objects)."""
+    arrivals.slot_s when given Trace objects); with `quota`, the device as the emulation runs it."""
     tau = arrivals.slot_s
     a = np.asarray(arrivals.values)
     c = np.asarray(capacity.values, dtype=float)
@@ -193,6 +240,11 @@ def simulate(policy: Policy, energy, arrivals, capacity, drain_slots: int | None
     srvq: deque = deque()
     fid = 0
     t = 0
+    if quota is not None:
+        # slot 0 starts at time 0, `start_s` after a period boundary
+        top = cfs.quota_s(energy.quota(energy.f_max), quota.period_s)
+        cpu = cfs.Bandwidth(top, quota.period_s, period_offset=-quota.start_s,
+                            tick_offset=quota.tick_phase_s - quota.start_s)
     while t < horizon or ((devq or sendq or srvq) and t < horizon + drain):
         A = int(a[t]) if t < horizon else 0
         cap = float(c[t % len(c)])
@@ -203,12 +255,19 @@ def simulate(policy: Policy, energy, arrivals, capacity, drain_slots: int | None
         policy.update(obs, act)
         for _ in range(A):
             cut = act.cut
-            devq.append(Frame(fid, t0, cut, 1.0, float(cut.bytes), cut.server_s, ready=t0))
+            devq.append(Frame(fid, t0, cut, 1.0, float(cut.bytes), cut.server_s,
+                              ready=t0 + (quota.turn_s if quota is not None else 0.0)))
             fid += 1
         res.arrived += A
         speed = energy.speed(act.f_mhz)
         computed: list = []
-        cpu_busy = _serve_work(devq, t0, t0 + tau, float(speed), computed)
+        if quota is None:
+            cpu_busy = _serve_work(devq, t0, t0 + tau, float(speed), computed)
+        else:
+            # busy time as the testbed charges it: CPU time over the slot's quota
+            q = cfs.quota_s(energy.quota(act.f_mhz), quota.period_s)
+            cpu.set_quota(q, t0)
+            cpu_busy = _serve_quota(devq, t0, t0 + tau, cpu, top / quota.period_s, computed) / (q / quota.period_s)
         sendq.extend(computed)
         bps = act.rate_mbit * 1e6 / 8 * payload_share
         sent: list = []
