@@ -424,7 +424,7 @@ class Testbed:
             self.messages.clear()
         mine: list[_Frame] = []
         marks, quotas, acts = [], [], []
-        t0 = self._first_slot(time.perf_counter() + 0.05)
+        t0 = res.started = self._first_slot(time.perf_counter() + 0.05)
         t = 0
         try:
             while True:

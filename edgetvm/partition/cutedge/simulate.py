@@ -90,6 +90,7 @@ class Result:
     arrived: int = 0
     unfinished: int = 0
     frames: list = field(default_factory=list)   # (arrival, marks) of every finished frame
+    started: float | None = None   # the testbed's: slot 0's start, time.perf_counter()
 
     def stage_means_ms(self) -> dict:
         """Mean time a finished frame spent waiting for and in each stage (device, send, server), and the
