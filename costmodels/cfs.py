@@ -83,6 +83,21 @@ def period_boundary(timer_list: str = "/proc/timer_list") -> float | None:
     return got[0][0] if got is not None and len(got[0]) == 1 else None
 
 
+def while_armed(ping, read, seconds: float = 1.0):
+    """`read()` (tick_phase, period_boundary) once it gives a value, calling `ping()` (an RPC call to the
+    device) before each try: calls keep the device's period timer armed while another's lapses (a
+    profile's cgroup, a device just removed: its timer runs out within a period or two); None after
+    `seconds`."""
+    import time
+
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        ping()
+        if (got := read()) is not None:
+            return got
+    return None
+
+
 def quota_s(cpus: float, period_s: float) -> float:
     """The quota cpu.cfs_quota_us takes for `cpus` of a period: whole microseconds, 1 ms at least (CFS
     refuses less)."""

@@ -367,16 +367,9 @@ class Testbed:
 
     # ------------------------------------------------------------------ the device's CFS clocks
 
-    def _timers(self, read, tries: int = 50):
-        """`read()` of the kernel's timer list once this device's period timer is armed (an RPC call arms
-        it; it lapses after an idle period), or None."""
-        ping = self.session.get_function("runtime.NumThreads")
-        for _ in range(tries):
-            ping()
-            if (got := read()) is not None:
-                return got
-            time.sleep(0.001)
-        return None
+    def _timers(self, read):
+        """`read()` of the kernel's timer list once this device's period timer is armed, or None."""
+        return cfs.while_armed(self.session.get_function("runtime.NumThreads"), read)
 
     def quota(self, turn_s: float = 0.0):
         """The device's clock as CFS enforces it, for the simulation (simulate.Quota): its period, its

@@ -204,12 +204,7 @@ def calibrate_device(device, session, bandwidth_bps: float, rounds: int = 60, se
                 del out
     finally:
         quota.write_text(kept)
-    tick_phase_s, t0 = None, time.perf_counter()
-    while int(kept) > 0 and tick_phase_s is None and time.perf_counter() - t0 < 1.0:
-        # Calls keep this device's period timer armed while another's lapses (a profile's cgroup, a
-        # device just removed: its timer runs out within a period or two).
-        ping()
-        tick_phase_s = cfs.tick_phase(min(device.cgroup.cpus))
+    tick_phase_s = cfs.while_armed(ping, lambda: cfs.tick_phase(min(device.cgroup.cpus))) if int(kept) > 0 else None
     byte_s = max(0.0, (big_cpu - small_cpu) / (32768 - 1024))
     tensor_s = max(0.0, small_cpu - 1024 * byte_s)
     per_tensor_s = max(0.0, small_wall - 1024 * 8 / bandwidth_bps)
