@@ -25,9 +25,10 @@ then storage (one store against K separately stored pruned models), the switchin
 trace replayed on an emulated device (--device, default phone-hi; runtime/dress_device.py: the CPU quota
 of its cgroup follows the trace's CPU shares, its memory limit the memory budgets) for DRESS, a single
 dense model and K separately stored pruned models that must be loaded when the choice changes (only one
-fits the memory budget at a time). DRESS runs it twice, line by line in turn on two devices: with the
-per-call prediction and the prefetch at budget changes (the default), and as before (the calibration
-scaled by 1 / share, no prefetch). The prefetch assumes each budget change is announced before the next
+fits the memory budget at a time). DRESS runs it three times, line by line in turn on three devices: with
+the per-call prediction and the prefetch at budget changes, corrected by its calls' own times (the
+default), the same without that correction ("no adapt"), and as before (the calibration scaled by
+1 / share, no prefetch). Every call's record goes to --workdir/trace-records-DEVICE.json. The prefetch assumes each budget change is announced before the next
 inference; its time is reported apart from the calls.
 """
 
@@ -183,29 +184,46 @@ def device_trace(dress_art, dense_art, pruned_arts, pruned_acc, dress_acc, dense
     # devices: the same trace, the same load and the same calibrated latencies. The second reads its own copy
     # of the artifact, so that neither finds the other's weight pages in the page cache (charged to the
     # other's cgroup).
-    mean_art = Path(tempfile.mkdtemp(prefix="dress-mean-", dir=Path(dress_art).parent)) / "art"
-    shutil.copytree(dress_art, mean_art)
+    # A third device runs the per-call rule without its correction from the calls' own times (adapt=False).
+    copies = []
+    for name in ("mean", "static"):
+        copies.append(Path(tempfile.mkdtemp(prefix=f"dress-{name}-", dir=Path(dress_art).parent)) / "art")
+        shutil.copytree(dress_art, copies[-1])
     with DeviceWorker(args.device, "dress", [dress_art], x) as dev, \
-            DeviceWorker(args.device, "dress", [mean_art], x, policy="mean") as before:
+            DeviceWorker(args.device, "dress", [copies[0]], x, policy="mean") as before, \
+            DeviceWorker(args.device, "dress", [copies[1]], x, adapt=False) as static:
         cal = dev.calibrate()
         before_cal = before.calibrate()
+        static.calibrate()
         before.use_latencies(cal["predicted_ms"])   # one calibration: both rules agree on what the trace allows
         trace = make_trace(cal["predicted_ms"], cal["memory_bytes"], args.trace_length, args.seed)
-        dress_run, mean_run = replay_alternately([dev, before], trace)
+        dress_run, mean_run, static_run = replay_alternately([dev, before, static], trace)
     with DeviceWorker(args.device, "dense", [dense_art], x) as dev:
         dense_cal = dev.calibrate()
         dense_run = dev.replay(trace)
     plan = {k: cal[k] for k in ("subnets", "predicted_ms", "cold_ms", "warmup_ms", "after_ms", "memory_bytes",
                                    "file_bytes")}
-    with DeviceWorker(args.device, "separate", pruned_arts, x, plan=plan) as dev:
+    # without the correction: with it the choice changed more often, and one run's worker, loading a model
+    # under a tight limit, was killed by it (each load leaves the worker more anonymous memory)
+    with DeviceWorker(args.device, "separate", pruned_arts, x, plan=plan, adapt=False) as dev:
         sep_cal = dev.calibrate()
         sep_run = dev.replay(trace)
+    # every call's record (choice, prediction, quota left, time, pages read back) for a look at the misses
+    rec_path = Path(args.workdir) / f"trace-records-{args.device}.json"
+    tmp = rec_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"trace": [b.__dict__ for b in trace],
+                               **{k: r["records"] for k, r in (("dress", dress_run), ("dress_mean", mean_run),
+                                                                ("dress_static", static_run),
+                                                                ("dense", dense_run), ("separate", sep_run))}}))
+    tmp.replace(rec_path)
     sep = summarize(sep_run, pruned_acc)
     sep["load_anon_bytes"] = sep_cal["load_anon_bytes"]
     loads = [r["ms"] for r in sep_run["records"] if r["loaded"]]
     sep["load_ms_median"] = statistics.median(loads) if loads else 0.0
-    return {"device": args.device, "calibration": {"dress": cal, "dense": dense_cal, "dress_mean": before_cal},
+    return {"device": args.device, "records": str(rec_path),
+            "calibration": {"dress": cal, "dense": dense_cal, "dress_mean": before_cal},
             "dress": summarize(dress_run, dress_acc), "dress_mean": summarize(mean_run, dress_acc),
+            "dress_static": summarize(static_run, dress_acc),
             "dense": summarize(dense_run, [dense_acc]), "separate": sep}
 
 
@@ -281,7 +299,8 @@ def main(argv=None) -> int:
               + ", ".join(f"{ms:.3f} ms / {m / 2**20:.2f} MiB" for ms, m in zip(cal["predicted_ms"], cal["memory_bytes"]))
               + f"; dense {t['calibration']['dense']['predicted_ms'][0]:.3f} ms / "
               f"{t['calibration']['dense']['memory_bytes'][0] / 2**20:.2f} MiB")
-        for name, label in (("dress", "DRESS"), ("dress_mean", "DRESS as before"), ("dense", "dense"),
+        for name, label in (("dress", "DRESS"), ("dress_static", "DRESS, no adapt"), ("dress_mean", "DRESS as before"),
+                            ("dense", "dense"),
                             ("separate", "separate pruned")):
             u = t[name]
             extra = (f", {u['loads']} loads (median {u['load_ms_median']:.1f} ms; a load holds "

@@ -51,6 +51,10 @@ what the device's runtime can see at that moment, for the two causes of the miss
 * Cold caches: calls after the worker was off the CPU (waiting for the next line, or throttled) are
   slower (the first 2-3x the hot median here); each is predicted on the subnet's warm-up curve,
   measured at calibration, and no faster than measured just after the subnet that ran last.
+* The calibration's drift (`Correction`, with `adapt`, the default): calls run slower in a trace than
+  at calibration, cold ones more; every full-speed latency above is multiplied by the 90th percentile
+  of measured / predicted over the device's own last 64 such calls (first calls after a wait and the
+  others apart), so a subnet is chosen where nine calls in ten of its kind would have fit.
 * Kernel memory: the limit counts the kernel's memory for the worker (memory.kmem.usage_in_bytes) too,
   so a subnet's memory includes it (without it the sparsest subnet, at its own budget, thrashed).
 * Evicted weight pages: a subnet's pages are measured at calibration (mincore after its first call,
@@ -103,6 +107,9 @@ CHUNK = 25                   # inferences per message: the worker's records are 
 CALIBRATION_CALLS = 15       # timed calls per subnet at the start (their median): this machine is loaded
 COLD_CALLS = 5               # waits per subnet, then WARMUP_CALLS calls each (their medians): calls after a wait
 WARMUP_CALLS = 4
+ADAPT_CALLS = 64             # the per-call rule learns from its last this many full-speed calls...
+ADAPT_QUANTILE = 0.9         # ...this quantile of their measured / predicted time
+ADAPT_LEAST = 8              # (and predicts as calibrated until it has this many)
 
 
 class DeviceWorker:
@@ -112,7 +119,7 @@ class DeviceWorker:
     the rule and predictions of `plan` (a DRESS calibration), the chosen one loaded when the choice changes."""
 
     def __init__(self, profile, mode: str, arts: list, inputs: dict[str, np.ndarray], plan: dict | None = None,
-                 policy: str = "per-call", prefetch: bool = True):
+                 policy: str = "per-call", prefetch: bool = True, adapt: bool = True):
         from edgetvm.latte.devices import DeviceCgroup, cgroups_unavailable, load_profile
 
         if mode not in MODES or policy not in POLICIES:
@@ -121,6 +128,7 @@ class DeviceWorker:
             raise UserError(f"--device needs cgroups to emulate the device, and they are not available here: {reason}")
         self.profile = load_profile(profile) if isinstance(profile, str) else profile
         self.mode, self.policy, self.prefetch = mode, policy, prefetch
+        self.adapt = adapt and policy == "per-call"
         self.device = self.proc = self.tmp = None
         self.limit_raised = 0
         self.headroom = HEADROOM_BYTES
@@ -139,6 +147,8 @@ class DeviceWorker:
                 argv += [a for path in self.device.paths.values() for a in ("--cgroup", path)]
                 if plan is not None:
                     argv += ["--plan", str(self.tmp / "plan.json")]
+                if self.adapt:
+                    argv += ["--adapt"]
                 from edgetvm.runtime.leftovers import owner_env
 
                 env = {**os.environ, **owner_env(), "TVM_NUM_THREADS": str(len(self.device.cpus))}
@@ -259,7 +269,7 @@ class DeviceWorker:
         self.set_share(1.0)
         self.set_memory(None)
         return {"records": records, "lines": lines, "limit_raised": self.limit_raised,
-                "oom_kills": self.device.cg.oom_kills, "policy": self.policy}
+                "oom_kills": self.device.cg.oom_kills, "policy": self.policy, "adapt": self.adapt}
 
     def close(self) -> None:
         """Stops the worker and removes the cgroups and the temporary files; a second signal cannot cut it short."""
@@ -305,7 +315,7 @@ def replay_alternately(devices: list, trace: list) -> list[dict]:
             run["lines"] += part["lines"]
         i += n
     for dev, run in zip(devices, runs):
-        run.update(limit_raised=dev.limit_raised, oom_kills=dev.device.cg.oom_kills, policy=dev.policy)
+        run.update(limit_raised=dev.limit_raised, oom_kills=dev.device.cg.oom_kills, policy=dev.policy, adapt=dev.adapt)
     return runs
 
 
@@ -339,7 +349,7 @@ def summarize(run: dict, accuracy: list[float] | None = None) -> dict:
             "prefetched_lines": sum(1 for x in run["lines"] if x.get("prefetch") and x["prefetch"]["pages"]),
             "prefetch_pages": sum(x["prefetch"]["pages"] for x in run["lines"] if x.get("prefetch")),
             "prefetch_ms": sum(x["prefetch"]["ms"] for x in run["lines"] if x.get("prefetch")),
-            "policy": run.get("policy", "mean"),
+            "policy": run.get("policy", "mean"), "adapt": run.get("adapt", False),
             "limit_raised": run["limit_raised"], "oom_kills": run["oom_kills"], "per_share": check}
 
 
@@ -535,6 +545,36 @@ class QuotaLeft:
         return self.quota_ms - (cpu_ms - self.mark)
 
 
+class Correction:
+    """How much slower (or faster) this device's calls run than its calibration said, learnt from its own
+    calls: the ADAPT_QUANTILE of measured / predicted over its last ADAPT_CALLS calls that ran at full speed
+    (not throttled, no weight page read back), kept apart for a first call after the worker was off the CPU
+    and for the others. On this VM a subnet's calls during a trace ran a median 1.29x their calibration
+    (the other device's calls between lines take the caches; the machine's speed moves over minutes),
+    and the calls that missed their budget 2.2x, none throttled or paging: a choice by the median had
+    no margin. The factor applies to every subnet's full-speed latency; the ratio is to the uncorrected
+    prediction, so it does not compound."""
+
+    def __init__(self, n: int = ADAPT_CALLS, q: float = ADAPT_QUANTILE, least: int = ADAPT_LEAST):
+        self.ratios = {True: collections.deque(maxlen=n), False: collections.deque(maxlen=n)}
+        self.q, self.least = q, least
+
+    def factor(self, cold: bool) -> float:
+        """The q-quantile, interpolated as numpy's default, in plain Python: np.quantile's temporaries grew the
+        worker's heap by enough to push a 1.5 MiB budget's weight pages out (every call then read ~175 back)."""
+        r = self.ratios[cold]
+        if len(r) < self.least:
+            return 1.0
+        r = sorted(r)
+        x = self.q * (len(r) - 1)
+        i = int(x)
+        return r[i] if i + 1 >= len(r) else r[i] + (x - i) * (r[i + 1] - r[i])
+
+    def add(self, cold: bool, predicted_ms: float, ms: float) -> None:
+        if predicted_ms > 0:
+            self.ratios[cold].append(ms / predicted_ms)
+
+
 def _rss_bytes() -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -551,6 +591,8 @@ class _Worker:
         from edgetvm.runtime.subnets import SUBNET_INPUT, SubnetRunner
 
         self.mode, self.policy = args.mode, args.policy
+        self.correction = Correction() if args.adapt else None
+        self.last_base, self.last_cold = None, False
         self.inputs = dict(np.load(args.inputs))
         self.arts = [open_artifact(a) for a in args.artifacts]
         for a in self.arts:
@@ -767,6 +809,8 @@ class _Worker:
             if per_call:   # a throttling within the call: the refill came after its start, not after the look
                 self.quota.look(end * 1e3, cpu1 * 1e3, self.nr_throttled())
             faults = resource.getrusage(resource.RUSAGE_SELF).ru_majflt - faults
+            if per_call and self.correction is not None and not self.quota.just_throttled and faults == 0:
+                self.correction.add(self.last_cold, self.last_base[level], ms)
             rss, cache = self.held_parts()
             if self.mode == "dress":
                 self.follow_anonymous_memory(rss)
@@ -777,7 +821,8 @@ class _Worker:
                    "page_ins": faults, "anon_bytes": anon,
                    "kernel_bytes": self.kmem,
                    "fits_on_mean": fits_on_mean, "predicted_all": preds, "quota_left_ms": left,
-                   "missing_pages": missing}
+                   "missing_pages": missing,
+                   "throttled": bool(per_call and self.quota.just_throttled)}
             if self.mode == "dense":   # it runs whatever the budget: over the memory budget is a miss too
                 rec["miss"] = rec["miss"] or rec["memory_bytes"] > budget.memory_bytes
             out.append(rec)
@@ -798,6 +843,10 @@ class _Worker:
         base = [self.chooser.warmup_ms[j][n] if self.last_level is None or n == 0 else
                 max(self.chooser.warmup_ms[j][n], self.chooser.after_ms[self.last_level][j])
                 for j in range(len(self.chooser.predicted_ms))]
+        self.last_base, self.last_cold = base, n == 0
+        if self.correction is not None:
+            f = self.correction.factor(n == 0)
+            base = [b * f for b in base]
         k = len(self.chooser.predicted_ms)
         missing = [0] * k
         if self.pages is not None:
@@ -816,8 +865,9 @@ class _Worker:
         quota_us = max(1000, round(msg["share"] * self.full_quota_us))   # as this side is about to write it
         self.kmem = self.kernel_memory()
         self.follow_anonymous_memory()
+        f = self.correction.factor(False) if self.correction is not None else 1.0
         c = self.chooser.choose(budget, msg["share"],
-                                [per_call_ms(p, quota_us / 1e3, quota_us / 1e3, self.period_us / 1e3, self.cpus)
+                                [per_call_ms(p * f, quota_us / 1e3, quota_us / 1e3, self.period_us / 1e3, self.cpus)
                                  for p in self.chooser.predicted_ms])
         t = time.perf_counter()
         # the pages of every subnet whose memory the budget does not fit (nested: the densest such one's)
@@ -835,6 +885,7 @@ def worker_main(argv=None) -> int:
     p.add_argument("--cgroup", action="append", default=[])
     p.add_argument("--plan")
     p.add_argument("--policy", choices=POLICIES, default="per-call")
+    p.add_argument("--adapt", action="store_true", help="per-call: correct the calibration from the calls' own times")
     p.add_argument("artifacts", nargs="+")
     args = p.parse_args(argv)
     proto = os.fdopen(os.dup(1), "w")

@@ -335,6 +335,21 @@ def test_a_call_runs_at_full_speed_if_it_fits_in_the_quota_left_and_else_waits_f
     assert per_call_ms(0.2, 2.5, 2.5, 10, 1, page_in_ms=3.0) == pytest.approx(3.2)   # evicted pages read back
 
 
+def test_the_correction_is_a_high_quantile_of_the_calls_own_slowdown_kept_apart_for_cold_calls():
+    from edgetvm.runtime.dress_device import Correction
+
+    c = Correction(n=10, q=0.9, least=4)
+    for ms in (0.11, 0.12, 0.13):
+        c.add(False, 0.1, ms)
+    assert c.factor(False) == 1.0                        # too few calls: the calibration as it is
+    c.add(False, 0.1, 0.30)
+    assert c.factor(False) == pytest.approx(np.quantile([1.1, 1.2, 1.3, 3.0], 0.9))
+    assert c.factor(True) == 1.0                         # a first call after a wait learns from first calls only
+    for _ in range(10):                                  # the last n calls only: an old slowdown is forgotten
+        c.add(False, 0.2, 0.16)
+    assert c.factor(False) == pytest.approx(0.8)         # calls faster than calibrated lower it
+
+
 def test_the_quota_left_never_exceeds_what_the_cgroup_can_still_use_in_its_period():
     from edgetvm.runtime.dress_device import QuotaLeft
 
