@@ -28,8 +28,9 @@ dense model and K separately stored pruned models that must be loaded when the c
 fits the memory budget at a time). DRESS runs it three times, line by line in turn on three devices: with
 the per-call prediction and the prefetch at budget changes, corrected by its calls' own times (the
 default), the same without that correction ("no adapt"), and as before (the calibration scaled by
-1 / share, no prefetch). Every call's record goes to --workdir/trace-records-DEVICE.json. The prefetch assumes each budget change is announced before the next
-inference; its time is reported apart from the calls.
+1 / share, no prefetch). Every call's record goes to --workdir/trace-records-DEVICE.json. The prefetch
+assumes each budget change is announced before the next inference; its time is reported apart from the
+calls.
 """
 
 from __future__ import annotations
@@ -181,10 +182,9 @@ def device_trace(dress_art, dense_art, pruned_arts, pruned_acc, dress_acc, dense
     changes, the load counted in that inference's time). Each method in a fresh device and worker."""
     # DRESS as the runtime now chooses (per call: the CFS quota left, resident pages, a prefetch at each budget
     # change) and as before (the calibration scaled by 1 / share, no prefetch), line by line in turn on two
-    # devices: the same trace, the same load and the same calibrated latencies. The second reads its own copy
-    # of the artifact, so that neither finds the other's weight pages in the page cache (charged to the
-    # other's cgroup).
-    # A third device runs the per-call rule without its correction from the calls' own times (adapt=False).
+    # devices: the same trace, the same load and the same calibrated latencies; a third runs the per-call rule
+    # without its correction from the calls' own times (adapt=False). The others read their own copies of the
+    # artifact, so that none finds another's weight pages in the page cache (charged to that one's cgroup).
     copies = []
     for name in ("mean", "static"):
         copies.append(Path(tempfile.mkdtemp(prefix=f"dress-{name}-", dir=Path(dress_art).parent)) / "art")
