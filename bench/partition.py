@@ -19,8 +19,10 @@ the server computes frame i.
 
 Predicted ("pred"): the device's CPU work per frame (its kernels from the profile at full speed, plus
 its CPU per call, per tensor and per byte sent, measured once per link) under its quota as the kernel
-enforces it (costmodels/cfs.py), the wire at the link's rate and per-tensor time (measured with the
-same calibration), the server's kernels. "linear": the partitioners' additive cost (kernels over the
+enforces it (costmodels/cfs.py), the link with each direction's tbf bucket simulated over the frame's
+RPC messages (costmodels/tbf.py) and an RPC round trip's time beyond them (measured with the same
+calibration), the server's kernels. "additive": the same, but the link's time as bytes at its rate plus
+a time per tensor and per call (measured by that calibration too). "linear": the partitioners' additive cost (kernels over the
 quota's share, planned per-tensor time), which the cut is chosen with. "dev CPU": the device's CPU per
 frame, predicted and measured (its cgroup's threads).
 
@@ -126,13 +128,16 @@ def main(argv=None) -> int:
                 # The device's CPU per call, per tensor and per byte sent, and the link's time per
                 # tensor, measured here once: the prediction's constants (no model in them).
                 cal = dev.session()
-                cpu, per_tensor_s, call_s = calibrate_device(dev, cal, link.bandwidth_bps)
+                cpu, measured_link = calibrate_device(dev, cal, link.bandwidth_bps)
                 del cal
-                measured_link = cuts.Link(link.bandwidth_bps, per_tensor_s, call_s)
+                per_tensor_s, call_s = measured_link.per_tensor_s, measured_link.call_s
+                additive = replace(measured_link, shaper=None)
                 calib.append(f"{name} at {mbit:g} Mbit/s: device CPU per call {cpu.call_s * 1e6:.0f} us, per "
                              f"tensor sent {cpu.tensor_s * 1e6:.0f} us, per KiB sent {cpu.byte_s * 1024e6:.1f} us; "
                              f"link per tensor {per_tensor_s * 1e3:.2f} ms (planned with {link.per_tensor_s * 1e3:.2f}), "
-                             f"per call {call_s * 1e3:.2f} ms; "
+                             f"per call {call_s * 1e3:.2f} ms; a round trip beyond the tbf buckets "
+                             f"{measured_link.round_trip_s * 1e3:.2f} ms and per KiB read "
+                             f"{measured_link.read_byte_s * 1024e6:.1f} us; "
                              + (f"ticks {cpu.tick_phase_s * 1e3:.2f} ms after the period's boundaries (mod 4)"
                                 if cpu.tick_phase_s is not None else "tick phase unknown: averaged"))
                 for method in METHODS:
@@ -158,6 +163,8 @@ def main(argv=None) -> int:
                                          "frames": len(times), "sem": burst_sem(times, BURST),
                                          "pred": cuts.frame_latency(costs, d.device, measured_link, cpu,
                                                                     idle_max_s=cpu.period_s, burst=BURST)[0],
+                                         "additive": cuts.frame_latency(costs, d.device, additive, cpu,
+                                                                        idle_max_s=cpu.period_s, burst=BURST)[0],
                                          "linear": costs.latency(d.device, link), "meas": med.total_s,
                                          "cpu_pred": cuts.device_work(costs.parts(d.device), cpu),
                                          "cpu_meas": cpu_meas, "decide": d.decide_s})
@@ -177,6 +184,11 @@ def main(argv=None) -> int:
                      f"{env.min_cuts} min-cuts; exact over 200 bandwidths 0.1-1000 Mbit/s: "
                      f"{exact_sweep(costs, env, link.per_tensor_s)}")
     print_table(rows)
+    lat = [r for r in rows if r.get("objective") == "latency"]
+    for key in ("pred", "additive"):
+        near = [abs(r["meas"] / r[key] - 1) for r in lat]
+        print(f"latency within 10% of {key!r}: {sum(e <= 0.10 for e in near)} of {len(near)}, within 15%: "
+              f"{sum(e <= 0.15 for e in near)}")
     for n in notes + calib:
         print(n)
     print(f"device {device.name}: {device.cpu_quota:g} of a core (CFS quota), cpuset CPU 0, in a network namespace; "
@@ -188,7 +200,7 @@ def main(argv=None) -> int:
 
 def print_table(rows) -> None:
     print(f"{'model':<10} {'Mbit/s':>6} {'method':<13} {'device calls':>12} {'sent KiB':>9} {'linear':>7} "
-          f"{'pred ms':>8} {'meas ms':>8} {'err':>6} {'frames':>6} {'sem':>5} {'dev CPU pred':>12} {'meas':>6} "
+          f"{'additive':>8} {'pred ms':>8} {'meas ms':>8} {'err':>6} {'frames':>6} {'sem':>5} {'dev CPU pred':>12} {'meas':>6} "
           f"{'pred fps':>9} {'meas fps':>9} {'err':>6}")
     by = {}
     for r in rows:
@@ -202,7 +214,7 @@ def print_table(rows) -> None:
         if len(pair) == 2:
             lat, thr = pair["latency"], pair["throughput"]
             print(f"{r['model']:<10} {r['mbit']:>6g} {r['method']:<13} {lat['calls']:>12} {lat['kib']:>9.1f} "
-                  f"{lat['linear'] * 1e3:>7.2f} {lat['pred'] * 1e3:>8.2f} {lat['meas'] * 1e3:>8.2f} "
+                  f"{lat['linear'] * 1e3:>7.2f} {lat['additive'] * 1e3:>8.2f} {lat['pred'] * 1e3:>8.2f} {lat['meas'] * 1e3:>8.2f} "
                   f"{lat['meas'] / lat['pred'] - 1:>+6.0%} {lat['frames']:>6} {lat['sem']:>5.1%} {lat['cpu_pred'] * 1e3:>12.2f} {lat['cpu_meas'] * 1e3:>6.2f} "
                   f"{thr['pred']:>9.1f} {thr['meas']:>9.1f} {thr['meas'] / thr['pred'] - 1:>+6.0%}")
 

@@ -157,18 +157,21 @@ class SplitRunner:
 
 
 def calibrate_device(device, session, bandwidth_bps: float, rounds: int = 60, seed: int = 0):
-    """The device's CPU per RPC call, per tensor sent and per byte sent, the link's time per tensor
-    beyond its bytes, and the link's time of a call's round trip, measured on `device` (an EmulatedDevice:
-    its cgroup's CPU time) over `session` with calls of a global function, reads of a 1 KiB and a 32 KiB
-    tensor, and frames without compute (a tensor made on the device, read, freed) in bursts after
-    random idle times, as `SplitRunner.latency` runs frames; the quota is lifted meanwhile so that
-    throttling does not count as CPU. (cuts.DeviceCPU, per-tensor link seconds, per-call link seconds)"""
+    """The device's CPU per RPC call, per tensor sent and per byte sent, and the link as frames see it,
+    measured on `device` (an EmulatedDevice: its cgroup's CPU time) over `session` with calls of a global
+    function, reads of a 1 KiB and a 32 KiB tensor, and frames without compute (a tensor made on the
+    device, read, freed) in bursts after random idle times, as `SplitRunner.latency` runs frames; the
+    quota is lifted meanwhile so that throttling does not count as CPU. The link: its time per tensor
+    beyond the bytes and per call (the additive model), and where the device has an emulated link, each
+    direction's tbf as the kernel reports it, an RPC round trip's time beyond its buckets (from the
+    frames) and per byte read beyond them and the device's CPU (from the 32 KiB reads).
+    (cuts.DeviceCPU, cuts.Link)"""
     import random
 
     import tvm
 
     from edgetvm.costmodels import cfs
-    from edgetvm.partition.cuts import DeviceCPU
+    from edgetvm.partition import cuts
 
     quota = device.cgroup.cg.cpu / "cpu.cfs_quota_us"
     period_us = int((device.cgroup.cg.cpu / "cpu.cfs_period_us").read_text())
@@ -188,14 +191,15 @@ def calibrate_device(device, session, bandwidth_bps: float, rounds: int = 60, se
     try:
         call_cpu, _ = per_round(ping)
         small_cpu, small_wall = per_round(lambda: to_numpy(small))
-        big_cpu, _ = per_round(lambda: to_numpy(big))
+        big_cpu, big_wall = per_round(lambda: to_numpy(big))
         # A frame's link time is not its messages' times added up: the link's token bucket (tbf) lets a
         # few hundred bytes through at once after an idle moment and meters them at its rate when busy,
         # and a read is two round trips. So time frames as they come: a call that returns a tensor, its
         # read and its free, BURST at a time after idle times up to a CFS period.
-        rng, frames = random.Random(seed), []
+        rng, frames, idles = random.Random(seed), [], []
         for _ in range(max(2, rounds // BURST)):
-            time.sleep(rng.uniform(0.0, period_us / 1e6))
+            idles.append(rng.uniform(0.0, period_us / 1e6))
+            time.sleep(idles[-1])
             for _ in range(BURST):
                 t0 = time.perf_counter()
                 out = tvm.runtime.empty((2,), "float32", dev)
@@ -210,8 +214,24 @@ def calibrate_device(device, session, bandwidth_bps: float, rounds: int = 60, se
     per_tensor_s = max(0.0, small_wall - 1024 * 8 / bandwidth_bps)
     call_s = max(0.0, statistics.fmean(frames) - per_tensor_s - 8 * 8 / bandwidth_bps)
     share = int(kept) / period_us if int(kept) > 0 else 1.0
-    return (DeviceCPU(min(share, 1.0), period_us / 1e6, call_cpu, tensor_s, byte_s, tick_phase_s), per_tensor_s,
-            call_s)
+    cpu = cuts.DeviceCPU(min(share, 1.0), period_us / 1e6, call_cpu, tensor_s, byte_s, tick_phase_s)
+    shaper = shaper_of(device.link) if getattr(device, "link", None) is not None else None
+    round_trip_s = read_byte_s = 0.0
+    if shaper is not None:
+        round_trip_s = cuts.calibration_round_trip(shaper, frames, idles, BURST)
+        read_byte_s = cuts.calibration_read_byte(shaper, round_trip_s, byte_s, 32768, big_wall, rounds)
+    return cpu, cuts.Link(bandwidth_bps, per_tensor_s, call_s, shaper, round_trip_s, read_byte_s)
+
+
+def shaper_of(link):
+    """An EmulatedLink's two tbf qdiscs as the cost model takes them, or None where an end is not a tbf."""
+    from edgetvm.partition.cuts import Shaper
+
+    q = link.qdiscs()
+    if any(q[side]["kind"] != "tbf" for side in ("host", "device")):
+        return None
+    return Shaper(q["device"]["rate_mbit"] * 1e6 / 8, q["device"]["burst_bytes"],
+                  q["host"]["rate_mbit"] * 1e6 / 8, q["host"]["burst_bytes"])
 
 
 def mean_times(times: list[FrameTimes]) -> FrameTimes:

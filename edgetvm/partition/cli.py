@@ -168,12 +168,12 @@ def run_split(args) -> None:
     with _device_session(args, p) as (session, where):
         if args.report and "predicted_s" in p and getattr(session, "emulated", None) is not None:
             # Under the emulated device's CPU quota: its CPU per call and per byte sent, measured now.
-            quota = calibrate_device(session.emulated, session, session.emulated_bps * PAYLOAD_SHARE), session.emulated_bps
+            quota = calibrate_device(session.emulated, session, session.emulated_bps * PAYLOAD_SHARE)
         runner = SplitRunner(args.artifact, manifest, session, None)
         outputs, _ = runner.run(inputs)
         # Under a CFS quota, frames in bursts after random idle times, until the mean is known to 2%
         # (runtime/split.py); the prediction below simulates the same arrivals.
-        arrivals = {"idle_max_s": quota[0][0].period_s, "burst": BURST} if quota is not None else {}
+        arrivals = {"idle_max_s": quota[0].period_s, "burst": BURST} if quota is not None else {}
         until_known = {**arrivals, "rel_sem": 0.02, "max_s": 10.0} if arrivals else {}
         times = runner.latency(inputs, repeat=args.repeat, **until_known)
         stream = runner.stream(inputs, frames=max(args.repeat, 10))
@@ -192,10 +192,9 @@ def run_split(args) -> None:
         if quota is not None:
             from edgetvm.partition import cuts
 
-            (cpu, per_tensor_s, call_s), bps = quota
+            cpu, link = quota
             parts = {"device_s": dev_s, "server_s": p["predicted_server_s"], "bytes": p["bytes"],
-                     "tensors": len(manifest["crossing"])}
-            link = cuts.Link(bps * PAYLOAD_SHARE, per_tensor_s, call_s)
+                     "tensors": len(manifest["crossing"]), "sizes": [c["bytes"] for c in manifest["crossing"]]}
             total_s, dev_s = cuts.parts_latency(parts, link, cpu, **arrivals)
             xfer_s = total_s - dev_s - p["predicted_server_s"]
             fps = cuts.parts_throughput(parts, link, cpu)

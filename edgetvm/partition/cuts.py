@@ -4,7 +4,10 @@ The input frame starts on the device and the results are wanted on the server. A
 kernel calls that run on the device, closed under predecessors. Its latency is the device's time
 for them + the transfer of every value that crosses (once, however many server ops read it) + the
 server's time for the rest. A transfer costs bytes / bandwidth + a fixed per-tensor time (the RPC
-round trip and the link's delay).
+round trip and the link's delay). That additive cost is what the partitioners minimise (CIC needs a
+line in 1 / bandwidth); the latency predicted for a chosen cut on an emulated link (`frame_latency`
+with a calibrated `Link.shaper`) simulates each direction's tbf bucket over the frame's RPC messages
+instead (costmodels/tbf.py).
 
 - Neurosurgeon (Kang et al., ASPLOS 2017): the best single split point in topological order.
 - DADS (Hu et al., INFOCOM 2019): a minimum s-t cut of the DAG, device times on the edges to the
@@ -22,6 +25,7 @@ round trip and the link's delay).
 from __future__ import annotations
 
 import bisect
+import random
 from dataclasses import dataclass, field
 
 from edgetvm.costmodels.profile import Graph
@@ -30,10 +34,23 @@ INF = float("inf")
 
 
 @dataclass(frozen=True)
+class Shaper:
+    """What each direction's tbf does (the kernel's own figures, `EmulatedLink.qdiscs`): rate in Ethernet
+    bytes per second, bucket in bytes."""
+    up_rate: float             # device -> server
+    up_burst: float
+    down_rate: float           # server -> device
+    down_burst: float
+
+
+@dataclass(frozen=True)
 class Link:
     bandwidth_bps: float       # bits per second
     per_tensor_s: float = 0.0  # fixed time per tensor sent: RPC round trip + the link's delay
     call_s: float | None = None  # the link's time of a call's round trip (None: per_tensor_s)
+    shaper: Shaper | None = None   # simulate the tbf buckets over a frame's messages (frame_latency)
+    round_trip_s: float = 0.0  # with a shaper: an RPC round trip's time beyond the buckets (both ends' work)
+    read_byte_s: float = 0.0   # with a shaper: time per byte read beyond the buckets and the device's CPU
 
     @property
     def x(self) -> float:
@@ -60,7 +77,8 @@ class Costs:
         cross = self.crossing(device)
         return {"device_s": sum(self.device_s[k] for k in device),
                 "server_s": sum(t for k, t in enumerate(self.server_s) if k not in device),
-                "bytes": sum(self.graph.values[v] for v in cross), "tensors": len(cross), "crossing": cross}
+                "bytes": sum(self.graph.values[v] for v in cross), "tensors": len(cross), "crossing": cross,
+                "sizes": [self.graph.values[v] for v in cross]}
 
     def latency(self, device: frozenset[int], link: Link) -> float:
         p = self.parts(device)
@@ -96,11 +114,22 @@ def frame_latency(costs: "Costs", device: frozenset[int], link: Link, cpu: Devic
     return parts_latency(costs.parts(device), link, cpu, idle_max_s, burst)
 
 
+SETTLE_ROUNDS = 3   # device wall <-> bucket waits: the third round moved predictions by under 1% here
+
+
 def parts_latency(p: dict, link: Link, cpu: DeviceCPU, idle_max_s: float = 0.0,
                   burst: int = 1) -> tuple[float, float]:
     """frame_latency from a cut's parts (device_s, server_s, bytes, tensors), as a split's manifest keeps them."""
     gap = _wire(p, link) + p["server_s"]
-    dev = _under_quota(device_work(p, cpu), gap, cpu, idle_max_s, burst)
+    work = device_work(p, cpu)
+    dev = _under_quota(work, gap, cpu, idle_max_s, burst)
+    if link.shaper is not None:
+        # The device's wall time under its quota depends on the gap between its parts, and the buckets'
+        # waits on the device's wall time: a few rounds of each settle them.
+        for _ in range(SETTLE_ROUNDS):
+            _, between = shaped_wire(p, link, dev, idle_max_s, burst)
+            dev = _under_quota(work, between + p["server_s"], cpu, idle_max_s, burst)
+        gap = shaped_wire(p, link, dev, idle_max_s, burst)[0] + p["server_s"]
     return dev + gap, dev
 
 
@@ -131,6 +160,131 @@ def device_work(parts: dict, cpu: DeviceCPU) -> float:
 def _wire(parts: dict, link: Link) -> float:
     call_s = link.per_tensor_s if link.call_s is None else link.call_s
     return parts["bytes"] * link.x + parts["tensors"] * link.per_tensor_s + call_round_trips(parts) * call_s
+
+
+# A frame's TVM RPC messages, TCP payload bytes each way, counted by the link's tbf qdiscs (`tc -s`,
+# 40 calls each): the device part's call with one input (its handle; the weights wait on the device)
+# and its reply, a tensor's handle; reading a tensor here (runtime/tensors.to_numpy: a copy, then the
+# stream's sync); the free of a remote tensor, sent without waiting for a reply, which the other end
+# acknowledges with a segment of its own. A calibration frame (alloc, read, free) is 4 segments each
+# way, 493 and 360 bytes with headers; a split frame of a one-input, one-output part 517 and 424.
+CALL = (84, 112)
+ALLOC = (64, 48)
+READ = ((80, 24), (42, 16))   # + the tensor's bytes in the first reply
+FREE = 40
+
+
+def _read(up, down, t: float, nbytes: int, rt: float, byte_s: float = 0.0) -> float:
+    from edgetvm.costmodels.tbf import frames
+
+    reply = READ[0][1] + nbytes
+    t = up.send(down.send(t, READ[0][0]), reply) + rt + nbytes * byte_s
+    for _ in range(len(frames(reply)) // 2):   # delayed acknowledgements, one per two segments received
+        down.send(t, 0)
+    return up.send(down.send(t, READ[1][0]), READ[1][1]) + rt
+
+
+def _free(up, down, t: float) -> float:
+    """A free: its segment, and the other end's acknowledgement. The client goes on once the segment is
+    sent, which on a link whose bucket is empty waits for its tokens (measured as a split frame's time
+    beyond its timers, where its tensors are freed: 16 us on a quiet link, 0.4 ms a frame on average
+    on a saturated 1 Mbit/s one). That wait delays the next frame, not this one's results."""
+    sent = down.send(t, FREE)
+    up.send(sent, 0)
+    return sent
+
+
+def split_frame(up, down, t: float, device_wall_s: float, sizes: list[int],
+                rt: float = 0.0, byte_s: float = 0.0) -> tuple[float, float, float]:
+    """A split frame's messages from `t` on through the buckets `up` (device -> server) and `down`: the
+    device part's call, its compute, its reply (and one call per item where it returns several), a
+    read of each crossing tensor, the frees. (when the call returned, when the last read did, when the
+    last free was sent: the frame's results are here at the second, the next frame starts after the third)"""
+    items = len(sizes) if len(sizes) > 1 else 0
+    t = up.send(down.send(t, CALL[0]) + device_wall_s, CALL[1]) + rt
+    for _ in range(items):
+        t = up.send(down.send(t, CALL[0]), CALL[1]) + rt
+    called = t
+    for n in sizes:
+        t = _read(up, down, t, int(n), rt, byte_s)
+    freed = t
+    for _ in range(len(sizes) + (1 if items else 0)):
+        freed = _free(up, down, freed)
+    return called, t, freed
+
+
+def calibration_frame(up, down, t: float, rt: float = 0.0) -> tuple[float, float]:
+    """A compute-free calibration frame (runtime/split.calibrate_device: a tensor made on the device,
+    read, freed) from `t` on: (when its read returned, when its free was sent). Three round trips."""
+    t = up.send(down.send(t, ALLOC[0]), ALLOC[1]) + rt
+    t = _read(up, down, t, 8, rt)
+    return t, _free(up, down, t)
+
+
+def _buckets(shaper: "Shaper"):
+    from edgetvm.costmodels.tbf import Bucket
+
+    return Bucket(shaper.up_rate, shaper.up_burst), Bucket(shaper.down_rate, shaper.down_burst)
+
+
+def shaped_wire(p: dict, link: Link, device_wall_s: float, idle_max_s: float = 0.0, burst: int = 1,
+                frames: int = 96, warmup: int = 8, seed: int = 0) -> tuple[float, float]:
+    """Link time of a cut's frames with each direction's tbf bucket simulated over the frame's messages
+    (costmodels/tbf.py), the frames arriving as `frame_latency`'s do: (the mean of a frame's latency
+    beyond the device's and the server's time, the mean link time from the device part's end to the
+    next frame's call, the frees included)."""
+    up, down = _buckets(link.shaper)
+    sizes = p.get("sizes") or [p["bytes"] // max(1, p["tensors"])] * p["tensors"]
+    rng, t, total, between = random.Random(seed), 0.0, 0.0, 0.0
+    for i in range(frames + warmup):
+        start = t
+        _, done, t = split_frame(up, down, t, device_wall_s, sizes, link.round_trip_s, link.read_byte_s)
+        if i >= warmup:
+            total += done - start - device_wall_s
+            between += t - start - device_wall_s
+        t += p["server_s"]
+        if idle_max_s > 0 and (i + 1) % burst == 0:
+            t += rng.uniform(0.0, idle_max_s)
+    return total / frames, between / frames
+
+
+def calibration_round_trip(shaper: Shaper, frame_s: list[float], idle_s: list[float], burst: int) -> float:
+    """An RPC round trip's time beyond the buckets, from compute-free calibration frames timed in bursts
+    of `burst`, each burst after `idle_s[k]`: what their mean took beyond the same frames simulated
+    without it, per round trip."""
+    up, down = _buckets(shaper)
+    t, sim = 0.0, 0.0
+    for i in range(len(frame_s)):
+        if i % burst == 0:
+            t += idle_s[i // burst]
+        start = t
+        done, t = calibration_frame(up, down, t)
+        sim += done - start
+    return max(0.0, (sum(frame_s) - sim) / len(frame_s) / 3)
+
+
+def calibration_read_byte(shaper: Shaper, round_trip_s: float, device_byte_s: float, nbytes: int,
+                          read_s: float, reads: int) -> float:
+    """Time per byte read beyond the buckets and the device's CPU for it, from `reads` reads of an
+    `nbytes` tensor run back to back that took `read_s` each: TVM RPC copies a tensor through a ring
+    buffer a byte at a time on both ends (docs/pipeline.md), and the client's copy does not overlap
+    the wire (100 Mbit/s: a 108 KiB read took 10.6 ms where the bucket gives 8.8)."""
+    def simulated(byte_s: float) -> float:
+        up, down = _buckets(shaper)
+        t = 0.0
+        for _ in range(reads):
+            t = _read(up, down, t, nbytes, round_trip_s, byte_s)
+        return t / reads
+
+    # Time after each read lets the buckets refill, so the reads' time grows with byte_s by less than
+    # nbytes * byte_s: find it by bisection (the simulation grows monotonically with it).
+    lo, hi = 0.0, max(0.0, read_s / nbytes)
+    if simulated(lo) >= read_s:
+        return 0.0
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if simulated(mid) < read_s else (lo, mid)
+    return max(0.0, lo - device_byte_s)
 
 
 def _under_quota(work: float, gap: float, cpu: DeviceCPU, idle_max_s: float = 0.0, burst: int = 1) -> float:
