@@ -114,7 +114,7 @@ def frame_latency(costs: "Costs", device: frozenset[int], link: Link, cpu: Devic
     return parts_latency(costs.parts(device), link, cpu, idle_max_s, burst)
 
 
-SETTLE_ROUNDS = 3   # device wall <-> bucket waits: the third round moved predictions by under 1% here
+SETTLE_ROUNDS = 3   # rounds of device wall <-> bucket waits (parts_latency)
 
 
 def parts_latency(p: dict, link: Link, cpu: DeviceCPU, idle_max_s: float = 0.0,
