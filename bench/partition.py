@@ -20,11 +20,11 @@ the server computes frame i.
 Predicted ("pred"): the device's CPU work per frame (its kernels from the profile at full speed, plus
 its CPU per call, per tensor and per byte sent, measured once per link) under its quota as the kernel
 enforces it (costmodels/cfs.py), the link with each direction's tbf bucket simulated over the frame's
-RPC messages (costmodels/tbf.py) and an RPC round trip's time beyond them (measured with the same
-calibration), the server's kernels. "additive": the same, but the link's time as bytes at its rate plus
-a time per tensor and per call (measured by that calibration too). "linear": the partitioners' additive cost (kernels over the
-quota's share, planned per-tensor time), which the cut is chosen with. "dev CPU": the device's CPU per
-frame, predicted and measured (its cgroup's threads).
+RPC messages (costmodels/tbf.py) plus an RPC round trip's time and a time per byte read beyond them
+(measured with the same calibration), the server's kernels. "additive": the same, but the link's time
+as bytes at its rate plus a time per tensor and per call (measured by that calibration too). "linear":
+the partitioners' additive cost (kernels over the quota's share, planned per-tensor time), which the
+cut is chosen with. "dev CPU": the device's CPU per frame, predicted and measured (its cgroup's threads).
 
     python bench/partition.py [--models ocr_cls,ocr_det,resnet,inception] [--bandwidths 1,5,20,100]
 """
