@@ -24,6 +24,7 @@ from edgetvm.runtime.session import Runner
 from edgetvm.runtime.tensors import checked_inputs, to_numpy, to_tvm
 
 
+READS_AFTER_IDLE = 8   # 32 KiB reads that find the link's buckets full, in calibrate_device
 BURST = 8   # frames per burst when latency is measured in bursts after random idle times
 
 
@@ -164,7 +165,7 @@ def calibrate_device(device, session, bandwidth_bps: float, rounds: int = 60, se
     quota is lifted meanwhile so that throttling does not count as CPU. The link: its time per tensor
     beyond the bytes and per call (the additive model), and where the device has an emulated link, each
     direction's tbf as the kernel reports it, an RPC round trip's time beyond its buckets (from the
-    frames) and per byte read beyond them and the device's CPU (from the 32 KiB reads).
+    frames) and per byte read beyond them and the device's CPU (from 32 KiB reads after idle times).
     (cuts.DeviceCPU, cuts.Link)"""
     import random
 
@@ -191,7 +192,7 @@ def calibrate_device(device, session, bandwidth_bps: float, rounds: int = 60, se
     try:
         call_cpu, _ = per_round(ping)
         small_cpu, small_wall = per_round(lambda: to_numpy(small))
-        big_cpu, big_wall = per_round(lambda: to_numpy(big))
+        big_cpu, _ = per_round(lambda: to_numpy(big))
         # A frame's link time is not its messages' times added up: the link's token bucket (tbf) lets a
         # few hundred bytes through at once after an idle moment and meters them at its rate when busy,
         # and a read is two round trips. So time frames as they come: a call that returns a tensor, its
@@ -206,6 +207,16 @@ def calibrate_device(device, session, bandwidth_bps: float, rounds: int = 60, se
                 to_numpy(out)
                 frames.append(time.perf_counter() - t0)
                 del out
+        # Reads that find the link's buckets full, as a frame's reads mostly do (see cuts.calibration_read_byte).
+        shaper = shaper_of(device.link) if getattr(device, "link", None) is not None else None
+        big_reads = []
+        if shaper is not None:
+            refill_s = max(shaper.up_burst / shaper.up_rate, shaper.down_burst / shaper.down_rate)
+            for _ in range(READS_AFTER_IDLE):
+                time.sleep(2 * refill_s)
+                t0 = time.perf_counter()
+                to_numpy(big)
+                big_reads.append(time.perf_counter() - t0)
     finally:
         quota.write_text(kept)
     tick_phase_s = cfs.while_armed(ping, lambda: cfs.tick_phase(min(device.cgroup.cpus))) if int(kept) > 0 else None
@@ -215,11 +226,10 @@ def calibrate_device(device, session, bandwidth_bps: float, rounds: int = 60, se
     call_s = max(0.0, statistics.fmean(frames) - per_tensor_s - 8 * 8 / bandwidth_bps)
     share = int(kept) / period_us if int(kept) > 0 else 1.0
     cpu = cuts.DeviceCPU(min(share, 1.0), period_us / 1e6, call_cpu, tensor_s, byte_s, tick_phase_s)
-    shaper = shaper_of(device.link) if getattr(device, "link", None) is not None else None
     round_trip_s = read_byte_s = 0.0
     if shaper is not None:
         round_trip_s = cuts.calibration_round_trip(shaper, frames, idles, BURST)
-        read_byte_s = cuts.calibration_read_byte(shaper, round_trip_s, byte_s, 32768, big_wall, rounds)
+        read_byte_s = cuts.calibration_read_byte(shaper, round_trip_s, byte_s, 32768, statistics.median(big_reads))
     return cpu, cuts.Link(bandwidth_bps, per_tensor_s, call_s, shaper, round_trip_s, read_byte_s)
 
 

@@ -98,15 +98,12 @@ def test_a_device_under_its_quota_is_predicted_with_the_gap_the_buckets_leave_it
     assert dev == pytest.approx(cuts._under_quota(0.0017, settled_gap, cpu, 0.01, 8), rel=0.05)
 
 
-def test_the_time_per_byte_read_is_what_back_to_back_reads_took_beyond_the_buckets_and_the_device():
+def test_the_time_per_byte_read_is_what_a_read_after_an_idle_time_took_beyond_the_buckets_and_the_device():
     sh = cuts.Shaper(12.5e6, 6237, 12.5e6, 6237)
     up, down = cuts._buckets(sh)
-    t = 0.0
-    for _ in range(10):
-        t = cuts._read(up, down, t, 32768, 5e-5, byte_s=28e-9)
+    read_s = cuts._read(up, down, 0.0, 32768, 5e-5, byte_s=28e-9)
     # Of 28 ns a byte, the device's own CPU (8 ns, measured from its cgroup) is charged to the device.
-    got = cuts.calibration_read_byte(sh, 5e-5, 8e-9, 32768, t / 10, 10)
-    assert got == pytest.approx(20e-9, rel=0.01)
+    assert cuts.calibration_read_byte(sh, 5e-5, 8e-9, 32768, read_s) == pytest.approx(20e-9, rel=1e-6)
 
 
 def test_without_a_shaper_the_prediction_is_the_additive_one():

@@ -264,27 +264,16 @@ def calibration_round_trip(shaper: Shaper, frame_s: list[float], idle_s: list[fl
 
 
 def calibration_read_byte(shaper: Shaper, round_trip_s: float, device_byte_s: float, nbytes: int,
-                          read_s: float, reads: int) -> float:
-    """Time per byte read beyond the buckets and the device's CPU for it, from `reads` reads of an
-    `nbytes` tensor run back to back that took `read_s` each: TVM RPC copies a tensor through a ring
-    buffer a byte at a time on both ends (docs/pipeline.md), and the client's copy does not overlap
-    the wire (100 Mbit/s: a 108 KiB read took 10.6 ms where the bucket gives 8.8)."""
-    def simulated(byte_s: float) -> float:
-        up, down = _buckets(shaper)
-        t = 0.0
-        for _ in range(reads):
-            t = _read(up, down, t, nbytes, round_trip_s, byte_s)
-        return t / reads
-
-    # Time after each read lets the buckets refill, so the reads' time grows with byte_s by less than
-    # nbytes * byte_s: find it by bisection (the simulation grows monotonically with it).
-    lo, hi = 0.0, max(0.0, read_s / nbytes)
-    if simulated(lo) >= read_s:
-        return 0.0
-    for _ in range(40):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if simulated(mid) < read_s else (lo, mid)
-    return max(0.0, lo - device_byte_s)
+                          read_s: float) -> float:
+    """Time per byte read beyond the buckets and the device's CPU for it, from reads of an `nbytes`
+    tensor that each found the buckets full (after an idle time) and took `read_s`: TVM RPC copies a
+    tensor through a ring buffer a byte at a time on both ends (docs/pipeline.md), and the client's
+    copy does not overlap the wire (100 Mbit/s: a 108 KiB read took 10.6 ms where the buckets give
+    8.8). Reads back to back cannot tell it: the time it adds lets the buckets refill, and they absorb
+    it (at 5 Mbit/s up to 5 ms a read)."""
+    up, down = _buckets(shaper)
+    simulated = _read(up, down, 0.0, nbytes, round_trip_s)
+    return max(0.0, (read_s - simulated) / nbytes - device_byte_s)
 
 
 def _under_quota(work: float, gap: float, cpu: DeviceCPU, idle_max_s: float = 0.0, burst: int = 1) -> float:
