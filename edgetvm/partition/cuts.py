@@ -28,6 +28,7 @@ import bisect
 import random
 from dataclasses import dataclass, field
 
+from edgetvm.costmodels import tbf
 from edgetvm.costmodels.profile import Graph
 
 INF = float("inf")
@@ -175,11 +176,9 @@ FREE = 40
 
 
 def _read(up, down, t: float, nbytes: int, rt: float, byte_s: float = 0.0) -> float:
-    from edgetvm.costmodels.tbf import frames
-
     reply = READ[0][1] + nbytes
     t = up.send(down.send(t, READ[0][0]), reply) + rt + nbytes * byte_s
-    for _ in range(len(frames(reply)) // 2):   # delayed acknowledgements, one per two segments received
+    for _ in range(len(tbf.frames(reply)) // 2):   # delayed acknowledgements, one per two segments received
         down.send(t, 0)
     return up.send(down.send(t, READ[1][0]), READ[1][1]) + rt
 
@@ -221,10 +220,8 @@ def calibration_frame(up, down, t: float, rt: float = 0.0) -> tuple[float, float
     return t, _free(up, down, t)
 
 
-def _buckets(shaper: "Shaper"):
-    from edgetvm.costmodels.tbf import Bucket
-
-    return Bucket(shaper.up_rate, shaper.up_burst), Bucket(shaper.down_rate, shaper.down_burst)
+def _buckets(shaper: Shaper) -> tuple[tbf.Bucket, tbf.Bucket]:
+    return tbf.Bucket(shaper.up_rate, shaper.up_burst), tbf.Bucket(shaper.down_rate, shaper.down_burst)
 
 
 def shaped_wire(p: dict, link: Link, device_wall_s: float, idle_max_s: float = 0.0, burst: int = 1,
