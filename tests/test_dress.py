@@ -299,7 +299,7 @@ def test_on_an_emulated_device_the_quota_and_memory_limit_follow_the_trace_and_t
         cal = dev.calibrate()
         pred, mem = cal["predicted_ms"], cal["memory_bytes"]
         assert mem == sorted(mem, reverse=True) and mem[3] < mem[0]          # measured: a sparser prefix holds less
-        t = 10 * pred[3] * 1.01        # at a tenth of the quota only the sparsest subnet's scaled prediction fits
+        t = 10 * pred[3] * 1.01        # at a tenth of the quota the sparsest subnet's scaled prediction fits
         roomy, tight = 64 * 2**20, max(mem[3], mem[0] // 2)
         trace = [rt.Budget(t, roomy, 1.0)] * 5 + [rt.Budget(t, roomy, 0.1)] * 60 + [rt.Budget(t, tight, 1.0)] * 5
         run = dev.replay(trace)
@@ -317,7 +317,9 @@ def test_on_an_emulated_device_the_quota_and_memory_limit_follow_the_trace_and_t
         plan.memory_bytes = [f + r["anon_bytes"] for f in cal["file_bytes"]]
         assert r["share"] == b.cpu_share and r["predicted_ms"] == pytest.approx(pred[r["level"]] / b.cpu_share)
         assert rt.Choice(r["level"], r["fits"]) == plan.choose(b, b.cpu_share)
-    assert recs[0]["level"] < recs[10]["level"] == 3                       # the lower quota: a smaller subnet
+    # the lower quota: a sparser subnet (not always the sparsest: the sparse subnets of LeNet take 30-100 us
+    # and two of them can measure within 1% of each other, and then the denser one fits too and is chosen)
+    assert recs[0]["level"] < recs[10]["level"]
     assert all(r["memory_bytes"] <= tight for r in recs[65:])              # held under the limit set from the budget
     assert summarize(run, [0.9, 0.8, 0.7, 0.6])["inferences"] == 70
     assert not any(c.exists() for c in cgroups) and not _our_cgroups(os.getpid())
