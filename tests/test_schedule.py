@@ -363,6 +363,36 @@ def test_a_grouped_conv_with_narrow_rows_runs_as_one_matmul_per_group(groups, wi
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("op", ["Sum", "Mean", "Max", "Min"])
+def test_an_onnx_sum_of_inputs_is_a_chain_of_binary_ops_not_a_stack(op, tmp_path):
+    """ONNX Sum, Mean, Max and Min over several inputs (broadcast among them) compile to adds, maximums or
+    minimums, with no stacked copy of the inputs, and compute what onnxruntime computes."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from edgetvm.compiler import compile_model
+    from edgetvm.runtime.artifact import open_artifact
+    from edgetvm.runtime.session import Runner
+
+    shapes = {"a": [2, 3, 4], "b": [2, 3, 4], "c": [1, 3, 1]}
+    g = helper.make_graph([helper.make_node(op, list(shapes), ["y"])], "g",
+                          [helper.make_tensor_value_info(k, TensorProto.FLOAT, v) for k, v in shapes.items()],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3, 4])])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)]), tmp_path / "m.onnx")
+    imported = onnx_import.import_onnx(*onnx_import.prepare(tmp_path / "m.onnx"))[0]
+    _, deploy = pipeline.lift_weight_transforms(imported)
+    ops = [b.value.op.name for blk in deploy["main"].body.blocks for b in blk.bindings if hasattr(b.value, "op")]
+    assert "relax.stack" not in ops and "relax.broadcast_to" not in ops, ops
+    compile_model(tmp_path / "m.onnx", load_board("host"), tmp_path / "art")
+    rng = np.random.default_rng(0)
+    x = {k: rng.standard_normal(v).astype("float32") for k, v in shapes.items()}
+    got = Runner(open_artifact(tmp_path / "art")).run(x)["y"]
+    want = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"]).run(None, x)[0]
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
 def _conv_tile(target, cin, cout, stride=1, groups=1, h=32):
     """relu(conv2d(x, w)) on a (h, 32) image, its fused kernels for the target, and the extents of the
     unrolled loops (the register tile) around its conv update."""
