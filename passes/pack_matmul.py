@@ -32,6 +32,15 @@ def _matmul_packed(x, wp):
                       name="matmul_packed")
 
 
+def _matmul_packed_grouped(x, wp):
+    """x (G, M, K) by each group's own packed weight wp (G, N / 16, K, 16)."""
+    _, strips, k, width = wp.shape
+    r = te.reduce_axis((0, k), name="k")
+    return te.compute((*x.shape[:-1], strips * width),
+                      lambda g, m, j: te.sum(x[g, m, r] * wp[g, j // width, r, j % width], axis=r),
+                      name="matmul_packed")
+
+
 def _static(shape) -> list[int] | None:
     try:
         return [int(s) for s in shape]
@@ -62,14 +71,21 @@ class _Pack(relax.PyExprMutator):
             return call
         x, w = call.args
         xs, ws = _static(x.ty.shape), _static(w.ty.shape)
-        if xs is None or ws is None or len(ws) != 2 or len(xs) < 2 or x.ty.dtype != "float32" \
+        # a 3-D weight: one per group of x's rows (a grouped conv's, conv_im2col.py)
+        grouped = ws is not None and xs is not None and len(ws) == 3 and len(xs) == 3 and xs[0] == ws[0]
+        if xs is None or ws is None or (len(ws) != 2 and not grouped) or len(xs) < 2 or x.ty.dtype != "float32" \
                 or w.ty.dtype != "float32" or _rows(xs) <= 4:
             return call
-        k, n = ws
+        k, n = ws[-2:]
+        lead = [0, 0] * (len(ws) - 2)
         if n % STRIP:  # the last strip padded with zero columns, computed whole (no predicate) then cut off
-            w = self.builder_.emit(relax.op.nn.pad(w, [0, 0, 0, STRIP - n % STRIP]))
+            w = self.builder_.emit(relax.op.nn.pad(w, lead + [0, 0, 0, STRIP - n % STRIP]))
         strips = -(-n // STRIP)
-        packed = self.builder_.emit(relax.op.permute_dims(relax.op.reshape(w, (k, strips, STRIP)), [1, 0, 2]))
+        if grouped:
+            packed = self.builder_.emit(relax.op.permute_dims(relax.op.reshape(w, (ws[0], k, strips, STRIP)),
+                                                              [0, 2, 1, 3]))
+        else:
+            packed = self.builder_.emit(relax.op.permute_dims(relax.op.reshape(w, (k, strips, STRIP)), [1, 0, 2]))
         m = xs[-2]
         # Rows that no register tile divides (a conv's 13 x 13 pixels as im2col rows) would be computed one
         # at a time, one vector of accumulators: padded with zero rows to a multiple of 8, cut off after.
@@ -77,7 +93,8 @@ class _Pack(relax.PyExprMutator):
         extra = (-m) % ROW_TILE if m > ROW_TILE and m % 4 and m % 6 else 0
         if extra:
             x = self.builder_.emit(relax.op.nn.pad(x, [0, 0] * (len(xs) - 2) + [0, extra, 0, 0]))
-        y = self.builder_.call_te(_matmul_packed, x, packed, primfunc_name_hint="matmul_packed")
+        y = self.builder_.call_te(_matmul_packed_grouped if grouped else _matmul_packed, x, packed,
+                                  primfunc_name_hint="matmul_packed")
         if n % STRIP or extra:
             y = relax.op.strided_slice(self.builder_.emit(y), [len(xs) - 2, len(xs) - 1], [0, 0], [m, n])
         return y

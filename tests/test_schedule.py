@@ -330,12 +330,13 @@ def test_a_conv_with_narrow_output_rows_runs_with_the_output_channels_innermost(
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("groups, width, kernels", [(4, 7, {"im2col_t": 1, "concat": 1}), (4, 16, {}),
-                                                    (32, 7, {})])
-def test_a_grouped_conv_with_narrow_rows_runs_as_one_matmul_per_group(groups, width, kernels):
-    """A few groups (ShuffleNet's 4) into rows that are not a multiple of 8: each group's channels as a
-    conv of its own (im2col + matmul here), concatenated; rows of 16 stay one grouped NCHW conv, and so
-    does a depthwise-like conv of 32 groups. The result is TVM's."""
+@pytest.mark.parametrize("groups, width, kernels", [(4, 7, {"im2col_g": 1, "matmul_packed": 1, "concat": 0}),
+                                                    (4, 16, {}), (32, 7, {})])
+def test_a_grouped_conv_with_narrow_rows_runs_as_one_batched_matmul_over_the_groups(groups, width, kernels):
+    """A few groups (ShuffleNet's 4) into rows that are not a multiple of 8: one gather of every group's
+    patches and one matmul batched over the groups, each group with its own packed weight (no kernel per
+    group, nothing concatenated); rows of 16 stay one grouped NCHW conv, and so does a depthwise-like conv
+    of 32 groups. The result is TVM's."""
     import numpy as np
     from tvm import relax
 
@@ -350,7 +351,6 @@ def test_a_grouped_conv_with_narrow_rows_runs_as_one_matmul_per_group(groups, wi
     transform, deploy = pipeline.lift_weight_transforms(bb.get(), target=target, channels_last=False)  # the NCHW path
     fused = pipeline.fuse(deploy, target)
     names = [gv.name_hint for gv, f in fused.functions.items() if isinstance(f, tvm.tirx.PrimFunc)]
-    # one gather kernel (called per group), the groups concatenated
     assert {k: sum(n.startswith(k) or f"_{k}" in n for n in names) for k in kernels} == kernels, names
     assert bool(kernels) != any("conv2d" in n for n in names), names
     rng = np.random.default_rng(0)
