@@ -232,7 +232,7 @@ def _matmul_tile(target, rows, k=96, n=64):
         with bb.dataflow():
             y = bb.emit_output(bb.emit(relax.op.nn.relu(relax.op.matmul(x, w))))
         bb.emit_func_output(y)
-    transform, deploy = pipeline.lift_weight_transforms(bb.get())
+    transform, deploy = pipeline.lift_weight_transforms(bb.get(), target=target)
     fused = pipeline.fuse(deploy, target)
     (mm,) = [f for gv, f in fused.functions.items() if isinstance(f, tvm.tirx.PrimFunc) and "matmul" in gv.name_hint]
     sch = s_tir.Schedule(mm)
@@ -255,18 +255,21 @@ def test_a_matmul_register_tile_takes_half_the_vector_registers_as_accumulators(
     assert unrolled == tile
 
 
-@pytest.mark.parametrize("rows, n, tile", [(64, 64, [8, 2]), (40, 90, [8, 2]), (40, 80, [8]), (6, 64, [6, 2]), (20, 64, [4, 2]),
-                                           (7, 64, [2]), (13, 64, [8, 2])])
+@pytest.mark.parametrize("rows, n, tile", [(64, 64, [8, 2]), (40, 90, [8, 2]), (40, 80, [8]), (6, 64, [6, 2]), (20, 64, [5, 2]),
+                                           (49, 64, [7, 2]), (7, 64, [7, 2]), (13, 64, [8, 2]), (169, 1000, [16])])
 def test_a_matmul_tile_computes_what_tvm_computes(rows, n, tile):
-    """Rows in 8s, 6s or 4s, whichever divides them (one at a time up to 8 rows; more are padded to a
-    multiple of 8), and 2 vectors when the columns allow: the same result as TVM's own build of the
-    unpacked matmul."""
+    """Rows in 8s, 7s, 6s, 5s or 4s, the most that divides them (more rows that none divides are computed
+    up to a multiple of 8, the extra ones reading the last row, and cut off), and 2 vectors when the
+    columns allow (16 rows of one when they do not): the same result as TVM's own build of the unpacked
+    matmul."""
     import numpy as np
     from tvm import relax
 
     target = tvm.target.Target({"kind": "llvm", "mcpu": "znver4", "num-cores": 2})
     mod, transform, fused, unrolled = _matmul_tile(target, rows, n=n)
     assert unrolled == tile
+    kernels = [gv.name_hint for gv, f in fused.functions.items() if isinstance(f, tvm.tirx.PrimFunc)]
+    assert len(kernels) == 1, kernels        # no padded copy of x, the cut-off written tile by tile
     host = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu()})
     if not tvm.target.codegen.target_has_features("avx512f", host):
         pytest.skip("this machine has no AVX-512: the schedule is checked, not run")
