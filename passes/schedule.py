@@ -355,6 +355,8 @@ def _schedule_gemv(sch, block, epilogue, lanes: int, cores: int, native_lanes: i
 SHORT_ROW_TILES = (3, 2)
 
 
+DEPTHWISE = "edgetvm.depthwise"  # conv_im2col's depthwise kernel: rows only in its register tile, padded per task
+
 # Row counts of a matmul's register tile, where the registers allow: rows that none divides are padded
 # (pack_matmul.py). 7 and 5 too: a conv's 7 x 7 or 55 x 55 pixels as matmul rows then need no padding.
 MATMUL_ROW_TILES = (8, 7, 6, 5, 4)
@@ -442,6 +444,11 @@ def _schedule_reduction(sch, block, epilogue, lanes: int, cores: int, native=(8,
         # a conv's row counts that are not a multiple of 4 by SHORT_ROW_TILES, or one, with more channels
         rows = next((r for r in row_tiles if e2 >= r and e2 % r == 0), 0) or \
             next((r for r in SHORT_ROW_TILES if conv and e2 % r == 0), 1)
+        if DEPTHWISE in stmt.annotations:
+            # every read moves with the channel, so no channel tile: as many rows as registers allow, each
+            # its own chain of the kernel's taps (one chain waits on each FMA's latency)
+            per_row = max(1, vec_factor // native_lanes)
+            rows = next((r for r in (8, 7, 6, 5, 4, 3, 2) if e2 % r == 0 and r * per_row <= registers // 2), 1)
         row_loop = spatial[-2]
         if rows > 1:
             row_loop, ri = sch.split(spatial[-2], [None, rows])
@@ -511,8 +518,8 @@ class CPUDefault(dlight.ScheduleRule):
                 # A conv split by rows pads each core's rows (and halo) inside its own task: one fork-join,
                 # not two, and the padded rows stay in the cache of the core that reads them. ResNet's
                 # 32-channel 3x3 convs ran 1.3x faster, the model 1.17x, PP-OCRv4's detector 1.13x.
-                own = [b for b in blocks if rows and not any(sch.get(b).same_as(k) for k in skip)
-                       and _pads_a_reduction(sch, b)]
+                own = [b for b in blocks if (rows or DEPTHWISE in sch.get(red).annotations)
+                       and not any(sch.get(b).same_as(k) for k in skip) and _pads_a_reduction(sch, b)]
                 for b in blocks:
                     if not any(sch.get(b).same_as(k) for k in skip + [sch.get(o) for o in own]):
                         _schedule_spatial(sch, b, lanes, cores, rows)

@@ -396,6 +396,46 @@ def test_an_onnx_sum_of_inputs_is_a_chain_of_binary_ops_not_a_stack(op, tmp_path
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("width, rows", [(28, 7), (14, 7), (7, 7), (20, 5)])
+def test_a_depthwise_conv_into_odd_rows_computes_whole_vectors_over_several_rows_at_once(width, rows):
+    """A depthwise 3x3 conv into rows that are not a multiple of 8 (ShuffleNet's 28, 14 and 7): one kernel with
+    at most one parallel loop (the padding inside each core's task), output rows computed whole vectors wide and cut
+    off, a register tile of several rows (each row its own chain of the 9 taps). The result is TVM's."""
+    import numpy as np
+    from tvm import relax, s_tir
+
+    c = 32
+    x = relax.Var("x", relax.TensorType([1, c, width, width], "float32"))
+    w = relax.Var("w", relax.TensorType([c, 1, 3, 3], "float32"))
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x, w], attrs={"num_input": 1}):
+        with bb.dataflow():
+            y = bb.emit_output(bb.emit(relax.op.nn.relu(relax.op.nn.conv2d(x, w, padding=1, groups=c))))
+        bb.emit_func_output(y)
+    target = tvm.target.Target({**AVX512, "num-cores": 2})
+    transform, deploy = pipeline.lift_weight_transforms(bb.get(), target=target, channels_last=False)
+    fused = pipeline.fuse(deploy, target)
+    (kernel,) = [f for f in fused.functions.values() if isinstance(f, tvm.tirx.PrimFunc)]
+    assert str(kernel).count("T.parallel") <= 1       # (none when too small for a fork-join: 7 x 7 here)
+    sch = s_tir.Schedule(kernel)
+    (update,) = [b for b in sch.get_child_blocks(sch.get_sblock("root")) if sch.get(b).name_hint.endswith("_update")]
+    loops = [sch.get(loop) for loop in sch.get_loops(update)]
+    assert [int(loop.extent) for loop in loops if loop.kind == tvm.tirx.ForKind.UNROLLED] == [rows]
+    (vector,) = [int(loop.extent) for loop in loops if loop.kind == tvm.tirx.ForKind.VECTORIZED]
+    taps = str(kernel).split('T.sblock("compute")')[0]          # all but the write-back that cuts off
+    assert vector % 8 == 0 and "T.where" not in taps             # whole vectors, no masked ones
+    host = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu()})
+    if not tvm.target.codegen.target_has_features("avx512f", host):
+        pytest.skip("this machine has no AVX-512: the schedule is checked, not run")
+    rng = np.random.default_rng(0)
+    xs, ws = rng.standard_normal((1, c, width, width), "float32"), rng.standard_normal((c, 1, 3, 3), "float32")
+    got = relax.VirtualMachine(pipeline.finish(fused, target), tvm.cpu())["main"](
+        tvm.runtime.tensor(xs), *[tvm.runtime.tensor(a) for a in pipeline.transform_weights(transform, [ws])]).numpy()
+    want = relax.VirtualMachine(tvm.compile(bb.get(), target=target), tvm.cpu())["main"](
+        tvm.runtime.tensor(xs), tvm.runtime.tensor(ws)).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
 def _conv_tile(target, cin, cout, stride=1, groups=1, h=32):
     """relu(conv2d(x, w)) on a (h, 32) image, its fused kernels for the target, and the extents of the
     unrolled loops (the register tile) around its conv update."""
