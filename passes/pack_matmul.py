@@ -25,30 +25,18 @@ _MATMUL = tvm.ir.Op.get("relax.matmul")
 
 
 def _matmul_packed(x, wp, extra: int = 0):
-    """x (..., M, K) by wp (N / 16, K, 16); with `extra` rows more than x has, which read x's last row (no
-    padded copy of x: their results are cut off)."""
-    strips, k, width = wp.shape
+    """x (..., M, K) by wp (N / 16, K, 16), or x (G, M, K) by each group's own wp (G, N / 16, K, 16); with
+    `extra` rows more than x has, which read x's last row (no padded copy of x: their results are cut off)."""
+    *_, strips, k, width = wp.shape
     m = x.shape[-2]
     r = te.reduce_axis((0, k), name="k")
 
     def f(*i):
         row = tvm.tirx.min(i[-2], m - 1) if extra else i[-2]
-        return te.sum(x[(*i[:-2], row, r)] * wp[i[-1] // width, r, i[-1] % width], axis=r)
+        group = i[:1] if len(wp.shape) == 4 else ()
+        return te.sum(x[(*i[:-2], row, r)] * wp[(*group, i[-1] // width, r, i[-1] % width)], axis=r)
 
     return te.compute((*x.shape[:-2], m + extra, strips * width), f, name="matmul_packed")
-
-
-def _matmul_packed_grouped(x, wp, extra: int = 0):
-    """x (G, M, K) by each group's own packed weight wp (G, N / 16, K, 16); `extra` rows as above."""
-    _, strips, k, width = wp.shape
-    m = x.shape[-2]
-    r = te.reduce_axis((0, k), name="k")
-
-    def f(g, i, j):
-        row = tvm.tirx.min(i, m - 1) if extra else i
-        return te.sum(x[g, row, r] * wp[g, j // width, r, j % width], axis=r)
-
-    return te.compute((x.shape[0], m + extra, strips * width), f, name="matmul_packed")
 
 
 def _static(shape) -> list[int] | None:
@@ -103,8 +91,7 @@ class _Pack(relax.PyExprMutator):
         # reading x's last row, then cut off. SqueezeNet's last conv (169 x 512 x 1000) ran 4.4x faster,
         # the network 1.7x, with x padded by a copy; 1.09x faster again without the copy.
         extra = (-m) % ROW_TILE if m > ROW_TILE and all(m % r for r in self.row_tiles) else 0
-        y = self.builder_.call_te(_matmul_packed_grouped if grouped else _matmul_packed, x, packed, extra,
-                                  primfunc_name_hint="matmul_packed")
+        y = self.builder_.call_te(_matmul_packed, x, packed, extra, primfunc_name_hint="matmul_packed")
         if n % STRIP or extra:
             y = relax.op.strided_slice(self.builder_.emit(y), [len(xs) - 2, len(xs) - 1], [0, 0], [m, n])
         return y
