@@ -98,6 +98,7 @@ def lift_weight_transforms(mod: tvm.IRModule, pack_matmuls: bool = True,
     """
     direct_below = max(8, schedule._native_lanes(target)[0]) if target is not None else 8
     row_tiles = schedule.matmul_row_tiles(target) if target is not None else (8, 6, 4)
+    columns = schedule.matmul_columns(target) if target is not None else 16
     lifted = tvm.transform.Sequential([
         clip_take_indices,
         stacked_reductions_as_chains,
@@ -107,7 +108,7 @@ def lift_weight_transforms(mod: tvm.IRModule, pack_matmuls: bool = True,
         relax.transform.DecomposeOpsForInference(),
         relax.transform.CanonicalizeBindings(),
         *([conv_im2col.channels_last()] if pack_matmuls and channels_last else []),
-        *([narrow_conv_as_matmul(direct_below), pack_weight_matmuls(row_tiles)] if pack_matmuls else []),
+        *([narrow_conv_as_matmul(direct_below), pack_weight_matmuls(row_tiles, columns)] if pack_matmuls else []),
         relax.transform.LiftTransformParams(),
     ])(mod)
 

@@ -369,6 +369,11 @@ def matmul_row_tiles(target: tvm.target.Target) -> tuple[int, ...]:
     return tuple(r for r in MATMUL_ROW_TILES if r <= most)
 
 
+def matmul_columns(target: tvm.target.Target) -> int:
+    """The columns a matmul's widest register tile spans on the target: two of its vector registers."""
+    return 2 * _native_lanes(target)[0]
+
+
 def _channel_tile(sch, block, loop, var, accumulators: int, budget: int) -> int:
     """How many steps of `loop` (the axis before the row tile: a conv's output channels) to add to the
     register tile, up to `budget` accumulators. Worth it only when some read does not depend on it (a

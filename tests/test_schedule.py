@@ -256,12 +256,13 @@ def test_a_matmul_register_tile_takes_half_the_vector_registers_as_accumulators(
 
 
 @pytest.mark.parametrize("rows, n, tile", [(64, 64, [8, 2]), (40, 90, [8, 2]), (40, 80, [8]), (6, 64, [6, 2]), (20, 64, [5, 2]),
-                                           (49, 64, [7, 2]), (7, 64, [7, 2]), (13, 64, [8, 2]), (169, 1000, [16])])
+                                           (49, 64, [7, 2]), (7, 64, [7, 2]), (13, 64, [8, 2]), (169, 1000, [8, 2]),
+                                           (32, 144, [16]), (20, 176, [5, 2])])
 def test_a_matmul_tile_computes_what_tvm_computes(rows, n, tile):
     """Rows in 8s, 7s, 6s, 5s or 4s, the most that divides them (more rows that none divides are computed
     up to a multiple of 8, the extra ones reading the last row, and cut off), and 2 vectors when the
-    columns allow (16 rows of one when they do not): the same result as TVM's own build of the unpacked
-    matmul."""
+    columns allow (16 rows of one when they do not: an odd count of few strips, 9 for 144 columns; 11 or more
+    are padded to an even count): the same result as TVM's own build of the unpacked matmul."""
     import numpy as np
     from tvm import relax
 
