@@ -465,6 +465,50 @@ def test_noise_floor_from_repeats():
     assert noise_floor({"measurements": ms[2:]}) is None
 
 
+def _run(*times, schedule="default"):
+    return [{"arch_name": "mlp-a", "width": w, "schedule": schedule, "dir": f"D{w}", "step_s": t, "cpu_step_s": t,
+             "window_step_s": [t], "instrumented_step_s": t, "steps": 1, "kernels": {}}
+            for w, t in zip((1.0, 0.5, 0.25), times)]
+
+
+def test_a_run_whose_steps_all_took_longer_than_in_the_other_runs_is_disturbed():
+    from edgetvm.latte.pipeline import disturbed_runs
+
+    normal, slow = _run(1.0, 0.5, 0.25), _run(1.5, 0.72, 0.4)
+    assert disturbed_runs([normal, slow, _run(1.02, 0.49, 0.26)]) == [1]
+    assert disturbed_runs([slow, normal]) == [0]              # two runs: the slower one
+    assert disturbed_runs([normal, _run(0.6, 0.3, 0.15), _run(1.02, 0.49, 0.26)]) == []  # never sped up
+    assert disturbed_runs([normal, _run(1.1, 0.55, 0.27)]) == []  # 10% is noise, not a disturbed process
+    assert disturbed_runs([normal, _run(1.0, 0.5, 0.9)]) == []    # one slow step is not the whole process
+    assert disturbed_runs([slow]) == []
+
+
+def test_a_disturbed_run_is_measured_again_by_a_fresh_process(monkeypatch):
+    from edgetvm.latte import pipeline
+
+    monkeypatch.setattr(pipeline, "cgroups_unavailable", lambda: None)
+    monkeypatch.setattr(pipeline, "compile_family", lambda *a, **k: [])
+    monkeypatch.setattr(pipeline.training, "compile_trainer", lambda *a, **k: "ref")
+    calls = []
+    plan = {"fast": [_run(1.0, 0.5, 0.25), _run(1.6, 0.8, 0.4), _run(1.01, 0.5, 0.25), _run(0.99, 0.5, 0.25)],
+            "steady": [_run(2.0, 1.0, 0.5), _run(2.02, 1.0, 0.5), _run(1.98, 1.0, 0.5)]}
+
+    def fake_measure(p, *a, **k):
+        calls.append(p.name)
+        got = plan[p.name][sum(c == p.name for c in calls) - 1]
+        return {"results": got, "cgroup_peak_bytes": 1, "throttled_s": 0.0, "wall_s": 1.0,
+                "host": {"ref_step_s": 0.002}}
+
+    monkeypatch.setattr(pipeline, "_measure", fake_measure)
+    profs = [devices.Profile(name=n, description="", cpus=1, cpu_quota=1.0, memory_mib=64, nominal_gflops=1.0, mem_bandwidth_gbs=1.0)
+             for n in plan]
+    data = pipeline.profile_fleet(profs, ["mlp-a"], [1.0], repeats=3, quiet=True)
+    assert calls == ["fast", "steady"] * 3 + ["fast"]
+    assert data["runs"]["fast"]["remeasured"] == 1 and "remeasured" not in data["runs"]["steady"]
+    fast = {m["width"]: m for m in data["measurements"] if m["profile"] == "fast"}
+    assert fast[1.0]["step_s_runs"] == [1.0, 0.99, 1.01]   # the disturbed second run replaced
+
+
 def test_cache_conflict_feature():
     """A column walk down a 256-wide fp32 matrix hits only 4 of the 64 L1 sets (4 KiB aliasing) and
     overflows them 8x; 320 wide spreads over 16 sets."""

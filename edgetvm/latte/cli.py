@@ -61,6 +61,10 @@ def cmd_profile(args) -> None:
     if nz:
         print(f"repeatability: whole steps measured {nz['repeats']}x by separate processes differ by "
               f"{nz['pair_mape']:.1f}% on average, {nz['within10']:.0f}% within +-10%")
+    again = {p: r["remeasured"] for p, r in data["runs"].items() if r.get("remeasured")}
+    if again:
+        print("measured again, a run's steps all slower than in the device's other runs (a disturbed process): "
+              + ", ".join(f"{p} x{n}" for p, n in again.items()))
     fed = [m for m in data["measurements"] if models.is_fed(m)]
     if fed:
         ws = sorted({m["width"] for m in fed}, reverse=True)
