@@ -82,11 +82,16 @@ def profile_fleet(profiles: list[Profile], arch_names=None, widths=models.WIDTHS
     runs: dict[str, dict] = {}
     results: dict[str, list] = {}  # profile -> each run's results
     hosts: list[dict] = []
-    total = len(profiles) * repeats
+    total, done = len(profiles) * repeats, 0
+
+    def ok(p: Profile) -> bool:
+        return not runs.get(p.name, {}).get("failed")
 
     def measure(p: Profile, label: str):
+        nonlocal done
         if not quiet:
-            progress(len(hosts), total, f"measure on {p.name} (quota {p.cpu_quota:g} CPU), {label}")
+            progress(done, total, f"measure on {p.name} (quota {p.cpu_quota:g} CPU), {label}")
+        done += 1
         try:
             res = _measure(p, compiled, min_time, session, reference)
         except RuntimeError as e:
@@ -97,17 +102,17 @@ def profile_fleet(profiles: list[Profile], arch_names=None, widths=models.WIDTHS
         r["cgroup_peak_bytes"] = max(r["cgroup_peak_bytes"], res["cgroup_peak_bytes"])
         r["throttled_s"] += res["throttled_s"]
         r["wall_s"] += res["wall_s"]
-        hosts.append(res.get("host"))
+        if res.get("host"):
+            hosts.append(res["host"])
         return res["results"]
 
     for rep in range(repeats):
-        for p in profiles:
-            if not runs.get(p.name, {}).get("failed"):
-                got = measure(p, f"run {rep + 1}/{repeats}")
-                if got is not None:
-                    results.setdefault(p.name, []).append(got)
-    for p in profiles:
-        for i in disturbed_runs(results.get(p.name, [])) if not runs.get(p.name, {}).get("failed") else []:
+        for p in filter(ok, profiles):
+            got = measure(p, f"run {rep + 1}/{repeats}")
+            if got is not None:
+                results.setdefault(p.name, []).append(got)
+    for p in filter(ok, profiles):
+        for i in disturbed_runs(results.get(p.name, [])):
             total += 1
             got = measure(p, f"run {i + 1} again (disturbed)")
             if got is None:
@@ -117,14 +122,12 @@ def profile_fleet(profiles: list[Profile], arch_names=None, widths=models.WIDTHS
     if not quiet:
         progress(total, total, "measured")
     per: dict[tuple, list] = {}
-    for p in profiles:
-        if runs.get(p.name, {}).get("failed"):
-            continue
+    for p in filter(ok, profiles):
         for got in results.get(p.name, []):
             for x in got:
                 per.setdefault((p.name, x["arch_name"], x["width"], x.get("schedule", "default")), []).append((p, x))
     measurements = [combine(reps) for reps in per.values()]
-    host = combine_hosts([h for h in hosts if h])
+    host = combine_hosts(hosts)
     for m in measurements:
         if m["profile"] not in boards:
             m["host"] = host  # one calibration for the whole profile: per-process noise stays out of the unit
