@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import atexit
+import os
 import platform
+import shutil
 import socket
 import statistics
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -240,8 +244,21 @@ def _bind_on_device(remote, lib, entry: str, weights: list):
     return bind(lib, entry, *weights)
 
 
+_LOADED: dict[str, tuple[int, int]] = {}  # library path -> (inode, mtime) of the file dlopen'ed there
+
+
 def _load_library(path):
     """The compiled library; one that dlopen or TVM refuses is a damaged artifact, not a bug here."""
+    # dlopen hands back the library it already loaded from a path, so an artifact compiled again into the
+    # same directory would run the old kernels in this process: a changed file is loaded from a copy
+    path = os.path.abspath(path)
+    st = os.stat(path) if os.path.exists(path) else None
+    if st is not None and _LOADED.setdefault(path, (st.st_ino, st.st_mtime_ns)) != (st.st_ino, st.st_mtime_ns):
+        fd, copy = tempfile.mkstemp(suffix=os.path.basename(path))
+        os.close(fd)
+        shutil.copyfile(path, copy)
+        atexit.register(os.unlink, copy)
+        path = copy
     try:
         return tvm.runtime.load_module(str(path))
     except (RuntimeError, ValueError) as e:  # tvm.error.InternalError is a RuntimeError

@@ -176,6 +176,28 @@ def test_recompiling_replaces_the_artifact(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
 
 
+def test_a_model_compiled_again_into_the_same_directory_runs_its_new_code_in_the_same_process(tmp_path):
+    """dlopen returns the library it already loaded from a path: the second build must not run the first's kernels."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    def model(op):
+        x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])
+        y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])
+        m = helper.make_model(helper.make_graph([helper.make_node(op, ["x"], ["y"])], op, [x], [y]),
+                              opset_imports=[helper.make_opsetid("", 13)])
+        path = tmp_path / f"{op}.onnx"
+        onnx.save(m, path)
+        return path
+
+    x = {"x": np.array([-1.0, 2.0, -3.0, 4.0], "float32")}
+    out = tmp_path / "a"
+    compile_model(model("Neg"), load_board("host"), out)
+    np.testing.assert_array_equal(Runner(open_artifact(out)).run(x)["y"], -x["x"])
+    compile_model(model("Abs"), load_board("host"), out)
+    np.testing.assert_array_equal(Runner(open_artifact(out)).run(x)["y"], np.abs(x["x"]))
+
+
 def test_batch_norm_folds_into_conv_weights_at_compile_time():
     """Inference batch norm after a conv costs nothing per call: no batch_norm, sqrt or divide remains."""
     from edgetvm.passes import onnx_import, pipeline
