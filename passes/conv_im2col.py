@@ -115,15 +115,33 @@ def _flip_swap(w):
     return te.compute((c, o, kh, kw), lambda i, j, y, x: w[j, i, kh - 1 - y, kw - 1 - x], name="flip_kernel")
 
 
+def _direct_rows(attrs, sa, sb, so, native: int) -> bool:
+    """A stride-1 conv into rows of whole 4-pixel tiles that are not whole vectors of the target (x86: 8 or 16
+    floats), with channel counts where computing it channels-innermost (conv_nhwo) measured faster than the
+    NCHW schedule (rows an odd multiple of 8 on AVX-512: half-width vectors) or an im2col matmul (rows 4
+    past a multiple of 8)."""
+    # Single 3x3/5x5 convs, untuned, 2 threads, idle Xeon, median of alternating rounds, channels-innermost
+    # against the path before: rows of 56/24/40 on AVX-512 (the NCHW conv on 8-float vectors) 64->64 2.2x,
+    # 128->32 1.35x, 128->128 1.29x, 96->96 at 24 1.33x, 64->192 1.14x, 512->64 1.07x, 32->32 1.07x; rows of
+    # 28/20/36 (im2col + matmul) 1.19-1.57x on AVX-512 and 1.03-1.47x on AVX2 (haswell builds). Slower: 16 or
+    # 3 input channels (0.87x, 0.49x), 256 output channels (0.63-0.87x), 1x1 convs (0.43-1.02x: the
+    # (pixels, channels) output transposed back to NCHW costs as much as the product). NEON's 4-float
+    # vectors are whole in any such row.
+    return (native >= 8 and so[3] % 4 == 0 and so[3] % native != 0
+            and tuple(int(v) for v in attrs.strides) == (1, 1) and sb[2] * sb[3] > 1
+            and sa[1] >= 32 and 32 <= so[1] <= 192 and int(attrs.groups) == 1)
+
+
 @relax.expr_functor.mutator
 class _ConvToMatmul(relax.PyExprMutator):
-    def __init__(self, mod, vector=None, direct=0):
+    def __init__(self, mod, vector=None, direct=0, native=0):
         super().__init__(mod)
         self.direct = direct  # forward convolutions with rows narrower than this as a channels-last direct conv
+        self.native = native  # the target's fp32 lanes per vector register (0: unknown)
         self.rewritten = 0
         self.vector = vector  # if set: only forward convolutions whose output rows are not a multiple of it
 
-    def forward(self, x, w, pads, strides=(1, 1)):
+    def forward(self, x, w, pads, strides=(1, 1), direct=False):
         n, c, h, wd = _shape(x)
         o, _, kh, kw = _shape(w)
         oh = (h + pads[0] + pads[2] - kh) // strides[0] + 1
@@ -131,7 +149,7 @@ class _ConvToMatmul(relax.PyExprMutator):
         # Rows of whole 4-pixel register tiles but narrower than a vector (VGG's 4x4 blocks): directly, with no
         # im2col gather that costs as much as the product. Wider rows that do not fit the tile, and strided
         # convs, as matmuls.
-        if ow < self.direct and ow % 4 == 0 and tuple(strides) == (1, 1):
+        if (direct or ow < self.direct) and ow % 4 == 0 and tuple(strides) == (1, 1):
             w_t = self.builder_.emit(relax.op.permute_dims(w, [1, 2, 3, 0]))
             y_t = self.builder_.emit_te(_conv_channels_last, x, w_t, pads, oh, ow, primfunc_name_hint="conv_nhwo")
             return relax.op.permute_dims(y_t, [0, 3, 1, 2])
@@ -193,13 +211,15 @@ class _ConvToMatmul(relax.PyExprMutator):
         # 111) the matmul's (pixels, channels) output took 1.5x the conv's time to transpose back to NCHW.
         if strided and self.vector is not None and so[3] >= 2 * self.vector:
             return call
-        if self.vector is not None and not (call.op.same_as(_CONV) and (so[3] % self.vector or
+        inner = self.vector is not None and call.op.same_as(_CONV) and \
+            _direct_rows(call.attrs, sa, sb, so, self.native)
+        if self.vector is not None and not (call.op.same_as(_CONV) and (so[3] % self.vector or inner or
                                                                         (so[3] < self.direct and not strided))):
             return call
         # The narrow rewrite takes strided convs too: rows of 7 (Inception-v2's last stride-2 conv) left
         # the NCHW schedule scalar, 1.9 GMAC/s. (Training graphs keep theirs: Gradient writes them otherwise.)
         if call.op.same_as(_CONV) and _plain(call.attrs, "NCHW", "OIHW", "NCHW", strided=self.vector is not None):
-            out = self.forward(a, b, pads, [int(v) for v in call.attrs.strides])
+            out = self.forward(a, b, pads, [int(v) for v in call.attrs.strides], direct=inner)
         elif call.op.same_as(_CONV) and self.vector is not None and 1 < int(call.attrs.groups) <= MAX_GROUPS \
                 and sa[1] // int(call.attrs.groups) >= 8 \
                 and _plain(call.attrs, "NCHW", "OIHW", "NCHW", strided=True, grouped=True):
@@ -248,7 +268,7 @@ def conv_as_matmul(mod: tvm.IRModule) -> tvm.IRModule:
     return _rewrite(_ConvToMatmul(copy), copy)
 
 
-def narrow_conv_as_matmul(direct_below: int = 8) -> tvm.transform.Pass:
+def narrow_conv_as_matmul(direct_below: int = 8, native: int = 0) -> tvm.transform.Pass:
     """Rewrite forward convolutions whose output rows are not a multiple of 8 (or are narrower than
     `direct_below`) with the output channels innermost."""
     # The default schedule vectorises a conv along its output rows, 8 lanes at a time: rows of 4 (VGG's
@@ -263,7 +283,7 @@ def narrow_conv_as_matmul(direct_below: int = 8) -> tvm.transform.Pass:
     @tvm.transform.module_pass(opt_level=0, name="NarrowConvAsMatmul")
     def rewrite(mod: tvm.IRModule, _ctx=None) -> tvm.IRModule:
         copy = tvm.IRModule(dict(mod.functions_items()), attrs=mod.attrs)
-        return _rewrite(_ConvToMatmul(copy, vector=8, direct=direct_below), copy)
+        return _rewrite(_ConvToMatmul(copy, vector=8, direct=direct_below, native=native), copy)
 
     return rewrite
 

@@ -96,7 +96,8 @@ def lift_weight_transforms(mod: tvm.IRModule, pack_matmuls: bool = True,
     `channels_last`, a CNN whose convolutions nearly all have narrower or odd rows runs channels-last
     (conv_im2col.channels_last).
     """
-    direct_below = max(8, schedule._native_lanes(target)[0]) if target is not None else 8
+    native = schedule._native_lanes(target)[0] if target is not None else 0
+    direct_below = max(8, native)
     row_tiles = schedule.matmul_row_tiles(target) if target is not None else (8, 6, 4)
     columns = schedule.matmul_columns(target) if target is not None else 16
     lifted = tvm.transform.Sequential([
@@ -108,7 +109,7 @@ def lift_weight_transforms(mod: tvm.IRModule, pack_matmuls: bool = True,
         relax.transform.DecomposeOpsForInference(),
         relax.transform.CanonicalizeBindings(),
         *([conv_im2col.channels_last()] if pack_matmuls and channels_last else []),
-        *([narrow_conv_as_matmul(direct_below), pack_weight_matmuls(row_tiles, columns)] if pack_matmuls else []),
+        *([narrow_conv_as_matmul(direct_below, native), pack_weight_matmuls(row_tiles, columns)] if pack_matmuls else []),
         relax.transform.LiftTransformParams(),
     ])(mod)
 
