@@ -134,6 +134,49 @@ def test_a_pool_padded_along_channels_then_added_writes_every_channel():
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("op, size, stride, pad, width, count_pad, kernel", [
+    ("max", 3, 2, (0, 0, 1, 1), 56, False, "pool"),      # Inception v2's pools: stride 2 into rows of 28
+    ("max", 3, 1, (1, 1, 1, 1), 7, False, "pool"),
+    ("max", 3, 2, (0, 0, 0, 0), 111, False, "pool"),     # SqueezeNet's, unpadded, into rows of 55
+    ("avg", 3, 1, (1, 1, 1, 1), 14, False, "pool"),      # the border windows divide by their own taps
+    ("avg", 3, 1, (1, 1, 1, 1), 14, True, "pool"),
+    ("avg", 3, 2, (1, 1, 1, 1), 13, False, "pool"),
+    ("avg", 2, 2, (0, 0, 0, 0), 28, False, "pool2d"),    # windows tiling the input: read in place
+    ("max", 2, 2, (0, 0, 0, 0), 64, False, "pool2d"),    # rows of 32: whole vectors already
+])
+def test_a_pool_into_rows_of_part_vectors_computes_whole_vectors_and_what_tvm_computes(
+        op, size, stride, pad, width, count_pad, kernel):
+    """A pool whose output rows are not whole vectors (AVX-512: 16 floats) is computed over rows padded to
+    whole vectors, several rows at once, the input padded per channel inside each core's task and stored
+    as stride phases (no gathers): 1.3-4.4x faster single pools, Inception v2 1.035x. Same values as TVM's
+    own pool, border windows of an average included."""
+    import numpy as np
+    from tvm import relax
+
+    x = relax.Var("x", relax.TensorType([1, 24, width, width], "float32"))
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x], attrs={"num_input": 1}):
+        with bb.dataflow():
+            if op == "max":
+                y = relax.op.nn.max_pool2d(x, size, stride, pad)
+            else:
+                y = relax.op.nn.avg_pool2d(x, size, stride, pad, count_include_pad=count_pad)
+            y = bb.emit_output(bb.emit(y))
+        bb.emit_func_output(y)
+    board = tvm.target.Target({**AVX512, "num-cores": 2})
+    _, deploy = pipeline.lift_weight_transforms(bb.get(), target=board, channels_last=False)
+    fused = pipeline.fuse(deploy, board)
+    names = [gv.name_hint for gv, f in fused.functions.items() if isinstance(f, tvm.tirx.PrimFunc)]
+    assert [n for n in names if "pool" in n] == [kernel] if kernel == "pool" else all(kernel in n for n in names)
+    target = tvm.target.Target({"kind": "llvm", "num-cores": 2})  # the rewrite's result, on any x86 machine
+    xs = np.random.default_rng(0).standard_normal((1, 24, width, width), "float32")
+    got = relax.VirtualMachine(pipeline.finish(pipeline.fuse(deploy, target), target), tvm.cpu())["main"](
+        tvm.runtime.tensor(xs)).numpy()
+    want = relax.VirtualMachine(tvm.compile(bb.get(), target=target), tvm.cpu())["main"](
+        tvm.runtime.tensor(xs)).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("kernel, pad", [(3, 1), (1, 0)])
 def test_a_strided_conv_reads_its_input_as_phases_and_computes_the_same(kernel, pad):
     """Stride 2 along the vector axis would make every load a gather: the input (the padded copy, or a
