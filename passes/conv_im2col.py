@@ -241,10 +241,13 @@ class _ConvToMatmul(relax.PyExprMutator):
             return None
         vector = max(self.vector, self.native)  # the target's register: 16 floats on AVX-512
         size, strides = [int(v) for v in attrs.pool_size], [int(v) for v in attrs.strides]
-        # Windows that tile an unpadded input read each element once, in place: the padded copy would only
-        # add its traffic (DenseNet's 2 x 2 average pools copied: into rows of 14 0.43x, of 7 0.96-0.99x; only
-        # rows of 28 gained, 2.0x).
-        if so[3] % vector == 0 or (size == strides and not any(int(p) for p in attrs.padding)):
+        # An unpadded pool gains no padding pass to fold into the task. Where its windows tile the input
+        # (each element read once, in place) the copy only adds traffic: DenseNet's 2 x 2 average pools into
+        # rows of 14 ran 0.43x, of 7 0.96-0.99x (only rows of 28 gained, 2.0x). Into rows under half a vector
+        # most of each wide row is waste: 0.23-0.92x (rows of 1 to 6), where padded ones still gained (rows
+        # of 5 1.27x, of 7 4.2x).
+        unpadded = not any(int(p) for p in attrs.padding)
+        if so[3] % vector == 0 or (unpadded and (size == strides or 2 * so[3] < vector)):
             return None
         wide = -(-so[3] // vector) * vector
         return self.builder_.emit_te(

@@ -143,6 +143,7 @@ def test_a_pool_padded_along_channels_then_added_writes_every_channel():
     ("avg", 3, 2, (1, 1, 1, 1), 13, False, "pool"),
     ("avg", 2, 2, (0, 0, 0, 0), 28, False, "pool2d"),    # windows tiling the input: read in place
     ("max", 2, 2, (0, 0, 0, 0), 64, False, "pool2d"),    # rows of 32: whole vectors already
+    ("avg", 7, 1, (0, 0, 0, 0), 7, False, "pool2d"),     # one output per row: most of a wide row wasted
 ])
 def test_a_pool_into_rows_of_part_vectors_computes_whole_vectors_and_what_tvm_computes(
         op, size, stride, pad, width, count_pad, kernel):
