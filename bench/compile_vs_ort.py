@@ -1,18 +1,22 @@
-"""Latency of the edgetvm host build / onnxruntime, same input, measured side by side in one process.
+"""Latency of the edgetvm host build / onnxruntime, same input, measured side by side, each model in a fresh process.
 
     python bench/compile_vs_ort.py [--models ocr_cls,resnet,light_squeezenet] [--rounds 5] [--repeat 20] [--threads N]
 
 By default every zoo model (MobileNetV3 cls, PP-OCRv4 det and rec, mlp, cnn, resnet, inception, transformer,
 dense_stack, vgg) and the onnx wheel's light_* networks under 10 MiB of weights (random weights in place of
 their ConstantOfShape fills). Both use every core of this machine, or N threads each. Rounds alternate between the two engines so that drift
-(other load, frequency) hits both alike; each engine's figure is its median over all calls.
+(other load, frequency) hits both alike; each engine's figure is its median over all calls. Each model runs
+in a process of its own: after the nine models before it in one process, VGG took 0.94-0.99 ms here and
+onnxruntime 0.78 ms on it, against 0.54 and 0.45 ms measured alone.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -86,13 +90,18 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--repeat", type=int, default=20)
     p.add_argument("--threads", type=int, default=None, help="threads for both engines (default: every core)")
+    p.add_argument("--one", help=argparse.SUPPRESS)  # measure this model here and print its row as JSON
     args = p.parse_args(argv)
     if args.threads is not None:
         if args.threads < 1:
             p.error("--threads must be at least 1")
         # read by TVM's thread pool when it first starts, which no import above has done yet
         os.environ["TVM_NUM_THREADS"] = str(args.threads)
-    model_threads()   # TVM's pool as `edgetvm run` sets it up (a TVM_NUM_THREADS set above wins)
+    if args.one:
+        model_threads()   # TVM's pool as `edgetvm run` sets it up (a TVM_NUM_THREADS set above wins)
+        with tempfile.TemporaryDirectory(prefix="bench-") as d:
+            print(json.dumps(measure(args.one, Path(d), args.rounds, args.repeat, args.threads)))
+        return 0
     names = [n for n in args.models.split(",") if n]
     unknown = [n for n in names if n not in zoo.MODELS and not n.startswith("light_")]
     if unknown:
@@ -102,11 +111,15 @@ def main(argv=None) -> int:
           f"{os.cpu_count()} cores, {args.threads or 'all'} threads each, {args.rounds} rounds x {args.repeat} calls "
           "each, alternating", flush=True)
     rows = []
-    with tempfile.TemporaryDirectory(prefix="bench-") as d:
-        for name in names:
-            r = measure(name, Path(d), args.rounds, args.repeat, args.threads)
-            rows.append(r)
-            print(f"  {name}: done", file=sys.stderr, flush=True)
+    for name in names:
+        cmd = [sys.executable, __file__, "--one", name, "--rounds", str(args.rounds), "--repeat", str(args.repeat)]
+        done = subprocess.run(cmd + (["--threads", str(args.threads)] if args.threads else []),
+                              stdout=subprocess.PIPE, text=True, check=False)
+        if done.returncode != 0:
+            print(f"compile_vs_ort: measuring {name} failed (exit {done.returncode}; its error is above)", file=sys.stderr)
+            return 1
+        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        print(f"  {name}: done", file=sys.stderr, flush=True)
     header = f"{'model':<20} {'edgetvm ms':>10} {'ort ms':>9} {'edgetvm/ort':>11} {'max |diff|':>10} {'compile s':>9}"
     print(header)
     for r in rows:
